@@ -1,0 +1,3 @@
+from gift_dist.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""The bundled dataset: arithmetic word problems with worked answers, for the demo and the tests.
+
+Generated deterministically from a seed (so it is reproducible and reviewable) and shipped as
+``gift_dist/resources/arithmetic.jsonl`` in the ``messages`` shape; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from importlib import resources
+from pathlib import Path
+
+NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jia", "Kai", "Lena", "Milo", "Nia"]
+ITEMS = ["apples", "books", "coins", "stamps", "pencils", "marbles", "cards", "shells", "stickers", "eggs"]
+SYSTEM_PROMPTS = ["You are a careful math tutor. Show each step.", "Answer briefly and exactly."]
+RESOURCE = "arithmetic.jsonl"
+
+
+def _problem(rng: random.Random) -> tuple[str, str]:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    kind = rng.choice(["add", "sub", "mul", "two_step"])
+    a, b = rng.randint(2, 60), rng.randint(2, 40)
+    if kind == "add":
+        q = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
+        r = f"{name} starts with {a} {item} and gets {b} more, so {a} + {b} = {a + b}. The answer is {a + b}."
+    elif kind == "sub":
+        a = a + b
+        q = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
+        r = f"{name} had {a} {item} and gave away {b}, so {a} - {b} = {a - b}. The answer is {a - b}."
+    elif kind == "mul":
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
+        q = f"There are {a} boxes with {b} {item} in each box. How many {item} are there in total?"
+        r = f"Each of the {a} boxes holds {b} {item}, so {a} * {b} = {a * b}. The answer is {a * b}."
+    else:
+        c = rng.randint(1, a + b)
+        q = f"{name} has {a} {item}, buys {b} more, then loses {c}. How many {item} does {name} have?"
+        r = (
+            f"First {a} + {b} = {a + b}. Then {a + b} - {c} = {a + b - c}. "
+            f"The answer is {a + b - c}."
+        )
+    return q, r
+
+
+def generate_arithmetic(num_records: int = 3000, seed: int = 0) -> list[dict]:
+    """Records in the ``messages`` shape: mostly single-turn, some multi-turn, some with a system prompt."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(num_records):
+        messages = []
+        if rng.random() < 0.2:
+            messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+        for _ in range(2 if rng.random() < 0.15 else 1):
+            question, answer = _problem(rng)
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        records.append({"messages": messages})
+    return records
+
+
+def bundled_data_path() -> Path:
+    return Path(str(resources.files("gift_dist") / "resources" / RESOURCE))
+
+
+def write_jsonl(records: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

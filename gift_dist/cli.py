@@ -1,0 +1,75 @@
+"""The ``gift-dist`` command: one subcommand per stage, each taking ``--config FILE`` plus ``key=value`` overrides.
+
+Stage modules are imported only for the command that runs, so ``gift-dist --help`` stays fast and a scorer
+job never imports DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Optional
+
+from gift_dist.config import ConfigError, RunConfig, load_config
+from gift_dist.contracts import ContractError
+
+# command -> (module defining add_arguments(parser) and run(args) -> int, one-line help)
+COMMANDS = {
+    "prepare": ("gift_dist.prepare.stage", "tokenize the data once with the instruct chat template"),
+    "check": ("gift_dist.models.pair", "check that base and instruct models are a compatible pair"),
+    "score": ("gift_dist.score.stage", "write the instruct model's per-token confidence shards"),
+    "verify-confidence": ("gift_dist.score.verify", "check confidence shards against manifest and dataset"),
+    "train": ("gift_dist.train.recipe", "ZeRO-3 LoRA training of the base model with the weighted loss"),
+    "merge": ("gift_dist.merge.stage", "merge the adapter into the instruct model, shard by shard"),
+    "verify-merge": ("gift_dist.merge.verify", "recompute merged tensors and compare logits with peft"),
+    "run": ("gift_dist.pipeline.run", "prepare -> score -> train -> merge on one machine"),
+    "demo": ("gift_dist.pipeline.demo", "the whole pipeline offline on tiny models and bundled data"),
+    "plan": ("gift_dist.pipeline.plan", "memory plan for training, scoring and merging a model"),
+    "make-tiny": ("gift_dist.models.tiny", "write a tiny offline base/instruct pair and the bundled data"),
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every stage shares: a run config and ``section.key=value`` overrides."""
+    parser.add_argument("--config", help="run config YAML (see examples/ and gift_dist/config.py for defaults)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="override config keys, e.g. train.lora.r=8"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    return load_config(args.config, args.overrides)
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gift-dist", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module_name).add_arguments(sub)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except (ConfigError, ContractError) as exc:
+        print(f"gift-dist {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,356 @@
+"""The run config: one YAML file describes a whole GIFT run, every default lives here.
+
+A run config is a tree of dataclasses. Loading validates every key against the dataclass fields (an unknown or
+mistyped key is an error naming the key and the valid ones), coerces scalar types, and applies command-line
+overrides of the form ``section.key=value`` (the value parsed as YAML, so ``train.lora.r=16`` is an int).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A run config (file or override) is invalid; the message names the offending key."""
+
+
+@dataclass
+class DataConfig:
+    """Where the training records come from and which columns hold what."""
+
+    # Local files (jsonl, json, parquet, csv) or one datasets hub id. Relative paths resolve against the config file.
+    files: list[str] = field(default_factory=list)
+    hub_id: Optional[str] = None
+    hub_split: str = "train"
+    hub_revision: Optional[str] = None
+    # Record shape: auto detects messages / prompt_response / alpaca from the columns present.
+    format: Literal["auto", "messages", "prompt_response", "alpaca"] = "auto"
+    messages_column: str = "messages"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    system_column: Optional[str] = None
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    output_column: str = "output"
+    # Added as the first (system) turn of every record that has none.
+    system_prompt: Optional[str] = None
+
+
+@dataclass
+class PrepareConfig:
+    max_length: int = 2048
+    overlength: Literal["drop", "truncate"] = "drop"
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    samples_per_shard: int = 512
+    num_proc: int = 1
+    strict: bool = False
+    seed: int = 42
+
+
+@dataclass
+class ScoreConfig:
+    # Upper bound on padded tokens per forward batch (length-bucketed inside a shard).
+    max_batch_tokens: int = 16384
+    max_batch_size: int = 64
+    # Positions per chunk of the fp32 log-softmax, so [batch, seq, vocab] fp32 is never materialised.
+    logprob_chunk_tokens: int = 1024
+    logprob_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    record_entropy: bool = False
+    gpus_per_replica: int = 1
+    attn_implementation: str = "auto"
+    # A worker that holds a shard refreshes its lease; a lease older than this is considered dead and retaken.
+    lease_seconds: float = 600.0
+    progress: bool = True
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    # Default: every linear layer of attention and MLP (resolved against the model's module names).
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    use_rslora: bool = False
+
+
+@dataclass
+class TrainConfig:
+    # Which model the LoRA is trained on: `base` (GIFT / Shadow-FT / DFT) or `instruct` (direct fine-tuning).
+    train_model: Literal["base", "instruct"] = "base"
+    # Per-token weighting f(q): gift (q^gamma), clipped, mean_normalized, uniform (Shadow-FT), dft (own detached p).
+    weighting: Literal["gift", "clipped", "mean_normalized", "uniform", "dft"] = "gift"
+    gamma: float = 1.0
+    prob_floor: float = 1e-4
+    weight_min: float = 0.0
+    weight_max: float = 1.0
+    # The end-of-sequence target keeps weight 1 in the authors' reference; `scored` weights it like any token.
+    eos_weight: Union[float, Literal["scored"]] = 1.0
+    normalizer: Literal["sum_weights", "token_count"] = "sum_weights"
+    normalize_over: Literal["global_batch", "per_micro_batch"] = "global_batch"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # A file path or the name of a config shipped in ds_configs/ (zero3, zero3_offload, zero3_nvme, ...).
+    ds_config: str = "zero3"
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    epochs: int = 1
+    max_steps: int = -1
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    packing: bool = False
+    # Positions per chunk through the output layer: full-vocab logits of a long sequence never sit in memory.
+    ce_chunk_tokens: int = 1024
+    save_every_steps: int = 200
+    keep_checkpoints: int = 2
+    log_every_steps: int = 1
+    # How long the trainer waits for the scorer to finish the shard it needs next.
+    confidence_wait_seconds: float = 3600.0
+    confidence_poll_seconds: float = 5.0
+    progress: bool = True
+
+
+@dataclass
+class MergeConfig:
+    # Which model the adapter is merged into: the instruct sibling (GIFT) or the base (for comparisons).
+    into: Literal["instruct", "base"] = "instruct"
+    scale: float = 1.0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_shard_size: Optional[str] = None
+    threads: int = 2
+    memory_budget_gb: float = 8.0
+    verify: bool = True
+    overwrite: bool = False
+
+
+@dataclass
+class RunConfig:
+    base_model: str = ""
+    instruct_model: str = ""
+    output_dir: str = "runs/gift"
+    trust_remote_code: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+
+    @property
+    def paths(self) -> "RunPaths":
+        return RunPaths(Path(self.output_dir))
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The fixed layout of a run's output folder; every stage finds its inputs here."""
+
+    root: Path
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "prepared"
+
+    @property
+    def confidence(self) -> Path:
+        return self.root / "confidence"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert the harmless cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in args:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"config key '{key}': {value!r} is not valid ({'; '.join(errors)})")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"config key '{key}': expected null, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"config key '{key}': {value!r} is not one of {list(args)}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {tp!r}")
+
+
+def _unknown_key_error(cls: type, key: str, prefix: str) -> ConfigError:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{prefix}{key}'.{hint} Valid keys here: {', '.join(valid)}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise _unknown_key_error(cls, key, prefix)
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ``["train.lora.r=8", "output_dir=runs/x"]`` into a nested dict (values parsed as YAML scalars)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _resolve_relative(cfg: RunConfig, root: Path) -> None:
+    """Paths in a config file are relative to that file, so a config works from any working directory."""
+
+    def resolve(p: str) -> str:
+        candidate = root / p
+        return str(candidate) if not Path(p).is_absolute() and candidate.exists() else p
+
+    cfg.data.files = [str(root / f) if not Path(f).is_absolute() else f for f in cfg.data.files]
+    cfg.base_model = resolve(cfg.base_model) if cfg.base_model else cfg.base_model
+    cfg.instruct_model = resolve(cfg.instruct_model) if cfg.instruct_model else cfg.instruct_model
+    if not Path(cfg.output_dir).is_absolute():
+        cfg.output_dir = str(root / cfg.output_dir)
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    if not isinstance(values, dict):
+        raise ConfigError(f"a run config must be a mapping at top level, got {type(values).__name__}")
+    return _build(RunConfig, values)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read a YAML run config (optional) and apply ``key=value`` overrides on top."""
+    values: dict = {}
+    root = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at top level")
+        root = path.resolve().parent
+    cfg = config_from_dict(values)
+    _resolve_relative(cfg, root)
+    if overrides:
+        # Overrides are relative to the working directory, like any other command-line path.
+        cfg = config_from_dict(_deep_merge(config_to_dict(cfg), parse_overrides(overrides)))
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def require(cfg: RunConfig, *keys: str) -> None:
+    """Fail early, naming the key, when a stage needs a value the config left empty."""
+    for key in keys:
+        node: Any = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        if node in ("", None, []):
+            raise ConfigError(f"config key '{key}' is required for this command but is empty")

@@ -1,0 +1,22 @@
+"""On-disk contracts between stages: one module per contract, each versioned and validated on read.
+
+- ``prepared``   : prepare -> score, train   (Arrow dataset + ``prepared.json``)
+- ``confidence`` : score -> train            (``shard-NNNNN.safetensors`` + ``manifest.json``)
+- ``adapter``    : train -> merge            (a standard PEFT adapter dir + ``gift_adapter.json``)
+- ``merged``     : merge -> users            (an HF checkpoint dir + ``gift_merge.json``)
+"""
+
+
+class ContractError(ValueError):
+    """An on-disk artifact is missing, of another version, or does not match what it claims to be."""
+
+
+def check_inside(folder, relative: str):
+    """Resolve a path named by a manifest and refuse anything that escapes ``folder`` (no ``..``, no absolute)."""
+    from pathlib import Path
+
+    folder = Path(folder).resolve()
+    target = (folder / relative).resolve()
+    if Path(relative).is_absolute() or folder not in target.parents:
+        raise ContractError(f"manifest in {folder} names a path outside its folder: {relative!r}")
+    return target

@@ -1,0 +1,187 @@
+"""The prepared-dataset contract: the token ids the instruct model scores and the base model trains on.
+
+Layout of a prepared directory::
+
+    prepared/
+      prepared.json      # this module's manifest (format, version, fingerprint, counts, shard plan)
+      data/              # a `datasets` Arrow dataset (save_to_disk), rows in epoch-0 order
+
+Columns: ``input_ids`` (int32 list), ``labels`` (int32 list, -100 on every non-target token),
+``record_index`` (int64: row of the source data), ``num_tokens`` and ``num_target_tokens`` (int32).
+Row ``i`` of ``data/`` is *sample index* ``i``: the key the confidence shards use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from gift_dist.contracts import ContractError
+
+FORMAT = "gift_dist.prepared"
+VERSION = 1
+MANIFEST_NAME = "prepared.json"
+DATA_DIR = "data"
+IGNORE_INDEX = -100
+REQUIRED_COLUMNS = ("input_ids", "labels", "record_index", "num_tokens", "num_target_tokens")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One entry of the shard plan: samples ``[start, end)`` of the epoch-0 order."""
+
+    index: int
+    start: int
+    end: int
+    num_tokens: int
+    num_target_tokens: int
+
+    @property
+    def num_samples(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class PreparedManifest:
+    fingerprint: str
+    tokenizer: dict[str, Any]
+    settings: dict[str, Any]
+    sources: list[dict[str, Any]]
+    counts: dict[str, Any]
+    tokens: dict[str, int]
+    eos_token_ids: list[int]
+    pad_token_id: int
+    shards: list[ShardSpec]
+    format: str = FORMAT
+    version: int = VERSION
+    created_with: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return self.shards[-1].end if self.shards else 0
+
+    def shard_of(self, sample_index: int) -> ShardSpec:
+        """The shard that holds ``sample_index`` (shards are contiguous and equal-sized but the last)."""
+        if not 0 <= sample_index < self.num_samples:
+            raise IndexError(f"sample index {sample_index} outside the prepared dataset (0..{self.num_samples - 1})")
+        size = self.shards[0].num_samples
+        return self.shards[min(sample_index // size, len(self.shards) - 1)]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict, where: str) -> "PreparedManifest":
+        if data.get("format") != FORMAT:
+            raise ContractError(f"{where}: not a gift_dist prepared manifest (format={data.get('format')!r})")
+        if data.get("version") != VERSION:
+            raise ContractError(
+                f"{where}: prepared format version {data.get('version')} is not supported (this gift_dist reads "
+                f"version {VERSION}); re-run `gift-dist prepare`"
+            )
+        try:
+            shards = [ShardSpec(**s) for s in data["shards"]]
+            return cls(**{**data, "shards": shards})
+        except (KeyError, TypeError) as exc:
+            raise ContractError(f"{where}: malformed prepared manifest: {exc}") from exc
+
+    def validate(self, where: str) -> None:
+        expected_start = 0
+        for i, shard in enumerate(self.shards):
+            if shard.index != i or shard.start != expected_start or shard.end <= shard.start:
+                raise ContractError(f"{where}: shard plan entry {i} is inconsistent: {shard}")
+            expected_start = shard.end
+        if self.counts.get("kept") != self.num_samples:
+            raise ContractError(
+                f"{where}: counts.kept={self.counts.get('kept')} but the shard plan covers {self.num_samples} samples"
+            )
+
+
+def plan_shards(num_tokens: list[int], num_target_tokens: list[int], samples_per_shard: int) -> list[ShardSpec]:
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    shards = []
+    for index, start in enumerate(range(0, len(num_tokens), samples_per_shard)):
+        end = min(start + samples_per_shard, len(num_tokens))
+        shards.append(
+            ShardSpec(index, start, end, int(sum(num_tokens[start:end])), int(sum(num_target_tokens[start:end])))
+        )
+    return shards
+
+
+def write_prepared(out_dir: str | Path, dataset: Any, manifest: PreparedManifest, num_proc: int = 1) -> Path:
+    """Write dataset + manifest into a temporary sibling and rename it: a prepared dir is complete or absent."""
+    out_dir = Path(out_dir)
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise ContractError(f"prepared dataset lacks columns {missing}")
+    manifest.validate(str(out_dir))
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    dataset.save_to_disk(str(tmp / DATA_DIR), num_proc=num_proc if num_proc > 1 else None)
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def read_manifest(prepared_dir: str | Path) -> PreparedManifest:
+    prepared_dir = Path(prepared_dir)
+    path = prepared_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise ContractError(
+            f"no prepared dataset at {prepared_dir} ({MANIFEST_NAME} missing); run `gift-dist prepare` first"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ContractError(f"{path} is not valid JSON: {exc}") from exc
+    manifest = PreparedManifest.from_json(data, str(path))
+    manifest.validate(str(path))
+    return manifest
+
+
+@dataclass
+class Prepared:
+    """A validated prepared dataset: the manifest plus the memory-mapped Arrow rows."""
+
+    path: Path
+    manifest: PreparedManifest
+    dataset: Any
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def load_prepared(prepared_dir: str | Path, expected_fingerprint: Optional[str] = None) -> Prepared:
+    """Open a prepared dataset memory-mapped and check it against its manifest."""
+    from datasets import load_from_disk
+
+    prepared_dir = Path(prepared_dir)
+    manifest = read_manifest(prepared_dir)
+    if expected_fingerprint is not None and manifest.fingerprint != expected_fingerprint:
+        raise ContractError(
+            f"prepared dataset {prepared_dir} has fingerprint {manifest.fingerprint}, expected {expected_fingerprint}"
+        )
+    data_dir = prepared_dir / DATA_DIR
+    if not data_dir.is_dir():
+        raise ContractError(f"prepared dataset {prepared_dir} lacks its {DATA_DIR}/ folder")
+    try:
+        dataset = load_from_disk(str(data_dir))
+    except Exception as exc:  # datasets raises several types for a damaged dir
+        raise ContractError(f"cannot open prepared data in {data_dir}: {exc}") from exc
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise ContractError(f"prepared data in {data_dir} lacks columns {missing}")
+    if len(dataset) != manifest.num_samples:
+        raise ContractError(
+            f"prepared data in {data_dir} has {len(dataset)} rows but {MANIFEST_NAME} plans {manifest.num_samples}"
+        )
+    return Prepared(prepared_dir, manifest, dataset)

@@ -1,0 +1,130 @@
+"""Distributed helpers, so stages never sprinkle ``if rank == 0``.
+
+Works the same under the deepspeed launcher, torchrun, SLURM-started processes and a plain single process:
+rank/world come from the environment the launcher sets; the process group is created on demand (NCCL on GPU,
+gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from typing import Any, Callable, Iterator, Optional, TypeVar
+
+import torch
+import torch.distributed as torch_dist
+
+T = TypeVar("T")
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_initialized() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if is_initialized() else env_rank()
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if is_initialized() else env_world_size()
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init(backend: Optional[str] = None, use_deepspeed: bool = False, timeout_minutes: float = 60.0) -> None:
+    """Create the process group when launched with several processes; a no-op for a single process."""
+    if is_initialized() or env_world_size() <= 1 and not use_deepspeed:
+        return
+    backend = backend or default_backend()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env_local_rank())
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    else:
+        torch_dist.init_process_group(backend=backend, timeout=timeout)
+
+
+def barrier() -> None:
+    if is_initialized():
+        torch_dist.barrier()
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    if not is_initialized():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list:
+    if not is_initialized():
+        return [obj]
+    out: list = [None] * world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (no-op single process) and return it."""
+    if is_initialized():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor
+
+
+def rank0_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn`` on rank 0 only and give every rank its result (or rank 0's exception, re-raised everywhere).
+
+    Rank-0 I/O (writing a manifest, renaming a checkpoint) goes through here so that an error on rank 0 does
+    not leave the other ranks hanging in the next collective.
+    """
+    result: Any = None
+    error: Optional[str] = None
+    if is_rank0():
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:  # re-raised on every rank below
+            error = f"{type(exc).__name__}: {exc}"
+            if not is_initialized():
+                raise
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise RuntimeError(f"rank 0 failed: {error}")
+    return result
+
+
+@contextlib.contextmanager
+def rank0_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. to create a cache), the others after it finished."""
+    if not is_rank0():
+        barrier()
+    yield
+    if is_rank0():
+        barrier()
+
+
+def destroy() -> None:
+    if is_initialized():
+        torch_dist.destroy_process_group()

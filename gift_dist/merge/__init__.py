@@ -1,0 +1,1 @@
+"""merge stage: stream the gathered LoRA into the instruct checkpoint, shard by shard."""

@@ -1,0 +1,137 @@
+"""The base/instruct pair check, run before any compute by every stage and as ``gift-dist check``.
+
+GIFT trains on BASE and merges into INSTRUCT, and scores with INSTRUCT on token ids made by one tokenizer:
+all of that is only meaningful if the two models have the same architecture and tensor shapes and share the
+tokenizer vocabulary. A mismatch is an error that names what differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+
+from gift_dist.contracts import ContractError
+from gift_dist.models import checkpoint
+
+log = logging.getLogger(__name__)
+
+# Config fields that fix tensor shapes in decoder-only transformers (absent ones are skipped).
+SHAPE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+
+
+class PairMismatch(ContractError):
+    """Base and instruct models are not a compatible pair."""
+
+
+@dataclass
+class PairReport:
+    architecture: str
+    vocab_size: int
+    tokenizer_size: int
+    num_tensors: int
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ContractError(f"cannot load the tokenizer of {model}: {exc}") from exc
+
+
+def load_config(model: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ContractError(f"cannot load the config of {model}: {exc}") from exc
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _differences(a: dict, b: dict, limit: int = 5) -> list[str]:
+    keys = sorted(set(a) | set(b))
+    diffs = [f"{k}: base={a.get(k, '<absent>')} instruct={b.get(k, '<absent>')}" for k in keys if a.get(k) != b.get(k)]
+    more = f" (+{len(diffs) - limit} more)" if len(diffs) > limit else ""
+    return diffs[:limit] + ([more] if more else [])
+
+
+def check_pair(base: str, instruct: str, trust_remote_code: bool = False) -> PairReport:
+    """Raise PairMismatch naming the first differences; return a short report when the pair is compatible."""
+    base_cfg, inst_cfg = load_config(base, trust_remote_code), load_config(instruct, trust_remote_code)
+    base_arch = (base_cfg.architectures or [base_cfg.model_type])[0]
+    inst_arch = (inst_cfg.architectures or [inst_cfg.model_type])[0]
+    if base_arch != inst_arch:
+        raise PairMismatch(f"architectures differ: base {base} is {base_arch}, instruct {instruct} is {inst_arch}")
+    base_text, inst_text = _text_config(base_cfg), _text_config(inst_cfg)
+    base_shape = {k: getattr(base_text, k) for k in SHAPE_KEYS if hasattr(base_text, k)}
+    inst_shape = {k: getattr(inst_text, k) for k in SHAPE_KEYS if hasattr(inst_text, k)}
+    diffs = _differences({k: v for k, v in base_shape.items() if k != "tie_word_embeddings"},
+                         {k: v for k, v in inst_shape.items() if k != "tie_word_embeddings"})
+    if diffs:
+        raise PairMismatch(f"model shapes differ between base {base} and instruct {instruct}: " + "; ".join(diffs))
+
+    num_tensors = 0
+    if checkpoint.is_local(base) and checkpoint.is_local(instruct):
+        base_tensors, inst_tensors = checkpoint.tensor_shapes(base), checkpoint.tensor_shapes(instruct)
+        # A tied lm_head may be stored in one checkpoint and not the other; that is not a shape difference.
+        for tensors in (base_tensors, inst_tensors):
+            tensors.pop("lm_head.weight", None)
+        diffs = _differences(base_tensors, inst_tensors)
+        if diffs:
+            raise PairMismatch(f"tensor shapes differ between base {base} and instruct {instruct}: " + "; ".join(diffs))
+        num_tensors = len(base_tensors)
+
+    base_tok, inst_tok = load_tokenizer(base, trust_remote_code), load_tokenizer(instruct, trust_remote_code)
+    base_vocab, inst_vocab = base_tok.get_vocab(), inst_tok.get_vocab()
+    if base_vocab != inst_vocab:
+        only_base = sorted(set(base_vocab) - set(inst_vocab))[:5]
+        only_inst = sorted(set(inst_vocab) - set(base_vocab))[:5]
+        moved = sorted(t for t in set(base_vocab) & set(inst_vocab) if base_vocab[t] != inst_vocab[t])[:5]
+        raise PairMismatch(
+            f"tokenizer vocabularies differ (base {len(base_vocab)} tokens, instruct {len(inst_vocab)}): "
+            f"only in base {only_base}, only in instruct {only_inst}, different ids {moved}"
+        )
+    vocab_size = getattr(inst_text, "vocab_size", None) or 0
+    tokenizer_size = len(inst_tok)
+    if vocab_size and vocab_size < tokenizer_size:
+        raise PairMismatch(
+            f"the embedding has {vocab_size} rows but the tokenizer has {tokenizer_size} tokens: ids past "
+            f"{vocab_size - 1} would index outside the embedding"
+        )
+    return PairReport(base_arch, int(vocab_size), tokenizer_size, num_tensors)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from gift_dist.cli import add_config_arguments
+
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gift_dist.cli import config_from_args
+    from gift_dist.config import require
+
+    cfg = config_from_args(args)
+    require(cfg, "base_model", "instruct_model")
+    report = check_pair(cfg.base_model, cfg.instruct_model, cfg.trust_remote_code)
+    print(
+        f"ok: {report.architecture}, vocab {report.tokenizer_size} tokens in {report.vocab_size} embedding rows, "
+        f"{report.num_tensors or 'unchecked (hub)'} tensors with equal shapes"
+    )
+    return 0

@@ -1,0 +1,195 @@
+"""Tiny paired BASE/INSTRUCT models, built offline, as ordinary HF checkpoint directories.
+
+Used by the tests and by ``gift-dist demo``. A real pair shares architecture, shapes and tokenizer, and the
+instruct model is the base model further trained on chat data; the tiny pair is made the same way: a BPE
+tokenizer (``tokenizers``) with a ChatML chat template is trained on the bundled data, the BASE model is
+pre-trained for a few steps on the raw text, and the INSTRUCT model continues from it on chat-formatted
+records with the loss on assistant tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from gift_dist import bundled
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+ARCHITECTURES = ("llama", "qwen2")
+
+
+@dataclass(frozen=True)
+class TinyPair:
+    base: Path
+    instruct: Path
+    arch: str
+
+
+def build_tokenizer(out_dir: str | Path, texts: list[str], vocab_size: int = 384, chat_template: Optional[str] = CHATML_TEMPLATE):
+    """Train a byte-level BPE on ``texts`` and save it as an HF fast tokenizer with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>"],
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.model_max_length = 512
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def tiny_config(arch: str, vocab_size: int, hidden_size: int = 64, num_layers: int = 2):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=None,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
+
+
+def _batches(token_lists: list[list[int]], label_lists: list[list[int]], batch_size: int, pad_id: int, rng):
+    order = torch.randperm(len(token_lists), generator=rng).tolist()
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        rows = order[start : start + batch_size]
+        length = max(len(token_lists[r]) for r in rows)
+        ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(token_lists[r])
+            ids[i, :n] = torch.tensor(token_lists[r])
+            labels[i, :n] = torch.tensor(label_lists[r])
+            mask[i, :n] = 1
+        yield ids, labels, mask
+
+
+def _train(model, token_lists, label_lists, steps: int, pad_id: int, seed: int, lr: float = 3e-3) -> float:
+    """A few AdamW steps: enough for the models to be a meaningful pair, fast enough for a test fixture."""
+    rng = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss_value, step = float("nan"), 0
+    while step < steps:
+        for ids, labels, mask in _batches(token_lists, label_lists, 16, pad_id, rng):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            loss_value, step = loss.item(), step + 1
+            if step >= steps:
+                break
+    model.eval()
+    return loss_value
+
+
+def _chat_examples(tokenizer, records: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
+    """Chat-formatted token ids with labels on the assistant replies (prefix rendering, like `prepare`)."""
+    token_lists, label_lists = [], []
+    for record in records:
+        messages = record["messages"]
+        ids: list[int] = []
+        labels: list[int] = []
+        for i, message in enumerate(messages):
+            prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False) if i else ""
+            text = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            new = tokenizer(text[len(prefix) :], add_special_tokens=False)["input_ids"]
+            ids += new
+            labels += new if message["role"] == "assistant" else [-100] * len(new)
+        token_lists.append(ids)
+        label_lists.append(labels)
+    return token_lists, label_lists
+
+
+def build_tiny_pair(
+    out_dir: str | Path,
+    arch: str = "llama",
+    seed: int = 0,
+    base_steps: int = 40,
+    instruct_steps: int = 40,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    max_shard_size: Optional[str] = None,
+    num_records: int = 400,
+) -> TinyPair:
+    """Write ``out_dir/base`` and ``out_dir/instruct``: same tokenizer and shapes, instruct tuned on chat data."""
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    base_dir, inst_dir = out_dir / "base", out_dir / "instruct"
+    torch.manual_seed(seed)
+    records = bundled.read_jsonl(bundled.bundled_data_path())[:num_records]
+    plain = [" ".join(m["content"] for m in r["messages"]) for r in records]
+    tokenizer = build_tokenizer(base_dir, plain + [json.dumps(r["messages"]) for r in records[:50]])
+    tokenizer.save_pretrained(str(inst_dir))
+    vocab = ((len(tokenizer) + 63) // 64) * 64  # embedding rows rounded up, as real models do
+
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab, hidden_size, num_layers))
+    plain_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.pad_token_id] for t in plain]
+    base_loss = _train(model, plain_ids, plain_ids, base_steps, tokenizer.pad_token_id, seed)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(str(base_dir), max_shard_size=max_shard_size or "2GB")
+
+    chat_ids, chat_labels = _chat_examples(tokenizer, records)
+    inst_loss = _train(model, chat_ids, chat_labels, instruct_steps, tokenizer.pad_token_id, seed + 1)
+    model.save_pretrained(str(inst_dir), max_shard_size=max_shard_size or "2GB")
+    log.info("tiny %s pair in %s: base loss %.3f, instruct chat loss %.3f", arch, out_dir, base_loss, inst_loss)
+    return TinyPair(base_dir, inst_dir, arch)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", required=True, help="folder to write base/ and instruct/ into")
+    parser.add_argument("--arch", default="llama", choices=ARCHITECTURES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=40, help="training steps for base and for instruct")
+    parser.add_argument("--max-shard-size", default=None, help="e.g. 200KB to write a sharded checkpoint")
+
+
+def run(args: argparse.Namespace) -> int:
+    pair = build_tiny_pair(
+        args.output, args.arch, args.seed, args.steps, args.steps, max_shard_size=args.max_shard_size
+    )
+    print(f"base: {pair.base}\ninstruct: {pair.instruct}")
+    return 0

@@ -1,0 +1,1 @@
+"""The whole pipeline: run, demo and the scale-out plan."""

@@ -1,0 +1,35 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="gift-dist",
+    version="0.1.0",
+    description="GIFT: confidence-guided LoRA fine-tuning of a base model, merged into its instruct sibling, "
+    "distributed with DeepSpeed ZeRO-3.",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["gift_dist", "gift_dist.*"]),
+    package_data={"gift_dist": ["resources/*", "ds_configs/*.json"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=4.51",
+        "peft>=0.14",
+        "datasets>=3.0",
+        "safetensors>=0.4.3",
+        "tokenizers>=0.21",
+        "pyyaml>=6.0",
+        "numpy>=1.24",
+        "tqdm>=4.66",
+        "matplotlib>=3.7",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pandas>=2.0", "pyarrow>=15"],
+        "tensorboard": ["tensorboard>=2.15"],
+    },
+    entry_points={"console_scripts": ["gift-dist=gift_dist.cli:main"]},
+)
