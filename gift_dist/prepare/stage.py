@@ -59,6 +59,18 @@ def compute_fingerprint(sources: list[dict], tokenizer_desc: dict, settings: dic
                  "settings": settings})[:32]
 
 
+def _identify(cfg: RunConfig, tokenizer) -> tuple[list[dict], dict, dict, str]:
+    sources = describe_sources(cfg.data)
+    tok_desc = tokenizer_description(tokenizer, cfg.instruct_model)
+    settings = settings_for_fingerprint(cfg.data, cfg.prepare)
+    return sources, tok_desc, settings, compute_fingerprint(sources, tok_desc, settings)
+
+
+def expected_fingerprint(cfg: RunConfig) -> str:
+    """The fingerprint `prepare` would write for this config (hashes the data files; tokenizes nothing)."""
+    return _identify(cfg, load_tokenizer(cfg.instruct_model, cfg.trust_remote_code))[3]
+
+
 def _tokenize_batch(batch: dict, tokenizer, data_cfg: DataConfig, prep_cfg: PrepareConfig) -> dict:
     """datasets.map worker: one output row per input record, with an empty drop_reason when it is kept."""
     out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "end_of_turn_ids", "drop_reason", "drop_detail")}
@@ -98,10 +110,7 @@ def prepare(cfg: RunConfig) -> contract.Prepared:
     tokenizer = load_tokenizer(cfg.instruct_model, cfg.trust_remote_code)
     require_chat_template(tokenizer, cfg.instruct_model)
 
-    sources = describe_sources(cfg.data)
-    tok_desc = tokenizer_description(tokenizer, cfg.instruct_model)
-    settings = settings_for_fingerprint(cfg.data, cfg.prepare)
-    fingerprint = compute_fingerprint(sources, tok_desc, settings)
+    sources, tok_desc, settings, fingerprint = _identify(cfg, tokenizer)
     log.info("prepare: fingerprint %s", fingerprint)
 
     raw = load_raw_records(cfg.data, sources)
