@@ -1,0 +1,101 @@
+"""Getting the LoRA weights out of (and back into) the ZeRO-3 partitions.
+
+Under ZeRO-3 every rank holds a slice of each LoRA tensor. ``gather_lora`` gathers them on all ranks (a
+collective: every rank must call it) and returns peft's state dict (``get_peft_model_state_dict`` names, the
+ones ``PeftModel.from_pretrained`` reads), checked against the shapes the LoRA layers must have.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gift_dist import dist
+from gift_dist.contracts import ContractError
+from gift_dist.contracts.adapter import read_adapter, write_adapter
+
+log = logging.getLogger(__name__)
+
+
+def expected_lora_shapes(peft_model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """The shape each LoRA matrix must have, from the layers' in/out features (known even when partitioned)."""
+    from peft.tuners.lora import LoraLayer
+
+    shapes = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            r = module.r["default"]
+            shapes[f"{name}.lora_A.weight"] = (r, module.in_features)
+            shapes[f"{name}.lora_B.weight"] = (module.out_features, r)
+    return shapes
+
+
+def gather_lora(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full LoRA tensors (fp32, CPU) on every rank, in peft's state-dict naming; wrong shapes are an error."""
+    import deepspeed
+    from peft import get_peft_model_state_dict
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        state = {name: t.detach().float().cpu().clone() for name, t in get_peft_model_state_dict(peft_model).items()}
+    expected = expected_lora_shapes(peft_model)
+    if not state:
+        raise ContractError(f"rank {dist.rank()}: gathering the LoRA parameters gave no tensors")
+    for name, tensor in state.items():
+        want = expected.get(name)
+        if want is None:
+            raise ContractError(f"rank {dist.rank()}: gathered tensor {name} belongs to no LoRA layer of the model")
+        if tuple(tensor.shape) != want:
+            raise ContractError(
+                f"rank {dist.rank()}: gathered LoRA tensor {name} has shape {tuple(tensor.shape)}, expected {want} "
+                f"(an incomplete gather from the ZeRO-3 partitions)"
+            )
+    return state
+
+
+def save_adapter(peft_model: torch.nn.Module, peft_config: Any, out_dir: str | Path, provenance: dict) -> Path:
+    """Gather on all ranks, then rank 0 writes a standard PEFT adapter dir (atomically) via the adapter contract."""
+    tensors = gather_lora(peft_model)
+    config = adapter_config(peft_model, peft_config)
+    return dist.rank0_call(write_adapter, out_dir, config, tensors, provenance)
+
+
+def adapter_config(peft_model: torch.nn.Module, peft_config: Any) -> Any:
+    """peft's own config of the wrapped model (it records the base model path and resolved target modules)."""
+    return getattr(peft_model, "peft_config", {}).get("default", peft_config)
+
+
+def load_lora_into(peft_model: torch.nn.Module, adapter_dir: str | Path) -> int:
+    """Set the (partitioned) LoRA weights, and the optimizer's fp32 master copies, from a saved adapter dir.
+
+    Used to resume on a different number of ranks, where DeepSpeed's own partitioned checkpoint does not fit.
+    Every rank must call it. Returns the number of tensors loaded.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    adapter = read_adapter(adapter_dir)
+    by_state_name = _state_names(peft_model)
+    missing = sorted(set(by_state_name) - set(adapter.tensors))
+    if missing:
+        raise ContractError(f"adapter {adapter_dir} lacks LoRA tensors {missing[:5]} that the model has")
+    for state_name, param in by_state_name.items():
+        value = adapter.tensors[state_name]
+        shape = tuple(getattr(param, "ds_shape", param.shape))
+        if tuple(value.shape) != shape:
+            raise ContractError(
+                f"adapter {adapter_dir}: {state_name} has shape {tuple(value.shape)}, the model expects {shape}"
+            )
+        safe_set_full_fp32_param(param, value.to(torch.float32))
+    return len(by_state_name)
+
+
+def _state_names(peft_model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """peft state-dict name -> parameter: peft's names drop the adapter name (``.default``) from the module path."""
+    out = {}
+    for name, param in peft_model.named_parameters():
+        if param.requires_grad:
+            out[name.replace(".default.", ".")] = param
+    return out

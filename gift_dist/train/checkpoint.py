@@ -1,0 +1,184 @@
+"""Training checkpoints that are complete or invisible, and resuming from them.
+
+Layout of ``cfg.paths.checkpoints``::
+
+    checkpoints/
+      latest                    # the tag of the newest complete checkpoint (replaced atomically)
+      step-00000200/            # DeepSpeed's checkpoint (every rank's ZeRO-3 partitions + optimizer state)
+        gift_checkpoint.json    # step, world size, model identity, prepared fingerprint (checked on resume)
+        adapter/                # the gathered LoRA as a PEFT adapter (resume on another number of ranks)
+      .tmp/                     # a checkpoint being written; never read
+
+All ranks write their partitions into ``.tmp/<tag>``; after a barrier rank 0 adds the record and the adapter,
+renames the folder into place and only then points ``latest`` at it. A kill at any moment leaves the previous
+checkpoint loadable. The data position is the step: ``TrainBatches.micro_batches(step)`` is stateless.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from gift_dist import dist
+from gift_dist.contracts import ContractError
+from gift_dist.train import adapter_io
+
+log = logging.getLogger(__name__)
+
+LATEST_NAME = "latest"
+RECORD_NAME = "gift_checkpoint.json"
+ADAPTER_DIR = "adapter"
+TMP_DIR = ".tmp"
+FORMAT = "gift_dist.checkpoint"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What a checkpoint must agree with to be resumed from."""
+
+    step: int
+    world_size: int
+    global_batch_size: int
+    model_identity: dict
+    prepared_fingerprint: str
+    train_model: str
+    format: str = FORMAT
+    version: int = VERSION
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+class Checkpoints:
+    """Save, find and resume from the checkpoints of one run."""
+
+    def __init__(self, root: str | Path, keep: int):
+        self.root = Path(root)
+        self.keep = max(1, keep)
+
+    def latest(self) -> Optional[tuple[Path, CheckpointRecord]]:
+        """The newest complete checkpoint, or None when there is none."""
+        pointer = self.root / LATEST_NAME
+        if not pointer.is_file():
+            return None
+        tag = pointer.read_text().strip()
+        folder = self.root / tag
+        record_path = folder / RECORD_NAME
+        if not record_path.is_file():
+            raise ContractError(f"{pointer} names checkpoint {tag}, but {record_path} is missing")
+        try:
+            data = json.loads(record_path.read_text())
+            record = CheckpointRecord(**data)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ContractError(f"{record_path} is not a valid checkpoint record: {exc}") from exc
+        if record.format != FORMAT or record.version != VERSION:
+            raise ContractError(f"{record_path}: unsupported checkpoint format/version {record.version}")
+        return folder, record
+
+    def save(self, engine: Any, peft_model: Any, peft_config: Any, record: CheckpointRecord,
+             adapter_provenance: dict) -> Path:
+        """Write a checkpoint on all ranks (a collective), then publish it atomically from rank 0."""
+        tag = tag_for(record.step)
+        tmp_root = self.root / TMP_DIR
+        dist.rank0_call(self._clear_tmp, tmp_root / tag)
+        engine.save_checkpoint(str(tmp_root), tag=tag, client_state={"step": record.step}, save_latest=False)
+        tensors = adapter_io.gather_lora(peft_model)
+        dist.barrier()
+        config = adapter_io.adapter_config(peft_model, peft_config)
+        folder = dist.rank0_call(self._publish, tmp_root / tag, tag, record, config, tensors, adapter_provenance)
+        log.info("saved checkpoint %s (step %d)", folder, record.step)
+        return Path(folder)
+
+    @staticmethod
+    def _clear_tmp(folder: Path) -> None:
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+
+    def _publish(self, tmp: Path, tag: str, record: CheckpointRecord, peft_config: Any, tensors: dict,
+                 provenance: dict) -> str:
+        from gift_dist.contracts.adapter import write_adapter
+
+        write_adapter(tmp / ADAPTER_DIR, peft_config, tensors, provenance)
+        (tmp / RECORD_NAME).write_text(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
+        final = self.root / tag
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer_tmp = self.root / f".{LATEST_NAME}.tmp"
+        pointer_tmp.write_text(tag + "\n")
+        os.replace(pointer_tmp, self.root / LATEST_NAME)
+        self._prune(keep_tag=tag)
+        return str(final)
+
+    def _prune(self, keep_tag: str) -> None:
+        tags = sorted(p.name for p in self.root.glob("step-*") if p.is_dir())
+        old = [t for t in tags if t != keep_tag][: max(0, len(tags) - self.keep)]
+        for name in old:
+            shutil.rmtree(self.root / name, ignore_errors=True)
+
+    def resume(self, engine: Any, peft_model: Any, expected: CheckpointRecord) -> int:
+        """Load the latest checkpoint into ``engine`` after checking it belongs to this run; returns its step.
+
+        Same number of ranks: DeepSpeed's own checkpoint (weights, optimizer, LR schedule). Another number of
+        ranks with the same global batch: LoRA weights from the checkpoint's gathered adapter, a fresh optimizer
+        (with a warning) and the LR schedule advanced to the step.
+        """
+        found = self.latest()
+        if found is None:
+            raise ContractError(
+                f"--resume: no checkpoint in {self.root} ({LATEST_NAME} missing); start without --resume or use "
+                f"--resume-if-exists"
+            )
+        folder, record = found
+        self._check(folder, record, expected)
+        if record.world_size == expected.world_size:
+            path, client_state = engine.load_checkpoint(str(self.root), tag=folder.name)
+            if path is None:
+                raise ContractError(f"DeepSpeed could not load checkpoint {folder}")
+            step = int((client_state or {}).get("step", record.step))
+        else:
+            log.warning(
+                "checkpoint %s was written by %d ranks, this run has %d: loading the LoRA weights from its "
+                "gathered adapter with a FRESH optimizer state (Adam moments restart; the loss curve will differ "
+                "slightly from an uninterrupted run)", folder, record.world_size, expected.world_size,
+            )
+            adapter_io.load_lora_into(peft_model, folder / ADAPTER_DIR)
+            for _ in range(record.step):
+                engine.lr_scheduler.step()
+            step = record.step
+        log.info("resumed from %s at step %d", folder, step)
+        return step
+
+    @staticmethod
+    def _check(folder: Path, record: CheckpointRecord, expected: CheckpointRecord) -> None:
+        where = folder / RECORD_NAME
+        if record.model_identity.get("hash") != expected.model_identity.get("hash"):
+            raise ContractError(
+                f"{where}: checkpoint was trained on {record.model_identity.get('name')} (hash "
+                f"{record.model_identity.get('hash')}), this run trains {expected.model_identity.get('name')} "
+                f"(hash {expected.model_identity.get('hash')})"
+            )
+        if record.train_model != expected.train_model:
+            raise ContractError(f"{where}: checkpoint trains the {record.train_model} model, this run the "
+                                f"{expected.train_model} model")
+        if record.prepared_fingerprint != expected.prepared_fingerprint:
+            raise ContractError(
+                f"{where}: checkpoint was trained on prepared data {record.prepared_fingerprint}, this run's "
+                f"prepared data is {expected.prepared_fingerprint}"
+            )
+        if record.global_batch_size != expected.global_batch_size:
+            raise ContractError(
+                f"{where}: checkpoint used a global batch of {record.global_batch_size} samples "
+                f"({record.world_size} ranks); this run has {expected.global_batch_size} ({expected.world_size} "
+                f"ranks). The step is the data position, so the global batch must match: set "
+                f"train.gradient_accumulation_steps so that micro_batch_size x GA x ranks = "
+                f"{record.global_batch_size}"
+            )

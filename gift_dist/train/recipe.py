@@ -1,0 +1,274 @@
+"""`gift-dist train`: LoRA on the base model under DeepSpeed ZeRO-3 with the per-token weighted loss.
+
+The recipe, top-down::
+
+    prepared data (+ the scorer's confidence shards, streamed)  ->  TrainBatches: this rank's micro-batches
+    for each step:
+        weights w_t = f(p_inst)  (constants)      ->  Z = sum of w over the global batch (one all-reduce)
+        for each micro-batch: decoder -> hidden   ->  chunked CE through lm_head  ->  sum w CE * GA * ranks / Z
+        DeepSpeed averages the gradients over micro-batches and ranks, clips, steps the optimizer and LR schedule
+        every save_every_steps (and on SIGTERM/SIGINT): an atomic checkpoint
+    gather the LoRA from the ZeRO-3 partitions -> PEFT adapter dir (cfg.paths.adapter)
+
+Run it inside a launched job (``deepspeed`` launcher, ``torchrun``) or as a single process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from gift_dist import dist
+from gift_dist.config import RunConfig, config_to_dict
+from gift_dist.contracts.prepared import load_prepared
+from gift_dist.models.checkpoint import model_identity
+from gift_dist.train import adapter_io, weighting
+from gift_dist.train.checkpoint import CheckpointRecord, Checkpoints
+from gift_dist.train.data import ConfidenceReader, MicroBatch, TrainBatches
+from gift_dist.train.engine import TrainEngine, build_engine, grad_norm, learning_rate
+from gift_dist.train.loss import micro_batch_loss, normalizer_local, target_token_ce, weighted_ce_sum
+from gift_dist.train.metrics import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+# Exit status of a run stopped by SIGTERM/SIGINT after saving its checkpoint (EX_TEMPFAIL: "try again"), so
+# schedulers and scripts can tell a preempted run, to be resumed, from a finished or failed one.
+PREEMPTED_EXIT_CODE = 75
+
+
+@dataclass
+class TrainResult:
+    adapter: Optional[Path]  # None when the run was preempted before finishing
+    steps: int  # optimizer steps done, resumed ones included
+    total_steps: int
+    final_loss: Optional[float]
+    preempted: bool
+    checkpoint: Optional[Path]
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; ranks agree on it at step boundaries, so all of them save and stop together."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+        self._previous = {}
+
+    def install(self) -> "StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        log.warning("rank %d received %s: will save a checkpoint and stop after this step", dist.rank(),
+                    self.signal_name)
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank was signalled (a collective: all ranks must call it)."""
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        return bool(dist.all_reduce_sum(flag).item() > 0)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
+          grad_dump_dir: Optional[str | Path] = None) -> TrainResult:
+    """Train the LoRA and write the adapter; ``grad_dump_dir`` saves each step's full LoRA gradients (debugging)."""
+    weighting.validate(cfg.train)
+    dist.init(use_deepspeed=True)
+    rank, world = dist.rank(), dist.world_size()
+    prepared = load_prepared(cfg.paths.prepared)
+    fingerprint = prepared.manifest.fingerprint
+    confidence = None
+    if weighting.needs_confidence(cfg.train):
+        confidence = ConfidenceReader(cfg.paths.confidence, prepared, cfg.train.confidence_wait_seconds,
+                                      cfg.train.confidence_poll_seconds,
+                                      instruct_identity=model_identity(cfg.instruct_model))
+    batches = TrainBatches(prepared, cfg.train, rank, world, confidence, seed=cfg.prepare.seed)
+    te = build_engine(cfg, world, batches.total_steps)
+    identity = model_identity(te.model_path)
+    record = CheckpointRecord(
+        step=0, world_size=world, global_batch_size=cfg.train.micro_batch_size
+        * cfg.train.gradient_accumulation_steps * world, model_identity=identity,
+        prepared_fingerprint=fingerprint, train_model=cfg.train.train_model,
+    )
+    checkpoints = Checkpoints(cfg.paths.checkpoints, cfg.train.keep_checkpoints)
+    start_step = 0
+    if resume or (resume_if_exists and checkpoints.latest() is not None):
+        start_step = checkpoints.resume(te.engine, te.peft_model, record)
+    metrics = MetricsLogger(cfg.paths.logs, batches.total_steps, start_step, enabled=dist.is_rank0(),
+                            progress=cfg.train.progress, log_every=cfg.train.log_every_steps)
+    stop = StopRequest().install()
+    log.info("training %s (%s weighting) for steps %d..%d on %d rank(s), global batch %d samples",
+             te.model_path, cfg.train.weighting, start_step + 1, batches.total_steps, world,
+             record.global_batch_size)
+    step, final_loss, checkpoint = start_step, None, None
+    try:
+        while step < batches.total_steps:
+            values = train_step(te, cfg, batches.micro_batches(step), world, grad_dump_dir, step + 1)
+            step += 1
+            final_loss = values["loss"]
+            metrics.log(step, values)
+            stopping = stop.agreed()
+            if stopping or step % cfg.train.save_every_steps == 0:
+                checkpoint = save_checkpoint(te, checkpoints, record, step, cfg)
+            if stopping:
+                message = (f"preempted by {stop.signal_name or 'a signal on another rank'}: saved checkpoint "
+                           f"{checkpoint} at step {step}/{batches.total_steps}; rerun with --resume to continue")
+                log.warning(message)
+                return TrainResult(None, step, batches.total_steps, final_loss, True, checkpoint)
+    finally:
+        stop.uninstall()
+        metrics.close()
+    adapter = adapter_io.save_adapter(te.peft_model, te.peft_config, cfg.paths.adapter,
+                                      provenance(cfg, te, identity, fingerprint, step, world, complete=True))
+    log.info("wrote adapter %s after %d steps", adapter, step)
+    return TrainResult(Path(adapter), step, batches.total_steps, final_loss, False, checkpoint)
+
+
+def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch], world: int,
+               grad_dump_dir: Optional[str | Path], step: int) -> dict:
+    """One optimizer step over this rank's micro-batches; returns the step's metrics (summed over ranks)."""
+    train = cfg.train
+    started = time.monotonic()
+    grad_accum = len(micro_batches)
+    weights = [None if train.weighting == "dft" else batch_weights(train, mb) for mb in micro_batches]
+    global_norm = None
+    if train.normalize_over == "global_batch":
+        # Weights are constants, so the normaliser of the whole global batch is known before any forward.
+        local = sum(normalizer_local(train, w if w is not None else torch.ones(mb.num_target_tokens))
+                    for w, mb in zip(weights, micro_batches))
+        global_norm = dist.all_reduce_sum(torch.as_tensor(local, dtype=torch.float64).reshape(1)).float()[0]
+    # Summed over this rank's micro-batches: loss objective, weighted CE, CE, weights, targets, tokens.
+    totals = torch.zeros(6, dtype=torch.float64)
+    device = te.engine.device
+    for mb, w in zip(micro_batches, weights):
+        hidden = te.decoder(
+            input_ids=mb.input_ids.to(device),
+            attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(device),
+            position_ids=mb.position_ids.to(device),
+        ).last_hidden_state
+        ce = target_token_ce(hidden, te.lm_head, mb.labels.to(device), train.ce_chunk_tokens)
+        if w is None:
+            w = weighting.token_weights(train, None, -ce.detach().float().cpu(), mb.is_eos, mb.sample_lengths)
+        w = w.to(ce.device)
+        weighted = weighted_ce_sum(ce, w)
+        loss = micro_batch_loss(train, weighted, normalizer_local(train, w), global_norm, grad_accum, world)
+        te.engine.backward(loss)
+        totals += torch.tensor([loss.item() / (grad_accum * world), weighted.item(), ce.detach().sum().item(),
+                                w.sum().item(), mb.num_target_tokens, mb.num_tokens], dtype=torch.float64)
+    if grad_dump_dir is not None:
+        dump_gradients(te, Path(grad_dump_dir), step)
+    te.engine.step()
+    dist.all_reduce_sum(totals)
+    seconds = time.monotonic() - started
+    objective, weighted, ce_sum, weight_sum, targets, tokens = totals.tolist()
+    norm = grad_norm(te.engine)
+    return {
+        "loss": objective,
+        "weighted_ce": weighted / max(weight_sum, 1e-12),
+        "ce": ce_sum / max(targets, 1.0),
+        "mean_weight": weight_sum / max(targets, 1.0),
+        "lr": learning_rate(te.engine),
+        "grad_norm": norm,
+        "target_tokens": int(targets),
+        "tokens_per_second": tokens / max(seconds, 1e-9),
+        "seconds": seconds,
+    }
+
+
+def batch_weights(train, mb: MicroBatch) -> torch.Tensor:
+    """The constant per-token weights of a micro-batch (everything but DFT, whose weights need the forward)."""
+    return weighting.token_weights(train, mb.inst_logprobs, None, mb.is_eos, mb.sample_lengths)
+
+
+def dump_gradients(te: TrainEngine, folder: Path, step: int) -> None:
+    """Save the full (gathered) LoRA gradients of this step before the optimizer uses them: a debugging aid
+    that makes "2 ranks x GA 1 == 1 rank x GA 2" checkable. Collective: every rank gathers, rank 0 writes."""
+    from deepspeed.utils import safe_get_full_grad
+    from safetensors.torch import save_file
+
+    grads = {}
+    for name, param in te.lora_parameters:
+        grad = safe_get_full_grad(param)
+        if grad is None:
+            raise RuntimeError(f"rank {dist.rank()}: no gradient for LoRA parameter {name} at step {step}")
+        grads[name] = grad.detach().float().cpu().clone()
+
+    def write() -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(grads, str(folder / f"grads-step-{step:06d}.safetensors"))
+
+    dist.rank0_call(write)
+
+
+def provenance(cfg: RunConfig, te: TrainEngine, identity: dict, fingerprint: str, step: int, world: int,
+               complete: bool) -> dict:
+    """What the adapter records about how it was made (merge and the pipeline read it)."""
+    train = config_to_dict(cfg.train)
+    return {
+        "train_model": cfg.train.train_model,
+        "model_identity": identity,
+        "base_model": model_identity(cfg.base_model) if cfg.train.train_model == "instruct" else identity,
+        "instruct_model": model_identity(cfg.instruct_model) if cfg.instruct_model else None,
+        "prepared_fingerprint": fingerprint,
+        "weighting": {key: train[key] for key in ("weighting", "gamma", "prob_floor", "weight_min", "weight_max",
+                                                  "eos_weight", "normalizer", "normalize_over")},
+        "lora": train["lora"],
+        "steps": step,
+        "world_size": world,
+        "global_batch_size": cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world,
+        "complete": complete,
+    }
+
+
+def save_checkpoint(te: TrainEngine, checkpoints: Checkpoints, record: CheckpointRecord, step: int,
+                    cfg: RunConfig) -> Path:
+    from dataclasses import replace
+
+    at_step = replace(record, step=step)
+    return checkpoints.save(
+        te.engine, te.peft_model, te.peft_config, at_step,
+        provenance(cfg, te, record.model_identity, record.prepared_fingerprint, step, record.world_size,
+                   complete=False),
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from gift_dist.cli import add_config_arguments
+
+    add_config_arguments(parser)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in <output_dir>/checkpoints (an error if none)")
+    group.add_argument("--resume-if-exists", action="store_true",
+                       help="continue from the latest checkpoint when there is one, else start fresh")
+    parser.add_argument("--dump-grads", metavar="DIR",
+                        help="debugging: save each step's full LoRA gradients to DIR as safetensors")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gift_dist.cli import config_from_args
+
+    result = train(config_from_args(args), resume=args.resume, resume_if_exists=args.resume_if_exists,
+                   grad_dump_dir=args.dump_grads)
+    if result.preempted:
+        if dist.is_rank0():
+            print(f"gift-dist train: PREEMPTED at step {result.steps}/{result.total_steps}; checkpoint "
+                  f"{result.checkpoint}; rerun with --resume to continue")
+        return PREEMPTED_EXIT_CODE
+    if dist.is_rank0():
+        print(f"gift-dist train: done, {result.steps} steps, final loss {result.final_loss:.4f}, adapter "
+              f"{result.adapter}")
+    return 0
