@@ -22,8 +22,6 @@ from gift_dist.config import ConfigError, RunConfig, TrainConfig
 log = logging.getLogger(__name__)
 
 REPO_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
-# run-config lr_scheduler -> DeepSpeed scheduler type, used when the ds_config leaves the scheduler on "auto".
-SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
 
 
 def on_gpu() -> bool:
@@ -104,23 +102,36 @@ def build_ds_config(train: TrainConfig, ds_config: str, world: int, total_steps:
 
 
 def _fill_scheduler(config: dict, train: TrainConfig, total_steps: int, conflicts: list[str]) -> None:
-    scheduler = config.setdefault("scheduler", {"type": "auto", "params": {}})
+    """An "auto" scheduler becomes the run config's schedule (see ``lr_schedule``); an explicit DeepSpeed
+    scheduler keeps its type and gets its "auto" parameters filled."""
+    scheduler = config.get("scheduler", {"type": "auto"})
     if scheduler.get("type", "auto") == "auto":
-        scheduler["type"] = SCHEDULERS[train.lr_scheduler]
+        config.pop("scheduler", None)
+        return
     params = scheduler.setdefault("params", {})
-    warmup = max(train.warmup_steps, 0)
-    _fill(params, "warmup_num_steps", warmup, "scheduler.params.warmup_num_steps", conflicts)
-    params.setdefault("warmup_type", "linear")
-    if scheduler["type"] == "WarmupCosineLR":
-        _fill(params, "total_num_steps", max(total_steps, warmup + 1), "scheduler.params.total_num_steps", conflicts)
-        params.setdefault("cos_min_ratio", 0.0)
-        params.setdefault("warmup_min_ratio", 0.0)
-    elif scheduler["type"] in ("WarmupDecayLR", "WarmupLR"):
-        if scheduler["type"] == "WarmupDecayLR":
-            _fill(params, "total_num_steps", max(total_steps, warmup + 1), "scheduler.params.total_num_steps",
-                  conflicts)
+    # DeepSpeed's warmup schedulers refuse 0 warmup steps.
+    _fill(params, "warmup_num_steps", max(train.warmup_steps, 1), "scheduler.params.warmup_num_steps", conflicts)
+    if scheduler["type"] in ("WarmupCosineLR", "WarmupDecayLR"):
+        _fill(params, "total_num_steps", max(total_steps, 2), "scheduler.params.total_num_steps", conflicts)
+    if scheduler["type"] in ("WarmupDecayLR", "WarmupLR"):
         _fill(params, "warmup_max_lr", train.learning_rate, "scheduler.params.warmup_max_lr", conflicts)
-        params.setdefault("warmup_min_lr", 0.0)
+
+
+def lr_schedule(train: TrainConfig, total_steps: int):
+    """The run config's LR schedule (warmup, then cosine/linear/constant), for DeepSpeed to step and checkpoint.
+
+    Used instead of DeepSpeed's Warmup* schedulers because those start at lr 0 for the first two steps even
+    with no warmup; transformers' schedules give step 1 the configured learning rate when warmup_steps=0.
+    """
+    from transformers import get_scheduler
+
+    names = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+    def build(optimizer):
+        return get_scheduler(names[train.lr_scheduler], optimizer, num_warmup_steps=max(train.warmup_steps, 0),
+                             num_training_steps=max(total_steps, 1))
+
+    return build
 
 
 def _walk(node: Any, prefix: str = ""):
@@ -206,7 +217,9 @@ def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
     )
     peft_model = get_peft_model(model, peft_config)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=peft_model, model_parameters=trainable, config=ds_config)
+    schedule = None if "scheduler" in ds_config else lr_schedule(cfg.train, total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=peft_model, model_parameters=trainable, config=ds_config,
+                                           lr_scheduler=schedule)
     engine.train()
     causal_lm = peft_model.get_base_model()
     return TrainEngine(
