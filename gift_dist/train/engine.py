@@ -150,7 +150,7 @@ def training_model_path(cfg: RunConfig) -> str:
 def resolve_target_modules(model: torch.nn.Module, wanted: list[str]) -> list[str]:
     """Keep the configured LoRA targets that name linear layers of the model; none matching is an error."""
     linear_names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                           if isinstance(module, torch.nn.Linear) and "." in name})
+                           if isinstance(module, torch.nn.Linear)})
     present = [name for name in wanted if name in linear_names]
     missing = [name for name in wanted if name not in linear_names]
     if not present:

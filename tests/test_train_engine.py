@@ -1,0 +1,160 @@
+"""Single-process tests of the training engine pieces: DeepSpeed config, LoRA targets, checkpoints, metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gift_dist.config import ConfigError, load_config
+from gift_dist.contracts import ContractError
+from gift_dist.train.checkpoint import LATEST_NAME, RECORD_NAME, CheckpointRecord, Checkpoints, tag_for
+from gift_dist.train.engine import build_ds_config, resolve_ds_config, resolve_target_modules
+from gift_dist.train.metrics import CURVE_NAME, METRICS_NAME, MetricsLogger, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _train_cfg(**overrides):
+    return load_config(None, [f"train.{k}={v}" for k, v in overrides.items()]).train
+
+
+@pytest.mark.parametrize("name", ["zero3", "zero3_offload", "zero3_nvme", "zero3.json"])
+def test_shipped_ds_configs_resolve_and_fill(name):
+    path = resolve_ds_config(name)
+    assert path.is_file() and path.parent.name == "ds_configs"
+    train = _train_cfg(micro_batch_size=3, gradient_accumulation_steps=5, learning_rate=1e-3, max_grad_norm=0.5,
+                       weight_decay=0.1)
+    config = build_ds_config(train, name, world=4, total_steps=100)
+    assert config["train_micro_batch_size_per_gpu"] == 3
+    assert config["gradient_accumulation_steps"] == 5
+    assert config["train_batch_size"] == 3 * 5 * 4
+    assert config["gradient_clipping"] == 0.5
+    assert config["optimizer"]["params"]["lr"] == 1e-3
+    assert config["optimizer"]["params"]["weight_decay"] == 0.1
+    assert config["bf16"]["enabled"] is torch.cuda.is_available()
+    assert config["zero_optimization"]["stage"] == 3
+    assert "auto" not in json.dumps(config)
+
+
+def test_ds_config_by_path_and_unknown_name(tmp_path):
+    own = tmp_path / "mine.json"
+    own.write_text((REPO / "ds_configs" / "zero3.json").read_text())
+    assert resolve_ds_config(str(own)) == own
+    with pytest.raises(ConfigError, match=r"zero3_nope.*shipped: \[.*'zero3'.*'zero3_nvme'.*'zero3_offload'"):
+        resolve_ds_config("zero3_nope")
+
+
+def test_ds_config_contradicting_batch_sizes_names_the_numbers(tmp_path):
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config["train_micro_batch_size_per_gpu"] = 8
+    config["train_batch_size"] = 64
+    path = tmp_path / "fixed.json"
+    path.write_text(json.dumps(config))
+    train = _train_cfg(micro_batch_size=4, gradient_accumulation_steps=2)
+    with pytest.raises(ConfigError) as info:
+        build_ds_config(train, str(path), world=2, total_steps=10)
+    message = str(info.value)
+    assert "train_micro_batch_size_per_gpu=8 but the run config gives 4" in message
+    assert "train_batch_size (micro x GA x 2 ranks)=64 but the run config gives 16" in message
+
+
+def test_ds_config_must_be_zero3(tmp_path):
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config["zero_optimization"]["stage"] = 2
+    path = tmp_path / "z2.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="ZeRO stage 2"):
+        build_ds_config(_train_cfg(), str(path), world=1, total_steps=10)
+
+
+def test_explicit_deepspeed_scheduler_gets_its_auto_values(tmp_path):
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config["scheduler"] = {"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto", "total_num_steps": "auto",
+                                                               "warmup_max_lr": "auto"}}
+    path = tmp_path / "sched.json"
+    path.write_text(json.dumps(config))
+    filled = build_ds_config(_train_cfg(warmup_steps=3, learning_rate=5e-4), str(path), world=1, total_steps=40)
+    assert filled["scheduler"]["params"] == {"warmup_num_steps": 3, "total_num_steps": 40, "warmup_max_lr": 5e-4}
+
+
+def test_lora_targets_matching_nothing_list_the_linear_layers():
+    from transformers import AutoModelForCausalLM
+
+    from gift_dist.models.tiny import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=384))
+    assert resolve_target_modules(model, ["q_proj", "not_a_layer"]) == ["q_proj"]
+    with pytest.raises(ConfigError) as info:
+        resolve_target_modules(model, ["query_key_value", "dense"])
+    message = str(info.value)
+    assert "match no linear layer" in message
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"):
+        assert name in message
+
+
+def _record(step=4, world=2, gbs=8, model_hash="h1", fingerprint="fp1", train_model="base"):
+    return CheckpointRecord(step=step, world_size=world, global_batch_size=gbs,
+                            model_identity={"name": "m", "hash": model_hash}, prepared_fingerprint=fingerprint,
+                            train_model=train_model)
+
+
+def _fake_checkpoint(root: Path, record: CheckpointRecord) -> None:
+    from dataclasses import asdict
+
+    folder = root / tag_for(record.step)
+    folder.mkdir(parents=True)
+    (folder / RECORD_NAME).write_text(json.dumps(asdict(record)))
+    (root / LATEST_NAME).write_text(tag_for(record.step) + "\n")
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    checkpoints = Checkpoints(tmp_path / "checkpoints", keep=2)
+    assert checkpoints.latest() is None
+    with pytest.raises(ContractError, match=r"no checkpoint in .*checkpoints.*--resume-if-exists"):
+        checkpoints.resume(engine=None, peft_model=None, expected=_record())
+
+
+@pytest.mark.parametrize("expected, pattern", [
+    (_record(model_hash="other"), r"trained on m \(hash h1\), this run trains m \(hash other\)"),
+    (_record(fingerprint="fp2"), r"prepared data fp1, this run's prepared data is fp2"),
+    (_record(train_model="instruct"), r"trains the base model, this run the instruct model"),
+    (_record(world=4, gbs=16), r"global batch of 8 samples \(2 ranks\); this run has 16 \(4 ranks\)"),
+])
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, expected, pattern):
+    root = tmp_path / "checkpoints"
+    _fake_checkpoint(root, _record())
+    with pytest.raises(ContractError, match=pattern):
+        Checkpoints(root, keep=2).resume(engine=None, peft_model=None, expected=expected)
+
+
+def test_latest_pointing_at_a_missing_checkpoint_is_an_error(tmp_path):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / LATEST_NAME).write_text("step-00000007\n")
+    with pytest.raises(ContractError, match="step-00000007.*gift_checkpoint.json is missing"):
+        Checkpoints(root, keep=2).latest()
+
+
+def test_metrics_jsonl_curve_and_resume_truncation(tmp_path):
+    logger = MetricsLogger(tmp_path, total_steps=4, start_step=0, enabled=True, progress=False)
+    for step in range(1, 5):
+        logger.log(step, {"loss": 2.0 / step, "ce": 2.5 / step, "lr": 1e-3, "tokens_per_second": 10.0})
+    assert logger.close() == tmp_path / CURVE_NAME
+    assert (tmp_path / CURVE_NAME).stat().st_size > 0
+    assert [row["step"] for row in read_metrics(tmp_path / METRICS_NAME)] == [1, 2, 3, 4]
+    # A run resumed from step 2 replaces steps 3..4 instead of appending a second copy.
+    resumed = MetricsLogger(tmp_path, total_steps=4, start_step=2, enabled=True, progress=False)
+    resumed.log(3, {"loss": 0.1})
+    resumed.close()
+    rows = read_metrics(tmp_path / METRICS_NAME)
+    assert [row["step"] for row in rows] == [1, 2, 3] and rows[-1]["loss"] == 0.1
+
+
+def test_metrics_disabled_on_other_ranks(tmp_path):
+    logger = MetricsLogger(tmp_path, total_steps=2, start_step=0, enabled=False)
+    logger.log(1, {"loss": 1.0})
+    assert logger.close() is None
+    assert not (tmp_path / METRICS_NAME).exists()
