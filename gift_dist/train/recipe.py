@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ import torch
 
 from gift_dist import dist
 from gift_dist.config import RunConfig, config_to_dict
+from gift_dist.contracts import ContractError
 from gift_dist.contracts.prepared import load_prepared
 from gift_dist.models.checkpoint import model_identity
 from gift_dist.train import adapter_io, weighting
@@ -86,6 +89,7 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
           grad_dump_dir: Optional[str | Path] = None) -> TrainResult:
     """Train the LoRA and write the adapter; ``grad_dump_dir`` saves each step's full LoRA gradients (debugging)."""
     weighting.validate(cfg.train)
+    set_single_process_env()
     dist.init(use_deepspeed=True)
     rank, world = dist.rank(), dist.world_size()
     prepared = load_prepared(cfg.paths.prepared)
@@ -135,6 +139,18 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
                                       provenance(cfg, te, identity, fingerprint, step, world, complete=True))
     log.info("wrote adapter %s after %d steps", adapter, step)
     return TrainResult(Path(adapter), step, batches.total_steps, final_loss, False, checkpoint)
+
+
+def set_single_process_env() -> None:
+    """Started without a launcher: describe a one-rank job, as torchrun would, so DeepSpeed can initialise."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(key, value)
 
 
 def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch], world: int,
@@ -190,7 +206,10 @@ def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch],
 
 def batch_weights(train, mb: MicroBatch) -> torch.Tensor:
     """The constant per-token weights of a micro-batch (everything but DFT, whose weights need the forward)."""
-    return weighting.token_weights(train, mb.inst_logprobs, None, mb.is_eos, mb.sample_lengths)
+    try:
+        return weighting.token_weights(train, mb.inst_logprobs, None, mb.is_eos, mb.sample_lengths)
+    except ValueError as exc:
+        raise ContractError(f"invalid token weights for samples {mb.sample_indices}: {exc}") from exc
 
 
 def dump_gradients(te: TrainEngine, folder: Path, step: int) -> None:

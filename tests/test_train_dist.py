@@ -1,0 +1,313 @@
+"""End-to-end tests of `gift-dist train`: ZeRO-3 on CPU with gloo, 1 and 2 ranks launched with torchrun.
+
+One reference run (2 ranks, streaming confidence from a slow writer) is shared by the streaming, adapter and
+resume tests; the bad-input tests run the recipe in-process on one rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from gift_dist.config import RunConfig, dump_config, load_config
+from gift_dist.contracts import ContractError
+from gift_dist.contracts import confidence as conf
+from gift_dist.contracts.adapter import read_adapter
+from gift_dist.contracts.prepared import Prepared, load_prepared
+from gift_dist.models.checkpoint import model_identity
+from gift_dist.train.checkpoint import LATEST_NAME, RECORD_NAME, tag_for
+from gift_dist.train.metrics import METRICS_NAME, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES_PER_SHARD = 8
+STEPS = 8
+SAVE_EVERY = 4
+LAUNCH_TIMEOUT = 240
+
+
+@dataclass
+class Setup:
+    pair: object
+    prepared_dir: Path
+    prepared: Prepared
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Setup:
+    """A tiny pair (few pre-training steps: quality is irrelevant here) and a 64-sample prepared dataset."""
+    from gift_dist.bundled import bundled_data_path, read_jsonl, write_jsonl
+    from gift_dist.models.tiny import build_tiny_pair
+    from gift_dist.prepare.stage import prepare
+
+    root = tmp_path_factory.mktemp("train_dist")
+    pair = build_tiny_pair(root / "pair", arch="llama", seed=0, base_steps=2, instruct_steps=2)
+    data = write_jsonl(read_jsonl(bundled_data_path())[:64], root / "data.jsonl")
+    cfg = load_config(None, [f"base_model={pair.base}", f"instruct_model={pair.instruct}",
+                             f"output_dir={root / 'prep'}", "prepare.max_length=128",
+                             f"prepare.samples_per_shard={SAMPLES_PER_SHARD}"])
+    cfg.data.files = [str(data)]
+    prepare(cfg)
+    return Setup(pair, cfg.paths.prepared, load_prepared(cfg.paths.prepared))
+
+
+def run_config(setup: Setup, out: Path, confidence: Path | None = None, **train) -> RunConfig:
+    """A run folder whose prepared/ (and confidence/) link to the shared ones."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prepared").symlink_to(setup.prepared_dir, target_is_directory=True)
+    if confidence is not None:
+        (out / "confidence").symlink_to(confidence, target_is_directory=True)
+    settings = {"micro_batch_size": 2, "gradient_accumulation_steps": 1, "max_steps": STEPS,
+                "save_every_steps": 1000, "learning_rate": 1e-2, "warmup_steps": 0, "lora.r": 4, "lora.alpha": 8,
+                "lora.dropout": 0.0, "confidence_poll_seconds": 0.2, "confidence_wait_seconds": 120,
+                "progress": False, "gradient_checkpointing": True, **train}
+    return load_config(None, [f"base_model={setup.pair.base}", f"instruct_model={setup.pair.instruct}",
+                              f"output_dir={out}", *[f"train.{k}={v}" for k, v in settings.items()]])
+
+
+def confidence_manifest(setup: Setup, fingerprint: str | None = None) -> conf.ConfidenceManifest:
+    return conf.ConfidenceManifest(
+        prepared_fingerprint=fingerprint or setup.prepared.manifest.fingerprint,
+        instruct_model=model_identity(str(setup.pair.instruct)), logprob_dtype="float32",
+        num_shards=len(setup.prepared.manifest.shards))
+
+
+def shard_tensors(setup: Setup, index: int, extra_token_for: int | None = None):
+    """Valid (<= 0) pseudo-random logprobs for the samples of shard ``index``, deterministic per shard."""
+    spec = setup.prepared.manifest.shards[index]
+    counts = list(setup.prepared.dataset.select(range(spec.start, spec.end))["num_target_tokens"])
+    if extra_token_for is not None:
+        counts[extra_token_for - spec.start] += 1
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64)
+    generator = torch.Generator().manual_seed(1000 + index)
+    logprobs = -3.0 * torch.rand(int(offsets[-1]), generator=generator)
+    return torch.arange(spec.start, spec.end, dtype=torch.int64), offsets, logprobs
+
+
+def write_confidence(setup: Setup, conf_dir: Path, shards=None, fingerprint: str | None = None) -> None:
+    manifest = conf.init_manifest(conf_dir, confidence_manifest(setup, fingerprint))
+    for index in range(manifest.num_shards) if shards is None else shards:
+        conf.write_shard(conf_dir, manifest, index, *shard_tensors(setup, index))
+
+
+def launch(cfg: RunConfig, procs: int, *extra: str, wait: bool = True):
+    """`torchrun --nproc_per_node procs -m gift_dist.cli train` in its own process group (like a real job)."""
+    config_file = Path(cfg.output_dir) / f"run-{time.monotonic_ns()}.yaml"
+    dump_config(cfg, config_file)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+           "-m", "gift_dist.cli", "train", "--config", str(config_file), *extra]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    if not wait:
+        return proc
+    output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, output[-6000:]
+    return output
+
+
+def losses(cfg: RunConfig) -> list[float]:
+    return [row["loss"] for row in read_metrics(cfg.paths.logs / METRICS_NAME)]
+
+
+def grads(dump: Path, step: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(dump / f"grads-step-{step:06d}.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    """2 ranks x GA 1, `gift` weighting, trained while a slow writer is still producing the confidence shards."""
+    root = tmp_path_factory.mktemp("reference")
+    conf_dir = root / "confidence"
+    cfg = run_config(setup, root / "run", confidence=conf_dir, save_every_steps=SAVE_EVERY)
+    conf.init_manifest(conf_dir, confidence_manifest(setup))
+    observed = {}
+
+    def slow_scorer():
+        manifest = conf.read_manifest(conf_dir)
+        conf.write_shard(conf_dir, manifest, 0, *shard_tensors(setup, 0))
+        metrics = cfg.paths.logs / METRICS_NAME
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while not read_metrics(metrics) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        observed["finished_shards_when_training_started"] = len(conf.read_manifest(conf_dir).shards)
+        for index in range(1, manifest.num_shards):
+            time.sleep(0.3)
+            conf.write_shard(conf_dir, manifest, index, *shard_tensors(setup, index))
+
+    writer = threading.Thread(target=slow_scorer, daemon=True)
+    writer.start()
+    output = launch(cfg, 2, "--dump-grads", str(root / "grads"))
+    writer.join(timeout=60)
+    return cfg, root / "grads", observed, output
+
+
+def test_training_streams_shards_while_the_scorer_writes(reference, setup):
+    cfg, _, observed, output = reference
+    assert observed["finished_shards_when_training_started"] == 1
+    rows = read_metrics(cfg.paths.logs / METRICS_NAME)
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    assert all(torch.isfinite(torch.tensor(row["loss"])) and row["grad_norm"] is not None for row in rows)
+    assert rows[0]["mean_weight"] < 1.0  # gift weights p_inst <= 1, unlike uniform
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert (cfg.paths.logs / "train_loss.png").is_file()
+    assert "done, 8 steps" in output
+
+
+@pytest.mark.parametrize("weighting", ["gift", "uniform"])
+def test_two_ranks_equal_one_rank_with_grad_accumulation(reference, setup, tmp_path, weighting):
+    """Same global batch (4 samples): 2 ranks x GA 1 and 1 rank x GA 2 give the same loss and LoRA gradients."""
+    if weighting == "gift":
+        two_cfg, two_dump = reference[0], reference[1]
+        conf_dir = Path(os.path.realpath(two_cfg.paths.confidence))
+    else:
+        conf_dir = None
+        two_cfg = run_config(setup, tmp_path / "two", weighting=weighting, max_steps=1)
+        two_dump = tmp_path / "two-grads"
+        launch(two_cfg, 2, "--dump-grads", str(two_dump))
+    one_cfg = run_config(setup, tmp_path / "one", confidence=conf_dir, weighting=weighting, max_steps=1,
+                         gradient_accumulation_steps=2)
+    launch(one_cfg, 1, "--dump-grads", str(tmp_path / "one-grads"))
+    assert losses(one_cfg)[0] == pytest.approx(losses(two_cfg)[0], rel=1e-5)
+    two_grads, one_grads = grads(two_dump, 1), grads(tmp_path / "one-grads", 1)
+    assert two_grads.keys() == one_grads.keys() and len(one_grads) == 2 * 7 * 2
+    assert any(g.abs().max() > 0 for g in one_grads.values())
+    for name, grad in one_grads.items():
+        torch.testing.assert_close(grad, two_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_adapter_equals_deepspeed_consolidation_and_loads_with_peft(reference, setup):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = reference[0]
+    adapter = read_adapter(cfg.paths.adapter)
+    assert adapter.provenance["complete"] is True
+    assert adapter.provenance["steps"] == STEPS and adapter.provenance["world_size"] == 2
+    assert adapter.provenance["prepared_fingerprint"] == setup.prepared.manifest.fingerprint
+    assert adapter.provenance["weighting"]["weighting"] == "gift"
+    final_tag = tag_for(STEPS)
+    assert (cfg.paths.checkpoints / LATEST_NAME).read_text().strip() == final_tag
+    assert sorted(p.name for p in cfg.paths.checkpoints.glob("step-*")) == [tag_for(SAVE_EVERY), final_tag]
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(cfg.paths.checkpoints), tag=final_tag)
+    lora = {name.replace(".default.", "."): t for name, t in consolidated.items() if ".lora_" in name}
+    assert lora.keys() == adapter.tensors.keys()
+    for name, tensor in adapter.tensors.items():
+        torch.testing.assert_close(tensor, lora[name].float(), rtol=0, atol=0, msg=name)
+    assert any(t.abs().max() > 0 for n, t in adapter.tensors.items() if "lora_B" in n)  # it trained
+    in_checkpoint = read_adapter(cfg.paths.checkpoints / final_tag / "adapter")
+    for name, tensor in adapter.tensors.items():
+        assert torch.equal(tensor, in_checkpoint.tensors[name])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup.pair.base), cfg.paths.adapter)
+    loaded = {n.replace(".default.", "."): p for n, p in model.named_parameters() if ".lora_" in n}
+    for name, tensor in adapter.tensors.items():
+        assert torch.equal(loaded[name].detach(), tensor)
+
+
+def test_sigterm_saves_and_resume_reproduces_the_loss_curve(reference, setup, tmp_path):
+    conf_dir = Path(os.path.realpath(reference[0].paths.confidence))
+    cfg = run_config(setup, tmp_path / "run", confidence=conf_dir, save_every_steps=SAVE_EVERY)
+    proc = launch(cfg, 2, wait=False)
+    metrics = cfg.paths.logs / METRICS_NAME
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while not read_metrics(metrics) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)  # like a cloud preemption: every process of the job is signalled
+    output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    stopped_at = read_metrics(metrics)[-1]["step"]
+    assert stopped_at < STEPS, "the run finished before the signal arrived"
+    assert f"PREEMPTED at step {stopped_at}/{STEPS}" in output
+    assert (cfg.paths.checkpoints / LATEST_NAME).read_text().strip() == tag_for(stopped_at)
+    record = json.loads((cfg.paths.checkpoints / tag_for(stopped_at) / RECORD_NAME).read_text())
+    assert record["step"] == stopped_at and record["world_size"] == 2
+    assert not read_adapter(cfg.paths.checkpoints / tag_for(stopped_at) / "adapter").provenance["complete"]
+    assert not cfg.paths.adapter.exists()
+
+    launch(cfg, 2, "--resume")
+    resumed, uninterrupted = losses(cfg), losses(reference[0])
+    assert len(resumed) == STEPS
+    assert resumed == pytest.approx(uninterrupted, rel=1e-5)
+
+
+# ---- bad input: the recipe in-process on one rank, errors must be clean ContractErrors naming the culprit ----
+
+@pytest.fixture
+def single_rank(monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_confidence_of_another_prepared_dataset_is_refused(setup, tmp_path, single_rank, capsys):
+    from gift_dist.cli import main
+
+    conf_dir = tmp_path / "confidence"
+    write_confidence(setup, conf_dir, shards=[0], fingerprint="0123456789abcdef")
+    cfg = run_config(setup, tmp_path / "run", confidence=conf_dir, max_steps=1)
+    config_file = tmp_path / "run.yaml"
+    dump_config(cfg, config_file)
+    assert main(["train", "--config", str(config_file)]) == 2
+    error = capsys.readouterr().err
+    assert "0123456789abcdef" in error and setup.prepared.manifest.fingerprint in error
+
+
+def test_missing_shard_after_the_wait_is_an_error_naming_it(setup, tmp_path, single_rank):
+    from gift_dist.train.recipe import train
+
+    conf_dir = tmp_path / "confidence"
+    write_confidence(setup, conf_dir, shards=[])
+    cfg = run_config(setup, tmp_path / "run", confidence=conf_dir, max_steps=1, confidence_wait_seconds=1)
+    with pytest.raises(ContractError, match="shard 0"):
+        train(cfg)
+
+
+def test_logprob_count_not_matching_the_targets_is_an_error(setup, tmp_path, single_rank):
+    from gift_dist.train.recipe import train
+
+    conf_dir = tmp_path / "confidence"
+    manifest = conf.init_manifest(conf_dir, confidence_manifest(setup))
+    conf.write_shard(conf_dir, manifest, 0, *shard_tensors(setup, 0, extra_token_for=3))
+    cfg = run_config(setup, tmp_path / "run", confidence=conf_dir, max_steps=1)
+    want = setup.prepared.dataset[3]["num_target_tokens"]
+    with pytest.raises(ContractError, match=f"sample 3 has {want + 1} logprobs but {want} target tokens"):
+        train(cfg)
+
+
+def test_non_finite_confidence_is_an_error_naming_the_sample(setup, tmp_path, single_rank):
+    """A shard that bypassed the writer's checks (NaN logprob for sample 5) must not reach the loss."""
+    from safetensors.torch import save_file
+
+    from gift_dist.train.recipe import train
+
+    conf_dir = tmp_path / "confidence"
+    manifest = conf.init_manifest(conf_dir, confidence_manifest(setup))
+    sample_index, offsets, logprobs = shard_tensors(setup, 0)
+    logprobs[int(offsets[5]) + 1] = float("nan")
+    path = conf_dir / conf.shard_filename(0)
+    save_file({"sample_index": sample_index, "offsets": offsets, "logprobs": logprobs}, str(path), metadata={
+        "format": conf.FORMAT, "version": str(conf.VERSION), "prepared_fingerprint": manifest.prepared_fingerprint,
+        "instruct_model": manifest.instruct_model["name"], "instruct_model_hash": manifest.instruct_model["hash"],
+        "dtype": "float32", "shard_index": "0"})
+    manifest.shards[0] = conf.ShardRecord(0, path.name, conf._sha256(path), int(sample_index.numel()),
+                                          int(logprobs.numel()))
+    (conf_dir / conf.MANIFEST_NAME).write_text(json.dumps(manifest.to_json()))
+    cfg = run_config(setup, tmp_path / "run", confidence=conf_dir, max_steps=1)
+    with pytest.raises(ContractError, match="non-finite logprob for sample 5"):
+        train(cfg)
