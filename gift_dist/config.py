@@ -120,6 +120,9 @@ class TrainConfig:
     confidence_wait_seconds: float = 3600.0
     confidence_poll_seconds: float = 5.0
     progress: bool = True
+    # Seeds the LoRA initialisation (identical on every rank), the per-step dropout masks (so a resumed run
+    # repeats them) and the data order of epochs after the first.
+    seed: int = 42
 
 
 @dataclass

@@ -204,7 +204,9 @@ def test_adapter_equals_deepspeed_consolidation_and_loads_with_peft(reference, s
     assert (cfg.paths.checkpoints / LATEST_NAME).read_text().strip() == final_tag
     assert sorted(p.name for p in cfg.paths.checkpoints.glob("step-*")) == [tag_for(SAVE_EVERY), final_tag]
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(cfg.paths.checkpoints), tag=final_tag)
-    lora = {name.replace(".default.", "."): t for name, t in consolidated.items() if ".lora_" in name}
+    # The engine runs a loss wrapper around the peft model, hence the "peft_model." prefix.
+    lora = {name.removeprefix("peft_model.").replace(".default.", "."): t
+            for name, t in consolidated.items() if ".lora_" in name}
     assert lora.keys() == adapter.tensors.keys()
     for name, tensor in adapter.tensors.items():
         torch.testing.assert_close(tensor, lora[name].float(), rtol=0, atol=0, msg=name)

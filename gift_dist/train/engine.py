@@ -164,24 +164,55 @@ def resolve_target_modules(model: torch.nn.Module, wanted: list[str]) -> list[st
     return present
 
 
+class TargetTokenCE(torch.nn.Module):
+    """The module the DeepSpeed engine runs: decoder -> last hidden states -> chunked CE through the lm_head.
+
+    Going through ``engine(...)`` (not the submodules directly) matters: DeepSpeed's forward advances its
+    gradient-accumulation bookkeeping, without which ZeRO-3 overwrites instead of accumulating micro-batch
+    gradients. The lm_head is called as a module so ZeRO-3 gathers its partitioned weight in its hooks, and
+    full-vocabulary logits are never materialised for the whole sequence.
+    """
+
+    def __init__(self, peft_model: torch.nn.Module, chunk_tokens: int):
+        super().__init__()
+        self.peft_model = peft_model
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        from gift_dist.train.loss import target_token_ce
+
+        causal_lm = self.peft_model.get_base_model()
+        hidden = causal_lm.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+        return target_token_ce(hidden, causal_lm.get_output_embeddings(), labels, self.chunk_tokens)
+
+
 @dataclass
 class TrainEngine:
-    """The DeepSpeed engine and what the recipe needs beside it."""
+    """The DeepSpeed engine (running ``TargetTokenCE``) and what the recipe needs beside it."""
 
-    engine: Any  # deepspeed.DeepSpeedEngine wrapping the peft model
+    engine: Any  # deepspeed.DeepSpeedEngine
     peft_config: Any
     ds_config: dict
-    decoder: torch.nn.Module  # the transformer body: input ids -> last hidden states
-    lm_head: torch.nn.Module  # called as a module, so ZeRO-3 gathers its weight in the forward hook
     model_path: str
 
     @property
     def peft_model(self) -> torch.nn.Module:
-        return self.engine.module
+        return self.engine.module.peft_model
 
     @property
     def lora_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(name, p) for name, p in self.peft_model.named_parameters() if p.requires_grad]
+
+    def target_token_ce(self, input_ids, labels, position_ids, attention_mask=None) -> torch.Tensor:
+        """CE of every target token of a micro-batch ([N], row-major), on the engine's device."""
+        device = self.engine.device
+        return self.engine(
+            input_ids=input_ids.to(device), labels=labels.to(device), position_ids=position_ids.to(device),
+            attention_mask=None if attention_mask is None else attention_mask.to(device),
+        )
 
 
 def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
@@ -215,21 +246,15 @@ def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
         bias="none",
         task_type="CAUSAL_LM",
     )
+    # Every rank must draw the same LoRA initialisation: ZeRO-3 keeps each rank's slice of its own draw.
+    torch.manual_seed(cfg.train.seed)
     peft_model = get_peft_model(model, peft_config)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     schedule = None if "scheduler" in ds_config else lr_schedule(cfg.train, total_steps)
-    engine, _, _, _ = deepspeed.initialize(model=peft_model, model_parameters=trainable, config=ds_config,
-                                           lr_scheduler=schedule)
+    engine, _, _, _ = deepspeed.initialize(model=TargetTokenCE(peft_model, cfg.train.ce_chunk_tokens),
+                                           model_parameters=trainable, config=ds_config, lr_scheduler=schedule)
     engine.train()
-    causal_lm = peft_model.get_base_model()
-    return TrainEngine(
-        engine=engine,
-        peft_config=peft_config,
-        ds_config=ds_config,
-        decoder=causal_lm.get_decoder(),
-        lm_head=causal_lm.get_output_embeddings(),
-        model_path=model_path,
-    )
+    return TrainEngine(engine=engine, peft_config=peft_config, ds_config=ds_config, model_path=model_path)
 
 
 def learning_rate(engine: Any) -> float:

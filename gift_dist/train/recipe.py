@@ -36,7 +36,7 @@ from gift_dist.train import adapter_io, weighting
 from gift_dist.train.checkpoint import CheckpointRecord, Checkpoints
 from gift_dist.train.data import ConfidenceReader, MicroBatch, TrainBatches
 from gift_dist.train.engine import TrainEngine, build_engine, grad_norm, learning_rate
-from gift_dist.train.loss import micro_batch_loss, normalizer_local, target_token_ce, weighted_ce_sum
+from gift_dist.train.loss import micro_batch_loss, normalizer_local, weighted_ce_sum
 from gift_dist.train.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
         confidence = ConfidenceReader(cfg.paths.confidence, prepared, cfg.train.confidence_wait_seconds,
                                       cfg.train.confidence_poll_seconds,
                                       instruct_identity=model_identity(cfg.instruct_model))
-    batches = TrainBatches(prepared, cfg.train, rank, world, confidence, seed=cfg.prepare.seed)
+    batches = TrainBatches(prepared, cfg.train, rank, world, confidence, seed=cfg.train.seed)
     te = build_engine(cfg, world, batches.total_steps)
     identity = model_identity(te.model_path)
     record = CheckpointRecord(
@@ -158,6 +158,8 @@ def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch],
     """One optimizer step over this rank's micro-batches; returns the step's metrics (summed over ranks)."""
     train = cfg.train
     started = time.monotonic()
+    # Dropout masks depend only on (seed, step, rank), so a resumed run draws the same ones.
+    torch.manual_seed(train.seed + 1_000_003 * step + dist.rank())
     grad_accum = len(micro_batches)
     weights = [None if train.weighting == "dft" else batch_weights(train, mb) for mb in micro_batches]
     global_norm = None
@@ -168,14 +170,8 @@ def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch],
         global_norm = dist.all_reduce_sum(torch.as_tensor(local, dtype=torch.float64).reshape(1)).float()[0]
     # Summed over this rank's micro-batches: loss objective, weighted CE, CE, weights, targets, tokens.
     totals = torch.zeros(6, dtype=torch.float64)
-    device = te.engine.device
     for mb, w in zip(micro_batches, weights):
-        hidden = te.decoder(
-            input_ids=mb.input_ids.to(device),
-            attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(device),
-            position_ids=mb.position_ids.to(device),
-        ).last_hidden_state
-        ce = target_token_ce(hidden, te.lm_head, mb.labels.to(device), train.ce_chunk_tokens)
+        ce = te.target_token_ce(mb.input_ids, mb.labels, mb.position_ids, mb.attention_mask)
         if w is None:
             w = weighting.token_weights(train, None, -ce.detach().float().cpu(), mb.is_eos, mb.sample_lengths)
         w = w.to(ce.device)
@@ -184,9 +180,10 @@ def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch],
         te.engine.backward(loss)
         totals += torch.tensor([loss.item() / (grad_accum * world), weighted.item(), ce.detach().sum().item(),
                                 w.sum().item(), mb.num_target_tokens, mb.num_tokens], dtype=torch.float64)
-    if grad_dump_dir is not None:
-        dump_gradients(te, Path(grad_dump_dir), step)
-    te.engine.step()
+        if grad_dump_dir is not None and te.engine.is_gradient_accumulation_boundary():
+            dump_gradients(te, Path(grad_dump_dir), step)
+        # DeepSpeed counts micro-steps in step(): it only updates the weights at the accumulation boundary.
+        te.engine.step()
     dist.all_reduce_sum(totals)
     seconds = time.monotonic() - started
     objective, weighted, ce_sum, weight_sum, targets, tokens = totals.tolist()
