@@ -322,11 +322,16 @@ def test_refuses_a_sample_whose_labels_disagree_with_its_target_count(tmp_path):
 # ------------------------------------------------------------------------------------------------------ packing
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_micro_batch_gives_the_same_per_token_loss_as_one_by_one(prepared, scored, tiny_llama, attn):
+def test_packed_micro_batch_gives_the_same_per_token_loss_as_one_by_one(prepared, scored, arch, attn):
+    """transformers derives a block-diagonal mask from restarting position ids when attention_mask is None."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama.base, attn_implementation=attn, dtype=torch.float32)
+    from gift_dist.models.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size=320), attn_implementation=attn)
     model.eval()
 
     def per_token_ce(mb):
