@@ -46,3 +46,11 @@ def test_unknown_key_in_file_lists_valid_keys(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_example_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "examples/run.yaml")
+    assert cfg.train.weighting == "gift" and cfg.prepare.max_length == 4096
