@@ -179,14 +179,14 @@ class TargetTokenCE(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None, min_chunks: int = 1) -> torch.Tensor:
         from gift_dist.train.loss import target_token_ce
 
         causal_lm = self.peft_model.get_base_model()
         hidden = causal_lm.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state
-        return target_token_ce(hidden, causal_lm.get_output_embeddings(), labels, self.chunk_tokens)
+        return target_token_ce(hidden, causal_lm.get_output_embeddings(), labels, self.chunk_tokens, min_chunks)
 
 
 @dataclass
@@ -206,13 +206,12 @@ class TrainEngine:
     def lora_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(name, p) for name, p in self.peft_model.named_parameters() if p.requires_grad]
 
-    def target_token_ce(self, input_ids, labels, position_ids, attention_mask=None) -> torch.Tensor:
-        """CE of every target token of a micro-batch ([N], row-major), on the engine's device."""
-        device = self.engine.device
-        return self.engine(
-            input_ids=input_ids.to(device), labels=labels.to(device), position_ids=position_ids.to(device),
-            attention_mask=None if attention_mask is None else attention_mask.to(device),
-        )
+    def target_token_ce(self, batch: Any, min_chunks: int) -> torch.Tensor:
+        """CE of every target token of a ``MicroBatch`` ([N], row-major), in ``min_chunks`` or more lm_head calls
+        (the same number on every rank: each call is a ZeRO-3 all-gather of the lm_head weight)."""
+        batch = batch.to(self.engine.device)
+        return self.engine(input_ids=batch.input_ids, labels=batch.labels, position_ids=batch.position_ids,
+                           attention_mask=batch.attention_mask, min_chunks=min_chunks)
 
 
 def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:

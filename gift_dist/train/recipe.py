@@ -36,7 +36,7 @@ from gift_dist.train import adapter_io, weighting
 from gift_dist.train.checkpoint import CheckpointRecord, Checkpoints
 from gift_dist.train.data import ConfidenceReader, MicroBatch, TrainBatches
 from gift_dist.train.engine import TrainEngine, build_engine, grad_norm, learning_rate
-from gift_dist.train.loss import micro_batch_loss, normalizer_local, weighted_ce_sum
+from gift_dist.train.loss import micro_batch_loss, normalizer_local, num_ce_chunks, weighted_ce_sum
 from gift_dist.train.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,9 @@ def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch],
     # Dropout masks depend only on (seed, step, rank), so a resumed run draws the same ones.
     torch.manual_seed(train.seed + 1_000_003 * step + dist.rank())
     grad_accum = len(micro_batches)
-    weights = [None if train.weighting == "dft" else batch_weights(train, mb) for mb in micro_batches]
+    own_weights = weighting.needs_own_logprobs(train)
+    weights = [None if own_weights else batch_weights(train, mb) for mb in micro_batches]
+    chunks = agreed_ce_chunks(micro_batches, train.ce_chunk_tokens)
     global_norm = None
     if train.normalize_over == "global_batch":
         # Weights are constants, so the normaliser of the whole global batch is known before any forward.
@@ -170,8 +172,8 @@ def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch],
         global_norm = dist.all_reduce_sum(torch.as_tensor(local, dtype=torch.float64).reshape(1)).float()[0]
     # Summed over this rank's micro-batches: loss objective, weighted CE, CE, weights, targets, tokens.
     totals = torch.zeros(6, dtype=torch.float64)
-    for mb, w in zip(micro_batches, weights):
-        ce = te.target_token_ce(mb.input_ids, mb.labels, mb.position_ids, mb.attention_mask)
+    for mb, w, min_chunks in zip(micro_batches, weights, chunks):
+        ce = te.target_token_ce(mb, min_chunks)
         if w is None:
             w = weighting.token_weights(train, None, -ce.detach().float().cpu(), mb.is_eos, mb.sample_lengths)
         w = w.to(ce.device)
@@ -199,6 +201,12 @@ def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch],
         "tokens_per_second": tokens / max(seconds, 1e-9),
         "seconds": seconds,
     }
+
+
+def agreed_ce_chunks(micro_batches: list[MicroBatch], chunk_tokens: int) -> list[int]:
+    """Per micro-batch, the most lm_head chunks any rank needs, so all ranks make the same ZeRO-3 gathers."""
+    mine = [num_ce_chunks(mb.labels, chunk_tokens) for mb in micro_batches]
+    return [max(column) for column in zip(*dist.all_gather_objects(mine))]
 
 
 def batch_weights(train, mb: MicroBatch) -> torch.Tensor:
