@@ -316,3 +316,42 @@ def test_non_finite_confidence_is_an_error_naming_the_sample(setup, tmp_path, si
     cfg = run_config(setup, tmp_path / "run", confidence=conf_dir, max_steps=1)
     with pytest.raises(ContractError, match="non-finite logprob for sample 5"):
         train(cfg)
+
+
+# ---- in-process single-rank runs ----
+
+def test_dft_trains_without_a_confidence_folder(setup, tmp_path, single_rank):
+    from gift_dist.train.recipe import train
+
+    cfg = run_config(setup, tmp_path / "run", weighting="dft", normalizer="token_count", max_steps=2,
+                     micro_batch_size=2, gradient_accumulation_steps=2)
+    result = train(cfg)
+    assert not cfg.paths.confidence.exists()
+    assert result.steps == 2 and not result.preempted
+    rows = read_metrics(cfg.paths.logs / METRICS_NAME)
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(0.0 < row["mean_weight"] < 1.0 for row in rows)  # the model's own p, not 1
+    assert read_adapter(result.adapter).provenance["weighting"]["weighting"] == "dft"
+
+
+def test_resume_on_another_number_of_ranks_loads_the_gathered_lora(reference, setup, tmp_path, single_rank):
+    """The 2-rank reference checkpoint resumed by 1 rank x GA 2 (same global batch): LoRA from its adapter."""
+    import shutil
+
+    from gift_dist.train.recipe import train
+
+    ref = reference[0]
+    cfg = run_config(setup, tmp_path / "run", confidence=Path(os.path.realpath(ref.paths.confidence)),
+                     gradient_accumulation_steps=2, save_every_steps=SAVE_EVERY)
+    shutil.copytree(ref.paths.checkpoints, cfg.paths.checkpoints)
+    result = train(cfg, resume=True)
+    assert result.steps == STEPS
+    resumed, saved = read_adapter(result.adapter), read_adapter(ref.paths.checkpoints / tag_for(STEPS) / "adapter")
+    assert resumed.provenance["world_size"] == 1 and resumed.provenance["complete"]
+    for name, tensor in saved.tensors.items():
+        assert torch.equal(resumed.tensors[name], tensor), name
+
+    other_batch = run_config(setup, tmp_path / "other", confidence=Path(os.path.realpath(ref.paths.confidence)))
+    shutil.copytree(ref.paths.checkpoints, other_batch.paths.checkpoints)
+    with pytest.raises(ContractError, match=r"global batch of 4 samples \(2 ranks\); this run has 2 \(1 ranks\)"):
+        train(other_batch, resume=True)

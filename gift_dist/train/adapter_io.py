@@ -74,6 +74,7 @@ def load_lora_into(peft_model: torch.nn.Module, adapter_dir: str | Path) -> int:
     Used to resume on a different number of ranks, where DeepSpeed's own partitioned checkpoint does not fit.
     Every rank must call it. Returns the number of tensors loaded.
     """
+    import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param
 
     adapter = read_adapter(adapter_dir)
@@ -88,7 +89,15 @@ def load_lora_into(peft_model: torch.nn.Module, adapter_dir: str | Path) -> int:
             raise ContractError(
                 f"adapter {adapter_dir}: {state_name} has shape {tuple(value.shape)}, the model expects {shape}"
             )
-        safe_set_full_fp32_param(param, value.to(torch.float32))
+    # The module's (partitioned) weights: modified on rank 0 while gathered, re-partitioned on exit...
+    with deepspeed.zero.GatheredParameters(list(by_state_name.values()), modifier_rank=0):
+        if dist.is_rank0():
+            with torch.no_grad():
+                for state_name, param in by_state_name.items():
+                    param.copy_(adapter.tensors[state_name].to(param.dtype))
+    # ...and the optimizer's fp32 master partitions, which the next optimizer step starts from.
+    for state_name, param in by_state_name.items():
+        safe_set_full_fp32_param(param, adapter.tensors[state_name].to(torch.float32))
     return len(by_state_name)
 
 

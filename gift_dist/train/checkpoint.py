@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -151,8 +152,11 @@ class Checkpoints:
                 "slightly from an uninterrupted run)", folder, record.world_size, expected.world_size,
             )
             adapter_io.load_lora_into(peft_model, folder / ADAPTER_DIR)
-            for _ in range(record.step):
-                engine.lr_scheduler.step()
+            with warnings.catch_warnings():
+                # Replaying the schedule without optimizer steps is intended here.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                for _ in range(record.step):
+                    engine.lr_scheduler.step()
             step = record.step
         log.info("resumed from %s at step %d", folder, step)
         return step
