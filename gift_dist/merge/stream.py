@@ -1,0 +1,294 @@
+"""The shard-by-shard merge: W += scaling * B @ A on every adapted tensor, one output shard in memory at a time.
+
+transformers' ``merge_and_unload`` needs the whole model in RAM (~140 GB for a 70B checkpoint). Here each output
+shard is assembled from memory-mapped input tensors, merged in fp32, written, and dropped, so peak memory is about
+one shard plus the adapter whatever the model size. A few shards run in parallel threads (the work is I/O bound),
+admitted by a byte budget so parallelism never multiplies the peak past ``memory_budget_gb``.
+
+Shards are written as ``<name>.partial`` and renamed, and the plan is recorded in the work folder: a rerun after a
+kill keeps the finished shards of the same plan and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from gift_dist.contracts import ContractError
+from gift_dist.merge.names import MergeTargets, lora_delta
+from gift_dist.models import checkpoint
+
+log = logging.getLogger(__name__)
+
+PLAN_NAME = ".gift_merge_plan.json"
+PARTIAL_SUFFIX = ".partial"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFE_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+FLOAT_SAFE_DTYPES = {"F64", "F32", "BF16", "F16"}
+# Not weights: everything else at the top of the target dir (config, tokenizer, chat template, ...) is copied.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", PARTIAL_SUFFIX)
+
+
+@dataclass
+class TensorSource:
+    name: str
+    file: str
+    safe_dtype: str
+    shape: list[int]
+
+    def out_bytes(self, out_dtype: Optional[torch.dtype]) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        if out_dtype is not None and self.safe_dtype in FLOAT_SAFE_DTYPES:
+            return count * out_dtype.itemsize
+        return count * SAFE_DTYPE_BYTES.get(self.safe_dtype, 4)
+
+
+@dataclass
+class ShardPlan:
+    """One output shard: its file name and the input tensors it is made of, in order."""
+
+    name: str
+    tensors: list[TensorSource]
+    nbytes: int
+
+
+def read_sources(model_dir: Path) -> list[TensorSource]:
+    """Every tensor of a checkpoint with its file, dtype and shape, from headers only, in index/file order."""
+    sources = []
+    for path in checkpoint.weight_files(model_dir):
+        header = checkpoint.read_header(path)
+        for name, info in header.items():
+            if name != "__metadata__":
+                sources.append(TensorSource(name, path.name, info["dtype"], list(info["shape"])))
+    return sources
+
+
+def plan_shards(sources: list[TensorSource], out_dtype: Optional[torch.dtype], max_shard_bytes: Optional[int]) -> list[ShardPlan]:
+    """Keep the input's shard layout, or regroup tensors greedily into shards of at most ``max_shard_bytes``."""
+    if max_shard_bytes is None:
+        by_file: dict[str, list[TensorSource]] = {}
+        for source in sources:
+            by_file.setdefault(source.file, []).append(source)
+        return [ShardPlan(name, group, sum(t.out_bytes(out_dtype) for t in group)) for name, group in by_file.items()]
+    groups: list[list[TensorSource]] = [[]]
+    size = 0
+    for source in sources:
+        nbytes = source.out_bytes(out_dtype)
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(source)
+        size += nbytes
+    if len(groups) == 1:
+        names = [checkpoint.SAFE_SINGLE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    return [ShardPlan(n, g, sum(t.out_bytes(out_dtype) for t in g)) for n, g in zip(names, groups)]
+
+
+class ByteBudget:
+    """A counting semaphore over bytes: a job waits until its shard fits; one oversized job may run alone."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used = 0
+        self.cond = threading.Condition()
+
+    def acquire(self, nbytes: int) -> int:
+        nbytes = min(nbytes, self.capacity)
+        with self.cond:
+            self.cond.wait_for(lambda: self.used + nbytes <= self.capacity)
+            self.used += nbytes
+        return nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self.cond:
+            self.used -= nbytes
+            self.cond.notify_all()
+
+
+class BaseReader:
+    """Reads single tensors of the base checkpoint (for trained - base deltas of full weights), memory-mapped."""
+
+    def __init__(self, base_dir: Path):
+        self.base_dir = base_dir
+        self.file_of = {s.name: s.file for s in read_sources(base_dir)}
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self.file_of:
+            raise ContractError(f"base checkpoint {self.base_dir} has no tensor {name} to take a trained delta from")
+        with safe_open(str(self.base_dir / self.file_of[name]), framework="pt") as fh:
+            return fh.get_tensor(name)
+
+
+def merged_tensor(
+    name: str, weight: torch.Tensor, targets: MergeTargets, strength: float, base: Optional[BaseReader]
+) -> torch.Tensor:
+    """One adapted tensor, merged in fp32 (the dtype cast happens after)."""
+    merged = weight.float()
+    if name in targets.lora:
+        merged += lora_delta(targets.lora[name])
+    if name in targets.full:
+        reference = base.get(name).float() if base is not None else weight.float()
+        merged += strength * (targets.full[name].tensor.float() - reference)
+    return merged
+
+
+def write_shard(
+    plan: ShardPlan,
+    source_dir: Path,
+    work_dir: Path,
+    targets: MergeTargets,
+    strength: float,
+    out_dtype: Optional[torch.dtype],
+    base: Optional[BaseReader],
+) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    with contextlib.ExitStack() as stack:
+        handles = {}
+        for source in plan.tensors:
+            if source.file not in handles:
+                handles[source.file] = stack.enter_context(safe_open(str(source_dir / source.file), framework="pt"))
+            weight = handles[source.file].get_tensor(source.name)
+            dtype = out_dtype if out_dtype is not None and weight.is_floating_point() else weight.dtype
+            if source.name in targets.lora or source.name in targets.full:
+                weight = merged_tensor(source.name, weight, targets, strength, base)
+            tensors[source.name] = weight.to(dtype).contiguous()
+    partial = work_dir / (plan.name + PARTIAL_SUFFIX)
+    save_file(tensors, str(partial), metadata={"format": "pt"})
+    os.replace(partial, work_dir / plan.name)
+
+
+def plan_fingerprint(plans: list[ShardPlan], identity: dict) -> dict:
+    return {"identity": identity, "shards": [asdict(p) for p in plans]}
+
+
+def prepare_work_dir(work_dir: Path, fingerprint: dict) -> set[str]:
+    """Reuse a leftover work dir of the same plan (returning its finished shards); wipe one of another plan."""
+    plan_path = work_dir / PLAN_NAME
+    if work_dir.exists():
+        same = False
+        if plan_path.is_file():
+            try:
+                same = json.loads(plan_path.read_text()) == fingerprint
+            except json.JSONDecodeError:
+                same = False
+        if not same:
+            log.info("removing leftover merge work dir %s (made for another plan)", work_dir)
+            shutil.rmtree(work_dir)
+    if not work_dir.exists():
+        work_dir.mkdir(parents=True)
+        plan_path.write_text(json.dumps(fingerprint, sort_keys=True))
+        return set()
+    done = set()
+    shard_names = {s["name"] for s in fingerprint["shards"]}
+    for path in work_dir.iterdir():
+        if path.name.endswith(PARTIAL_SUFFIX):
+            path.unlink()
+        elif path.name in shard_names:
+            try:
+                checkpoint.read_header(path)
+                done.add(path.name)
+            except ContractError:
+                path.unlink()
+    if done:
+        log.info("resuming merge in %s: %d of %d shards already written", work_dir, len(done), len(shard_names))
+    return done
+
+
+def write_index(work_dir: Path, plans: list[ShardPlan]) -> None:
+    weight_map = {t.name: p.name for p in plans for t in p.tensors}
+    index = {"metadata": {"total_size": sum(p.nbytes for p in plans)}, "weight_map": weight_map}
+    (work_dir / checkpoint.SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def copy_model_files(source_dir: Path, work_dir: Path, out_dtype_name: str) -> None:
+    """Config, generation config, tokenizer and chat template come from the target model unchanged (dtype aside)."""
+    for path in source_dir.iterdir():
+        if path.is_file() and not path.name.startswith(".") and not path.name.endswith(WEIGHT_SUFFIXES) \
+                and path.name != checkpoint.SAFE_INDEX:
+            shutil.copy2(path, work_dir / path.name)
+    config_path = work_dir / "config.json"
+    if out_dtype_name != "auto" and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        config["dtype"] = out_dtype_name
+        config.pop("torch_dtype", None)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def stream_merge(
+    source_dir: Path,
+    work_dir: Path,
+    targets: MergeTargets,
+    strength: float,
+    dtype: str,
+    max_shard_size: Optional[str],
+    threads: int,
+    memory_budget_gb: float,
+    identity: dict,
+    base_dir: Optional[Path] = None,
+    progress: bool = True,
+    throttle_seconds: float = 0.0,
+) -> list[str]:
+    """Write every merged shard (and the index) of ``source_dir`` into ``work_dir``; returns the shard names.
+
+    ``throttle_seconds`` sleeps after each shard: a debugging aid to interrupt a merge midway on purpose.
+    """
+    from tqdm.auto import tqdm
+    from transformers.utils.hub import convert_file_size_to_int
+
+    out_dtype = DTYPES.get(dtype)
+    max_bytes = convert_file_size_to_int(max_shard_size) if max_shard_size else None
+    sources = read_sources(source_dir)
+    plans = plan_shards(sources, out_dtype, max_bytes)
+    done = prepare_work_dir(work_dir, plan_fingerprint(plans, {**identity, "strength": strength, "dtype": dtype}))
+    todo = [p for p in plans if p.name not in done]
+    base = BaseReader(base_dir) if targets.full and base_dir is not None else None
+    largest_delta = max((4 * math.prod(s.shape) for s in sources if s.name in targets.names()), default=0)
+    budget = ByteBudget(max(1, int(memory_budget_gb * 1024**3)))
+    bar = tqdm(total=sum(p.nbytes for p in plans), initial=sum(p.nbytes for p in plans if p.name in done),
+               unit="B", unit_scale=True, unit_divisor=1024, desc="merge", disable=not progress)
+
+    def run(plan: ShardPlan) -> None:
+        # The shard being written plus fp32 copies of one weight and its delta.
+        held = budget.acquire(plan.nbytes + 2 * largest_delta)
+        try:
+            write_shard(plan, source_dir, work_dir, targets, strength, out_dtype, base)
+        finally:
+            budget.release(held)
+        bar.update(plan.nbytes)
+        if throttle_seconds:
+            time.sleep(throttle_seconds)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="merge") as pool:
+        for future in [pool.submit(run, plan) for plan in todo]:
+            future.result()
+    bar.close()
+    written = sum(p.nbytes for p in todo)
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    log.info("merged %d shards (%.2f GB) in %.1f s: %.2f GB/s", len(todo), written / 1e9, elapsed, written / 1e9 / elapsed)
+    if len(plans) > 1 or (source_dir / checkpoint.SAFE_INDEX).is_file():
+        write_index(work_dir, plans)
+    (work_dir / PLAN_NAME).unlink()
+    return [p.name for p in plans]
