@@ -1,9 +1,10 @@
-"""The shard-by-shard merge: W += scaling * B @ A on every adapted tensor, one output shard in memory at a time.
+"""The shard-by-shard merge: W += scaling * B @ A on every adapted tensor, streamed through memory.
 
-transformers' ``merge_and_unload`` needs the whole model in RAM (~140 GB for a 70B checkpoint). Here each output
-shard is assembled from memory-mapped input tensors, merged in fp32, written, and dropped, so peak memory is about
-one shard plus the adapter whatever the model size. A few shards run in parallel threads (the work is I/O bound),
-admitted by a byte budget so parallelism never multiplies the peak past ``memory_budget_gb``.
+transformers' ``merge_and_unload`` needs the whole model in RAM (~140 GB for a 70B checkpoint). Here the output
+shards' layout is planned from the input headers, and each tensor is read from its memory-mapped input shard,
+merged in fp32, cast, and written straight into its output shard, so peak memory is about one tensor per thread
+plus the adapter (well under one shard), whatever the model size. A few shards run in parallel threads (the work is
+I/O bound), admitted by a byte budget so parallelism never multiplies the peak past ``memory_budget_gb``.
 
 Shards are written as ``<name>.partial`` and renamed, and the plan is recorded in the work folder: a rerun after a
 kill keeps the finished shards of the same plan and redoes the rest.
@@ -28,6 +29,7 @@ import torch
 
 from gift_dist.contracts import ContractError
 from gift_dist.merge.names import MergeTargets, lora_delta
+from gift_dist.merge.writer import SAFE_DTYPE_OF, ShardWriter, TensorSlot
 from gift_dist.models import checkpoint
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,6 @@ log = logging.getLogger(__name__)
 PLAN_NAME = ".gift_merge_plan.json"
 PARTIAL_SUFFIX = ".partial"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SAFE_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 FLOAT_SAFE_DTYPES = {"F64", "F32", "BF16", "F16"}
 # Not weights: everything else at the top of the target dir (config, tokenizer, chat template, ...) is copied.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", PARTIAL_SUFFIX)
@@ -49,13 +49,10 @@ class TensorSource:
     safe_dtype: str
     shape: list[int]
 
-    def out_bytes(self, out_dtype: Optional[torch.dtype]) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        if out_dtype is not None and self.safe_dtype in FLOAT_SAFE_DTYPES:
-            return count * out_dtype.itemsize
-        return count * SAFE_DTYPE_BYTES.get(self.safe_dtype, 4)
+    def out_slot(self, out_dtype: Optional[torch.dtype]) -> TensorSlot:
+        """The tensor as the output shard stores it: float tensors take the output dtype, others keep theirs."""
+        cast = out_dtype is not None and self.safe_dtype in FLOAT_SAFE_DTYPES
+        return TensorSlot(self.name, SAFE_DTYPE_OF[out_dtype] if cast else self.safe_dtype, tuple(self.shape))
 
 
 @dataclass
@@ -64,7 +61,11 @@ class ShardPlan:
 
     name: str
     tensors: list[TensorSource]
-    nbytes: int
+    slots: list[TensorSlot]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(slot.nbytes for slot in self.slots)
 
 
 def read_sources(model_dir: Path) -> list[TensorSource]:
@@ -84,21 +85,31 @@ def plan_shards(sources: list[TensorSource], out_dtype: Optional[torch.dtype], m
         by_file: dict[str, list[TensorSource]] = {}
         for source in sources:
             by_file.setdefault(source.file, []).append(source)
-        return [ShardPlan(name, group, sum(t.out_bytes(out_dtype) for t in group)) for name, group in by_file.items()]
-    groups: list[list[TensorSource]] = [[]]
-    size = 0
-    for source in sources:
-        nbytes = source.out_bytes(out_dtype)
-        if groups[-1] and size + nbytes > max_shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(source)
-        size += nbytes
-    if len(groups) == 1:
-        names = [checkpoint.SAFE_SINGLE]
+        names, groups = list(by_file), list(by_file.values())
     else:
-        names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    return [ShardPlan(n, g, sum(t.out_bytes(out_dtype) for t in g)) for n, g in zip(names, groups)]
+        groups = [[]]
+        size = 0
+        for source in sources:
+            nbytes = source.out_slot(out_dtype).nbytes
+            if groups[-1] and size + nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(source)
+            size += nbytes
+        if len(groups) == 1:
+            names = [checkpoint.SAFE_SINGLE]
+        else:
+            names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    return [ShardPlan(n, g, [t.out_slot(out_dtype) for t in g]) for n, g in zip(names, groups)]
+
+
+def working_bytes(plan: ShardPlan, targets: MergeTargets) -> int:
+    """Memory one shard job holds at its peak: the largest tensor read, or a merged one with two fp32 copies."""
+    peak = 0
+    for source, slot in zip(plan.tensors, plan.slots):
+        count = math.prod(source.shape)
+        peak = max(peak, 3 * 4 * count if source.name in targets.names() else 2 * slot.nbytes)
+    return peak
 
 
 class ByteBudget:
@@ -160,27 +171,28 @@ def write_shard(
     out_dtype: Optional[torch.dtype],
     base: Optional[BaseReader],
 ) -> None:
+    """Read, merge and write one tensor at a time; the shard appears under its name only once complete."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    tensors: dict[str, torch.Tensor] = {}
+    partial = work_dir / (plan.name + PARTIAL_SUFFIX)
     with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(ShardWriter(partial, plan.slots, metadata={"format": "pt"}))
         handles = {}
         for source in plan.tensors:
             if source.file not in handles:
                 handles[source.file] = stack.enter_context(safe_open(str(source_dir / source.file), framework="pt"))
             weight = handles[source.file].get_tensor(source.name)
             dtype = out_dtype if out_dtype is not None and weight.is_floating_point() else weight.dtype
-            if source.name in targets.lora or source.name in targets.full:
+            if source.name in targets.names():
                 weight = merged_tensor(source.name, weight, targets, strength, base)
-            tensors[source.name] = weight.to(dtype).contiguous()
-    partial = work_dir / (plan.name + PARTIAL_SUFFIX)
-    save_file(tensors, str(partial), metadata={"format": "pt"})
+            writer.write(source.name, weight.to(dtype))
     os.replace(partial, work_dir / plan.name)
 
 
 def plan_fingerprint(plans: list[ShardPlan], identity: dict) -> dict:
-    return {"identity": identity, "shards": [asdict(p) for p in plans]}
+    shards = [{"name": p.name, "tensors": [asdict(slot) for slot in p.slots],
+               "sources": sorted({t.file for t in p.tensors})} for p in plans]
+    return json.loads(json.dumps({"identity": identity, "shards": shards}))
 
 
 def prepare_work_dir(work_dir: Path, fingerprint: dict) -> set[str]:
@@ -264,14 +276,12 @@ def stream_merge(
     done = prepare_work_dir(work_dir, plan_fingerprint(plans, {**identity, "strength": strength, "dtype": dtype}))
     todo = [p for p in plans if p.name not in done]
     base = BaseReader(base_dir) if targets.full and base_dir is not None else None
-    largest_delta = max((4 * math.prod(s.shape) for s in sources if s.name in targets.names()), default=0)
     budget = ByteBudget(max(1, int(memory_budget_gb * 1024**3)))
     bar = tqdm(total=sum(p.nbytes for p in plans), initial=sum(p.nbytes for p in plans if p.name in done),
                unit="B", unit_scale=True, unit_divisor=1024, desc="merge", disable=not progress)
 
     def run(plan: ShardPlan) -> None:
-        # The shard being written plus fp32 copies of one weight and its delta.
-        held = budget.acquire(plan.nbytes + 2 * largest_delta)
+        held = budget.acquire(working_bytes(plan, targets))
         try:
             write_shard(plan, source_dir, work_dir, targets, strength, out_dtype, base)
         finally:
