@@ -122,8 +122,12 @@ def test_strength_dtype_and_reshard(pairs, adapters, tmp_path):
     adapter = load_file(str(adapters["llama"] / "adapter_model.safetensors"))
     key = "base_model.model." + name.removesuffix(".weight")
     delta = adapter[key + ".lora_B.weight"] @ adapter[key + ".lora_A.weight"]
-    expected = (tensor(pair.instruct, name).float() + 0.5 * 2.0 * delta).to(torch.bfloat16)
-    assert torch.equal(tensor(out, name), expected)
+    merged = tensor(out, name)
+    assert merged.dtype == torch.bfloat16
+    bf16 = {"rtol": 2**-8, "atol": 1e-6}
+    torch.testing.assert_close(merged.float(), tensor(pair.instruct, name).float() + 0.5 * 2.0 * delta, **bf16)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(merged.float(), tensor(pair.instruct, name).float() + 2.0 * delta, **bf16)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     model = AutoModelForCausalLM.from_pretrained(str(out))
     assert model.dtype == torch.bfloat16

@@ -190,9 +190,7 @@ def map_adapter(
     return targets
 
 
-def lora_delta(pair: LoraPair) -> torch.Tensor:
-    """scaling * B @ A in fp32, in the checkpoint tensor's layout."""
-    delta = pair.b.float() @ pair.a.float()
-    if pair.transposed:
-        delta = delta.T
-    return delta * pair.scaling
+def lora_factors(pair: LoraPair) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (left, right) with left @ right = B @ A in the checkpoint tensor's layout; left's rows follow its rows."""
+    a, b = pair.a.float(), pair.b.float()
+    return (a.T.contiguous(), b.T.contiguous()) if pair.transposed else (b, a)

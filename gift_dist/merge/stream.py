@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from gift_dist.contracts import ContractError
-from gift_dist.merge.names import MergeTargets, lora_delta
+from gift_dist.merge.names import MergeTargets, lora_factors
 from gift_dist.merge.writer import SAFE_DTYPE_OF, ShardWriter, TensorSlot
 from gift_dist.models import checkpoint
 
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 PLAN_NAME = ".gift_merge_plan.json"
 PARTIAL_SUFFIX = ".partial"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# fp32 elements per block of rows merged at once (1 MiB: a few such blocks fit in a core's L2 cache).
+BLOCK_ELEMENTS = 1 << 18
 FLOAT_SAFE_DTYPES = {"F64", "F32", "BF16", "F16"}
 # Not weights: everything else at the top of the target dir (config, tokenizer, chat template, ...) is copied.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", PARTIAL_SUFFIX)
@@ -150,16 +152,34 @@ class BaseReader:
 
 
 def merged_tensor(
-    name: str, weight: torch.Tensor, targets: MergeTargets, strength: float, base: Optional[BaseReader]
+    name: str,
+    weight: torch.Tensor,
+    targets: MergeTargets,
+    strength: float,
+    base: Optional[BaseReader],
+    out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """One adapted tensor, merged in fp32 (the dtype cast happens after)."""
-    merged = weight.float()
-    if name in targets.lora:
-        merged += lora_delta(targets.lora[name])
-    if name in targets.full:
-        reference = base.get(name).float() if base is not None else weight.float()
-        merged += strength * (targets.full[name].tensor.float() - reference)
-    return merged
+    """One adapted tensor, merged in fp32 and cast to ``out_dtype``.
+
+    The work goes block of rows by block of rows: the fp32 temporaries of a block stay in the CPU cache, where a
+    whole-tensor ``W.float() + B @ A`` would stream several fp32 copies of the weight through main memory.
+    """
+    out = torch.empty(weight.shape, dtype=out_dtype)
+    pair, full = targets.lora.get(name), targets.full.get(name)
+    left, right = lora_factors(pair) if pair is not None else (None, None)
+    if full is not None:
+        trained = full.tensor
+        reference = base.get(name) if base is not None else weight
+    rows = max(1, BLOCK_ELEMENTS // max(1, weight[0].numel())) if weight.dim() else 1
+    for start in range(0, max(1, weight.shape[0] if weight.dim() else 1), rows):
+        part = slice(start, start + rows) if weight.dim() else ...
+        block = weight[part].to(torch.float32, copy=True)
+        if pair is not None:
+            block.addmm_(left[part], right, alpha=pair.scaling)
+        if full is not None:
+            block += strength * (trained[part].float() - reference[part].float())
+        out[part] = block
+    return out
 
 
 def write_shard(
@@ -184,7 +204,7 @@ def write_shard(
             weight = handles[source.file].get_tensor(source.name)
             dtype = out_dtype if out_dtype is not None and weight.is_floating_point() else weight.dtype
             if source.name in targets.names():
-                weight = merged_tensor(source.name, weight, targets, strength, base)
+                weight = merged_tensor(source.name, weight, targets, strength, base, dtype)
             writer.write(source.name, weight.to(dtype))
     os.replace(partial, work_dir / plan.name)
 
