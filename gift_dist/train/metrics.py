@@ -53,7 +53,7 @@ class MetricsLogger:
         """Record ``values`` for ``step`` (1-based: the number of optimizer steps done)."""
         if not self.enabled:
             return
-        row = {"step": step, **values}
+        row = {"step": step, "time": time.time(), **values}
         if step % self.log_every == 0 or step == self._total:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
