@@ -21,7 +21,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -75,9 +75,9 @@ class StopRequest:
         log.warning("rank %d received %s: will save a checkpoint and stop after this step", dist.rank(),
                     self.signal_name)
 
-    def agreed(self) -> bool:
+    def agreed(self, device: torch.device) -> bool:
         """True on every rank when any rank was signalled (a collective: all ranks must call it)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         return bool(dist.all_reduce_sum(flag).item() > 0)
 
     def uninstall(self) -> None:
@@ -124,7 +124,7 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
             step += 1
             final_loss = values["loss"]
             metrics.log(step, values)
-            stopping = stop.agreed()
+            stopping = stop.agreed(te.engine.device)
             if stopping or step % cfg.train.save_every_steps == 0:
                 checkpoint = save_checkpoint(te, checkpoints, record, step, cfg)
             if stopping:
@@ -169,7 +169,9 @@ def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch],
         # Weights are constants, so the normaliser of the whole global batch is known before any forward.
         local = sum(normalizer_local(train, w if w is not None else torch.ones(mb.num_target_tokens))
                     for w, mb in zip(weights, micro_batches))
-        global_norm = dist.all_reduce_sum(torch.as_tensor(local, dtype=torch.float64).reshape(1)).float()[0]
+        # On the accelerator: NCCL reduces device tensors only.
+        local = torch.as_tensor(local, dtype=torch.float64, device=te.engine.device).reshape(1)
+        global_norm = dist.all_reduce_sum(local).float()[0]
     # Summed over this rank's micro-batches: loss objective, weighted CE, CE, weights, targets, tokens.
     totals = torch.zeros(6, dtype=torch.float64)
     for mb, w, min_chunks in zip(micro_batches, weights, chunks):
@@ -186,7 +188,7 @@ def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch],
             dump_gradients(te, Path(grad_dump_dir), step)
         # DeepSpeed counts micro-steps in step(): it only updates the weights at the accumulation boundary.
         te.engine.step()
-    dist.all_reduce_sum(totals)
+    totals = dist.all_reduce_sum(totals.to(te.engine.device)).cpu()
     seconds = time.monotonic() - started
     objective, weighted, ce_sum, weight_sum, targets, tokens = totals.tolist()
     norm = grad_norm(te.engine)
@@ -259,8 +261,6 @@ def provenance(cfg: RunConfig, te: TrainEngine, identity: dict, fingerprint: str
 
 def save_checkpoint(te: TrainEngine, checkpoints: Checkpoints, record: CheckpointRecord, step: int,
                     cfg: RunConfig) -> Path:
-    from dataclasses import replace
-
     at_step = replace(record, step=step)
     return checkpoints.save(
         te.engine, te.peft_model, te.peft_config, at_step,
