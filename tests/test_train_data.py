@@ -297,6 +297,15 @@ def test_micro_batch_tensors_align_with_the_confidence_order(prepared, scored):
         assert (mb.input_ids[mb.attention_mask == 0] == PAD_ID).all()
 
 
+def test_micro_batch_moves_all_its_tensors(prepared, scored):
+    mb = batches(prepared, scored, micro_batch_size=2, packing=True).micro_batches(0)[0]
+    moved = mb.to("meta")
+    assert all(t.device.type == "meta" for t in (moved.input_ids, moved.labels, moved.position_ids,
+                                                 moved.inst_logprobs, moved.is_eos, moved.sample_lengths))
+    assert moved.attention_mask is None and moved.sample_indices == mb.sample_indices
+    assert mb.input_ids.device.type == "cpu"
+
+
 @pytest.mark.parametrize("name", ["uniform", "dft"])
 def test_uniform_and_dft_need_no_confidence(prepared, name):
     data = TrainBatches(prepared, TrainConfig(weighting=name, micro_batch_size=4), 0, 1, None, seed=0)

@@ -137,7 +137,8 @@ def token_weights(
 
     ``eos_weight`` (a number) overrides the weight of end-of-sequence targets, as the authors' reference keeps it
     at 1; ``"scored"`` weighs them like any token. With ``mean_normalized`` the per-sample mean is taken over the
-    tokens that keep their scored weight, so the override does not shift the others.
+    tokens that keep their scored weight, so the override does not shift the others. For ``dft``,
+    ``own_logprobs`` is ``-target_token_ce(...)`` of the forward being weighted (detached here).
     """
     weighting = _registered(cfg)
     num_targets = is_eos.numel()
