@@ -133,6 +133,11 @@ class MergeConfig:
     memory_budget_gb: float = 8.0
     verify: bool = True
     overwrite: bool = False
+    # Verification: merged tensors recomputed from the inputs, and logits compared with peft only for checkpoints
+    # up to this size (both models are loaded whole, in fp32).
+    verify_sample_tensors: int = 8
+    verify_logits_max_gb: float = 2.0
+    progress: bool = True
 
 
 @dataclass

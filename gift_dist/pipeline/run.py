@@ -100,11 +100,21 @@ def _env(devices: Optional[str]) -> dict[str, str]:
     return env
 
 
+def _die_with_parent() -> None:
+    """Child set-up: a new session (one signal reaches torchrun and its ranks) that is sent SIGTERM when `run`
+    itself dies, even by SIGKILL, so a killed run never leaves a scorer or trainer behind (Linux prctl)."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _start(cmd: list[str], log_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen, object]:
     log.info("starting %s (log: %s)", " ".join(cmd), log_path)
     handle = open(log_path, "ab")
-    # A session of its own, so that one signal reaches the whole process tree (torchrun and its ranks).
-    return subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True), handle
+    return subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent), handle
 
 
 def _tail(path: Path, lines: int = 30) -> str:

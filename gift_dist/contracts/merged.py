@@ -1,0 +1,86 @@
+"""The merged-model contract: what `merge` hands to users (and what `verify-merge` checks).
+
+A merged directory is an ordinary HF checkpoint, loadable with ``AutoModelForCausalLM.from_pretrained``::
+
+    merged/
+      config.json, generation_config.json, tokenizer files, chat template   # copied from the target model
+      model-0000N-of-0000M.safetensors + model.safetensors.index.json       # (or one model.safetensors)
+      gift_merge.json                                                        # provenance, written last
+
+``gift_merge.json`` says which base, target (instruct) model and adapter made the weights and with which scale
+and dtype. The directory is assembled under a temporary sibling and renamed when complete, so a directory with
+this file at the final path is a finished merge.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from gift_dist.contracts import ContractError, check_inside
+
+FORMAT = "gift_dist.merged"
+VERSION = 1
+RECORD_NAME = "gift_merge.json"
+
+
+@dataclass
+class MergeRecord:
+    # {"name", "hash"} of the base model the adapter was trained on, when it was given (needed for full weights).
+    base: Optional[dict[str, str]]
+    # {"name", "hash"} of the checkpoint the adapter was merged into, and which of the pair it was.
+    target: dict[str, str]
+    into: str
+    # {"path", "hash"} of the adapter dir.
+    adapter: dict[str, str]
+    # LoRA scaling alpha/r (or alpha/sqrt(r)), and the user's blend strength applied on top of it.
+    lora_scaling: float
+    strength: float
+    dtype: str
+    merged_tensors: list[str]
+    shards: list[str]
+    format: str = FORMAT
+    version: int = VERSION
+
+
+@dataclass
+class Merged:
+    path: Path
+    record: MergeRecord
+
+
+def write_record(out_dir: str | Path, record: MergeRecord) -> Path:
+    path = Path(out_dir) / RECORD_NAME
+    path.write_text(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_merged(path: str | Path) -> Merged:
+    """Open a merged dir and check it is complete: record present and valid, every shard it names on disk."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ContractError(f"merged model directory not found: {path}")
+    record_path = path / RECORD_NAME
+    if not record_path.is_file():
+        raise ContractError(f"{path} has no {RECORD_NAME}: not a finished gift_dist merge")
+    try:
+        values: dict[str, Any] = json.loads(record_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ContractError(f"{record_path} is not valid JSON: {exc}") from exc
+    if values.get("format") != FORMAT or values.get("version") != VERSION:
+        raise ContractError(
+            f"{record_path}: unsupported format/version {values.get('format')}/{values.get('version')} "
+            f"(expected {FORMAT}/{VERSION})"
+        )
+    try:
+        record = MergeRecord(**values)
+    except TypeError as exc:
+        raise ContractError(f"{record_path} does not have the fields of a merge record: {exc}") from exc
+    for shard in record.shards:
+        if not check_inside(path, shard).is_file():
+            raise ContractError(f"merged model {path}: shard {shard} named in {RECORD_NAME} is missing")
+    if not (path / "config.json").is_file():
+        raise ContractError(f"merged model {path} has no config.json")
+    return Merged(path, record)

@@ -1,0 +1,187 @@
+"""`gift-dist merge`: the trained LoRA merged into the instruct model (or the base), streamed shard by shard.
+
+The recipe:
+  1. read the adapter contract and the target checkpoint's headers (a missing shard, corrupt header or pickle-only
+     checkpoint stops here);
+  2. check the adapter was trained on this architecture (adapter config, gift_adapter.json identity, shapes) and
+     map every adapter key to the checkpoint tensor it changes;
+  3. stream the merge into a work folder beside the output (reusing finished shards of an interrupted run), copy
+     config/tokenizer/chat template, write gift_merge.json, and rename the folder into place;
+  4. optionally verify: recompute a sample of merged tensors, compare logits with peft on small models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from gift_dist.config import ConfigError, RunConfig
+from gift_dist.contracts import ContractError
+from gift_dist.contracts import adapter as adapter_contract
+from gift_dist.contracts import merged as merged_contract
+from gift_dist.merge import names, stream
+from gift_dist.models import checkpoint
+from gift_dist.models.pair import SHAPE_KEYS, check_pair
+
+log = logging.getLogger(__name__)
+
+WORK_SUFFIX = ".merging"
+OLD_SUFFIX = ".replaced"
+# Keys of gift_adapter.json that hold the {"name", "hash"} identity of the model the adapter was trained on.
+IDENTITY_KEYS = ("base_model", "model_identity")
+
+
+def merge_paths(
+    cfg: RunConfig, adapter_dir: Optional[str], target_dir: Optional[str], output_dir: Optional[str],
+    base_dir: Optional[str],
+) -> tuple[Path, Path, Path, Optional[Path]]:
+    """Adapter, target, output and (optional) base dirs: explicit arguments win over the run config."""
+    into = cfg.merge.into
+    target = target_dir or (cfg.instruct_model if into == "instruct" else cfg.base_model)
+    if not target:
+        key = "instruct_model" if into == "instruct" else "base_model"
+        raise ConfigError(f"merge into {into} needs the model: set config key '{key}' or pass --target")
+    base = base_dir or cfg.base_model or None
+    if into == "base":
+        base = target
+    return (Path(adapter_dir or cfg.paths.adapter), Path(target), Path(output_dir or cfg.paths.merged),
+            Path(base) if base else None)
+
+
+def check_adapter_fits(adapter: adapter_contract.Adapter, target: Path, base: Optional[Path]) -> None:
+    """Refuse an adapter whose recorded training model is of another architecture than the target."""
+    target_config = json.loads((target / "config.json").read_text()) if (target / "config.json").is_file() else {}
+    trained_on = adapter.config.get("base_model_name_or_path")
+    if trained_on and Path(trained_on, "config.json").is_file() and target_config:
+        trained_config = json.loads(Path(trained_on, "config.json").read_text())
+        for key in ("model_type",) + SHAPE_KEYS:
+            if key in trained_config and key in target_config and trained_config[key] != target_config[key]:
+                raise ContractError(
+                    f"adapter {adapter.path} was trained on {trained_on} ({key}={trained_config[key]!r}) but the "
+                    f"merge target {target} has {key}={target_config[key]!r}"
+                )
+    provenance = adapter.provenance or {}
+    recorded = next((provenance[k] for k in IDENTITY_KEYS if isinstance(provenance.get(k), dict)), None)
+    if recorded and recorded.get("hash") and base is not None:
+        actual = checkpoint.model_identity(str(base))
+        if actual["hash"] != recorded["hash"]:
+            raise ContractError(
+                f"adapter {adapter.path} was trained on {recorded.get('name')} (hash {recorded['hash']}) but the "
+                f"base model given is {base} (hash {actual['hash']})"
+            )
+
+
+def install(work_dir: Path, output: Path, overwrite: bool) -> None:
+    """Move a finished work folder to the output path; a replaced output is removed only after the move."""
+    if output.exists():
+        if not overwrite:
+            raise ContractError(f"output directory {output} exists; pass --overwrite (merge.overwrite=true) to replace")
+        old = output.with_name(output.name + OLD_SUFFIX)
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(output, old)
+        os.replace(work_dir, output)
+        shutil.rmtree(old)
+    else:
+        os.replace(work_dir, output)
+
+
+def merge(
+    cfg: RunConfig,
+    adapter_dir: Optional[str] = None,
+    target_dir: Optional[str] = None,
+    output_dir: Optional[str] = None,
+    base_dir: Optional[str] = None,
+    throttle_seconds: float = 0.0,
+) -> Path:
+    """Merge the run's adapter into the instruct (or base) checkpoint; returns the merged model dir."""
+    opts = cfg.merge
+    adapter_path, target, output, base = merge_paths(cfg, adapter_dir, target_dir, output_dir, base_dir)
+    if output.exists() and not opts.overwrite:
+        raise ContractError(f"output directory {output} exists; pass --overwrite (merge.overwrite=true) to replace")
+    adapter = adapter_contract.read_adapter(adapter_path)
+    shapes = checkpoint.tensor_shapes(target)
+    if base is not None and base != target:
+        check_pair(str(base), str(target), cfg.trust_remote_code)
+    check_adapter_fits(adapter, target, base)
+    model_type = json.loads((target / "config.json").read_text()).get("model_type") \
+        if (target / "config.json").is_file() else None
+    targets = names.map_adapter(adapter.config, adapter.tensors, shapes, model_type, opts.scale)
+    if targets.full and base is None:
+        raise ContractError(
+            f"adapter {adapter_path} carries whole trained tensors ({', '.join(sorted(targets.full))}: "
+            f"modules_to_save or saved embeddings); merging them into {target} needs their delta from the base "
+            f"model: set config key 'base_model' or pass --base"
+        )
+    identity = {
+        "target": checkpoint.model_identity(str(target)),
+        "base": checkpoint.model_identity(str(base)) if base is not None else None,
+        "adapter": {"path": str(adapter_path.resolve()), "hash": adapter_contract.adapter_hash(adapter_path)},
+    }
+    work_dir = output.with_name(output.name + WORK_SUFFIX)
+    log.info("merging %d LoRA tensors and %d full tensors of %s into %s -> %s", len(targets.lora),
+             len(targets.full), adapter_path, target, output)
+    shards = stream.stream_merge(
+        target, work_dir, targets, opts.scale, opts.dtype, opts.max_shard_size, opts.threads,
+        opts.memory_budget_gb, identity, base_dir=base if opts.into == "instruct" else None,
+        progress=opts.progress, throttle_seconds=throttle_seconds,
+    )
+    stream.copy_model_files(target, work_dir, opts.dtype)
+    record = merged_contract.MergeRecord(
+        base=identity["base"], target=identity["target"], into=opts.into, adapter=identity["adapter"],
+        lora_scaling=adapter.scale, strength=opts.scale, dtype=opts.dtype, merged_tensors=sorted(targets.names()),
+        shards=shards,
+    )
+    merged_contract.write_record(work_dir, record)
+    install(work_dir, output, opts.overwrite)
+    log.info("merged model written to %s", output)
+    if opts.verify:
+        from gift_dist.merge.verify import verify_merged
+
+        verify_merged(cfg, merged_dir=str(output), adapter_dir=str(adapter_path), target_dir=str(target),
+                      base_dir=str(base) if base is not None else None)
+    return output
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from gift_dist.cli import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--adapter", help="adapter dir (default: the run's adapter/)")
+    parser.add_argument("--target", help="model dir to merge into (default: instruct_model, or base_model with "
+                                         "--into base)")
+    parser.add_argument("--base", help="base model dir, for adapters with modules_to_save (default: base_model)")
+    parser.add_argument("--output", help="merged model dir (default: the run's merged/)")
+    parser.add_argument("--scale", type=float, help="blend strength of the adapter (merge.scale, default 1.0)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="output dtype")
+    parser.add_argument("--into", choices=["instruct", "base"], help="merge into the instruct model or the base")
+    parser.add_argument("--max-shard-size", help="reshard the output, e.g. 5GB (default: keep the input's shards)")
+    parser.add_argument("--threads", type=int, help="shards merged in parallel (merge.threads)")
+    parser.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output dir")
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                        help="recompute sample tensors and compare logits with peft afterwards")
+    parser.add_argument("--throttle-seconds", type=float, default=0.0,
+                        help="debugging: sleep after each shard (to interrupt a merge midway on purpose)")
+
+
+def apply_arguments(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """Command-line flags override the config's merge section."""
+    for flag in ("scale", "dtype", "into", "max_shard_size", "threads", "overwrite", "verify"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(cfg.merge, flag, value)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from gift_dist.cli import config_from_args
+
+    cfg = apply_arguments(config_from_args(args), args)
+    output = merge(cfg, args.adapter, args.target, args.output, args.base, args.throttle_seconds)
+    print(f"merged model: {output}")
+    return 0

@@ -1,0 +1,269 @@
+"""The streaming merge against peft's merge_and_unload on tiny sharded pairs, options, verification, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from tests.merge_helpers import logits, make_adapter, merge_config, peft_merged, sample_ids
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from gift_dist.contracts import ContractError
+from gift_dist.contracts.merged import read_merged
+from gift_dist.merge.stage import merge
+from gift_dist.merge.verify import verify_merged
+from gift_dist.models import checkpoint
+from gift_dist.models.tiny import build_tiny_pair
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge_pairs")
+    return {arch: build_tiny_pair(root / arch, arch=arch, base_steps=2, instruct_steps=2, max_shard_size="200KB")
+            for arch in ("llama", "qwen2")}
+
+
+@pytest.fixture(scope="session")
+def adapters(pairs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge_adapters")
+    return {arch: make_adapter(pair.base, root / arch, seed=1) for arch, pair in pairs.items()}
+
+
+def tensor(model_dir: Path, name: str) -> torch.Tensor:
+    for path in checkpoint.weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as fh:
+            if name in fh.keys():
+                return fh.get_tensor(name)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_merge_matches_peft_merge_and_unload(arch, pairs, adapters, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    pair = pairs[arch]
+    assert len(checkpoint.weight_files(pair.instruct)) >= 3
+    out = merge(merge_config(tmp_path, pair), adapter_dir=str(adapters[arch]))
+    assert [p.name for p in checkpoint.weight_files(out)] == [p.name for p in checkpoint.weight_files(pair.instruct)]
+    ids = sample_ids()
+    expected = logits(peft_merged(pair.instruct, adapters[arch]), ids)
+    unmerged = logits(pair.instruct, ids)
+    actual = logits(AutoModelForCausalLM.from_pretrained(str(out)), ids)
+    assert (expected - unmerged).abs().max() > 1e-2  # the adapter changes the model, so the check can fail
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    record = read_merged(out).record
+    assert record.into == "instruct" and record.strength == 1.0 and len(record.merged_tensors) == 7 * 2
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (pair.instruct / name).read_bytes()
+    assert not out.with_name(out.name + ".merging").exists()
+
+
+def test_rslora_adapter(pairs, tmp_path):
+    pair = pairs["llama"]
+    adapter = make_adapter(pair.base, tmp_path / "adapter", seed=2, use_rslora=True, r=8, lora_alpha=4)
+    out = merge(merge_config(tmp_path, pair), adapter_dir=str(adapter))
+    ids = sample_ids(seed=1)
+    torch.testing.assert_close(logits(out, ids), logits(peft_merged(pair.instruct, adapter), ids), rtol=1e-5, atol=1e-5)
+    assert read_merged(out).record.lora_scaling == pytest.approx(4 / 8**0.5)
+
+
+def test_modules_to_save_grafts_trained_minus_base(pairs, tmp_path):
+    pair = pairs["qwen2"]
+    adapter = make_adapter(pair.base, tmp_path / "adapter", seed=3, target_modules=["q_proj", "v_proj"],
+                           modules_to_save=["lm_head"])
+    cfg = merge_config(tmp_path, pair)
+    out = merge(cfg, adapter_dir=str(adapter))
+    trained = load_file(str(adapter / "adapter_model.safetensors"))["base_model.model.lm_head.weight"]
+    expected_head = tensor(pair.instruct, "lm_head.weight") + (trained - tensor(pair.base, "lm_head.weight"))
+    torch.testing.assert_close(tensor(out, "lm_head.weight"), expected_head)
+    reference = peft_merged(pair.instruct, adapter)
+    with torch.no_grad():
+        reference.lm_head.weight.copy_(expected_head)
+    ids = sample_ids(seed=2)
+    torch.testing.assert_close(logits(out, ids), logits(reference, ids), rtol=1e-5, atol=1e-5)
+    report = verify_merged(cfg)
+    assert report.logits_compared and report.max_logit_diff < 1e-3
+    assert "lm_head.weight" in report.checked_tensors
+
+    cfg_no_base = merge_config(tmp_path / "nobase", pair)
+    cfg_no_base.base_model = ""
+    with pytest.raises(ContractError, match="modules_to_save.*base_model"):
+        merge(cfg_no_base, adapter_dir=str(adapter))
+
+
+def test_embedding_lora_with_saved_embedding_layer(pairs, tmp_path):
+    pair = pairs["llama"]
+    adapter = make_adapter(pair.base, tmp_path / "adapter", seed=4, target_modules=["embed_tokens", "o_proj"])
+    out = merge(merge_config(tmp_path, pair), adapter_dir=str(adapter))
+    # peft also saved the (frozen) base embedding; grafting trained - base adds nothing beyond the LoRA delta.
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    a = tensors["base_model.model.model.embed_tokens.lora_embedding_A"]
+    b = tensors["base_model.model.model.embed_tokens.lora_embedding_B"]
+    expected = tensor(pair.instruct, "model.embed_tokens.weight") + 2.0 * (b @ a).T
+    torch.testing.assert_close(tensor(out, "model.embed_tokens.weight"), expected)
+
+
+def test_strength_dtype_and_reshard(pairs, adapters, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    pair = pairs["llama"]
+    cfg = merge_config(tmp_path, pair, scale=0.5, dtype="bfloat16", max_shard_size="60KB")
+    out = merge(cfg, adapter_dir=str(adapters["llama"]))
+    files = checkpoint.weight_files(out)
+    sizes = [p.stat().st_size for p in files]
+    # ~240 KB of bf16 weights in shards of at most 60 KB of data (+ a small header each).
+    assert len(files) >= 4 and max(sizes) <= 60_000 + 8_000
+    name = "model.layers.1.mlp.down_proj.weight"
+    adapter = load_file(str(adapters["llama"] / "adapter_model.safetensors"))
+    key = "base_model.model." + name.removesuffix(".weight")
+    delta = adapter[key + ".lora_B.weight"] @ adapter[key + ".lora_A.weight"]
+    merged = tensor(out, name)
+    assert merged.dtype == torch.bfloat16
+    bf16 = {"rtol": 2**-8, "atol": 1e-6}
+    torch.testing.assert_close(merged.float(), tensor(pair.instruct, name).float() + 0.5 * 2.0 * delta, **bf16)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(merged.float(), tensor(pair.instruct, name).float() + 2.0 * delta, **bf16)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.dtype == torch.bfloat16
+    report = verify_merged(cfg)
+    assert report.logits_compared and report.max_logit_diff > 0.0
+
+
+def test_merge_into_base(pairs, adapters, tmp_path):
+    pair = pairs["qwen2"]
+    out = merge(merge_config(tmp_path, pair, into="base", verify=True), adapter_dir=str(adapters["qwen2"]))
+    ids = sample_ids(seed=3)
+    torch.testing.assert_close(logits(out, ids), logits(peft_merged(pair.base, adapters["qwen2"]), ids),
+                               rtol=1e-5, atol=1e-5)
+    assert read_merged(out).record.target["name"] == str(pair.base.resolve())
+
+
+def test_verify_detects_a_tampered_tensor(pairs, adapters, tmp_path):
+    pair = pairs["llama"]
+    cfg = merge_config(tmp_path, pair)
+    out = merge(cfg, adapter_dir=str(adapters["llama"]))
+    name = read_merged(out).record.merged_tensors[0]  # the sample always includes the first merged tensor
+    shard = out / json.loads((out / checkpoint.SAFE_INDEX).read_text())["weight_map"][name]
+    tensors = load_file(str(shard))
+    tensors[name] = tensors[name] + 1e-2
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(ContractError, match=name.replace(".", r"\.")):
+        verify_merged(cfg)
+
+
+def test_cli_merge_and_verify(pairs, adapters, tmp_path, capsys):
+    from gift_dist.cli import main
+
+    pair = pairs["llama"]
+    out = tmp_path / "merged"
+    args = ["merge", "--adapter", str(adapters["llama"]), "--target", str(pair.instruct), "--output", str(out),
+            "--scale", "0.25", "--no-verify", f"instruct_model={pair.instruct}", "merge.progress=false"]
+    assert main(args) == 0
+    assert read_merged(out).record.strength == 0.25
+    assert main(args) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    assert main(["verify-merge", "--merged", str(out)]) == 0
+    assert "tensors recomputed" in capsys.readouterr().out
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+
+
+def test_adapter_missing_weights(pairs, adapters, tmp_path):
+    broken = tmp_path / "adapter"
+    shutil.copytree(adapters["llama"], broken)
+    (broken / "adapter_model.safetensors").unlink()
+    with pytest.raises(ContractError, match="adapter_model.safetensors"):
+        merge(merge_config(tmp_path, pairs["llama"]), adapter_dir=str(broken))
+
+
+def test_adapter_of_another_architecture(pairs, adapters, tmp_path):
+    with pytest.raises(ContractError, match="model_type='qwen2'.*model_type='llama'"):
+        merge(merge_config(tmp_path, pairs["llama"]), adapter_dir=str(adapters["qwen2"]))
+
+
+def test_adapter_of_another_size_names_the_key(pairs, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(pairs["llama"].base))
+    config.hidden_size, config.intermediate_size = 32, 64
+    model = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.peft_config["default"].base_model_name_or_path = None
+    model.save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(ContractError, match=r"layers\.0\.self_attn\.q_proj\.lora_A.*another architecture"):
+        merge(merge_config(tmp_path, pairs["llama"], ), adapter_dir=str(tmp_path / "adapter"))
+
+
+def test_adapter_key_matching_no_tensor(pairs, adapters, tmp_path):
+    broken = tmp_path / "adapter"
+    shutil.copytree(adapters["llama"], broken)
+    tensors = load_file(str(broken / "adapter_model.safetensors"))
+    for factor in ("A", "B"):
+        old = f"base_model.model.model.layers.0.self_attn.q_proj.lora_{factor}.weight"
+        tensors[old.replace("q_proj", "qkv_proj")] = tensors.pop(old)
+    save_file(tensors, str(broken / "adapter_model.safetensors"))
+    with pytest.raises(ContractError, match=r"qkv_proj\.lora_A\.weight matches no tensor"):
+        merge(merge_config(tmp_path, pairs["llama"]), adapter_dir=str(broken))
+
+
+def test_adapter_identity_mismatch(pairs, adapters, tmp_path):
+    tagged = tmp_path / "adapter"
+    shutil.copytree(adapters["llama"], tagged)
+    record = {"format": "gift_dist.adapter", "version": 1, "base_model": {"name": "other", "hash": "0123456789abcdef"}}
+    (tagged / "gift_adapter.json").write_text(json.dumps(record))
+    with pytest.raises(ContractError, match="trained on other .hash 0123456789abcdef"):
+        merge(merge_config(tmp_path, pairs["llama"]), adapter_dir=str(tagged))
+
+
+def test_target_with_missing_shard(pairs, adapters, tmp_path):
+    target = tmp_path / "instruct"
+    shutil.copytree(pairs["llama"].instruct, target)
+    (target / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(ContractError, match="model-00002-of-00003.safetensors.*missing"):
+        merge(merge_config(tmp_path, pairs["llama"]), adapter_dir=str(adapters["llama"]), target_dir=str(target))
+
+
+def test_target_with_corrupt_header(pairs, adapters, tmp_path):
+    target = tmp_path / "instruct"
+    shutil.copytree(pairs["llama"].instruct, target)
+    shard = target / "model-00001-of-00003.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[:8] = struct.pack("<Q", 1 << 40)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ContractError, match="model-00001-of-00003.safetensors has a corrupt safetensors header"):
+        merge(merge_config(tmp_path, pairs["llama"]), adapter_dir=str(adapters["llama"]), target_dir=str(target))
+
+
+def test_pickle_only_target_is_refused(pairs, adapters, tmp_path):
+    target = tmp_path / "instruct"
+    target.mkdir()
+    shutil.copy(pairs["llama"].instruct / "config.json", target)
+    (target / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(ContractError, match="pickle"):
+        merge(merge_config(tmp_path, pairs["llama"]), adapter_dir=str(adapters["llama"]), target_dir=str(target))
+
+
+def test_existing_output_is_refused_unless_overwrite(pairs, adapters, tmp_path):
+    cfg = merge_config(tmp_path, pairs["llama"])
+    cfg.paths.merged.mkdir(parents=True)
+    (cfg.paths.merged / "keep.txt").write_text("user data")
+    with pytest.raises(ContractError, match="exists.*--overwrite"):
+        merge(cfg, adapter_dir=str(adapters["llama"]))
+    assert (cfg.paths.merged / "keep.txt").is_file()
+    cfg.merge.overwrite = True
+    out = merge(cfg, adapter_dir=str(adapters["llama"]))
+    assert not (out / "keep.txt").exists() and read_merged(out)
+
+
+def test_dora_adapter_is_refused(pairs, tmp_path):
+    adapter = make_adapter(pairs["llama"].base, tmp_path / "adapter", target_modules=["q_proj"], use_dora=True)
+    with pytest.raises(ContractError, match="lora_magnitude_vector.*DoRA"):
+        merge(merge_config(tmp_path, pairs["llama"]), adapter_dir=str(adapter))
