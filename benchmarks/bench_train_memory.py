@@ -74,7 +74,9 @@ def bench_memory(args) -> None:
     results = {}
     for variant in ("full", "chunked"):
         if device == "cuda":
-            results[variant] = measure_variant(variant, args.seq_len, args.vocab, args.hidden, args.chunk_tokens, device)
+            results[variant] = measure_variant(
+                variant, args.seq_len, args.vocab, args.hidden, args.chunk_tokens, device
+            )
             continue
         child = subprocess.run(
             [sys.executable, __file__, "--measure", variant, "--seq-len", str(args.seq_len), "--vocab",
@@ -151,9 +153,10 @@ def bench_data(args) -> None:
                     samples += len(micro_batch.sample_indices)
                     tokens += micro_batch.num_tokens
             rate = samples / (time.perf_counter() - started)
+            ratio = rate / args.trainer_samples_per_s
             print(f"data feed ({'packed' if packing else 'padded'}): {samples} samples / {tokens} tokens in "
                   f"{batches.total_steps} steps: {rate:.0f} samples/s on one rank; trainer consumes "
-                  f"{args.trainer_samples_per_s:.0f} samples/s -> feed/consume ratio {rate / args.trainer_samples_per_s:.1f}x")
+                  f"{args.trainer_samples_per_s:.0f} samples/s -> feed/consume ratio {ratio:.1f}x")
 
 
 def main() -> None:

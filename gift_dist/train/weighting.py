@@ -110,7 +110,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.eos_weight != "scored" and (
         isinstance(cfg.eos_weight, bool) or not math.isfinite(cfg.eos_weight) or cfg.eos_weight < 0
     ):
-        raise ConfigError(f"config key 'train.eos_weight' must be 'scored' or a finite number >= 0, got {cfg.eos_weight}")
+        raise ConfigError(
+            f"config key 'train.eos_weight' must be 'scored' or a finite number >= 0, got {cfg.eos_weight}"
+        )
     if weighting.needs_own_logprobs and cfg.normalizer == "sum_weights" and cfg.normalize_over == "global_batch":
         raise ConfigError(
             f"weighting '{cfg.weighting}' uses the model's own probabilities, known only after the forward, so "
