@@ -200,6 +200,13 @@ def test_reader_refuses_a_shard_plan_of_another_size(prepared, tmp_path):
         reader(conf_dir, prepared).logprobs(0)
 
 
+@pytest.mark.parametrize("wait, poll, message", [(1.0, 0.0, "confidence_poll_seconds"),
+                                                  (-1.0, 1.0, "confidence_wait_seconds")])
+def test_reader_refuses_bad_wait_settings(prepared, scored, wait, poll, message):
+    with pytest.raises(ConfigError, match=message):
+        ConfidenceReader(scored, prepared, wait_seconds=wait, poll_seconds=poll)
+
+
 # ------------------------------------------------------------------------------------------------- TrainBatches
 
 
@@ -295,6 +302,15 @@ def test_micro_batch_tensors_align_with_the_confidence_order(prepared, scored):
         assert mb.num_target_tokens == targets.numel()
         assert mb.num_tokens == sum(prepared.dataset[i]["num_tokens"] for i in mb.sample_indices)
         assert (mb.input_ids[mb.attention_mask == 0] == PAD_ID).all()
+
+
+def test_micro_batch_moves_all_its_tensors(prepared, scored):
+    mb = batches(prepared, scored, micro_batch_size=2, packing=True).micro_batches(0)[0]
+    moved = mb.to("meta")
+    assert all(t.device.type == "meta" for t in (moved.input_ids, moved.labels, moved.position_ids,
+                                                 moved.inst_logprobs, moved.is_eos, moved.sample_lengths))
+    assert moved.attention_mask is None and moved.sample_indices == mb.sample_indices
+    assert mb.input_ids.device.type == "cpu"
 
 
 @pytest.mark.parametrize("name", ["uniform", "dft"])

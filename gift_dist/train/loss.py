@@ -19,6 +19,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -33,8 +34,9 @@ def num_ce_chunks(labels: Tensor, chunk_tokens: int) -> int:
 
 
 def _chunk_ce(hidden: Tensor, targets: Tensor, lm_head: torch.nn.Module) -> Tensor:
-    logits = lm_head(hidden).float()
-    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    # cross_entropy's fused log-softmax + NLL keeps about 3 chunk-sized [chunk, vocab] buffers alive in backward,
+    # half of what a logsumexp - gather composition needs.
+    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="none")
 
 
 def target_token_ce(

@@ -110,7 +110,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.eos_weight != "scored" and (
         isinstance(cfg.eos_weight, bool) or not math.isfinite(cfg.eos_weight) or cfg.eos_weight < 0
     ):
-        raise ConfigError(f"config key 'train.eos_weight' must be 'scored' or a finite number >= 0, got {cfg.eos_weight}")
+        raise ConfigError(
+            f"config key 'train.eos_weight' must be 'scored' or a finite number >= 0, got {cfg.eos_weight}"
+        )
     if weighting.needs_own_logprobs and cfg.normalizer == "sum_weights" and cfg.normalize_over == "global_batch":
         raise ConfigError(
             f"weighting '{cfg.weighting}' uses the model's own probabilities, known only after the forward, so "
@@ -137,7 +139,8 @@ def token_weights(
 
     ``eos_weight`` (a number) overrides the weight of end-of-sequence targets, as the authors' reference keeps it
     at 1; ``"scored"`` weighs them like any token. With ``mean_normalized`` the per-sample mean is taken over the
-    tokens that keep their scored weight, so the override does not shift the others.
+    tokens that keep their scored weight, so the override does not shift the others. For ``dft``,
+    ``own_logprobs`` is ``-target_token_ce(...)`` of the forward being weighted (detached here).
     """
     weighting = _registered(cfg)
     num_targets = is_eos.numel()
