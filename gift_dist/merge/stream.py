@@ -320,5 +320,4 @@ def stream_merge(
     log.info("merged %d shards (%.2f GB) in %.1f s: %.2f GB/s", len(todo), written / 1e9, elapsed, written / 1e9 / elapsed)
     if len(plans) > 1 or (source_dir / checkpoint.SAFE_INDEX).is_file():
         write_index(work_dir, plans)
-    (work_dir / PLAN_NAME).unlink()
     return [p.name for p in plans]
