@@ -103,6 +103,9 @@ def merge(
     """Merge the run's adapter into the instruct (or base) checkpoint; returns the merged model dir."""
     opts = cfg.merge
     adapter_path, target, output, base = merge_paths(cfg, adapter_dir, target_dir, output_dir, base_dir)
+    for model in (target, base):
+        if model is not None and (output.resolve() == model.resolve() or model.resolve() in output.resolve().parents):
+            raise ConfigError(f"output directory {output} would replace or sit inside the input model {model}")
     if output.exists() and not opts.overwrite:
         raise ContractError(f"output directory {output} exists; pass --overwrite (merge.overwrite=true) to replace")
     adapter = adapter_contract.read_adapter(adapter_path)

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from gift_dist.config import ConfigError
 from gift_dist.contracts import ContractError
 from gift_dist.merge.names import MergeTargets, lora_factors
 from gift_dist.merge.writer import SAFE_DTYPE_OF, ShardWriter, TensorSlot
@@ -107,10 +108,10 @@ def plan_shards(sources: list[TensorSource], out_dtype: Optional[torch.dtype], m
 
 def working_bytes(plan: ShardPlan, targets: MergeTargets) -> int:
     """Memory one shard job holds at its peak: the largest tensor read, or a merged one with two fp32 copies."""
-    peak = 0
+    peak, merged = 0, targets.names()
     for source, slot in zip(plan.tensors, plan.slots):
         count = math.prod(source.shape)
-        peak = max(peak, 3 * 4 * count if source.name in targets.names() else 2 * slot.nbytes)
+        peak = max(peak, 3 * 4 * count if source.name in merged else 2 * slot.nbytes)
     return peak
 
 
@@ -195,6 +196,7 @@ def write_shard(
     from safetensors import safe_open
 
     partial = work_dir / (plan.name + PARTIAL_SUFFIX)
+    merged = targets.names()
     with contextlib.ExitStack() as stack:
         writer = stack.enter_context(ShardWriter(partial, plan.slots, metadata={"format": "pt"}))
         handles = {}
@@ -203,7 +205,7 @@ def write_shard(
                 handles[source.file] = stack.enter_context(safe_open(str(source_dir / source.file), framework="pt"))
             weight = handles[source.file].get_tensor(source.name)
             dtype = out_dtype if out_dtype is not None and weight.is_floating_point() else weight.dtype
-            if source.name in targets.names():
+            if source.name in merged:
                 weight = merged_tensor(source.name, weight, targets, strength, base, dtype)
             writer.write(source.name, weight.to(dtype))
     os.replace(partial, work_dir / plan.name)
@@ -290,7 +292,10 @@ def stream_merge(
     from transformers.utils.hub import convert_file_size_to_int
 
     out_dtype = DTYPES.get(dtype)
-    max_bytes = convert_file_size_to_int(max_shard_size) if max_shard_size else None
+    try:
+        max_bytes = convert_file_size_to_int(max_shard_size) if max_shard_size else None
+    except ValueError as exc:
+        raise ConfigError(f"config key 'merge.max_shard_size': {max_shard_size!r} is not a size like 5GB") from exc
     sources = read_sources(source_dir)
     plans = plan_shards(sources, out_dtype, max_bytes)
     done = prepare_work_dir(work_dir, plan_fingerprint(plans, {**identity, "strength": strength, "dtype": dtype}))
