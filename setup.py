@@ -10,9 +10,10 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["gift_dist", "gift_dist.*"]),
-    package_data={"gift_dist": ["resources/*", "ds_configs/*.json"]},
-    include_package_data=True,
+    # ds_configs/ lives at the top of the repo (where cluster users look for it) and ships inside the package.
+    packages=find_packages(include=["gift_dist", "gift_dist.*"]) + ["gift_dist.ds_configs"],
+    package_dir={"gift_dist.ds_configs": "ds_configs"},
+    package_data={"gift_dist": ["resources/*"], "gift_dist.ds_configs": ["*.json"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from merge_helpers import logits, make_adapter, merge_config, peft_merged, sample_ids
+from tests.merge_helpers import logits, make_adapter, merge_config, peft_merged, sample_ids
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 

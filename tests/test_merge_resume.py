@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from merge_helpers import logits, make_adapter, merge_config, peft_merged, sample_ids
+from tests.merge_helpers import logits, make_adapter, merge_config, peft_merged, sample_ids
 
 from gift_dist.contracts import ContractError
 from gift_dist.contracts.merged import read_merged

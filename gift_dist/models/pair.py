@@ -47,7 +47,7 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
 
     try:
         return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # tokenizers raises a bare Exception for a damaged tokenizer.json
         raise ContractError(f"cannot load the tokenizer of {model}: {exc}") from exc
 
 

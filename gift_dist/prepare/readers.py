@@ -1,0 +1,206 @@
+"""Read training records from jsonl/json/parquet/csv files or a datasets hub id into one uniform table.
+
+Every source becomes rows of (``source``, ``row``, ``record``) where ``record`` is the original record as a JSON
+string. Keeping records as text until the per-record validation in `normalize_record` is deliberate: Arrow
+would refuse a whole file whose rows disagree on a type (one record with numeric content among strings), while
+we want exactly that record dropped and counted, naming its file and row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from gift_dist.config import DataConfig
+from gift_dist.contracts import ContractError
+
+EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+ROLES = ("system", "user", "assistant")
+
+
+class DropRecord(Exception):
+    """A record that cannot become a training sample; ``reason`` is the key it is counted under."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _json_lines(path: str, digest: str) -> Iterator[dict[str, Any]]:
+    """Yield raw lines of a jsonl file (``digest`` is only there so datasets' cache key follows the content)."""
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh):
+            if line.strip():
+                yield {"source": path, "row": number, "record": line.strip()}
+
+
+def _json_array(path: str, digest: str) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        try:
+            data = json.load(fh)
+        except json.JSONDecodeError:
+            fh.seek(0)  # not one JSON document: treat it as JSON lines
+            yield from _json_lines(path, digest)
+            return
+    if not isinstance(data, list):
+        raise ContractError(f"{path}: a .json data file must hold a list of records (or JSON lines)")
+    for number, record in enumerate(data):
+        yield {"source": path, "row": number, "record": json.dumps(record, ensure_ascii=False)}
+
+
+def _check_files(files: list[str]) -> list[tuple[Path, str]]:
+    checked = []
+    for name in files:
+        path = Path(name)
+        kind = EXTENSIONS.get(path.suffix.lower())
+        if kind is None:
+            raise ContractError(
+                f"data file {path} has unsupported extension '{path.suffix}'; use one of {sorted(EXTENSIONS)}"
+            )
+        if not path.is_file():
+            raise ContractError(f"data file not found: {path}")
+        checked.append((path, kind))
+    return checked
+
+
+def _csv_text_features(path: Path):
+    import csv
+
+    from datasets import Features, Value
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh), None)
+    if not header:
+        raise ContractError(f"data file {path} has no CSV header row")
+    return Features({name: Value("string") for name in header})
+
+
+def describe_sources(cfg: DataConfig) -> list[dict[str, Any]]:
+    """What the data is, for the manifest and the fingerprint: file names with content hashes, or the hub id."""
+    if cfg.hub_id:
+        return [{"hub_id": cfg.hub_id, "split": cfg.hub_split, "revision": cfg.hub_revision}]
+    if not cfg.files:
+        raise ContractError("no training data configured: set data.files (local files) or data.hub_id")
+    return [{"file": path.name, "sha256": file_sha256(path)} for path, _ in _check_files(cfg.files)]
+
+
+def load_raw_records(cfg: DataConfig, sources: list[dict[str, Any]]):
+    """One `datasets.Dataset` with columns source, row, record (JSON text), in source order."""
+    from datasets import Dataset, concatenate_datasets, load_dataset
+
+    def as_records(ds, source: str):
+        columns = ds.column_names
+        return ds.map(
+            lambda batch, idx: {
+                "source": [source] * len(idx),
+                "row": idx,
+                "record": [
+                    json.dumps({c: batch[c][i] for c in columns}, ensure_ascii=False, default=str)
+                    for i in range(len(idx))
+                ],
+            },
+            batched=True,
+            with_indices=True,
+            remove_columns=columns,
+        )
+
+    if cfg.hub_id:
+        ds = load_dataset(cfg.hub_id, split=cfg.hub_split, revision=cfg.hub_revision)
+        return as_records(ds, cfg.hub_id)
+    parts = []
+    for (path, kind), source in zip(_check_files(cfg.files), sources):
+        if kind in ("jsonl", "json"):
+            reader = _json_lines if kind == "jsonl" else _json_array
+            parts.append(Dataset.from_generator(reader, gen_kwargs={"path": str(path), "digest": source["sha256"]}))
+        else:
+            try:
+                # CSV cells stay text: type inference would turn a reply like "3." into the float 3.0.
+                extra = {"features": _csv_text_features(path)} if kind == "csv" else {}
+                ds = load_dataset(kind, data_files=str(path), split="train", **extra)
+            except Exception as exc:  # pyarrow/pandas raise many types for malformed files
+                raise ContractError(f"cannot read data file {path}: {exc}") from exc
+            parts.append(as_records(ds, str(path)))
+    return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise DropRecord("non_string_content", f"{what} is {type(value).__name__}, not a string")
+    return value
+
+
+def normalize_record(raw: str, cfg: DataConfig) -> list[dict[str, str]]:
+    """Turn one record of any supported shape into a validated list of {role, content} messages."""
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise DropRecord("malformed_json", str(exc)) from exc
+    if not isinstance(record, dict):
+        raise DropRecord("malformed_record", f"expected an object, got {type(record).__name__}")
+    shape = cfg.format
+    if shape == "auto":
+        if cfg.messages_column in record:
+            shape = "messages"
+        elif cfg.prompt_column in record or cfg.response_column in record:
+            shape = "prompt_response"
+        elif cfg.instruction_column in record or cfg.output_column in record:
+            shape = "alpaca"
+        else:
+            raise DropRecord(
+                "missing_column",
+                f"no '{cfg.messages_column}', '{cfg.prompt_column}'/'{cfg.response_column}' or "
+                f"'{cfg.instruction_column}'/'{cfg.output_column}' column (has {sorted(record)})",
+            )
+
+    def column(name: str) -> Any:
+        if record.get(name) is None:
+            raise DropRecord("missing_column", f"column '{name}' is missing or null (has {sorted(record)})")
+        return record[name]
+
+    if shape == "messages":
+        messages = column(cfg.messages_column)
+        if not isinstance(messages, list) or not messages:
+            raise DropRecord("malformed_record", f"'{cfg.messages_column}' must be a non-empty list of messages")
+        out = []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise DropRecord("malformed_record", f"message {i} must be an object with 'role' and 'content'")
+            role = message["role"]
+            if role not in ROLES:
+                raise DropRecord("unknown_role", f"message {i} has role {role!r}; expected one of {list(ROLES)}")
+            out.append({"role": role, "content": _text(message["content"], f"message {i} content")})
+    elif shape == "prompt_response":
+        out = [
+            {"role": "user", "content": _text(column(cfg.prompt_column), f"'{cfg.prompt_column}'")},
+            {"role": "assistant", "content": _text(column(cfg.response_column), f"'{cfg.response_column}'")},
+        ]
+        if cfg.system_column and record.get(cfg.system_column):
+            out.insert(0, {"role": "system", "content": _text(record[cfg.system_column], f"'{cfg.system_column}'")})
+    else:
+        instruction = _text(column(cfg.instruction_column), f"'{cfg.instruction_column}'")
+        extra = record.get(cfg.input_column) or ""
+        prompt = instruction + ("\n\n" + _text(extra, f"'{cfg.input_column}'") if extra else "")
+        out = [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _text(column(cfg.output_column), f"'{cfg.output_column}'")},
+        ]
+    if cfg.system_prompt and out[0]["role"] != "system":
+        out.insert(0, {"role": "system", "content": cfg.system_prompt})
+    assistant = [m for m in out if m["role"] == "assistant"]
+    if not assistant:
+        raise DropRecord("no_assistant_turn", "the record has no assistant message to train on")
+    for i, message in enumerate(out):
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise DropRecord("empty_response", f"assistant message {i} is empty or whitespace")
+    return out

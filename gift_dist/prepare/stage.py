@@ -1,0 +1,204 @@
+"""`gift-dist prepare`: tokenize the training data exactly once, with the instruct model's chat template.
+
+Reads like the algorithm:
+  1. check the base/instruct pair and the instruct tokenizer's chat template;
+  2. fingerprint data + tokenizer + settings;
+  3. read every record, normalise it to messages, render and label it (datasets.map, num_proc workers);
+  4. count drops by reason (or fail on the first with --strict), apply the max-length policy;
+  5. fix a seeded epoch-0 order, plan the shards, write the prepared contract.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from gift_dist import __version__
+from gift_dist.config import DataConfig, PrepareConfig, RunConfig, config_to_dict, require
+from gift_dist.contracts import ContractError
+from gift_dist.contracts import prepared as contract
+from gift_dist.models.pair import check_pair, load_tokenizer
+from gift_dist.prepare.readers import DropRecord, describe_sources, load_raw_records, normalize_record
+from gift_dist.prepare.render import TemplateError, render_conversation, require_chat_template
+
+log = logging.getLogger(__name__)
+
+# Settings that cannot change the prepared output are left out of the fingerprint.
+NON_OUTPUT_SETTINGS = ("num_proc", "strict")
+
+
+def _sha(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tokenizer_description(tokenizer, model: str) -> dict[str, Any]:
+    return {
+        "name_or_path": model,
+        "size": len(tokenizer),
+        "vocab_sha256": _sha(tokenizer.get_vocab()),
+        "chat_template_sha256": _sha(tokenizer.chat_template),
+        "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+    }
+
+
+def settings_for_fingerprint(data: DataConfig, prep: PrepareConfig) -> dict[str, Any]:
+    data_settings = {k: v for k, v in config_to_dict(data).items() if k != "files"}
+    prep_settings = {k: v for k, v in config_to_dict(prep).items() if k not in NON_OUTPUT_SETTINGS}
+    return {"data": data_settings, "prepare": prep_settings}
+
+
+def compute_fingerprint(sources: list[dict], tokenizer_desc: dict, settings: dict) -> str:
+    tokenizer_part = {k: v for k, v in tokenizer_desc.items() if k != "name_or_path"}
+    return _sha({"version": contract.VERSION, "sources": sources, "tokenizer": tokenizer_part,
+                 "settings": settings})[:32]
+
+
+def _identify(cfg: RunConfig, tokenizer) -> tuple[list[dict], dict, dict, str]:
+    sources = describe_sources(cfg.data)
+    tok_desc = tokenizer_description(tokenizer, cfg.instruct_model)
+    settings = settings_for_fingerprint(cfg.data, cfg.prepare)
+    return sources, tok_desc, settings, compute_fingerprint(sources, tok_desc, settings)
+
+
+def expected_fingerprint(cfg: RunConfig) -> str:
+    """The fingerprint `prepare` would write for this config (hashes the data files; tokenizes nothing)."""
+    return _identify(cfg, load_tokenizer(cfg.instruct_model, cfg.trust_remote_code))[3]
+
+
+def _tokenize_batch(batch: dict, tokenizer, data_cfg: DataConfig, prep_cfg: PrepareConfig) -> dict:
+    """datasets.map worker: one output row per input record, with an empty drop_reason when it is kept."""
+    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "end_of_turn_ids", "drop_reason", "drop_detail")}
+    for raw in batch["record"]:
+        ids: list[int] = []
+        labels: list[int] = []
+        eot: list[int] = []
+        reason = detail = ""
+        try:
+            rendered = render_conversation(tokenizer, normalize_record(raw, data_cfg), prep_cfg.train_on)
+            ids, labels, eot = rendered.input_ids, rendered.labels, rendered.end_of_turn_ids
+            if len(ids) > prep_cfg.max_length:
+                if prep_cfg.overlength == "drop":
+                    raise DropRecord("over_length", f"{len(ids)} tokens > max_length {prep_cfg.max_length}")
+                ids, labels = ids[: prep_cfg.max_length], labels[: prep_cfg.max_length]
+            if all(label == contract.IGNORE_INDEX for label in labels):
+                raise DropRecord("no_target_tokens", "no assistant token left (truncated away by max_length)")
+        except DropRecord as drop:
+            ids, labels, eot, reason, detail = [], [], [], drop.reason, drop.detail
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["end_of_turn_ids"].append(sorted(set(eot)))
+        out["drop_reason"].append(reason)
+        out["drop_detail"].append(detail)
+    out["num_tokens"] = [len(x) for x in out["input_ids"]]
+    out["num_target_tokens"] = [sum(1 for v in x if v != contract.IGNORE_INDEX) for x in out["labels"]]
+    return out
+
+
+def prepare(cfg: RunConfig) -> contract.Prepared:
+    """Run the prepare stage and return the written, re-validated prepared dataset."""
+    from datasets import Features, Sequence, Value
+
+    require(cfg, "instruct_model")
+    if cfg.base_model:
+        check_pair(cfg.base_model, cfg.instruct_model, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.instruct_model, cfg.trust_remote_code)
+    require_chat_template(tokenizer, cfg.instruct_model)
+
+    sources, tok_desc, settings, fingerprint = _identify(cfg, tokenizer)
+    log.info("prepare: fingerprint %s", fingerprint)
+
+    raw = load_raw_records(cfg.data, sources)
+    features = Features({
+        "source": Value("string"), "row": Value("int64"), "record": Value("string"),
+        "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
+        "end_of_turn_ids": Sequence(Value("int32")), "drop_reason": Value("string"),
+        "drop_detail": Value("string"), "num_tokens": Value("int32"), "num_target_tokens": Value("int32"),
+    })
+    try:
+        tokenized = raw.map(
+            _tokenize_batch,
+            batched=True,
+            batch_size=256,
+            num_proc=cfg.prepare.num_proc if cfg.prepare.num_proc > 1 else None,
+            fn_kwargs={"tokenizer": tokenizer, "data_cfg": cfg.data, "prep_cfg": cfg.prepare},
+            features=features,
+            new_fingerprint=f"{fingerprint}-tokenized",
+            desc="tokenize",
+        )
+    except TemplateError:
+        raise
+    except Exception as exc:
+        if isinstance(exc.__cause__, TemplateError):
+            raise exc.__cause__ from None
+        raise
+
+    reasons = tokenized["drop_reason"]
+    dropped = Counter(r for r in reasons if r)
+    if dropped and cfg.prepare.strict:
+        first = next(i for i, r in enumerate(reasons) if r)
+        bad = tokenized[first]
+        raise ContractError(
+            f"--strict: record {bad['row']} of {bad['source']} is unusable ({bad['drop_reason']}: "
+            f"{bad['drop_detail']}); {sum(dropped.values())} records would be dropped: {dict(dropped)}"
+        )
+    kept_rows = np.flatnonzero(np.array([r == "" for r in reasons], dtype=bool))
+    if len(kept_rows) == 0:
+        raise ContractError(f"no usable records in the data ({len(reasons)} read, dropped by reason: {dict(dropped)})")
+    for reason, count in sorted(dropped.items()):
+        log.warning("prepare: dropped %d records: %s", count, reason)
+
+    order = kept_rows[np.random.default_rng(cfg.prepare.seed).permutation(len(kept_rows))]
+    eos_ids = sorted({int(i) for ids in tokenized.select(kept_rows)["end_of_turn_ids"] for i in ids}
+                     | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+    samples = (
+        tokenized.select(order, new_fingerprint=f"{fingerprint}-ordered")
+        .map(lambda row: {"record_index": row}, input_columns="row", new_fingerprint=f"{fingerprint}-indexed")
+        .remove_columns(["source", "row", "record", "end_of_turn_ids", "drop_reason", "drop_detail"])
+        .flatten_indices(new_fingerprint=f"{fingerprint}-flat")
+    )
+    num_tokens, num_targets = samples["num_tokens"], samples["num_target_tokens"]
+    manifest = contract.PreparedManifest(
+        fingerprint=fingerprint,
+        tokenizer=tok_desc,
+        settings=settings,
+        sources=sources,
+        counts={"records_read": len(reasons), "kept": len(order), "dropped": dict(sorted(dropped.items()))},
+        tokens={"total": int(sum(num_tokens)), "target": int(sum(num_targets))},
+        eos_token_ids=eos_ids,
+        pad_token_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id),
+        shards=contract.plan_shards(num_tokens, num_targets, cfg.prepare.samples_per_shard),
+        created_with={"gift_dist": __version__},
+    )
+    contract.write_prepared(cfg.paths.prepared, samples, manifest)
+    log.info(
+        "prepare: %d of %d records kept, %d target tokens of %d, %d shards -> %s",
+        len(order), len(reasons), manifest.tokens["target"], manifest.tokens["total"], len(manifest.shards),
+        cfg.paths.prepared,
+    )
+    return contract.load_prepared(cfg.paths.prepared, expected_fingerprint=fingerprint)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from gift_dist.cli import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--strict", action="store_true", help="fail on the first unusable record instead of dropping")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gift_dist.cli import config_from_args
+
+    cfg = config_from_args(args)
+    if args.strict:
+        cfg.prepare.strict = True
+    prepared = prepare(cfg)
+    m = prepared.manifest
+    print(json.dumps({"prepared": str(prepared.path), "fingerprint": m.fingerprint, "counts": m.counts,
+                      "tokens": m.tokens, "shards": len(m.shards)}, indent=2))
+    return 0

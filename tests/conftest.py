@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny offline base/instruct pairs (built once per session) and a prepared dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from gift_dist.bundled import bundled_data_path  # noqa: E402
+from gift_dist.config import load_config  # noqa: E402
+from gift_dist.models.tiny import build_tiny_pair  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    return build_tiny_pair(tmp_path_factory.mktemp("tiny_llama"), arch="llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    return build_tiny_pair(tmp_path_factory.mktemp("tiny_qwen2"), arch="qwen2", seed=1)
+
+
+def make_run_config(pair, output_dir: Path, data_files=None, **overrides):
+    """A run config for a tiny pair; ``overrides`` are ``section.key`` -> value."""
+    items = [f"{k}={v}" for k, v in overrides.items()]
+    cfg = load_config(None, [
+        f"base_model={pair.base}", f"instruct_model={pair.instruct}", f"output_dir={output_dir}", *items,
+    ])
+    cfg.data.files = [str(f) for f in (data_files or [bundled_data_path()])]
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def prepared_llama(tiny_llama, tmp_path_factory):
+    """A small prepared dataset (300 bundled records, 64-sample shards) for the later stages' tests."""
+    from gift_dist.bundled import read_jsonl, write_jsonl
+    from gift_dist.prepare.stage import prepare
+
+    root = tmp_path_factory.mktemp("prepared_llama")
+    data = write_jsonl(read_jsonl(bundled_data_path())[:300], root / "data.jsonl")
+    cfg = make_run_config(tiny_llama, root / "run", [data], **{"prepare.max_length": 256,
+                                                                "prepare.samples_per_shard": 64})
+    prepare(cfg)
+    return cfg

@@ -1,0 +1,93 @@
+"""End to end on tiny models: prepare -> score -> train (2 ZeRO-3 ranks, streaming) -> merge, and resumption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from gift_dist.bundled import bundled_data_path, read_jsonl, write_jsonl
+from gift_dist.config import dump_config
+from gift_dist.contracts import confidence as conf
+from gift_dist.contracts.merged import read_merged
+from gift_dist.pipeline.run import Launch, run_pipeline
+from tests.conftest import make_run_config
+
+SETTINGS = {
+    "prepare.max_length": 256,
+    "prepare.samples_per_shard": 32,
+    "score.progress": False,
+    "train.micro_batch_size": 4,
+    "train.max_steps": 8,
+    "train.save_every_steps": 2,
+    "train.learning_rate": 5e-3,
+    "train.progress": False,
+    "train.confidence_poll_seconds": 0.2,
+}
+
+
+def _config(tiny_llama, tmp_path, **extra):
+    data = write_jsonl(read_jsonl(bundled_data_path())[:160], tmp_path / "data.jsonl")
+    return make_run_config(tiny_llama, tmp_path / "run", [data], **{**SETTINGS, **extra})
+
+
+def test_pipeline_end_to_end_with_overlapping_scorer(tiny_llama, tmp_path):
+    # A throttled scorer (each batch takes >= 0.4 s) is still writing when the trainer starts.
+    cfg = _config(tiny_llama, tmp_path, **{"score.throttle_seconds": 0.4, "score.max_batch_size": 8})
+    result = run_pipeline(cfg, Launch(train_procs=2, score_workers=1))
+    assert result.ran == ["prepare", "score", "train", "merge"]
+
+    manifest = conf.read_manifest(cfg.paths.confidence)
+    assert manifest.complete and manifest.num_shards == 5
+    last_shard_written = max((cfg.paths.confidence / r.file).stat().st_mtime for r in manifest.shards.values())
+    metrics = [json.loads(line) for line in (cfg.paths.logs / "train_metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    assert metrics[0]["time"] < last_shard_written, "training did not overlap with scoring"
+    assert all(0 < m["mean_weight"] <= 1 for m in metrics)
+
+    merged = read_merged(cfg.paths.merged)
+    assert merged.record.scale > 0
+    model = AutoModelForCausalLM.from_pretrained(cfg.paths.merged)
+    instruct = AutoModelForCausalLM.from_pretrained(tiny_llama.instruct)
+    moved = [n for (n, p), q in zip(model.named_parameters(), instruct.parameters()) if not torch.equal(p, q)]
+    assert any("q_proj" in n for n in moved) and not any("embed_tokens" in n for n in moved)
+    adapter = load_file(str(cfg.paths.adapter / "adapter_model.safetensors"))
+    assert any(t.abs().max() > 0 for k, t in adapter.items() if "lora_B" in k)
+
+    again = run_pipeline(cfg, Launch(train_procs=2, score_workers=1))
+    assert again.ran == [] and again.skipped == ["prepare", "score", "train", "merge"]
+
+
+def test_killed_run_finishes_without_redoing_stages(tiny_llama, tmp_path):
+    cfg = _config(tiny_llama, tmp_path, **{"train.weighting": "uniform", "train.max_steps": 12})
+    config_file = tmp_path / "run.yaml"
+    dump_config(cfg, config_file)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen([sys.executable, "-m", "gift_dist.cli", "run", "--config", str(config_file),
+                             "--train-procs", "2", "--score-workers", "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = cfg.paths.checkpoints / "latest"
+    deadline = time.monotonic() + 240
+    while not latest.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert latest.exists(), "the trainer never saved a checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # the orphaned trainer gets SIGTERM from the kernel (PDEATHSIG) and stops
+    assert not cfg.paths.adapter.exists() and not cfg.paths.merged.exists()
+    prepared_mtime = (cfg.paths.prepared / "prepared.json").stat().st_mtime
+
+    result = run_pipeline(cfg, Launch(train_procs=2, score_workers=1))
+    assert result.skipped[:2] == ["prepare", "score"] and result.ran == ["train", "merge"]
+    assert (cfg.paths.prepared / "prepared.json").stat().st_mtime == prepared_mtime
+    assert "resum" in (cfg.paths.logs / "train.log").read_text().lower()
+    steps = [json.loads(line)["step"] for line in (cfg.paths.logs / "train_metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 12
+    read_merged(cfg.paths.merged)

@@ -1,0 +1,198 @@
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from transformers import AutoTokenizer
+
+from gift_dist.bundled import read_jsonl, write_jsonl
+from gift_dist.cli import main
+from gift_dist.contracts import ContractError
+from gift_dist.contracts.prepared import IGNORE_INDEX, load_prepared, read_manifest
+from gift_dist.models.pair import PairMismatch
+from gift_dist.prepare.stage import prepare
+from tests.conftest import make_run_config
+
+MULTI_TURN = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "2 + 2 = 4. The answer is 4."},
+        {"role": "user", "content": "And 3 * 3?"},
+        {"role": "assistant", "content": "3 * 3 = 9."},
+    ]
+}
+
+
+def _files_digest(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _target_segments(tokenizer, row) -> list[str]:
+    segments, current = [], []
+    for token, label in zip(row["input_ids"], row["labels"]):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            segments.append(tokenizer.decode(current))
+            current = []
+    if current:
+        segments.append(tokenizer.decode(current))
+    return segments
+
+
+def test_bundled_manifest_and_determinism(tiny_llama, tmp_path):
+    cfg = make_run_config(tiny_llama, tmp_path / "a", **{"prepare.max_length": 512, "prepare.samples_per_shard": 500})
+    first = prepare(cfg)
+    m = first.manifest
+    assert m.format == "gift_dist.prepared" and m.version == 1
+    assert m.counts["records_read"] == 3000 and m.counts["kept"] == len(first.dataset) == 3000
+    assert m.counts["dropped"] == {}
+    assert [s.num_samples for s in m.shards] == [500] * 6
+    assert m.tokens["total"] == sum(first.dataset["num_tokens"])
+    assert m.tokens["target"] == sum(first.dataset["num_target_tokens"]) > 0
+    tok = AutoTokenizer.from_pretrained(tiny_llama.instruct)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in m.eos_token_ids
+    # the epoch-0 order is a seeded shuffle of the records
+    assert first.dataset["record_index"][:20] != list(range(20))
+    digest = _files_digest(cfg.paths.prepared)
+
+    again = prepare(cfg)
+    assert again.manifest.fingerprint == m.fingerprint
+    assert _files_digest(cfg.paths.prepared) == digest
+
+    for override in ({"prepare.seed": 7}, {"prepare.max_length": 511}, {"prepare.train_on": "last_assistant"},
+                     {"prepare.samples_per_shard": 400}, {"data.system_prompt": "Hi"}):
+        other = make_run_config(tiny_llama, tmp_path / "b", **{"prepare.max_length": 512,
+                                                               "prepare.samples_per_shard": 500, **override})
+        assert prepare(other).manifest.fingerprint != m.fingerprint, override
+
+
+def test_fingerprint_follows_tokenizer(tiny_llama, tmp_path):
+    data = write_jsonl([MULTI_TURN] * 4, tmp_path / "d.jsonl")
+    base_fp = prepare(make_run_config(tiny_llama, tmp_path / "a", [data])).manifest.fingerprint
+    inst = tmp_path / "instruct"
+    shutil.copytree(tiny_llama.instruct, inst)
+    template = (inst / "chat_template.jinja").read_text()
+    (inst / "chat_template.jinja").write_text(template.replace("'\\n' }}{%- endfor", "'\\n\\n' }}{%- endfor"))
+    cfg = make_run_config(tiny_llama, tmp_path / "b", [data])
+    cfg.instruct_model = str(inst)
+    assert prepare(cfg).manifest.fingerprint != base_fp
+
+
+@pytest.mark.parametrize("train_on, expected", [
+    ("all_assistant", ["2 + 2 = 4. The answer is 4.<|im_end|>", "3 * 3 = 9.<|im_end|>"]),
+    ("last_assistant", ["3 * 3 = 9.<|im_end|>"]),
+])
+def test_labels_cover_exactly_assistant_tokens(tiny_llama, tmp_path, train_on, expected):
+    data = write_jsonl([MULTI_TURN], tmp_path / "d.jsonl")
+    prepared = prepare(make_run_config(tiny_llama, tmp_path / "run", [data], **{"prepare.train_on": train_on}))
+    tok = AutoTokenizer.from_pretrained(tiny_llama.instruct)
+    row = prepared.dataset[0]
+    assert _target_segments(tok, row) == expected
+    assert row["num_target_tokens"] == sum(1 for x in row["labels"] if x != IGNORE_INDEX)
+    assert tok.decode(row["input_ids"]).startswith("<|im_start|>system\nBe brief.")
+
+
+def test_other_shapes_and_file_types(tiny_llama, tmp_path):
+    (tmp_path / "pr.jsonl").write_text(json.dumps({"prompt": "1 + 1?", "response": "2."}) + "\n")
+    pd.DataFrame([{"instruction": "Add", "input": "3 and 4", "output": "7."}]).to_parquet(tmp_path / "al.parquet")
+    pd.DataFrame([{"q": "5 - 2?", "a": "3."}]).to_csv(tmp_path / "c.csv", index=False)
+    (tmp_path / "m.json").write_text(json.dumps([MULTI_TURN]))
+    files = [tmp_path / n for n in ("pr.jsonl", "al.parquet", "m.json")]
+    prepared = prepare(make_run_config(tiny_llama, tmp_path / "run", files))
+    assert prepared.manifest.counts["kept"] == 3
+    tok = AutoTokenizer.from_pretrained(tiny_llama.instruct)
+    texts = sorted(tok.decode(r["input_ids"]) for r in prepared.dataset)
+    assert any("user\nAdd\n\n3 and 4<|im_end|>" in t for t in texts)
+    csv_cfg = make_run_config(tiny_llama, tmp_path / "csv", [tmp_path / "c.csv"],
+                              **{"data.prompt_column": "q", "data.response_column": "a"})
+    assert prepare(csv_cfg).manifest.counts["kept"] == 1
+
+
+def test_bad_records_are_dropped_and_counted(tiny_llama, tmp_path):
+    good = {"prompt": "1 + 1?", "response": "2."}
+    records = [
+        good,
+        {"prompt": "no response column"},
+        {"prompt": "x", "response": "   "},
+        {"prompt": "x", "response": 42},
+        {"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "ok"}]},
+        {"messages": [{"role": "user", "content": "only a question"}]},
+        {"prompt": "long " * 200, "response": "ok"},
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n{not json\n")
+    cfg = make_run_config(tiny_llama, tmp_path / "run", [path], **{"prepare.max_length": 64})
+    manifest = prepare(cfg).manifest
+    assert manifest.counts["records_read"] == 8 and manifest.counts["kept"] == 1
+    assert manifest.counts["dropped"] == {
+        "missing_column": 1, "empty_response": 1, "non_string_content": 1, "unknown_role": 1,
+        "no_assistant_turn": 1, "over_length": 1, "malformed_json": 1,
+    }
+    cfg.prepare.strict = True
+    with pytest.raises(ContractError, match=r"--strict: record 1 of .*d.jsonl is unusable \(missing_column"):
+        prepare(cfg)
+
+
+def test_truncate_policy_keeps_prefix(tiny_llama, tmp_path):
+    path = write_jsonl([{"prompt": "q", "response": "long answer " * 50}, {"prompt": "long " * 100, "response": "a"}],
+                       tmp_path / "d.jsonl")
+    cfg = make_run_config(tiny_llama, tmp_path / "run", [path],
+                          **{"prepare.max_length": 32, "prepare.overlength": "truncate"})
+    prepared = prepare(cfg)
+    assert prepared.manifest.counts["dropped"] == {"no_target_tokens": 1}
+    assert prepared.dataset[0]["num_tokens"] == 32 and prepared.dataset[0]["num_target_tokens"] > 0
+
+
+def test_missing_and_unsupported_files(tiny_llama, tmp_path):
+    with pytest.raises(ContractError, match="data file not found: .*missing.jsonl"):
+        prepare(make_run_config(tiny_llama, tmp_path / "r", [tmp_path / "missing.jsonl"]))
+    (tmp_path / "d.txt").write_text("hello")
+    with pytest.raises(ContractError, match=r"d.txt has unsupported extension '.txt'"):
+        prepare(make_run_config(tiny_llama, tmp_path / "r", [tmp_path / "d.txt"]))
+    empty = tmp_path / "e.jsonl"
+    empty.write_text(json.dumps({"prompt": "x", "response": " "}) + "\n")
+    with pytest.raises(ContractError, match="no usable records.*empty_response"):
+        prepare(make_run_config(tiny_llama, tmp_path / "r", [empty]))
+
+
+def test_tokenizer_without_chat_template(tiny_llama, tmp_path):
+    inst = tmp_path / "instruct"
+    shutil.copytree(tiny_llama.instruct, inst)
+    (inst / "chat_template.jinja").unlink()
+    cfg = make_run_config(tiny_llama, tmp_path / "run", [write_jsonl([MULTI_TURN], tmp_path / "d.jsonl")])
+    cfg.instruct_model = str(inst)
+    with pytest.raises(ContractError, match="has no chat template"):
+        prepare(cfg)
+
+
+def test_mismatched_pair_fails_before_compute(tiny_llama, tiny_qwen2, tmp_path):
+    cfg = make_run_config(tiny_llama, tmp_path / "run")
+    cfg.instruct_model = str(tiny_qwen2.instruct)
+    with pytest.raises(PairMismatch, match="architectures differ"):
+        prepare(cfg)
+    assert not cfg.paths.prepared.exists()
+
+
+def test_reader_checks_version_and_cli(tiny_llama, tmp_path, capsys):
+    data = write_jsonl([MULTI_TURN] * 3, tmp_path / "d.jsonl")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"base_model: {tiny_llama.base}\ninstruct_model: {tiny_llama.instruct}\n"
+                      f"output_dir: {tmp_path / 'run'}\ndata:\n  files: [{data}]\n")
+    assert main(["prepare", "--config", str(config), "prepare.samples_per_shard=2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["counts"]["kept"] == 3 and out["shards"] == 2
+    manifest_path = tmp_path / "run/prepared/prepared.json"
+    data = json.loads(manifest_path.read_text())
+    data["version"] = 99
+    manifest_path.write_text(json.dumps(data))
+    with pytest.raises(ContractError, match="prepared format version 99 is not supported"):
+        read_manifest(tmp_path / "run/prepared")
+    assert main(["prepare", "--config", str(config), "prepare.bogus=1"]) == 2
+    with pytest.raises(ContractError, match="run `gift-dist prepare` first"):
+        load_prepared(tmp_path / "nothing")
