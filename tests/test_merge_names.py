@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from merge_helpers import logits, merge_config, peft_merged
+from tests.merge_helpers import logits, merge_config, peft_merged
 
 from gift_dist.contracts import ContractError
 from gift_dist.merge.names import base_model_prefix, lora_scaling, map_adapter
