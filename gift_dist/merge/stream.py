@@ -1,10 +1,11 @@
 """The shard-by-shard merge: W += scaling * B @ A on every adapted tensor, streamed through memory.
 
 transformers' ``merge_and_unload`` needs the whole model in RAM (~140 GB for a 70B checkpoint). Here the output
-shards' layout is planned from the input headers, and each tensor is read from its memory-mapped input shard,
-merged in fp32, cast, and written straight into its output shard, so peak memory is about one tensor per thread
-plus the adapter (well under one shard), whatever the model size. A few shards run in parallel threads (the work is
-I/O bound), admitted by a byte budget so parallelism never multiplies the peak past ``memory_budget_gb``.
+shards' layout is planned from the input headers; tensors the adapter leaves alone are copied as byte ranges, and
+each adapted tensor is read, merged in fp32, cast and appended to its output shard, so peak memory is about one
+adapted tensor per thread plus the adapter (well under one shard), whatever the model size. A few shards run in
+parallel threads (the work is I/O bound), admitted by a byte budget so parallelism never multiplies the peak past
+``memory_budget_gb``.
 
 Shards are written as ``<name>.partial`` and renamed, and the plan is recorded in the work folder: a rerun after a
 kill keeps the finished shards of the same plan and redoes the rest.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import threading
@@ -30,7 +30,9 @@ import torch
 from gift_dist.config import ConfigError
 from gift_dist.contracts import ContractError
 from gift_dist.merge.names import MergeTargets, lora_factors
-from gift_dist.merge.writer import SAFE_DTYPE_OF, ShardWriter, TensorSlot
+from gift_dist.merge.shardio import (
+    SAFE_DTYPE_OF, TORCH_DTYPE_OF, ShardWriter, TensorRange, TensorSlot, read_tensor, tensor_ranges,
+)
 from gift_dist.models import checkpoint
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class TensorSource:
     file: str
     safe_dtype: str
     shape: list[int]
+    where: TensorRange
 
     def out_slot(self, out_dtype: Optional[torch.dtype]) -> TensorSlot:
         """The tensor as the output shard stores it: float tensors take the output dtype, others keep theirs."""
@@ -75,10 +78,8 @@ def read_sources(model_dir: Path) -> list[TensorSource]:
     """Every tensor of a checkpoint with its file, dtype and shape, from headers only, in index/file order."""
     sources = []
     for path in checkpoint.weight_files(model_dir):
-        header = checkpoint.read_header(path)
-        for name, info in header.items():
-            if name != "__metadata__":
-                sources.append(TensorSource(name, path.name, info["dtype"], list(info["shape"])))
+        for name, where in tensor_ranges(path, checkpoint.read_header(path)).items():
+            sources.append(TensorSource(name, path.name, where.safe_dtype, list(where.shape), where))
     return sources
 
 
@@ -107,11 +108,14 @@ def plan_shards(sources: list[TensorSource], out_dtype: Optional[torch.dtype], m
 
 
 def working_bytes(plan: ShardPlan, targets: MergeTargets) -> int:
-    """Memory one shard job holds at its peak: the largest tensor read, or a merged one with two fp32 copies."""
+    """Memory one shard job holds at its peak: an adapted tensor read, its merged copy and the fp32 blocks.
+
+    Untouched tensors are copied inside the kernel and cost nothing; a dtype change reads and casts them.
+    """
     peak, merged = 0, targets.names()
     for source, slot in zip(plan.tensors, plan.slots):
-        count = math.prod(source.shape)
-        peak = max(peak, 3 * 4 * count if source.name in merged else 2 * slot.nbytes)
+        if source.name in merged or slot.safe_dtype != source.safe_dtype:
+            peak = max(peak, source.where.nbytes + slot.nbytes + 4 * 4 * BLOCK_ELEMENTS)
     return peak
 
 
@@ -185,26 +189,26 @@ def merged_tensor(
 
 def write_shard(
     plan: ShardPlan,
-    source_dir: Path,
     work_dir: Path,
     targets: MergeTargets,
     strength: float,
-    out_dtype: Optional[torch.dtype],
     base: Optional[BaseReader],
 ) -> None:
-    """Read, merge and write one tensor at a time; the shard appears under its name only once complete."""
-    from safetensors import safe_open
-
+    """Copy untouched tensors as byte ranges, merge adapted ones; the shard gets its name only once complete."""
     partial = work_dir / (plan.name + PARTIAL_SUFFIX)
     merged = targets.names()
     with contextlib.ExitStack() as stack:
         writer = stack.enter_context(ShardWriter(partial, plan.slots, metadata={"format": "pt"}))
         handles = {}
-        for source in plan.tensors:
+        for source, slot in zip(plan.tensors, plan.slots):
             if source.file not in handles:
-                handles[source.file] = stack.enter_context(safe_open(str(source_dir / source.file), framework="pt"))
-            weight = handles[source.file].get_tensor(source.name)
-            dtype = out_dtype if out_dtype is not None and weight.is_floating_point() else weight.dtype
+                handles[source.file] = stack.enter_context(open(source.where.path, "rb"))
+            fh = handles[source.file]
+            if source.name not in merged and slot.safe_dtype == source.safe_dtype:
+                writer.copy(source.name, fh, source.where)
+                continue
+            weight = read_tensor(fh, source.where)
+            dtype = TORCH_DTYPE_OF[slot.safe_dtype]
             if source.name in merged:
                 weight = merged_tensor(source.name, weight, targets, strength, base, dtype)
             writer.write(source.name, weight.to(dtype))
@@ -308,7 +312,7 @@ def stream_merge(
     def run(plan: ShardPlan) -> None:
         held = budget.acquire(working_bytes(plan, targets))
         try:
-            write_shard(plan, source_dir, work_dir, targets, strength, out_dtype, base)
+            write_shard(plan, work_dir, targets, strength, base)
         finally:
             budget.release(held)
         bar.update(plan.nbytes)
