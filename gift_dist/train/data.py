@@ -1,0 +1,316 @@
+"""Training data: micro-batches of prepared samples with their instruct logprobs, streamed from the scorer's shards.
+
+The data position is the optimizer step: ``TrainBatches.micro_batches(step)`` is a pure function of (prepared
+dataset, config, rank, world, seed, step), so resuming from a checkpoint taken after step ``s`` is
+``micro_batches(s + 1)`` onwards — there is no sampler state to save. Epoch 0 visits samples in prepared order (the
+scorer's shard order), so training can start while the scorer is still writing later shards; later epochs use a
+permutation seeded by (seed, epoch).
+
+Neither ``datasets`` nor DeepSpeed's data loader streams a side file that is still being written, splits a global
+batch identically for any rank x gradient-accumulation layout, and packs with per-sample position ids, hence this
+module.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gift_dist.config import ConfigError, TrainConfig
+from gift_dist.contracts import ContractError
+from gift_dist.contracts import confidence as conf_contract
+from gift_dist.contracts.prepared import IGNORE_INDEX, Prepared
+from gift_dist.train import weighting
+
+log = logging.getLogger(__name__)
+
+# Shards kept decoded at once: a rank's micro-batches touch one or two neighbouring shards at a time.
+SHARD_CACHE_SIZE = 4
+# While waiting for the scorer, say so at most this often (the poll itself may be much more frequent).
+WAIT_LOG_SECONDS = 60.0
+
+
+class ConfidenceReader:
+    """Per-sample instruct logprobs from a confidence directory that the scorer may still be filling."""
+
+    def __init__(
+        self,
+        conf_dir: str | Path,
+        prepared: Prepared,
+        wait_seconds: float,
+        poll_seconds: float,
+        instruct_identity: Optional[dict] = None,
+    ):
+        if poll_seconds <= 0:
+            raise ConfigError(f"config key 'train.confidence_poll_seconds' must be > 0, got {poll_seconds}")
+        if wait_seconds < 0:
+            raise ConfigError(f"config key 'train.confidence_wait_seconds' must be >= 0, got {wait_seconds}")
+        self.conf_dir = Path(conf_dir)
+        self.prepared = prepared
+        self.wait_seconds = wait_seconds
+        self.poll_seconds = poll_seconds
+        self.instruct_identity = instruct_identity
+        self._target_counts = np.asarray(prepared.dataset.with_format("numpy")["num_target_tokens"], dtype=np.int64)
+        self._manifest: Optional[conf_contract.ConfidenceManifest] = None
+        self._cache: OrderedDict[int, conf_contract.ConfidenceShard] = OrderedDict()
+
+    def logprobs(self, sample_index: int) -> Tensor:
+        """float32 [num_target_tokens of the sample], in label order; waits for the scorer if needed."""
+        spec = self.prepared.manifest.shard_of(sample_index)
+        shard = self._shard(spec.index)
+        return shard.values(sample_index - spec.start)
+
+    def _refresh_manifest(self) -> Optional[conf_contract.ConfidenceManifest]:
+        manifest = conf_contract.read_manifest(self.conf_dir)
+        if manifest is not None:
+            manifest.check_matches(self.prepared.manifest.fingerprint, self.instruct_identity, str(self.conf_dir))
+            if manifest.num_shards != len(self.prepared.manifest.shards):
+                raise ContractError(
+                    f"{self.conf_dir / conf_contract.MANIFEST_NAME} plans {manifest.num_shards} shards, the prepared "
+                    f"dataset {self.prepared.path} {len(self.prepared.manifest.shards)}"
+                )
+        self._manifest = manifest
+        return manifest
+
+    def _wait_for(self, shard_index: int) -> conf_contract.ConfidenceManifest:
+        """The manifest once ``shard_index`` is finished; ContractError naming the shard after wait_seconds."""
+        spec = self.prepared.manifest.shards[shard_index]
+        started = time.monotonic()
+        last_log = -WAIT_LOG_SECONDS
+        while True:
+            manifest = self._refresh_manifest()
+            if manifest is not None and shard_index in manifest.shards:
+                return manifest
+            waited = time.monotonic() - started
+            finished = 0 if manifest is None else len(manifest.shards)
+            progress = f"{finished} of {len(self.prepared.manifest.shards)} shards finished"
+            if manifest is None:
+                progress = f"no {conf_contract.MANIFEST_NAME} yet: the scorer has not started"
+            if waited >= self.wait_seconds:
+                raise ContractError(
+                    f"confidence shard {shard_index} ({conf_contract.shard_filename(shard_index)}, samples "
+                    f"[{spec.start}, {spec.end})) did not appear in {self.conf_dir} within {self.wait_seconds:.0f}s "
+                    f"({progress}). Is `gift-dist score` running? Raise train.confidence_wait_seconds to wait longer."
+                )
+            if waited - last_log >= WAIT_LOG_SECONDS:
+                log.info("waiting for confidence shard %d in %s (%s)", shard_index, self.conf_dir, progress)
+                last_log = waited
+            time.sleep(min(self.poll_seconds, max(self.wait_seconds - waited, 0.0)))
+
+    def _shard(self, shard_index: int) -> conf_contract.ConfidenceShard:
+        if shard_index in self._cache:
+            self._cache.move_to_end(shard_index)
+            return self._cache[shard_index]
+        manifest = self._manifest
+        if manifest is None or shard_index not in manifest.shards:
+            manifest = self._wait_for(shard_index)
+        spec = self.prepared.manifest.shards[shard_index]
+        shard = conf_contract.read_shard(self.conf_dir, manifest, shard_index)
+        conf_contract.check_shard_against_plan(
+            shard,
+            spec.start,
+            spec.end,
+            self._target_counts[spec.start : spec.end].tolist(),
+            f"confidence shard {self.conf_dir / conf_contract.shard_filename(shard_index)}",
+        )
+        self._cache[shard_index] = shard
+        while len(self._cache) > SHARD_CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return shard
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch, ready for ``model.model(...)`` + ``target_token_ce``.
+
+    Packed micro-batches carry ``attention_mask=None`` and per-sample ``position_ids``: transformers then builds a
+    block-diagonal causal mask from the position ids, provided the forward runs with ``use_cache=False`` (a cache
+    disables that detection).
+    """
+
+    input_ids: Tensor
+    labels: Tensor
+    attention_mask: Optional[Tensor]
+    position_ids: Tensor
+    inst_logprobs: Optional[Tensor]
+    is_eos: Tensor
+    sample_lengths: Tensor
+    sample_indices: list[int]
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int(self.sample_lengths.sum())
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens."""
+        return int(self.attention_mask.sum()) if self.attention_mask is not None else self.input_ids.numel()
+
+    def to(self, device: torch.device | str) -> "MicroBatch":
+        moved = {
+            f.name: (value.to(device) if isinstance(value := getattr(self, f.name), Tensor) else value)
+            for f in fields(self)
+        }
+        return MicroBatch(**moved)
+
+
+def _sample_tensors(sample_index: int, input_ids: list[int], labels: list[int], expected_targets: int):
+    ids = torch.tensor(input_ids, dtype=torch.long)
+    lab = torch.tensor(labels, dtype=torch.long)
+    if ids.numel() != lab.numel() or ids.numel() == 0:
+        raise ContractError(
+            f"prepared sample {sample_index}: {ids.numel()} input ids but {lab.numel()} labels (must be equal, > 0)"
+        )
+    # The first token has no predecessor: it can never be a target (and must not become one when packed).
+    targets = int((lab[1:] != IGNORE_INDEX).sum())
+    if lab[0] != IGNORE_INDEX or targets != expected_targets:
+        raise ContractError(
+            f"prepared sample {sample_index}: labels hold {targets} predictable targets (first label "
+            f"{int(lab[0])}) but num_target_tokens says {expected_targets}"
+        )
+    return ids, lab
+
+
+class TrainBatches:
+    """Deterministic, stateless split of the prepared dataset into steps, ranks and micro-batches."""
+
+    def __init__(
+        self,
+        prepared: Prepared,
+        cfg: TrainConfig,
+        rank: int,
+        world: int,
+        confidence: Optional[ConfidenceReader],
+        seed: int,
+    ):
+        for key in ("micro_batch_size", "gradient_accumulation_steps", "epochs"):
+            if getattr(cfg, key) < 1:
+                raise ConfigError(f"config key 'train.{key}' must be >= 1, got {getattr(cfg, key)}")
+        if cfg.max_steps == 0 or cfg.max_steps < -1:
+            raise ConfigError(f"config key 'train.max_steps' must be -1 (no cap) or >= 1, got {cfg.max_steps}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world size {world}")
+        self.needs_confidence = weighting.needs_confidence(cfg)
+        if self.needs_confidence and confidence is None:
+            raise ConfigError(f"weighting '{cfg.weighting}' needs the scorer's confidence, but no reader was given")
+        self.prepared = prepared
+        self.cfg = cfg
+        self.rank = rank
+        self.world = world
+        self.confidence = confidence if self.needs_confidence else None
+        self.seed = seed
+        self.eos_token_ids = torch.tensor(sorted(prepared.manifest.eos_token_ids), dtype=torch.long)
+        self.pad_token_id = prepared.manifest.pad_token_id
+        self._rows = prepared.dataset.select_columns(["input_ids", "labels", "num_target_tokens"])
+
+        num_samples = len(prepared)
+        self.micro_batch_size = cfg.micro_batch_size
+        self.grad_accum = cfg.gradient_accumulation_steps
+        self.global_batch = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world
+        if num_samples < self.global_batch:
+            raise ConfigError(
+                f"the prepared dataset {prepared.path} has {num_samples} samples, fewer than one global batch of "
+                f"{self.global_batch} (train.micro_batch_size {cfg.micro_batch_size} x "
+                f"train.gradient_accumulation_steps {cfg.gradient_accumulation_steps} x world {world}); lower them"
+            )
+        self.steps_per_epoch = num_samples // self.global_batch
+        dropped = num_samples - self.steps_per_epoch * self.global_batch
+        if dropped:
+            log.info(
+                "%d samples per epoch fall in a last partial global batch of %d and are skipped "
+                "(a different subset each epoch after the first)", dropped, self.global_batch,
+            )
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps > 0:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self._order_epoch: Optional[int] = None
+        self._order: Optional[np.ndarray] = None
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Sample indices in the order epoch ``epoch`` visits them."""
+        if self._order_epoch != epoch:
+            num_samples = len(self.prepared)
+            if epoch == 0:
+                self._order = np.arange(num_samples)
+            else:
+                self._order = np.random.default_rng([self.seed, epoch]).permutation(num_samples)
+            self._order_epoch = epoch
+        return self._order
+
+    def global_batch_indices(self, step: int) -> np.ndarray:
+        """All ranks' samples of optimizer step ``step``."""
+        if not 0 <= step < self.total_steps:
+            raise IndexError(f"step {step} outside the run's 0..{self.total_steps - 1}")
+        epoch, within = divmod(step, self.steps_per_epoch)
+        return self.epoch_order(epoch)[within * self.global_batch : (within + 1) * self.global_batch]
+
+    def rank_indices(self, step: int) -> list[list[int]]:
+        """This rank's micro-batches of step ``step``: a contiguous slice of the global batch, split in order."""
+        per_rank = self.micro_batch_size * self.grad_accum
+        mine = self.global_batch_indices(step)[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return [
+            [int(i) for i in mine[g * self.micro_batch_size : (g + 1) * self.micro_batch_size]]
+            for g in range(self.grad_accum)
+        ]
+
+    def micro_batches(self, step: int) -> list[MicroBatch]:
+        """This rank's ``gradient_accumulation_steps`` micro-batches of optimizer step ``step``."""
+        return [self._build(indices) for indices in self.rank_indices(step)]
+
+    def _build(self, indices: list[int]) -> MicroBatch:
+        rows = self._rows[indices]
+        samples = [
+            _sample_tensors(i, ids, lab, int(n))
+            for i, ids, lab, n in zip(indices, rows["input_ids"], rows["labels"], rows["num_target_tokens"])
+        ]
+        sample_lengths = torch.tensor([int(n) for n in rows["num_target_tokens"]], dtype=torch.long)
+        if self.cfg.packing:
+            input_ids, labels, attention_mask, position_ids = self._pack(samples)
+        else:
+            input_ids, labels, attention_mask, position_ids = self._pad(samples)
+        target_ids = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+        is_eos = torch.isin(target_ids, self.eos_token_ids)
+        inst_logprobs = None
+        if self.confidence is not None:
+            inst_logprobs = torch.cat([self.confidence.logprobs(i) for i in indices]).float()
+        return MicroBatch(
+            input_ids=input_ids,
+            labels=labels,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inst_logprobs=inst_logprobs,
+            is_eos=is_eos,
+            sample_lengths=sample_lengths,
+            sample_indices=list(indices),
+        )
+
+    def _pad(self, samples: list[tuple[Tensor, Tensor]]):
+        """Right-pad to the longest sample of the micro-batch."""
+        length = max(ids.numel() for ids, _ in samples)
+        input_ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+        for row, (ids, lab) in enumerate(samples):
+            input_ids[row, : ids.numel()] = ids
+            labels[row, : lab.numel()] = lab
+            attention_mask[row, : ids.numel()] = 1
+        position_ids = torch.arange(length).unsqueeze(0).expand(len(samples), -1).contiguous()
+        return input_ids, labels, attention_mask, position_ids
+
+    def _pack(self, samples: list[tuple[Tensor, Tensor]]):
+        """All samples of the micro-batch back to back in one row, positions restarting at 0 per sample.
+
+        Every sample's first label is IGNORE_INDEX (checked on read), so no target is predicted across a boundary.
+        """
+        input_ids = torch.cat([ids for ids, _ in samples]).unsqueeze(0)
+        labels = torch.cat([lab for _, lab in samples]).unsqueeze(0)
+        position_ids = torch.cat([torch.arange(ids.numel()) for ids, _ in samples]).unsqueeze(0)
+        return input_ids, labels, None, position_ids

@@ -1,0 +1,173 @@
+"""Per-token loss weights w_t = f(q_t): a small registry from ``train.weighting`` to a weight function.
+
+``q_t`` is the instruct model's probability of the target token (from the confidence shards), floored at
+``train.prob_floor``. Weights are constants of the loss (detached), so the trainer can compute the normaliser
+``sum_t w_t`` of a whole global batch before any forward pass, except for ``dft`` whose weights are the model's own
+probabilities and therefore only exist after the forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from gift_dist.config import ConfigError, TrainConfig
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """One registered weighting: its weight function and what it reads."""
+
+    # (cfg, inst_logprobs, own_logprobs, sample_lengths, scored_mask) -> float32 [N]
+    weigh: Callable[[TrainConfig, Optional[Tensor], Optional[Tensor], Optional[Tensor], Tensor], Tensor]
+    needs_confidence: bool
+    needs_own_logprobs: bool = False
+
+
+def _floored_prob(cfg: TrainConfig, inst_logprobs: Tensor) -> Tensor:
+    return inst_logprobs.float().exp().clamp_min(cfg.prob_floor)
+
+
+def _gift(cfg, inst_logprobs, own_logprobs, sample_lengths, scored_mask):
+    return _floored_prob(cfg, inst_logprobs) ** cfg.gamma
+
+
+def _clipped(cfg, inst_logprobs, own_logprobs, sample_lengths, scored_mask):
+    return (_floored_prob(cfg, inst_logprobs) ** cfg.gamma).clamp(cfg.weight_min, cfg.weight_max)
+
+
+def _mean_normalized(cfg, inst_logprobs, own_logprobs, sample_lengths, scored_mask):
+    """q^gamma divided by its mean over the sample's scored tokens: a sample keeps its total weight."""
+    if sample_lengths is None:
+        raise ValueError("weighting 'mean_normalized' needs sample_lengths (target tokens per sample)")
+    raw = _floored_prob(cfg, inst_logprobs) ** cfg.gamma
+    num_samples = sample_lengths.numel()
+    sample_of_token = torch.repeat_interleave(torch.arange(num_samples, device=raw.device), sample_lengths.long())
+    scored = scored_mask.float()
+    per_sample_sum = raw.new_zeros(num_samples).index_add_(0, sample_of_token, raw * scored)
+    per_sample_count = raw.new_zeros(num_samples).index_add_(0, sample_of_token, scored)
+    mean = per_sample_sum / per_sample_count.clamp_min(1.0)
+    return raw / mean[sample_of_token]
+
+
+def _uniform(cfg, inst_logprobs, own_logprobs, sample_lengths, scored_mask):
+    return torch.ones(scored_mask.numel(), device=scored_mask.device)
+
+
+def _dft(cfg, inst_logprobs, own_logprobs, sample_lengths, scored_mask):
+    """Dynamic Fine-Tuning: the model's own (detached) probability of the target."""
+    return own_logprobs.detach().float().exp()
+
+
+WEIGHTINGS: dict[str, Weighting] = {
+    "gift": Weighting(_gift, needs_confidence=True),
+    "clipped": Weighting(_clipped, needs_confidence=True),
+    "mean_normalized": Weighting(_mean_normalized, needs_confidence=True),
+    "uniform": Weighting(_uniform, needs_confidence=False),
+    "dft": Weighting(_dft, needs_confidence=False, needs_own_logprobs=True),
+}
+
+
+def _registered(cfg: TrainConfig) -> Weighting:
+    try:
+        return WEIGHTINGS[cfg.weighting]
+    except KeyError:
+        raise ConfigError(
+            f"config key 'train.weighting': unknown weighting {cfg.weighting!r}; known: {', '.join(WEIGHTINGS)}"
+        ) from None
+
+
+def needs_confidence(cfg: TrainConfig) -> bool:
+    """Whether the trainer must read the scorer's confidence directory (False for uniform and dft)."""
+    return _registered(cfg).needs_confidence
+
+
+def needs_own_logprobs(cfg: TrainConfig) -> bool:
+    """Whether weights depend on the model's own forward (dft): they are then only known after the forward."""
+    return _registered(cfg).needs_own_logprobs
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse inconsistent weighting / normalisation settings before any model is loaded."""
+    weighting = _registered(cfg)
+    if not cfg.gamma > 0 or not math.isfinite(cfg.gamma):
+        raise ConfigError(f"config key 'train.gamma' must be a finite number > 0, got {cfg.gamma}")
+    if not 0.0 < cfg.prob_floor < 1.0:
+        raise ConfigError(f"config key 'train.prob_floor' must lie in (0, 1), got {cfg.prob_floor}")
+    if cfg.weight_min > cfg.weight_max:
+        raise ConfigError(
+            f"config keys 'train.weight_min' ({cfg.weight_min}) > 'train.weight_max' ({cfg.weight_max})"
+        )
+    if cfg.weighting == "clipped" and (cfg.weight_max <= 0 or cfg.weight_min < 0):
+        raise ConfigError(
+            f"weighting 'clipped' needs 0 <= train.weight_min <= train.weight_max and weight_max > 0, got "
+            f"[{cfg.weight_min}, {cfg.weight_max}]"
+        )
+    if cfg.eos_weight != "scored" and (
+        isinstance(cfg.eos_weight, bool) or not math.isfinite(cfg.eos_weight) or cfg.eos_weight < 0
+    ):
+        raise ConfigError(
+            f"config key 'train.eos_weight' must be 'scored' or a finite number >= 0, got {cfg.eos_weight}"
+        )
+    if weighting.needs_own_logprobs and cfg.normalizer == "sum_weights" and cfg.normalize_over == "global_batch":
+        raise ConfigError(
+            f"weighting '{cfg.weighting}' uses the model's own probabilities, known only after the forward, so "
+            "normalizer=sum_weights cannot be summed over the global batch beforehand. Use train.normalizer="
+            "token_count (the DFT paper's choice) or train.normalize_over=per_micro_batch."
+        )
+
+
+def _check_finite(name: str, values: Tensor) -> None:
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        position = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name} has a non-finite value {values[position].item()} at target position {position}")
+
+
+def token_weights(
+    cfg: TrainConfig,
+    inst_logprobs: Optional[Tensor],
+    own_logprobs: Optional[Tensor],
+    is_eos: Tensor,
+    sample_lengths: Optional[Tensor] = None,
+) -> Tensor:
+    """Weights [N] (float32, detached, on ``is_eos``'s device) for the N target tokens of a micro-batch.
+
+    ``eos_weight`` (a number) overrides the weight of end-of-sequence targets, as the authors' reference keeps it
+    at 1; ``"scored"`` weighs them like any token. With ``mean_normalized`` the per-sample mean is taken over the
+    tokens that keep their scored weight, so the override does not shift the others. For ``dft``,
+    ``own_logprobs`` is ``-target_token_ce(...)`` of the forward being weighted (detached here).
+    """
+    weighting = _registered(cfg)
+    num_targets = is_eos.numel()
+    device = is_eos.device
+    if weighting.needs_confidence:
+        if inst_logprobs is None:
+            raise ValueError(f"weighting '{cfg.weighting}' needs the instruct model's logprobs, got None")
+        _check_finite("instruct logprobs", inst_logprobs.detach().float())
+    if weighting.needs_own_logprobs:
+        if own_logprobs is None:
+            raise ValueError(f"weighting '{cfg.weighting}' needs the model's own logprobs, got None")
+        _check_finite("own logprobs", own_logprobs.detach().float())
+    for name, values in (("instruct logprobs", inst_logprobs), ("own logprobs", own_logprobs)):
+        if values is not None and values.numel() != num_targets:
+            raise ValueError(f"{name} has {values.numel()} values for {num_targets} target tokens")
+    if sample_lengths is not None and int(sample_lengths.sum()) != num_targets:
+        raise ValueError(f"sample_lengths sum to {int(sample_lengths.sum())}, not the {num_targets} target tokens")
+
+    override_eos = cfg.eos_weight != "scored"
+    scored_mask = ~is_eos.bool() if override_eos else torch.ones(num_targets, dtype=torch.bool, device=device)
+    weights = weighting.weigh(
+        cfg,
+        None if inst_logprobs is None else inst_logprobs.detach().to(device),
+        None if own_logprobs is None else own_logprobs.detach().to(device),
+        None if sample_lengths is None else sample_lengths.to(device),
+        scored_mask,
+    ).float()
+    if override_eos:
+        weights = torch.where(scored_mask, weights, torch.full_like(weights, float(cfg.eos_weight)))
+    return weights

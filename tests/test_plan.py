@@ -1,0 +1,28 @@
+from pathlib import Path
+
+from gift_dist.cli import main
+
+LLAMA_70B = Path(__file__).resolve().parents[1] / "examples/llama3-70b-config.json"
+
+
+def _plan(capsys, *flags):
+    assert main(["plan", "--model", str(LLAMA_70B), *flags]) == 0
+    return capsys.readouterr().out
+
+
+def test_70b_plan_picks_the_config_that_fits(capsys):
+    out = _plan(capsys, "--gpus-per-node", "8", "--nodes", "2")
+    assert "70.55B params" in out and "LoRA r=16: 207.1M trainable" in out
+    assert "fits 80 GiB GPUs / 1024 GiB nodes: ds_configs/zero3.json" in out
+    assert "2 GPU(s) per replica" in out  # 131 GiB of bf16 weights do not fit one 80 GiB GPU
+    assert "fits 24 GiB GPUs / 512 GiB nodes: ds_configs/zero3_offload.json" in _plan(
+        capsys, "--gpus-per-node", "4", "--gpu-memory-gb", "24", "--cpu-memory-gb", "512")
+    assert "fits 24 GiB GPUs / 128 GiB nodes: ds_configs/zero3_nvme.json" in _plan(
+        capsys, "--gpus-per-node", "4", "--gpu-memory-gb", "24", "--cpu-memory-gb", "128")
+
+
+def test_plan_of_a_local_checkpoint_reads_its_shard_sizes(tiny_llama, capsys):
+    assert main(["plan", "--model", str(tiny_llama.instruct), "--gpus-per-node", "1"]) == 0
+    out = capsys.readouterr().out
+    shard_gib = (tiny_llama.instruct / "model.safetensors").stat().st_size / 1024**3
+    assert f"largest shard {shard_gib:.1f} GiB" in out and "fits 80 GiB GPUs" in out

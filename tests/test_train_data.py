@@ -1,0 +1,378 @@
+"""Streaming confidence reader, deterministic rank / micro-batch split, and packing equivalence on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gift_dist.config import ConfigError, TrainConfig
+from gift_dist.contracts import ContractError
+from gift_dist.contracts import confidence as conf_contract
+from gift_dist.contracts import prepared as prep_contract
+from gift_dist.train.data import ConfidenceReader, TrainBatches
+from gift_dist.train.loss import target_token_ce
+
+EOS_ID = 2
+PAD_ID = 0
+INSTRUCT = {"name": "tiny-instruct", "hash": "abc"}
+
+
+def make_prepared(out_dir: Path, num_samples: int = 40, samples_per_shard: int = 8, fingerprint: str = "fp-1"):
+    """A prepared dataset of synthetic chats: a 3-token prompt, then targets ending in EOS (ids < 300)."""
+    gen = torch.Generator().manual_seed(num_samples)
+    input_ids, labels = [], []
+    for i in range(num_samples):
+        prompt = torch.randint(10, 300, (3,), generator=gen).tolist()
+        answer = torch.randint(10, 300, (2 + i % 5,), generator=gen).tolist() + [EOS_ID]
+        input_ids.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    from datasets import Dataset
+
+    num_tokens = [len(x) for x in input_ids]
+    num_targets = [sum(v != -100 for v in lab) for lab in labels]
+    dataset = Dataset.from_dict({
+        "input_ids": input_ids, "labels": labels, "record_index": list(range(num_samples)),
+        "num_tokens": num_tokens, "num_target_tokens": num_targets,
+    })
+    manifest = prep_contract.PreparedManifest(
+        fingerprint=fingerprint, tokenizer={}, settings={}, sources=[], counts={"kept": num_samples},
+        tokens={"total": sum(num_tokens), "target": sum(num_targets)}, eos_token_ids=[EOS_ID], pad_token_id=PAD_ID,
+        shards=prep_contract.plan_shards(num_tokens, num_targets, samples_per_shard),
+    )
+    prep_contract.write_prepared(out_dir, dataset, manifest)
+    return prep_contract.load_prepared(out_dir)
+
+
+def sample_logprobs(sample_index: int, count: int) -> torch.Tensor:
+    """Distinct, recognisable values per sample and position."""
+    return -(sample_index + 1 + torch.arange(count, dtype=torch.float32)) / 100.0
+
+
+def start_confidence(conf_dir: Path, prepared, fingerprint=None):
+    template = conf_contract.ConfidenceManifest(
+        prepared_fingerprint=fingerprint or prepared.manifest.fingerprint, instruct_model=INSTRUCT,
+        logprob_dtype="float32", num_shards=len(prepared.manifest.shards),
+    )
+    return conf_contract.init_manifest(conf_dir, template)
+
+
+def write_confidence_shard(conf_dir: Path, prepared, manifest, shard_index: int, short_sample: int | None = None):
+    spec = prepared.manifest.shards[shard_index]
+    counts = prepared.dataset["num_target_tokens"][spec.start : spec.end]
+    values = []
+    for sample, count in zip(range(spec.start, spec.end), counts):
+        values.append(sample_logprobs(sample, count - (sample == short_sample)))
+    offsets = torch.tensor([0] + [v.numel() for v in values]).cumsum(0)
+    conf_contract.write_shard(conf_dir, manifest, shard_index, torch.arange(spec.start, spec.end), offsets,
+                              torch.cat(values))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return make_prepared(tmp_path_factory.mktemp("prepared"))
+
+
+@pytest.fixture(scope="module")
+def scored(prepared, tmp_path_factory):
+    """A finished confidence directory for ``prepared``."""
+    conf_dir = tmp_path_factory.mktemp("confidence")
+    manifest = start_confidence(conf_dir, prepared)
+    for shard in prepared.manifest.shards:
+        write_confidence_shard(conf_dir, prepared, manifest, shard.index)
+    return conf_dir
+
+
+def reader(conf_dir, prepared, wait=5.0, poll=0.05):
+    return ConfidenceReader(conf_dir, prepared, wait_seconds=wait, poll_seconds=poll, instruct_identity=INSTRUCT)
+
+
+# ---------------------------------------------------------------------------------------------- ConfidenceReader
+
+
+def test_reader_returns_each_samples_logprobs_and_caches_few_shards(prepared, scored):
+    confidence = reader(scored, prepared)
+    counts = prepared.dataset["num_target_tokens"]
+    for sample in range(len(prepared)):
+        torch.testing.assert_close(confidence.logprobs(sample), sample_logprobs(sample, counts[sample]))
+    assert len(confidence._cache) <= 4
+
+
+def test_reader_waits_for_a_shard_written_by_a_slow_writer(prepared, tmp_path, caplog):
+    conf_dir = tmp_path / "confidence"
+    manifest = start_confidence(conf_dir, prepared)
+    write_confidence_shard(conf_dir, prepared, manifest, 0)
+    delay = 0.6
+
+    def slow_writer():
+        time.sleep(delay)
+        write_confidence_shard(conf_dir, prepared, manifest, 1)
+
+    confidence = reader(conf_dir, prepared, wait=30.0, poll=0.05)
+    sample = prepared.manifest.shards[1].start + 2
+    writer = threading.Thread(target=slow_writer)
+    started = time.monotonic()
+    writer.start()
+    with caplog.at_level(logging.INFO, logger="gift_dist.train.data"):
+        values = confidence.logprobs(sample)
+    waited = time.monotonic() - started
+    writer.join()
+    assert waited >= delay * 0.9
+    torch.testing.assert_close(values, sample_logprobs(sample, prepared.dataset[sample]["num_target_tokens"]))
+    assert "waiting for confidence shard 1" in caplog.text and "1 of 5 shards finished" in caplog.text
+
+
+def test_reader_times_out_naming_the_missing_shard(prepared, tmp_path):
+    conf_dir = tmp_path / "confidence"
+    manifest = start_confidence(conf_dir, prepared)
+    write_confidence_shard(conf_dir, prepared, manifest, 0)
+    confidence = reader(conf_dir, prepared, wait=0.3)
+    started = time.monotonic()
+    with pytest.raises(ContractError, match=r"confidence shard 2 \(shard-00002.safetensors, samples \[16, 24\)\)"
+                                            r".*1 of 5 shards finished"):
+        confidence.logprobs(17)
+    assert 0.25 <= time.monotonic() - started < 5.0
+
+
+def test_reader_times_out_when_the_scorer_never_started(prepared, tmp_path):
+    with pytest.raises(ContractError, match="scorer has not started"):
+        reader(tmp_path / "nothing", prepared, wait=0.1).logprobs(0)
+
+
+def test_reader_refuses_a_wrong_fingerprint(prepared, tmp_path):
+    conf_dir = tmp_path / "confidence"
+    manifest = start_confidence(conf_dir, prepared, fingerprint="some-other-dataset")
+    write_confidence_shard(conf_dir, prepared, manifest, 0)
+    with pytest.raises(ContractError, match="prepared fingerprint some-other-dataset"):
+        reader(conf_dir, prepared).logprobs(0)
+
+
+def test_reader_refuses_another_instruct_model(prepared, scored):
+    confidence = ConfidenceReader(scored, prepared, 1.0, 0.1, instruct_identity={"name": "other", "hash": "zzz"})
+    with pytest.raises(ContractError, match="scored by instruct model tiny-instruct"):
+        confidence.logprobs(0)
+
+
+def test_reader_refuses_a_sample_whose_logprob_count_mismatches(prepared, tmp_path):
+    conf_dir = tmp_path / "confidence"
+    manifest = start_confidence(conf_dir, prepared)
+    write_confidence_shard(conf_dir, prepared, manifest, 0, short_sample=5)
+    expected = prepared.dataset[5]["num_target_tokens"]
+    with pytest.raises(ContractError, match=f"shard-00000.safetensors: sample 5 has {expected - 1} logprobs but "
+                                            f"{expected} target tokens"):
+        reader(conf_dir, prepared).logprobs(3)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_reader_rejects_non_finite_logprobs(prepared, tmp_path, bad):
+    """A shard with a NaN / inf written behind the contract's back (write_shard itself refuses them)."""
+    from safetensors.torch import save_file
+
+    conf_dir = tmp_path / "confidence"
+    manifest = start_confidence(conf_dir, prepared)
+    spec = prepared.manifest.shards[0]
+    counts = prepared.dataset["num_target_tokens"][spec.start : spec.end]
+    values = torch.cat([sample_logprobs(s, c) for s, c in zip(range(spec.start, spec.end), counts)])
+    offsets = torch.tensor([0] + counts).cumsum(0)
+    values[int(offsets[3]) + 1] = bad
+    path = conf_dir / conf_contract.shard_filename(0)
+    save_file({"sample_index": torch.arange(spec.start, spec.end), "offsets": offsets, "logprobs": values},
+              str(path), metadata={"format": conf_contract.FORMAT, "version": str(conf_contract.VERSION),
+                                   "prepared_fingerprint": prepared.manifest.fingerprint})
+    manifest.shards[0] = conf_contract.ShardRecord(0, path.name, conf_contract._sha256(path), spec.num_samples,
+                                                   values.numel())
+    (conf_dir / conf_contract.MANIFEST_NAME).write_text(json.dumps(manifest.to_json()))
+    with pytest.raises(ContractError, match="non-finite logprob for sample 3 at target position 1"):
+        reader(conf_dir, prepared).logprobs(0)
+
+
+def test_reader_refuses_a_shard_plan_of_another_size(prepared, tmp_path):
+    conf_dir = tmp_path / "confidence"
+    conf_contract.init_manifest(conf_dir, conf_contract.ConfidenceManifest(
+        prepared_fingerprint=prepared.manifest.fingerprint, instruct_model=INSTRUCT, logprob_dtype="float32",
+        num_shards=3))
+    with pytest.raises(ContractError, match="plans 3 shards"):
+        reader(conf_dir, prepared).logprobs(0)
+
+
+@pytest.mark.parametrize("wait, poll, message", [(1.0, 0.0, "confidence_poll_seconds"),
+                                                  (-1.0, 1.0, "confidence_wait_seconds")])
+def test_reader_refuses_bad_wait_settings(prepared, scored, wait, poll, message):
+    with pytest.raises(ConfigError, match=message):
+        ConfidenceReader(scored, prepared, wait_seconds=wait, poll_seconds=poll)
+
+
+# ------------------------------------------------------------------------------------------------- TrainBatches
+
+
+def batches(prepared, conf_dir, rank=0, world=1, seed=7, confidence=True, **cfg):
+    train_cfg = TrainConfig(**cfg)
+    return TrainBatches(prepared, train_cfg, rank, world, reader(conf_dir, prepared) if confidence else None, seed)
+
+
+def rank_sets(prepared, conf_dir, step, world, **cfg):
+    """{rank: [set per micro-batch]} of ``step``."""
+    return {
+        rank: [set(mb.sample_indices) for mb in batches(prepared, conf_dir, rank, world, **cfg).micro_batches(step)]
+        for rank in range(world)
+    }
+
+
+@pytest.mark.parametrize("world, grad_accum", [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1)])
+def test_rank_slices_are_disjoint_and_cover_the_global_batch(prepared, scored, world, grad_accum):
+    cfg = dict(micro_batch_size=2, gradient_accumulation_steps=grad_accum, epochs=2)
+    layout = batches(prepared, scored, 0, world, **cfg)
+    for step in (0, layout.steps_per_epoch):  # one step of epoch 0 and one of the permuted epoch 1
+        seen = [s for sets in rank_sets(prepared, scored, step, world, **cfg).values() for mb in sets for s in mb]
+        assert len(seen) == len(set(seen)) == layout.global_batch == 2 * grad_accum * world
+        assert set(seen) == set(layout.global_batch_indices(step).tolist())
+
+
+def test_any_rank_and_accumulation_split_gives_the_same_samples_per_step(prepared, scored):
+    two_ranks = batches(prepared, scored, 0, 2, micro_batch_size=2, gradient_accumulation_steps=1, epochs=3)
+    for step in range(two_ranks.total_steps):
+        by_ranks = set().union(*(s for sets in rank_sets(prepared, scored, step, 2, micro_batch_size=2,
+                                                           gradient_accumulation_steps=1, epochs=3).values()
+                                 for s in sets))
+        by_accumulation = set().union(*rank_sets(prepared, scored, step, 1, micro_batch_size=2,
+                                                 gradient_accumulation_steps=2, epochs=3)[0])
+        assert by_ranks == by_accumulation
+
+
+def test_epoch_zero_follows_prepared_order_and_later_epochs_are_seeded_permutations(prepared, scored):
+    data = batches(prepared, scored, micro_batch_size=4, epochs=3)
+    epoch0 = [i for step in range(data.steps_per_epoch) for mb in data.micro_batches(step) for i in mb.sample_indices]
+    assert epoch0 == list(range(len(prepared)))
+    epoch1 = data.epoch_order(1).tolist()
+    epoch2 = data.epoch_order(2).tolist()
+    assert sorted(epoch1) == list(range(len(prepared))) and epoch1 != epoch0 and epoch1 != epoch2
+    assert batches(prepared, scored, micro_batch_size=4, epochs=3).epoch_order(1).tolist() == epoch1
+    assert batches(prepared, scored, seed=8, micro_batch_size=4, epochs=3).epoch_order(1).tolist() != epoch1
+
+
+def test_resume_is_calling_micro_batches_at_the_step(prepared, scored):
+    first = batches(prepared, scored, micro_batch_size=4, epochs=2)
+    walked = [mb for step in range(first.total_steps) for mb in first.micro_batches(step)]
+    resumed = batches(prepared, scored, micro_batch_size=4, epochs=2)
+    step = first.steps_per_epoch + 3
+    for a, b in zip(walked[step:], [mb for s in range(step, resumed.total_steps) for mb in resumed.micro_batches(s)]):
+        assert a.sample_indices == b.sample_indices
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.inst_logprobs, b.inst_logprobs)
+    with pytest.raises(IndexError, match="outside the run"):
+        resumed.micro_batches(resumed.total_steps)
+
+
+def test_step_counts_drop_the_partial_batch_and_respect_max_steps(prepared, scored, caplog):
+    with caplog.at_level(logging.INFO, logger="gift_dist.train.data"):
+        data = batches(prepared, scored, 0, 2, micro_batch_size=3, gradient_accumulation_steps=2, epochs=3)
+    assert data.steps_per_epoch == 40 // 12 and data.total_steps == 3 * (40 // 12)
+    assert "4 samples per epoch" in caplog.text
+    capped = batches(prepared, scored, micro_batch_size=4, epochs=3, max_steps=5)
+    assert capped.total_steps == 5
+
+
+def test_refuses_a_dataset_smaller_than_one_global_batch(prepared, scored):
+    with pytest.raises(ConfigError, match="40 samples, fewer than one global batch of 48"):
+        batches(prepared, scored, 0, 4, micro_batch_size=6, gradient_accumulation_steps=2)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(micro_batch_size=0), "micro_batch_size"),
+    (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps"),
+    (dict(max_steps=0), "max_steps"),
+])
+def test_refuses_bad_batch_settings(prepared, scored, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        batches(prepared, scored, **changes)
+
+
+def test_micro_batch_tensors_align_with_the_confidence_order(prepared, scored):
+    data = batches(prepared, scored, micro_batch_size=3, epochs=2)
+    for mb in data.micro_batches(data.steps_per_epoch + 1):
+        targets = mb.labels[:, 1:][mb.labels[:, 1:] != -100]
+        expected = torch.cat([sample_logprobs(i, prepared.dataset[i]["num_target_tokens"]) for i in mb.sample_indices])
+        torch.testing.assert_close(mb.inst_logprobs, expected)
+        assert mb.is_eos.tolist() == (targets == EOS_ID).tolist() and int(mb.is_eos.sum()) == 3
+        assert mb.sample_lengths.tolist() == [prepared.dataset[i]["num_target_tokens"] for i in mb.sample_indices]
+        assert mb.num_target_tokens == targets.numel()
+        assert mb.num_tokens == sum(prepared.dataset[i]["num_tokens"] for i in mb.sample_indices)
+        assert (mb.input_ids[mb.attention_mask == 0] == PAD_ID).all()
+
+
+def test_micro_batch_moves_all_its_tensors(prepared, scored):
+    mb = batches(prepared, scored, micro_batch_size=2, packing=True).micro_batches(0)[0]
+    moved = mb.to("meta")
+    assert all(t.device.type == "meta" for t in (moved.input_ids, moved.labels, moved.position_ids,
+                                                 moved.inst_logprobs, moved.is_eos, moved.sample_lengths))
+    assert moved.attention_mask is None and moved.sample_indices == mb.sample_indices
+    assert mb.input_ids.device.type == "cpu"
+
+
+@pytest.mark.parametrize("name", ["uniform", "dft"])
+def test_uniform_and_dft_need_no_confidence(prepared, name):
+    data = TrainBatches(prepared, TrainConfig(weighting=name, micro_batch_size=4), 0, 1, None, seed=0)
+    mb = data.micro_batches(0)[0]
+    assert mb.inst_logprobs is None and mb.num_target_tokens > 0
+
+
+def test_confidence_weightings_refuse_to_run_without_a_reader(prepared):
+    with pytest.raises(ConfigError, match="weighting 'gift' needs the scorer's confidence"):
+        TrainBatches(prepared, TrainConfig(weighting="gift"), 0, 1, None, seed=0)
+
+
+def test_refuses_a_sample_whose_labels_disagree_with_its_target_count(tmp_path):
+    prepared = make_prepared(tmp_path / "prepared", num_samples=8)
+    bad = prepared.dataset.map(lambda row, i: {"num_target_tokens": row["num_target_tokens"] + (i == 2)},
+                               with_indices=True)
+    prepared = prep_contract.Prepared(prepared.path, prepared.manifest, bad)
+    data = TrainBatches(prepared, TrainConfig(weighting="uniform", micro_batch_size=4), 0, 1, None, seed=0)
+    with pytest.raises(ContractError, match="prepared sample 2: labels hold"):
+        data.micro_batches(0)
+
+
+# ------------------------------------------------------------------------------------------------------ packing
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_micro_batch_gives_the_same_per_token_loss_as_one_by_one(prepared, scored, arch, attn):
+    """transformers derives a block-diagonal mask from restarting position ids when attention_mask is None."""
+    from transformers import AutoModelForCausalLM
+
+    from gift_dist.models.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size=320), attn_implementation=attn)
+    model.eval()
+
+    def per_token_ce(mb):
+        out = model.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                          use_cache=False)
+        return target_token_ce(out.last_hidden_state, model.lm_head, mb.labels, chunk_tokens=7)
+
+    packed = batches(prepared, scored, micro_batch_size=4, packing=True).micro_batches(1)[0]
+    padded = batches(prepared, scored, micro_batch_size=4, packing=False).micro_batches(1)[0]
+    single = batches(prepared, scored, micro_batch_size=1, packing=False)
+    assert packed.input_ids.shape[0] == 1 and packed.attention_mask is None
+    assert packed.position_ids[0].tolist() == [p for i in packed.sample_indices
+                                               for p in range(prepared.dataset[i]["num_tokens"])]
+    torch.testing.assert_close(packed.inst_logprobs, padded.inst_logprobs)
+    assert packed.is_eos.tolist() == padded.is_eos.tolist()
+    with torch.no_grad():
+        one_by_one = torch.cat([per_token_ce(single.micro_batches(step)[0]) for step in range(4, 8)])
+        packed_ce = per_token_ce(packed)
+        padded_ce = per_token_ce(padded)
+    assert packed.sample_indices == list(range(4, 8))
+    torch.testing.assert_close(packed_ce, one_by_one, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(padded_ce, one_by_one, rtol=1e-4, atol=1e-5)
+    # Without per-sample positions the samples attend to each other: the comparison above can fail.
+    leaky = torch.arange(packed.input_ids.shape[1]).unsqueeze(0)
+    with torch.no_grad():
+        out = model.model(input_ids=packed.input_ids, position_ids=leaky, use_cache=False)
+        leaky_ce = target_token_ce(out.last_hidden_state, model.lm_head, packed.labels, chunk_tokens=7)
+    assert not torch.allclose(leaky_ce, one_by_one, rtol=1e-4, atol=1e-5)
