@@ -44,7 +44,8 @@ def test_shape_mismatch_and_missing_factor_name_the_key():
 
 
 def test_rank_and_alpha_patterns_and_rslora():
-    config = {"r": 8, "lora_alpha": 16, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"layers.0.self_attn.q_proj": 2}}
+    config = {"r": 8, "lora_alpha": 16, "rank_pattern": {"q_proj": 4},
+              "alpha_pattern": {"layers.0.self_attn.q_proj": 2}}
     assert lora_scaling(config, "model.layers.0.self_attn.q_proj", 1.0) == pytest.approx(2 / 4)
     assert lora_scaling(config, "model.layers.1.self_attn.q_proj", 1.0) == pytest.approx(16 / 4)
     assert lora_scaling(config, "model.layers.0.self_attn.v_proj", 0.5) == pytest.approx(0.5 * 16 / 8)

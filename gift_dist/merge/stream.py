@@ -83,7 +83,9 @@ def read_sources(model_dir: Path) -> list[TensorSource]:
     return sources
 
 
-def plan_shards(sources: list[TensorSource], out_dtype: Optional[torch.dtype], max_shard_bytes: Optional[int]) -> list[ShardPlan]:
+def plan_shards(
+    sources: list[TensorSource], out_dtype: Optional[torch.dtype], max_shard_bytes: Optional[int]
+) -> list[ShardPlan]:
     """Keep the input's shard layout, or regroup tensors greedily into shards of at most ``max_shard_bytes``."""
     if max_shard_bytes is None:
         by_file: dict[str, list[TensorSource]] = {}
@@ -338,7 +340,8 @@ def stream_merge(
     bar.close()
     written = sum(p.nbytes for p in todo)
     elapsed = max(time.perf_counter() - started, 1e-9)
-    log.info("merged %d shards (%.2f GB) in %.1f s: %.2f GB/s", len(todo), written / 1e9, elapsed, written / 1e9 / elapsed)
+    log.info("merged %d shards (%.2f GB) in %.1f s: %.2f GB/s", len(todo), written / 1e9, elapsed,
+             written / 1e9 / elapsed)
     if len(plans) > 1 or (source_dir / checkpoint.SAFE_INDEX).is_file():
         write_index(work_dir, plans)
     return [p.name for p in plans]
