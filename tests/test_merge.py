@@ -166,6 +166,7 @@ def test_cli_merge_and_verify(pairs, adapters, tmp_path, capsys):
             "--scale", "0.25", "--no-verify", f"instruct_model={pair.instruct}", "merge.progress=false"]
     assert main(args) == 0
     assert read_merged(out).record.strength == 0.25
+    assert read_merged(out).record.scale == pytest.approx(0.25 * 8 / 4)
     assert main(args) == 2
     assert "exists" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
