@@ -67,21 +67,21 @@ def build(workdir: Path, hidden: int, layers: int, vocab: int, dtype: str, shard
     return instruct, adapter
 
 
-def child(kind: str, instruct: Path, adapter: Path, output: Path, shard: str) -> dict:
+def child(kind: str, instruct: Path, adapter: Path, output: Path, shard: str, threads: int) -> dict:
     """Run one measured job in this (fresh) process and return its numbers."""
-    import torch  # noqa: F401  (imported before the baseline so every job pays the same import cost)
+    # Every job imports the same libraries before the baseline, so RSS and wall time compare the work alone.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401  (ours maps names through it)
+    from transformers.utils.hub import convert_file_size_to_int  # noqa: F401
 
-    if kind == "ours":
-        from gift_dist.config import RunConfig
-        from gift_dist.merge.stage import merge
-    elif kind == "peft":
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
+    from gift_dist.config import RunConfig
+    from gift_dist.merge.stage import merge
+
     baseline = rss_now()
     started = time.perf_counter()
     if kind == "ours":
         cfg = RunConfig(instruct_model=str(instruct), output_dir=str(output.parent))
-        cfg.merge.verify, cfg.merge.progress = False, False
+        cfg.merge.verify, cfg.merge.progress, cfg.merge.threads = False, False, threads
         merge(cfg, adapter_dir=str(adapter), output_dir=str(output))
     elif kind == "peft":
         model = AutoModelForCausalLM.from_pretrained(str(instruct))
@@ -97,10 +97,11 @@ def child(kind: str, instruct: Path, adapter: Path, output: Path, shard: str) ->
     return {"kind": kind, "wall_s": wall, "peak_rss": peak, "baseline_rss": baseline}
 
 
-def measure(kind: str, instruct: Path, adapter: Path, workdir: Path, shard: str) -> dict:
+def measure(kind: str, instruct: Path, adapter: Path, workdir: Path, shard: str, threads: int) -> dict:
     output = workdir / f"out_{kind}"
     shutil.rmtree(output, ignore_errors=True)
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, "--workdir", str(workdir), "--shard", shard],
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, "--workdir", str(workdir), "--shard", shard,
+                           "--threads", str(threads)],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} failed:\n{proc.stderr[-3000:]}")
@@ -117,31 +118,34 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--shard", default="100MB", help="max shard size of the checkpoint (and of peft's output)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="merge.threads for our merge")
     parser.add_argument("--child", choices=["ours", "peft", "copy"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     workdir = Path(args.workdir)
     if args.child:
         print(json.dumps(child(args.child, workdir / "instruct", workdir / "adapter", workdir / f"out_{args.child}",
-                               args.shard)))
+                               args.shard, args.threads)))
         return
     workdir.mkdir(parents=True, exist_ok=True)
     instruct, adapter = build(workdir, args.hidden, args.layers, args.vocab, args.dtype, args.shard)
     shards = sorted(instruct.glob("*.safetensors"))
     total = sum(p.stat().st_size for p in shards)
     largest = max(p.stat().st_size for p in shards)
-    print(f"checkpoint: {len(shards)} shards, {total / MB:.0f} MiB (largest shard {largest / MB:.0f} MiB)")
+    print(f"checkpoint: {len(shards)} shards, {total / MB:.0f} MiB (largest shard {largest / MB:.0f} MiB); "
+          f"our merge with {args.threads} threads")
     kinds = ["ours", "peft", "copy"]
     results: dict[str, list[dict]] = {k: [] for k in kinds}
-    measure("copy", instruct, adapter, workdir, args.shard)  # warm the page cache once for everyone
+    measure("copy", instruct, adapter, workdir, args.shard, args.threads)  # warm the page cache once for everyone
     for repeat in range(args.repeats):
         for kind in kinds[repeat % 3:] + kinds[: repeat % 3]:
-            results[kind].append(measure(kind, instruct, adapter, workdir, args.shard))
+            results[kind].append(measure(kind, instruct, adapter, workdir, args.shard, args.threads))
     med = {k: {f: statistics.median(r[f] for r in rs) for f in ("wall_s", "peak_rss", "baseline_rss")}
            for k, rs in results.items()}
     print(f"{'job':<6} {'wall s':>8} {'peak RSS MiB':>13} {'above imports MiB':>18}   (medians of {args.repeats})")
     for kind in kinds:
         m = med[kind]
-        print(f"{kind:<6} {m['wall_s']:>8.2f} {m['peak_rss'] / MB:>13.0f} {(m['peak_rss'] - m['baseline_rss']) / MB:>18.0f}")
+        above = (m["peak_rss"] - m["baseline_rss"]) / MB
+        print(f"{kind:<6} {m['wall_s']:>8.2f} {m['peak_rss'] / MB:>13.0f} {above:>18.0f}")
     ours, peft, copy = med["ours"], med["peft"], med["copy"]
     print(f"wall: ours / copy = {ours['wall_s'] / copy['wall_s']:.2f} (target <= 1.3); "
           f"ours / peft = {ours['wall_s'] / peft['wall_s']:.2f}")

@@ -166,6 +166,7 @@ def test_cli_merge_and_verify(pairs, adapters, tmp_path, capsys):
             "--scale", "0.25", "--no-verify", f"instruct_model={pair.instruct}", "merge.progress=false"]
     assert main(args) == 0
     assert read_merged(out).record.strength == 0.25
+    assert read_merged(out).record.scale == pytest.approx(0.25 * 8 / 4)
     assert main(args) == 2
     assert "exists" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
@@ -267,3 +268,19 @@ def test_dora_adapter_is_refused(pairs, tmp_path):
     adapter = make_adapter(pairs["llama"].base, tmp_path / "adapter", target_modules=["q_proj"], use_dora=True)
     with pytest.raises(ContractError, match="lora_magnitude_vector.*DoRA"):
         merge(merge_config(tmp_path, pairs["llama"]), adapter_dir=str(adapter))
+
+
+def test_output_onto_an_input_model_is_refused(pairs, adapters, tmp_path):
+    from gift_dist.config import ConfigError
+
+    cfg = merge_config(tmp_path, pairs["llama"], overwrite=True)
+    with pytest.raises(ConfigError, match="would replace or sit inside the input model"):
+        merge(cfg, adapter_dir=str(adapters["llama"]), output_dir=str(pairs["llama"].instruct))
+    assert checkpoint.weight_files(pairs["llama"].instruct)
+
+
+def test_bad_max_shard_size_names_the_key(pairs, adapters, tmp_path):
+    from gift_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match="merge.max_shard_size"):
+        merge(merge_config(tmp_path, pairs["llama"], max_shard_size="lots"), adapter_dir=str(adapters["llama"]))

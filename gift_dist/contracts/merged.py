@@ -44,6 +44,11 @@ class MergeRecord:
     format: str = FORMAT
     version: int = VERSION
 
+    @property
+    def scale(self) -> float:
+        """The factor applied to B @ A: LoRA scaling times blend strength (rank/alpha patterns aside)."""
+        return self.lora_scaling * self.strength
+
 
 @dataclass
 class Merged:

@@ -94,18 +94,16 @@ def base_model_prefix(model_type: Optional[str]) -> Optional[str]:
 
 
 def _candidates(path: str, prefixes: list[str]) -> list[str]:
-    """The checkpoint names a module path's weight may have: as is, then with a known prefix dropped or added."""
-    out = [path]
-    for prefix in prefixes:
-        if path.startswith(prefix + "."):
-            out.append(path[len(prefix) + 1:])
-    for prefix in prefixes:
-        out.append(f"{prefix}.{path}")
+    """The checkpoint names a module weight path may have: as is, with a known prefix dropped, added, or swapped."""
+    stripped = [path] + [path[len(p) + 1:] for p in prefixes if path.startswith(p + ".")]
+    out = list(stripped)
+    for stem in stripped:
+        out += [f"{prefix}.{stem}" for prefix in prefixes]
     return list(dict.fromkeys(out))
 
 
 def resolve_tensor(tensor_path: str, checkpoint_names: set[str], prefixes: list[str], adapter_key: str) -> str:
-    """The one checkpoint tensor a module weight path refers to; an error naming the key if none or several match."""
+    """The checkpoint tensor a module weight path refers to (exact name first); an error naming the key if none."""
     hits = [name for name in _candidates(tensor_path, prefixes) if name in checkpoint_names]
     if not hits:
         raise ContractError(

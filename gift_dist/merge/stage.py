@@ -6,8 +6,9 @@ The recipe:
   2. check the adapter was trained on this architecture (adapter config, gift_adapter.json identity, shapes) and
      map every adapter key to the checkpoint tensor it changes;
   3. stream the merge into a work folder beside the output (reusing finished shards of an interrupted run), copy
-     config/tokenizer/chat template, write gift_merge.json, and rename the folder into place;
-  4. optionally verify: recompute a sample of merged tensors, compare logits with peft on small models.
+     config/tokenizer/chat template, write gift_merge.json;
+  4. optionally verify it there (recompute a sample of merged tensors, compare logits with peft on small models);
+  5. rename the folder into place.
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ def merge(
     """Merge the run's adapter into the instruct (or base) checkpoint; returns the merged model dir."""
     opts = cfg.merge
     adapter_path, target, output, base = merge_paths(cfg, adapter_dir, target_dir, output_dir, base_dir)
+    for model in (target, base):
+        if model is not None and (output.resolve() == model.resolve() or model.resolve() in output.resolve().parents):
+            raise ConfigError(f"output directory {output} would replace or sit inside the input model {model}")
     if output.exists() and not opts.overwrite:
         raise ContractError(f"output directory {output} exists; pass --overwrite (merge.overwrite=true) to replace")
     adapter = adapter_contract.read_adapter(adapter_path)
@@ -138,13 +142,15 @@ def merge(
         shards=shards,
     )
     merged_contract.write_record(work_dir, record)
-    install(work_dir, output, opts.overwrite)
-    log.info("merged model written to %s", output)
     if opts.verify:
+        # Checked before the rename: a merge that fails verification never appears at the output path.
         from gift_dist.merge.verify import verify_merged
 
-        verify_merged(cfg, merged_dir=str(output), adapter_dir=str(adapter_path), target_dir=str(target),
+        verify_merged(cfg, merged_dir=str(work_dir), adapter_dir=str(adapter_path), target_dir=str(target),
                       base_dir=str(base) if base is not None else None)
+    (work_dir / stream.PLAN_NAME).unlink()
+    install(work_dir, output, opts.overwrite)
+    log.info("merged model written to %s", output)
     return output
 
 

@@ -11,6 +11,7 @@ A difference beyond tolerance is a ContractError naming the tensor or the prompt
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -51,8 +52,6 @@ class Inputs:
     """What a merged dir was made from: target checkpoint, adapter mapped onto it, base for full tensors."""
 
     def __init__(self, merged: merged_contract.Merged, adapter_dir: Path, target_dir: Path, base_dir: Optional[Path]):
-        import json
-
         self.merged, self.target_dir, self.adapter_dir = merged, target_dir, adapter_dir
         self.adapter = adapter_contract.read_adapter(adapter_dir)
         config = json.loads((target_dir / "config.json").read_text())

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from gift_dist.contracts import ContractError
-from gift_dist.merge.writer import SAFE_DTYPE_OF, ShardWriter, TensorSlot
+from gift_dist.merge.shardio import SAFE_DTYPE_OF, ShardWriter, TensorSlot
 
 
 def slot(name: str, tensor: torch.Tensor) -> TensorSlot:
@@ -43,3 +43,27 @@ def test_out_of_plan_tensor_is_refused(tmp_path):
     writer.write("a", first)
     with pytest.raises(ContractError, match="1 planned tensors were never written"):
         writer.close()
+
+
+def test_copy_and_read_by_byte_range(tmp_path):
+    from safetensors.torch import save_file
+
+    from gift_dist.merge.shardio import read_tensor, tensor_ranges
+    from gift_dist.models.checkpoint import read_header
+
+    source = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(7, dtype=torch.int32), "c": torch.randn(4)}
+    src = tmp_path / "src.safetensors"
+    save_file(source, str(src))
+    ranges = tensor_ranges(src, read_header(src))
+    out = tmp_path / "out.safetensors"
+    with open(src, "rb") as fh:
+        assert torch.equal(read_tensor(fh, ranges["a"]), source["a"])
+        with ShardWriter(out, [slot(n, source[n]) for n in ("c", "a", "b")]) as writer:
+            writer.copy("c", fh, ranges["c"])
+            writer.write("a", read_tensor(fh, ranges["a"]) * 2)
+            writer.copy("b", fh, ranges["b"])
+        with pytest.raises(ContractError, match="wrote"):
+            ShardWriter(tmp_path / "x.safetensors", [slot("c", source["c"])]).copy("b", fh, ranges["b"])
+    with safe_open(str(out), framework="pt") as fh:
+        assert torch.equal(fh.get_tensor("c"), source["c"]) and torch.equal(fh.get_tensor("b"), source["b"])
+        assert torch.equal(fh.get_tensor("a"), source["a"] * 2)
