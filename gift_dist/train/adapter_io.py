@@ -7,7 +7,6 @@ ones ``PeftModel.from_pretrained`` reads), checked against the shapes the LoRA l
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,6 @@ import torch
 from gift_dist import dist
 from gift_dist.contracts import ContractError
 from gift_dist.contracts.adapter import read_adapter, write_adapter
-
-log = logging.getLogger(__name__)
-
 
 def expected_lora_shapes(peft_model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """The shape each LoRA matrix must have, from the layers' in/out features (known even when partitioned)."""
