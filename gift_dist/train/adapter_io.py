@@ -16,6 +16,7 @@ from gift_dist import dist
 from gift_dist.contracts import ContractError
 from gift_dist.contracts.adapter import read_adapter, write_adapter
 
+
 def expected_lora_shapes(peft_model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """The shape each LoRA matrix must have, from the layers' in/out features (known even when partitioned)."""
     from peft.tuners.lora import LoraLayer
