@@ -194,6 +194,17 @@ def test_stale_lease_of_a_dead_worker_is_retaken(tmp_path):
     assert pool.claim([0, 1]).shard_index == 2
 
 
+def test_half_written_shards_of_killed_writers_are_removed(tmp_path):
+    pool = ShardPool(tmp_path, num_shards=2, lease_seconds=60)
+    stale, fresh = tmp_path / ".shard-00000.safetensors.h.1.ab.tmp", tmp_path / ".shard-00001.safetensors.h.2.cd.tmp"
+    for path in (stale, fresh):
+        path.write_bytes(b"partial")
+    old = time.time() - 120
+    os.utime(stale, (old, old))
+    assert pool.remove_stale_temporaries() == [stale]
+    assert not stale.exists() and fresh.exists()
+
+
 def test_non_finite_logprobs_name_sample_and_position(prepared_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 

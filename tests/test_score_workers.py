@@ -1,4 +1,4 @@
-"""Several scoring workers (torchrun, independent jobs, a killed and restarted one) produce the single worker's bytes."""
+"""Several scoring workers (torchrun, independent jobs, a killed then restarted one) write one worker's bytes."""
 
 from __future__ import annotations
 

@@ -88,6 +88,22 @@ class ShardPool:
         self.worker = worker or worker_id()
         (self.conf_dir / LEASE_DIR).mkdir(parents=True, exist_ok=True)
 
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete half-written shards a killed writer left behind (hidden ``.shard-*.tmp`` files).
+
+        A live writer's temporary is younger than a lease (it refreshes its lease after every batch and writes
+        the shard right after the last one), so only files older than ``lease_seconds`` are removed.
+        """
+        removed = []
+        for path in self.conf_dir.glob(".shard-*.tmp"):
+            try:
+                if time.time() - path.stat().st_mtime > self.lease_seconds:
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:
+                continue
+        return removed
+
     def _is_stale(self, path: Path) -> bool:
         try:
             age = time.time() - path.stat().st_mtime

@@ -128,8 +128,30 @@ def check_finite(values: torch.Tensor, counts: list[int], sample_indices: list[i
         position -= count
 
 
-def score_shard(model, input_device, prepared: Prepared, spec: ShardSpec, cfg: ScoreConfig,
-                lease: ShardLease, progress) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+class Progress:
+    """This worker's tqdm bar: samples of the whole dataset (finished shards included) and target tokens/s."""
+
+    def __init__(self, total: int, done: int, worker: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=done, unit="sample", desc=f"score {worker}",
+                        position=dist.env_local_rank(), dynamic_ncols=True)
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def advance(self, samples: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.update(samples)
+        self.bar.set_postfix(tok_s=f"{self.tokens / max(time.perf_counter() - self.started, 1e-9):.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def score_shard(
+    model, input_device, prepared: Prepared, spec: ShardSpec, cfg: ScoreConfig, lease: ShardLease,
+    progress: Optional[Progress],
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Offsets, logprobs (and entropy) of one shard, in sample-index order whatever the batching."""
     rows = prepared.dataset.select(range(spec.start, spec.end))
     input_ids, labels = rows["input_ids"], rows["labels"]
@@ -149,8 +171,8 @@ def score_shard(model, input_device, prepared: Prepared, spec: ShardSpec, cfg: S
         entropy_parts = scores.entropy.split(scores.counts) if scores.entropy is not None else [None] * len(batch)
         for local, values, ent in zip(batch, logprob_parts, entropy_parts):
             if values.numel() != expected[local]:
-                first_label = labels[local][0] if labels[local] else IGNORE_INDEX
-                why = " (its first token is a target, which no position predicts)" if first_label != IGNORE_INDEX else ""
+                starts_with_target = bool(labels[local]) and labels[local][0] != IGNORE_INDEX
+                why = " (its first token is a target, which no position predicts)" if starts_with_target else ""
                 raise ContractError(
                     f"prepared sample {spec.start + local} has {expected[local]} target tokens but {values.numel()} "
                     f"were scored{why}"
@@ -160,25 +182,12 @@ def score_shard(model, input_device, prepared: Prepared, spec: ShardSpec, cfg: S
             time.sleep(max(0.0, cfg.throttle_seconds - (time.perf_counter() - started)))
         lease.refresh()
         if progress is not None:
-            progress.update(len(batch))
-            progress.tokens += int(sum(scores.counts))
-            progress.set_postfix(tok_s=f"{progress.tokens / max(progress.format_dict['elapsed'], 1e-9):.0f}")
+            progress.advance(len(batch), int(sum(scores.counts)))
     counts = torch.tensor([0] + [v.numel() for v in per_sample], dtype=torch.int64)
     offsets = counts.cumsum(0)
     logprobs = torch.cat(per_sample) if per_sample else torch.empty(0)
     entropy = torch.cat(per_sample_entropy) if cfg.record_entropy else None
     return offsets, logprobs, entropy
-
-
-def _progress_bar(cfg: RunConfig, total: int, done: int, worker: str):
-    if not cfg.score.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, initial=done, unit="sample", desc=f"score {worker}", position=dist.env_local_rank(),
-               dynamic_ncols=True)
-    bar.tokens = 0
-    return bar
 
 
 def score(cfg: RunConfig) -> ScoreSummary:
@@ -192,6 +201,7 @@ def score(cfg: RunConfig) -> ScoreSummary:
     plan = prepared.manifest.shards
     try:
         pool = ShardPool(conf_dir, len(plan), cfg.score.lease_seconds)
+        pool.remove_stale_temporaries()
     except OSError as exc:
         raise ContractError(f"cannot write leases in the confidence output directory {conf_dir}: {exc}") from exc
     poll_seconds = min(5.0, max(0.1, cfg.score.lease_seconds / 4))
@@ -212,8 +222,9 @@ def score(cfg: RunConfig) -> ScoreSummary:
                     continue  # finished between our manifest read and our claim
                 if model is None:
                     model, input_device = load_scoring_model(cfg)
-                    progress = _progress_bar(cfg, prepared.manifest.num_samples,
-                                             sum(r.num_samples for r in manifest.shards.values()), pool.worker)
+                    if cfg.score.progress:
+                        done = sum(r.num_samples for r in manifest.shards.values())
+                        progress = Progress(prepared.manifest.num_samples, done, pool.worker)
                 spec = plan[lease.shard_index]
                 started = time.perf_counter()
                 offsets, logprobs, entropy = score_shard(model, input_device, prepared, spec, cfg.score, lease,
