@@ -69,6 +69,8 @@ class ScoreConfig:
     # A worker that holds a shard refreshes its lease; a lease older than this is considered dead and retaken.
     lease_seconds: float = 600.0
     progress: bool = True
+    # Debugging/testing only: every batch takes at least this long (to observe leases, kills and restarts).
+    throttle_seconds: float = 0.0
 
 
 @dataclass

@@ -14,7 +14,9 @@ Each shard holds three tensors (a CSR layout over the shard's samples, in shard-
 - ``logprobs``     float32 (or bf16/fp16) [total target tokens]: ``log p_inst(y_t | x, y<t)`` in label order
 - ``entropy``      optional, same shape as ``logprobs``: entropy of the instruct distribution at that position
 
-and ``__metadata__`` naming the format, version, prepared fingerprint, instruct model and dtype.
+and ``__metadata__`` naming the format, version, prepared fingerprint, instruct model and dtype. A shard's bytes
+depend only on its values: no worker id or timestamp is stored in it, and the header is written with sorted keys,
+so any worker (or a re-run) produces a byte-identical file for the same shard.
 
 Shards appear atomically (written to a temporary name, then renamed) and ``manifest.json`` is only ever
 replaced whole, under a lock file, so a reader sees finished shards only. Writers may run on many nodes at
@@ -27,6 +29,7 @@ import hashlib
 import json
 import os
 import socket
+import struct
 import time
 import uuid
 from contextlib import contextmanager
@@ -43,6 +46,7 @@ VERSION = 1
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = "manifest.lock"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
 # A manifest lock older than this belongs to a killed writer (the lock is held for milliseconds).
 STALE_LOCK_SECONDS = 30.0
 
@@ -58,6 +62,9 @@ class ShardRecord:
     sha256: str
     num_samples: int
     num_tokens: int
+    # Provenance only (never part of the shard bytes): how long scoring took and who did it.
+    seconds: float = 0.0
+    worker: str = ""
 
 
 @dataclass
@@ -121,11 +128,14 @@ def _sha256(path: Path) -> str:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -170,12 +180,15 @@ def read_manifest(conf_dir: str | Path) -> Optional[ConfidenceManifest]:
 def init_manifest(conf_dir: str | Path, template: ConfidenceManifest) -> ConfidenceManifest:
     """Create the manifest, or check an existing one describes the same scoring job; returns the current one."""
     conf_dir = Path(conf_dir)
-    conf_dir.mkdir(parents=True, exist_ok=True)
-    with manifest_lock(conf_dir):
-        existing = read_manifest(conf_dir)
-        if existing is None:
-            _atomic_write_text(conf_dir / MANIFEST_NAME, json.dumps(template.to_json(), indent=2) + "\n")
-            return template
+    try:
+        conf_dir.mkdir(parents=True, exist_ok=True)
+        with manifest_lock(conf_dir):
+            existing = read_manifest(conf_dir)
+            if existing is None:
+                _atomic_write_text(conf_dir / MANIFEST_NAME, json.dumps(template.to_json(), indent=2) + "\n")
+                return template
+    except OSError as exc:
+        raise ContractError(f"cannot write the confidence output directory {conf_dir}: {exc}") from exc
     existing.check_matches(template.prepared_fingerprint, template.instruct_model, str(conf_dir))
     if existing.logprob_dtype != template.logprob_dtype or existing.num_shards != template.num_shards:
         raise ContractError(
@@ -183,6 +196,37 @@ def init_manifest(conf_dir: str | Path, template: ConfidenceManifest) -> Confide
             f"this job asks for {template.logprob_dtype}, {template.num_shards} shards. Use a fresh directory."
         )
     return existing
+
+
+def save_safetensors_deterministic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    """Write a safetensors file whose bytes depend only on the tensors and metadata.
+
+    Written by hand because ``safetensors.save_file`` serialises ``__metadata__`` from a Rust HashMap whose
+    order changes from process to process, so two workers scoring the same shard would write different bytes.
+    The layout is the standard one (8-byte little-endian header length, JSON header padded with spaces to a
+    multiple of 8, tensor data in header order), readable by every safetensors reader.
+    """
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        data = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        blobs.append(data)
+        offset += len(data)
+    header_bytes = json.dumps(header, separators=(",", ":"), sort_keys=False).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(header_bytes)))
+        fh.write(header_bytes)
+        for data in blobs:
+            fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def write_shard(
@@ -193,10 +237,14 @@ def write_shard(
     offsets: torch.Tensor,
     logprobs: torch.Tensor,
     entropy: Optional[torch.Tensor] = None,
+    seconds: float = 0.0,
+    worker: str = "",
 ) -> ShardRecord:
-    """Write one shard under a temporary name, rename it into place, then record it in the manifest."""
-    from safetensors.torch import save_file
+    """Write one shard under a temporary name, rename it into place, then record it in the manifest.
 
+    A failed write (disk full, permissions) leaves no partial file behind and is a ContractError naming the
+    directory.
+    """
     conf_dir = Path(conf_dir)
     dtype = DTYPES[manifest.logprob_dtype]
     tensors = {
@@ -220,23 +268,28 @@ def write_shard(
     }
     final = conf_dir / shard_filename(shard_index)
     tmp = conf_dir / f".{final.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    record = ShardRecord(
-        index=shard_index,
-        file=final.name,
-        sha256=_sha256(tmp),
-        num_samples=int(tensors["sample_index"].numel()),
-        num_tokens=int(tensors["logprobs"].numel()),
-    )
-    os.replace(tmp, final)
-    with manifest_lock(conf_dir):
-        current = read_manifest(conf_dir)
-        if current is None:
-            raise ContractError(f"{conf_dir / MANIFEST_NAME} disappeared while shard {shard_index} was written")
-        current.shards[shard_index] = record
-        _atomic_write_text(conf_dir / MANIFEST_NAME, json.dumps(current.to_json(), indent=2) + "\n")
+    try:
+        save_safetensors_deterministic(tensors, metadata, tmp)
+        record = ShardRecord(
+            index=shard_index,
+            file=final.name,
+            sha256=_sha256(tmp),
+            num_samples=int(tensors["sample_index"].numel()),
+            num_tokens=int(tensors["logprobs"].numel()),
+            seconds=round(float(seconds), 3),
+            worker=worker,
+        )
+        os.replace(tmp, final)
+        with manifest_lock(conf_dir):
+            current = read_manifest(conf_dir)
+            if current is None:
+                raise ContractError(f"{conf_dir / MANIFEST_NAME} disappeared while shard {shard_index} was written")
+            current.shards[shard_index] = record
+            _atomic_write_text(conf_dir / MANIFEST_NAME, json.dumps(current.to_json(), indent=2) + "\n")
+    except OSError as exc:
+        raise ContractError(f"cannot write confidence shard {shard_index} into {conf_dir}: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
     return record
 
 

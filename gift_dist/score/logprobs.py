@@ -1,0 +1,119 @@
+"""Teacher-forced target-token log-probabilities without a [batch, seq, vocab] fp32 tensor.
+
+The decoder body runs once over the batch; only the hidden states at positions that predict a target token are
+kept, and the output layer + fp32 log-softmax run over chunks of those positions. With a 128k-152k vocabulary
+the full fp32 log-softmax of a 16k-token batch would be 8-10 GB; a 1024-position chunk is ~0.6 GB.
+Written by hand because transformers' ``logits_to_keep`` selects the same positions for every row of a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from gift_dist.contracts.prepared import IGNORE_INDEX
+
+
+@dataclass
+class BatchScores:
+    """Per-target-token values of one batch, concatenated row by row in label order."""
+
+    logprobs: torch.Tensor  # float32 [num targets]
+    counts: list[int]  # targets per row
+    entropy: Optional[torch.Tensor] = None
+
+
+def length_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
+    """Group positions ``0..len(lengths)-1`` into batches of similar length (padded size <= max_batch_tokens).
+
+    Longest first (an out-of-memory shows on the first batch, not the last), ties by position, so the batching
+    of a shard depends only on its samples and the config: every worker computes identical values.
+    A sample longer than ``max_batch_tokens`` forms a batch of its own.
+    """
+    if max_batch_tokens < 1 or max_batch_size < 1:
+        raise ValueError(f"max_batch_tokens and max_batch_size must be >= 1, got {max_batch_tokens}, {max_batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) + 1 > max_batch_size or longest * (len(current) + 1) > max_batch_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def collate(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_token_id: int, device):
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (padding is never a target)."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    lab = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        lab[i, : len(label)] = torch.as_tensor(label, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device), lab.to(device)
+
+
+def _softcap(model) -> Optional[float]:
+    """Gemma-2 style final logit soft-capping, which the model applies after its output layer."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "final_logit_softcapping", None)
+
+
+@torch.no_grad()
+def target_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int = 1024,
+    with_entropy: bool = False,
+) -> BatchScores:
+    """``log p(y_t | x, y<t)`` for every label != -100, from the logits at position ``t - 1`` (fp32 math)."""
+    if chunk_tokens < 1:
+        raise ValueError(f"logprob_chunk_tokens must be >= 1, got {chunk_tokens}")
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
+    shifted = labels[:, 1:].to(hidden.device)
+    rows, cols = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)  # row-major: each row's targets in order
+    lm_head = model.get_output_embeddings()
+    head_device = lm_head.weight.device
+    selected = hidden[rows, cols].to(head_device)  # position t-1 predicts label t
+    del hidden
+    targets = shifted[rows, cols].to(head_device)
+    cap = _softcap(model)
+    logprobs = torch.empty(targets.numel(), dtype=torch.float32, device=head_device)
+    entropy = torch.empty_like(logprobs) if with_entropy else None
+    for start in range(0, targets.numel(), chunk_tokens):
+        end = min(start + chunk_tokens, targets.numel())
+        logits = lm_head(selected[start:end]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        normalizer = torch.logsumexp(logits, dim=-1)
+        logprobs[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - normalizer
+        if entropy is not None:
+            log_p = logits.sub_(normalizer[:, None])
+            entropy[start:end] = -(log_p.exp() * log_p).sum(-1)
+        del logits
+    counts = torch.bincount(rows, minlength=labels.shape[0]).tolist()
+    return BatchScores(logprobs.cpu(), counts, entropy.cpu() if entropy is not None else None)
+
+
+@torch.no_grad()
+def reference_logprobs(model, input_ids, attention_mask, labels) -> list[torch.Tensor]:
+    """The straightforward computation (full fp32 log-softmax + gather), for tests and the benchmark."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    log_probs = logits.float().log_softmax(-1)[:, :-1]
+    shifted = labels[:, 1:]
+    out = []
+    for row in range(labels.shape[0]):
+        keep = shifted[row] != IGNORE_INDEX
+        out.append(log_probs[row, keep].gather(1, shifted[row, keep][:, None]).squeeze(1).cpu())
+    return out

@@ -1,0 +1,117 @@
+"""The scoring summary (summary.json) and confidence histogram (confidence_histogram.png) beside the manifest.
+
+Both are computed from every finished shard listed in the manifest, so whichever worker writes them last
+writes the same content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from gift_dist.contracts import confidence as contract
+
+SUMMARY_NAME = "summary.json"
+HISTOGRAM_NAME = "confidence_histogram.png"
+HISTOGRAM_BINS = 50
+LOW_CONFIDENCE = 0.1
+
+
+@dataclass
+class ScoreSummary:
+    """What `score` reports: totals over all finished shards, plus this worker's own share."""
+
+    shards_finished: int
+    shards_total: int
+    samples: int
+    tokens: int
+    # Sum of per-shard scoring times and tokens / that sum: throughput of one replica.
+    scoring_seconds: float
+    tokens_per_second: float
+    mean_confidence: float
+    low_confidence_share: float  # share of target tokens with p_inst < 0.1
+    histogram_counts: list[int]
+    worker: str = ""
+    worker_shards: int = 0
+    worker_tokens: int = 0
+    worker_tokens_per_second: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.shards_finished == self.shards_total
+
+    def to_json(self) -> dict:
+        """The shared, worker-independent part written to summary.json."""
+        data = asdict(self)
+        for key in ("worker", "worker_shards", "worker_tokens", "worker_tokens_per_second"):
+            data.pop(key)
+        data["low_confidence_threshold"] = LOW_CONFIDENCE
+        data["histogram_bins"] = HISTOGRAM_BINS
+        return data
+
+
+def summarize(conf_dir: str | Path, manifest: contract.ConfidenceManifest) -> ScoreSummary:
+    """Totals over every finished shard (read and checksum-verified one at a time)."""
+    histogram = torch.zeros(HISTOGRAM_BINS, dtype=torch.float64)
+    confidence_sum, low, tokens, samples, seconds = 0.0, 0, 0, 0, 0.0
+    for index in sorted(manifest.shards):
+        shard = contract.read_shard(conf_dir, manifest, index)
+        probs = shard.logprobs.double().exp()
+        confidence_sum += float(probs.sum())
+        low += int((probs < LOW_CONFIDENCE).sum())
+        histogram += torch.histc(probs, bins=HISTOGRAM_BINS, min=0.0, max=1.0)
+        tokens += shard.logprobs.numel()
+        samples += len(shard)
+        seconds += manifest.shards[index].seconds
+    return ScoreSummary(
+        shards_finished=len(manifest.shards),
+        shards_total=manifest.num_shards,
+        samples=samples,
+        tokens=tokens,
+        scoring_seconds=round(seconds, 3),
+        tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else 0.0,
+        mean_confidence=confidence_sum / tokens if tokens else 0.0,
+        low_confidence_share=low / tokens if tokens else 0.0,
+        histogram_counts=[int(c) for c in histogram.tolist()],
+    )
+
+
+def _replace_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_report(conf_dir: str | Path, summary: ScoreSummary) -> tuple[Path, Path]:
+    """summary.json and the histogram PNG, each replaced whole."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conf_dir = Path(conf_dir)
+    summary_path, histogram_path = conf_dir / SUMMARY_NAME, conf_dir / HISTOGRAM_NAME
+    text = json.dumps(summary.to_json(), indent=2) + "\n"
+    _replace_atomically(summary_path, lambda p: p.write_text(text, encoding="utf-8"))
+
+    width = 1.0 / HISTOGRAM_BINS
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar([i * width for i in range(HISTOGRAM_BINS)], summary.histogram_counts, width=width, align="edge")
+    ax.axvline(LOW_CONFIDENCE, color="tab:red", linestyle="--", label=f"p < {LOW_CONFIDENCE}: "
+               f"{summary.low_confidence_share:.1%}")
+    ax.set_xlabel("instruct model confidence p(target token)")
+    ax.set_ylabel("target tokens")
+    ax.set_title(f"{summary.tokens} target tokens, mean confidence {summary.mean_confidence:.3f}")
+    ax.legend()
+    fig.tight_layout()
+    _replace_atomically(histogram_path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+    return summary_path, histogram_path

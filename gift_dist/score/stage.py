@@ -1,0 +1,282 @@
+"""`gift-dist score`: the instruct model's log p(y_t | x, y<t) for every target token, as confidence shards.
+
+Reads like the algorithm:
+  1. check the base/instruct pair, open the prepared dataset, create or check confidence/manifest.json;
+  2. load one scoring replica (bf16 on its GPU subset, fp32 on CPU) with the fastest attention available;
+  3. until every shard is finished: claim the lowest unfinished, unleased shard; score it in length-bucketed
+     batches (refreshing the lease after each batch); write it atomically and record it in the manifest;
+  4. write summary.json and the confidence histogram from all finished shards.
+
+Any number of workers can run this at once against one output directory: under torchrun / the deepspeed
+launcher (one process per GPU, or per ``score.gpus_per_replica`` GPUs: launch gpus/k processes per node), or as
+independent jobs. No process group is created; workers coordinate only through lease files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from gift_dist import dist
+from gift_dist.config import RunConfig, ScoreConfig, require
+from gift_dist.contracts import ContractError
+from gift_dist.contracts import confidence as contract
+from gift_dist.contracts.prepared import IGNORE_INDEX, Prepared, ShardSpec, load_prepared
+from gift_dist.models.checkpoint import model_identity
+from gift_dist.models.pair import check_pair
+from gift_dist.score.logprobs import collate, length_batches, target_logprobs
+from gift_dist.score.pool import LeaseLost, ShardLease, ShardPool
+from gift_dist.score.report import ScoreSummary, summarize, write_report
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLogprob(ContractError):
+    """The instruct model produced NaN/inf for a target token (broken weights or an fp16 overflow)."""
+
+
+def choose_devices(score_cfg: ScoreConfig) -> list[int]:
+    """The GPUs of this replica: LOCAL_RANK r uses [r*k, (r+1)*k) with k = gpus_per_replica; [] on CPU."""
+    if not torch.cuda.is_available():
+        return []
+    k = score_cfg.gpus_per_replica
+    if k < 1:
+        raise ContractError(f"score.gpus_per_replica must be >= 1, got {k}")
+    local_rank = dist.env_local_rank()
+    devices = list(range(local_rank * k, (local_rank + 1) * k))
+    if devices[-1] >= torch.cuda.device_count():
+        raise ContractError(
+            f"scoring worker LOCAL_RANK={local_rank} needs GPUs {devices} (score.gpus_per_replica={k}) but only "
+            f"{torch.cuda.device_count()} are visible; launch (GPUs per node) / {k} processes per node"
+        )
+    return devices
+
+
+def choose_attention(score_cfg: ScoreConfig, on_gpu: bool) -> str:
+    if score_cfg.attn_implementation != "auto":
+        return score_cfg.attn_implementation
+    if on_gpu and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_scoring_model(cfg: RunConfig):
+    """One scoring replica, in eval mode: bf16 over this worker's GPUs, or fp32 on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    devices = choose_devices(cfg.score)
+    kwargs: dict = {
+        "dtype": torch.bfloat16 if devices else torch.float32,
+        "attn_implementation": choose_attention(cfg.score, bool(devices)),
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+    if len(devices) == 1:
+        kwargs["device_map"] = {"": devices[0]}
+    elif devices:
+        # device_map="auto" restricted to this replica's GPUs: accelerate only places layers where max_memory allows.
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = {
+            i: (torch.cuda.get_device_properties(i).total_memory if i in devices else 0)
+            for i in range(torch.cuda.device_count())
+        }
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.instruct_model, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ContractError(f"cannot load the instruct model {cfg.instruct_model} for scoring: {exc}") from exc
+    model.eval()
+    input_device = torch.device(f"cuda:{devices[0]}") if devices else torch.device("cpu")
+    return model, input_device
+
+
+def open_confidence_dir(cfg: RunConfig, prepared: Prepared, instruct_identity: dict) -> contract.ConfidenceManifest:
+    """Create confidence/manifest.json, or refuse one made for other data, another model or another dtype."""
+    template = contract.ConfidenceManifest(
+        prepared_fingerprint=prepared.manifest.fingerprint,
+        instruct_model=instruct_identity,
+        logprob_dtype=cfg.score.logprob_dtype,
+        num_shards=len(prepared.manifest.shards),
+        record_entropy=cfg.score.record_entropy,
+    )
+    manifest = contract.init_manifest(cfg.paths.confidence, template)
+    if manifest.record_entropy != template.record_entropy:
+        raise ContractError(
+            f"{cfg.paths.confidence} was started with score.record_entropy={manifest.record_entropy}; this job asks "
+            f"for {template.record_entropy}. Use the same setting or a fresh directory."
+        )
+    return manifest
+
+
+def check_finite(values: torch.Tensor, counts: list[int], sample_indices: list[int], shard: int, what: str) -> None:
+    """Fail naming the sample and target position of the first NaN/inf value of a batch."""
+    bad = ~torch.isfinite(values)
+    if not bool(bad.any()):
+        return
+    position = int(bad.nonzero()[0, 0])
+    value = float(values[position])
+    for sample, count in zip(sample_indices, counts):
+        if position < count:
+            raise NonFiniteLogprob(
+                f"shard {shard}: non-finite {what} ({value}) for prepared sample {sample} at target position "
+                f"{position}; the instruct model's output is broken for this input"
+            )
+        position -= count
+
+
+class Progress:
+    """This worker's tqdm bar: samples of the whole dataset (finished shards included) and target tokens/s."""
+
+    def __init__(self, total: int, done: int, worker: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=done, unit="sample", desc=f"score {worker}",
+                        position=dist.env_local_rank(), dynamic_ncols=True)
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def advance(self, samples: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.update(samples)
+        self.bar.set_postfix(tok_s=f"{self.tokens / max(time.perf_counter() - self.started, 1e-9):.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def score_shard(
+    model, input_device, prepared: Prepared, spec: ShardSpec, cfg: ScoreConfig, lease: ShardLease,
+    progress: Optional[Progress],
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Offsets, logprobs (and entropy) of one shard, in sample-index order whatever the batching."""
+    rows = prepared.dataset.select(range(spec.start, spec.end))
+    input_ids, labels = rows["input_ids"], rows["labels"]
+    expected = rows["num_target_tokens"]
+    per_sample: list[Optional[torch.Tensor]] = [None] * spec.num_samples
+    per_sample_entropy: list[Optional[torch.Tensor]] = [None] * spec.num_samples
+    for batch in length_batches([len(r) for r in input_ids], cfg.max_batch_tokens, cfg.max_batch_size):
+        started = time.perf_counter()
+        ids, mask, lab = collate([input_ids[i] for i in batch], [labels[i] for i in batch],
+                                 prepared.manifest.pad_token_id, input_device)
+        scores = target_logprobs(model, ids, mask, lab, cfg.logprob_chunk_tokens, cfg.record_entropy)
+        samples = [spec.start + i for i in batch]
+        check_finite(scores.logprobs, scores.counts, samples, spec.index, "logprob")
+        if scores.entropy is not None:
+            check_finite(scores.entropy, scores.counts, samples, spec.index, "entropy")
+        logprob_parts = scores.logprobs.split(scores.counts)
+        entropy_parts = scores.entropy.split(scores.counts) if scores.entropy is not None else [None] * len(batch)
+        for local, values, ent in zip(batch, logprob_parts, entropy_parts):
+            if values.numel() != expected[local]:
+                starts_with_target = bool(labels[local]) and labels[local][0] != IGNORE_INDEX
+                why = " (its first token is a target, which no position predicts)" if starts_with_target else ""
+                raise ContractError(
+                    f"prepared sample {spec.start + local} has {expected[local]} target tokens but {values.numel()} "
+                    f"were scored{why}"
+                )
+            per_sample[local], per_sample_entropy[local] = values, ent
+        if cfg.throttle_seconds > 0:
+            time.sleep(max(0.0, cfg.throttle_seconds - (time.perf_counter() - started)))
+        lease.refresh()
+        if progress is not None:
+            progress.advance(len(batch), int(sum(scores.counts)))
+    counts = torch.tensor([0] + [v.numel() for v in per_sample], dtype=torch.int64)
+    offsets = counts.cumsum(0)
+    logprobs = torch.cat(per_sample) if per_sample else torch.empty(0)
+    entropy = torch.cat(per_sample_entropy) if cfg.record_entropy else None
+    return offsets, logprobs, entropy
+
+
+def score(cfg: RunConfig) -> ScoreSummary:
+    """Score every prepared sample (as one worker among any number); returns when all shards are finished."""
+    require(cfg, "instruct_model")
+    if cfg.base_model:
+        check_pair(cfg.base_model, cfg.instruct_model, cfg.trust_remote_code)
+    prepared = load_prepared(cfg.paths.prepared)
+    conf_dir = cfg.paths.confidence
+    manifest = open_confidence_dir(cfg, prepared, model_identity(cfg.instruct_model))
+    plan = prepared.manifest.shards
+    try:
+        pool = ShardPool(conf_dir, len(plan), cfg.score.lease_seconds)
+        pool.remove_stale_temporaries()
+    except OSError as exc:
+        raise ContractError(f"cannot write leases in the confidence output directory {conf_dir}: {exc}") from exc
+    poll_seconds = min(5.0, max(0.1, cfg.score.lease_seconds / 4))
+
+    model = input_device = progress = None
+    mine = {"shards": 0, "tokens": 0, "seconds": 0.0}
+    try:
+        while True:
+            manifest = contract.read_manifest(conf_dir)
+            if manifest.complete:
+                break
+            lease = pool.claim(manifest.shards)
+            if lease is None:  # every unfinished shard is held by a live worker: wait for it or its lease to expire
+                time.sleep(poll_seconds)
+                continue
+            try:
+                if lease.shard_index in contract.read_manifest(conf_dir).shards:
+                    continue  # finished between our manifest read and our claim
+                if model is None:
+                    model, input_device = load_scoring_model(cfg)
+                    if cfg.score.progress:
+                        done = sum(r.num_samples for r in manifest.shards.values())
+                        progress = Progress(prepared.manifest.num_samples, done, pool.worker)
+                spec = plan[lease.shard_index]
+                started = time.perf_counter()
+                offsets, logprobs, entropy = score_shard(model, input_device, prepared, spec, cfg.score, lease,
+                                                         progress)
+                seconds = time.perf_counter() - started
+                contract.write_shard(conf_dir, manifest, spec.index, torch.arange(spec.start, spec.end), offsets,
+                                     logprobs, entropy, seconds=seconds, worker=pool.worker)
+                mine["shards"] += 1
+                mine["tokens"] += logprobs.numel()
+                mine["seconds"] += seconds
+                log.info("%s: shard %d done (%d tokens, %.0f tokens/s)", pool.worker, spec.index,
+                         logprobs.numel(), logprobs.numel() / max(seconds, 1e-9))
+            except LeaseLost as exc:
+                log.warning("%s: %s; moving on", pool.worker, exc)
+            finally:
+                lease.release()
+    finally:
+        if progress is not None:
+            progress.close()
+
+    summary = summarize(conf_dir, manifest)
+    try:
+        write_report(conf_dir, summary)
+    except OSError as exc:
+        raise ContractError(f"cannot write the scoring summary into {conf_dir}: {exc}") from exc
+    summary.worker = pool.worker
+    summary.worker_shards, summary.worker_tokens = mine["shards"], mine["tokens"]
+    summary.worker_tokens_per_second = mine["tokens"] / mine["seconds"] if mine["seconds"] else 0.0
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from gift_dist.cli import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--throttle-seconds", type=float, default=None,
+        help="debugging/testing only: make every batch take at least this long (sets score.throttle_seconds)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from gift_dist.cli import config_from_args
+
+    cfg = config_from_args(args)
+    if args.throttle_seconds is not None:
+        cfg.score.throttle_seconds = args.throttle_seconds
+    summary = score(cfg)
+    print(
+        f"score: {summary.shards_finished}/{summary.shards_total} shards, {summary.tokens} target tokens, "
+        f"{summary.tokens_per_second:.0f} tokens/s per replica, mean confidence {summary.mean_confidence:.4f}, "
+        f"p<0.1 for {summary.low_confidence_share:.1%} of tokens; this worker scored {summary.worker_shards} shards "
+        f"-> {Path(cfg.paths.confidence)}"
+    )
+    return 0

@@ -1,0 +1,250 @@
+"""The score stage end to end in one process, and every bad input it must refuse with a clear error."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gift_dist.cli import main as cli_main
+from gift_dist.contracts import ContractError
+from gift_dist.contracts import confidence as contract
+from gift_dist.contracts import prepared as prepared_contract
+from gift_dist.models.pair import PairMismatch
+from gift_dist.score.logprobs import collate, reference_logprobs
+from gift_dist.score.pool import ShardPool, lease_path
+from gift_dist.score.report import HISTOGRAM_NAME, SUMMARY_NAME
+from gift_dist.score.stage import NonFiniteLogprob, score
+from gift_dist.score.verify import verify_confidence
+
+
+def _config(prepared_cfg, output: Path, **score_overrides):
+    """A copy of the prepared run config writing into ``output`` (prepared/ copied once beside it)."""
+    cfg = copy.deepcopy(prepared_cfg)
+    cfg.output_dir = str(output)
+    if not cfg.paths.prepared.exists():
+        shutil.copytree(prepared_cfg.paths.prepared, cfg.paths.prepared)
+    cfg.score.progress = False
+    cfg.score.max_batch_tokens = 2048
+    for key, value in score_overrides.items():
+        setattr(cfg.score, key, value)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def scored(prepared_llama, tmp_path_factory):
+    cfg = _config(prepared_llama, tmp_path_factory.mktemp("scored") / "run")
+    return cfg, score(cfg)
+
+
+def test_score_writes_every_shard_with_reference_values(scored):
+    from transformers import AutoModelForCausalLM
+
+    cfg, summary = scored
+    prepared = prepared_contract.load_prepared(cfg.paths.prepared)
+    manifest = contract.read_manifest(cfg.paths.confidence)
+    assert manifest.complete and summary.complete
+    assert summary.tokens == sum(prepared.dataset["num_target_tokens"]) == summary.worker_tokens
+    model = AutoModelForCausalLM.from_pretrained(cfg.instruct_model, dtype=torch.float32).eval()
+    for spec in prepared.manifest.shards[:2]:
+        shard = contract.read_shard(cfg.paths.confidence, manifest, spec.index)
+        assert shard.sample_index.tolist() == list(range(spec.start, spec.end))
+        for i in (0, spec.num_samples // 2, spec.num_samples - 1):
+            row = prepared.dataset[spec.start + i]
+            expected = reference_logprobs(model, *collate([row["input_ids"]], [row["labels"]], 0, "cpu"))[0]
+            torch.testing.assert_close(shard.values(i), expected, rtol=0, atol=1e-5)
+    report = verify_confidence(cfg.paths.confidence, cfg.paths.prepared)
+    assert report.ok and report.shards_ok == list(range(len(prepared.manifest.shards)))
+
+
+def test_summary_and_histogram_come_from_all_shards(scored):
+    cfg, summary = scored
+    saved = json.loads((cfg.paths.confidence / SUMMARY_NAME).read_text())
+    manifest = contract.read_manifest(cfg.paths.confidence)
+    probs = torch.cat([contract.read_shard(cfg.paths.confidence, manifest, i).logprobs for i in manifest.shards]).exp()
+    assert saved["tokens"] == probs.numel() == sum(saved["histogram_counts"])
+    assert saved["mean_confidence"] == pytest.approx(float(probs.double().mean()), abs=1e-9)
+    assert saved["low_confidence_share"] == pytest.approx(float((probs < 0.1).double().mean()), abs=1e-12)
+    assert 0 < saved["mean_confidence"] < 1 and saved["tokens_per_second"] > 0
+    assert (cfg.paths.confidence / HISTOGRAM_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "worker" not in saved
+
+
+def test_rerun_skips_finished_shards(scored):
+    cfg, _ = scored
+    shard0 = cfg.paths.confidence / contract.shard_filename(0)
+    before = shard0.stat().st_mtime_ns
+    again = score(cfg)
+    assert again.worker_shards == 0 and again.complete
+    assert shard0.stat().st_mtime_ns == before
+
+
+def test_bf16_logprobs_and_entropy_when_asked(prepared_llama, tmp_path):
+    cfg = _config(prepared_llama, tmp_path / "run", logprob_dtype="bfloat16", record_entropy=True)
+    score(cfg)
+    manifest = contract.read_manifest(cfg.paths.confidence)
+    from safetensors import safe_open
+
+    with safe_open(str(cfg.paths.confidence / contract.shard_filename(0)), framework="pt") as fh:
+        assert fh.get_slice("logprobs").get_dtype() == "BF16"
+        assert fh.metadata()["dtype"] == "bfloat16"
+    shard = contract.read_shard(cfg.paths.confidence, manifest, 0)
+    assert shard.entropy is not None and shard.entropy.shape == shard.logprobs.shape
+
+
+def test_missing_prepared_dataset_is_refused(prepared_llama, tmp_path):
+    cfg = copy.deepcopy(prepared_llama)
+    cfg.output_dir = str(tmp_path / "empty")
+    with pytest.raises(ContractError, match="no prepared dataset.*gift-dist prepare"):
+        score(cfg)
+
+
+def test_prepared_dataset_of_another_version_is_refused(prepared_llama, tmp_path):
+    cfg = _config(prepared_llama, tmp_path / "run")
+    manifest_path = cfg.paths.prepared / prepared_contract.MANIFEST_NAME
+    data = json.loads(manifest_path.read_text())
+    data["version"] = prepared_contract.VERSION + 1
+    manifest_path.write_text(json.dumps(data))
+    with pytest.raises(ContractError, match="version"):
+        score(cfg)
+
+
+def test_instruct_model_failing_the_pair_check_is_refused(prepared_llama, tiny_qwen2, tmp_path):
+    cfg = _config(prepared_llama, tmp_path / "run")
+    cfg.instruct_model = str(tiny_qwen2.instruct)
+    with pytest.raises(PairMismatch, match="architectures differ"):
+        score(cfg)
+    assert not cfg.paths.confidence.exists()
+
+
+def test_existing_confidence_for_other_data_or_model_is_refused(scored, prepared_llama, tiny_qwen2, tmp_path):
+    cfg, _ = scored
+    other = _config(prepared_llama, tmp_path / "run")
+    shutil.copytree(cfg.paths.confidence, other.paths.confidence)
+    manifest_path = other.paths.confidence / contract.MANIFEST_NAME
+    data = json.loads(manifest_path.read_text())
+    data["prepared_fingerprint"] = "0" * 32
+    manifest_path.write_text(json.dumps(data))
+    with pytest.raises(ContractError, match="prepared fingerprint .*fresh output directory or delete"):
+        score(other)
+    data["prepared_fingerprint"] = contract.read_manifest(cfg.paths.confidence).prepared_fingerprint
+    data["instruct_model"] = {"name": "someone/else", "hash": "feedfacefeedface"}
+    manifest_path.write_text(json.dumps(data))
+    with pytest.raises(ContractError, match="scored by instruct model someone/else"):
+        score(other)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip"])
+def test_corrupted_shard_is_named_by_reader_and_verify(scored, tmp_path, capsys, damage):
+    cfg, _ = scored
+    conf = tmp_path / "run" / "confidence"
+    shutil.copytree(cfg.paths.confidence, conf)
+    shutil.copytree(cfg.paths.prepared, tmp_path / "run" / "prepared")
+    victim = conf / contract.shard_filename(2)
+    raw = bytearray(victim.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) - 9]
+    else:
+        raw[-5] ^= 0x10
+    victim.write_bytes(bytes(raw))
+    manifest = contract.read_manifest(conf)
+    with pytest.raises(ContractError, match=f"{victim.name} is corrupt"):
+        contract.read_shard(conf, manifest, 2)
+    contract.read_shard(conf, manifest, 1)
+    assert cli_main(["verify-confidence", str(conf)]) == 1
+    out = capsys.readouterr().out
+    assert victim.name in out and "FAILED" in out and contract.shard_filename(1) not in out
+
+
+def test_verify_cli_passes_a_good_run_via_config(scored, tmp_path, capsys):
+    from gift_dist.config import dump_config
+
+    cfg, _ = scored
+    config_file = tmp_path / "run.yaml"
+    dump_config(cfg, config_file)
+    assert cli_main(["verify-confidence", "--config", str(config_file)]) == 0
+    assert "ok:" in capsys.readouterr().out
+
+
+def test_stale_lease_of_a_dead_worker_is_retaken(tmp_path):
+    pool = ShardPool(tmp_path, num_shards=3, lease_seconds=60)
+    other = ShardPool(tmp_path, num_shards=3, lease_seconds=60, worker="other-host:1:0")
+    held = other.claim([])
+    assert held.shard_index == 0
+    assert pool.claim([]).shard_index == 1  # a live lease is respected: next shard
+    # A lease from another host whose owner stopped refreshing is retaken once it is older than lease_seconds.
+    path = lease_path(tmp_path, 0)
+    path.write_text(json.dumps({"worker": "other-host:1:0", "host": "other-host", "pid": 1}))
+    old = time.time() - 120
+    os.utime(path, (old, old))
+    retaken = pool.claim([1])
+    assert retaken.shard_index == 0
+    with pytest.raises(Exception, match="taken over"):
+        held.refresh()
+    # A lease of a process of this host that no longer exists is retaken at once, however fresh.
+    dead = lease_path(tmp_path, 2)
+    dead.write_text(json.dumps({"worker": "x", "host": socket.gethostname(), "pid": 2 ** 22 + 12345}))
+    assert pool.claim([0, 1]).shard_index == 2
+
+
+def test_half_written_shards_of_killed_writers_are_removed(tmp_path):
+    pool = ShardPool(tmp_path, num_shards=2, lease_seconds=60)
+    stale, fresh = tmp_path / ".shard-00000.safetensors.h.1.ab.tmp", tmp_path / ".shard-00001.safetensors.h.2.cd.tmp"
+    for path in (stale, fresh):
+        path.write_bytes(b"partial")
+    old = time.time() - 120
+    os.utime(stale, (old, old))
+    assert pool.remove_stale_temporaries() == [stale]
+    assert not stale.exists() and fresh.exists()
+
+
+def test_non_finite_logprobs_name_sample_and_position(prepared_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    broken = tmp_path / "broken_instruct"
+    model = AutoModelForCausalLM.from_pretrained(prepared_llama.instruct_model, dtype=torch.float32)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[5] = float("nan")
+    model.save_pretrained(str(broken))
+    for name in os.listdir(prepared_llama.instruct_model):
+        if "token" in name or name.endswith(".jinja"):
+            shutil.copy(Path(prepared_llama.instruct_model) / name, broken / name)
+    cfg = _config(prepared_llama, tmp_path / "run")
+    cfg.instruct_model = str(broken)
+    with pytest.raises(NonFiniteLogprob, match=r"shard 0: non-finite logprob \(nan\) for prepared sample \d+ at "
+                                               r"target position 0"):
+        score(cfg)
+    assert not list(cfg.paths.confidence.glob("shard-*"))
+
+
+def test_unwritable_output_dir_is_named(prepared_llama, tmp_path):
+    # A plain file where confidence/ should be: unwritable for any user, root included.
+    cfg = _config(prepared_llama, tmp_path / "run")
+    cfg.paths.confidence.write_text("not a directory")
+    with pytest.raises(ContractError, match=f"cannot write the confidence output directory {cfg.paths.confidence}"):
+        score(cfg)
+
+
+def test_disk_full_while_writing_a_shard_leaves_nothing_and_names_the_dir(tmp_path, monkeypatch):
+    manifest = contract.init_manifest(tmp_path, contract.ConfidenceManifest("fp", {"name": "m", "hash": "h"},
+                                                                            "float32", 1))
+    real_open = open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        if "w" in mode and str(path).endswith(".tmp") and "shard-" in str(path):
+            raise OSError(28, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.raises(ContractError, match=f"cannot write confidence shard 0 into {tmp_path}.*No space"):
+        contract.write_shard(tmp_path, manifest, 0, torch.arange(2), torch.tensor([0, 1, 3]), -torch.rand(3))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [contract.MANIFEST_NAME]
+    assert contract.read_manifest(tmp_path).shards == {}
