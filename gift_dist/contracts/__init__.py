@@ -11,6 +11,17 @@ class ContractError(ValueError):
     """An on-disk artifact is missing, of another version, or does not match what it claims to be."""
 
 
+def file_sha256(path) -> str:
+    """sha256 of a file, read in 4 MiB blocks (shards and data files can be gigabytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_inside(folder, relative: str):
     """Resolve a path named by a manifest and refuse anything that escapes ``folder`` (no ``..``, no absolute)."""
     from pathlib import Path

@@ -14,7 +14,6 @@ The directory is written to a temporary sibling and renamed, so a half-written a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from gift_dist.contracts import ContractError
+from gift_dist.contracts import ContractError, file_sha256
 
 FORMAT = "gift_dist.adapter"
 VERSION = 1
@@ -48,11 +47,7 @@ class Adapter:
 
 
 def adapter_hash(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(Path(path) / WEIGHTS_NAME, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return file_sha256(Path(path) / WEIGHTS_NAME)[:16]
 
 
 def write_adapter(

@@ -25,7 +25,6 @@ once against a shared filesystem.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -39,7 +38,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from gift_dist.contracts import ContractError, check_inside
+from gift_dist.contracts import ContractError, check_inside, file_sha256
 
 FORMAT = "gift_dist.confidence"
 VERSION = 1
@@ -116,14 +115,6 @@ class ConfidenceManifest:
                 f"(hash {self.instruct_model.get('hash')}), not {instruct_model.get('name')} "
                 f"(hash {instruct_model.get('hash')}). Use a fresh output directory or delete {where}."
             )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -273,7 +264,7 @@ def write_shard(
         record = ShardRecord(
             index=shard_index,
             file=final.name,
-            sha256=_sha256(tmp),
+            sha256=file_sha256(tmp),
             num_samples=int(tensors["sample_index"].numel()),
             num_tokens=int(tensors["logprobs"].numel()),
             seconds=round(float(seconds), 3),
@@ -344,7 +335,7 @@ def read_shard(
     path = check_inside(conf_dir, record.file)
     if not path.is_file():
         raise ContractError(f"confidence shard {path} is listed in the manifest but missing")
-    if verify_checksum and _sha256(path) != record.sha256:
+    if verify_checksum and file_sha256(path) != record.sha256:
         raise ContractError(f"confidence shard {path} is corrupt: sha256 differs from the manifest")
     try:
         with safe_open(str(path), framework="pt") as fh:

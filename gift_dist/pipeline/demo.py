@@ -69,9 +69,9 @@ def report(cfg: RunConfig) -> str:
     rows.append(("merge check max |diff| (logits)", f"{check.max_logit_diff:.2e}"))
     width = max(len(name) for name, _ in rows)
     lines = [f"  {name:<{width}}  {value}" for name, value in rows]
-    places = [f"  {name:<10} {getattr(cfg.paths, name)}" for name in
+    places = [f"  {name:<12} {getattr(cfg.paths, name)}" for name in
               ("prepared", "confidence", "checkpoints", "adapter", "merged", "logs")]
-    return "\n".join(["gift-dist demo finished.", f"  {'models':<10} {cfg.paths.root / 'models'}", *places, "",
+    return "\n".join(["gift-dist demo finished.", f"  {'models':<12} {cfg.paths.root / 'models'}", *places, "",
                       *lines])
 
 

@@ -8,13 +8,12 @@ we want exactly that record dropped and counted, naming its file and row.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterator
 
 from gift_dist.config import DataConfig
-from gift_dist.contracts import ContractError
+from gift_dist.contracts import ContractError, file_sha256
 
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 ROLES = ("system", "user", "assistant")
@@ -27,14 +26,6 @@ class DropRecord(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _json_lines(path: str, digest: str) -> Iterator[dict[str, Any]]:
