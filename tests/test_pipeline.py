@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -9,12 +10,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from gift_dist.bundled import bundled_data_path, read_jsonl, write_jsonl
-from gift_dist.config import dump_config
+from gift_dist.config import ConfigError, dump_config
 from gift_dist.contracts import confidence as conf
 from gift_dist.contracts.merged import read_merged
 from gift_dist.pipeline.run import Launch, run_pipeline
@@ -63,6 +65,16 @@ def test_pipeline_end_to_end_with_overlapping_scorer(tiny_llama, tmp_path):
 
     again = run_pipeline(cfg, Launch(train_procs=2, score_workers=1))
     assert again.ran == [] and again.skipped == ["prepare", "score", "train", "merge"]
+
+    # Outputs made with other settings are refused, never silently kept.
+    other_merge = copy.deepcopy(cfg)
+    other_merge.merge.scale = 0.5
+    with pytest.raises(ConfigError, match="holds another merge"):
+        run_pipeline(other_merge, Launch(train_procs=2, score_workers=1))
+    other_training = copy.deepcopy(cfg)
+    other_training.train.learning_rate = 1e-4
+    with pytest.raises(ConfigError, match="with other train settings"):
+        run_pipeline(other_training, Launch(train_procs=2, score_workers=1))
 
 
 def test_killed_run_finishes_without_redoing_stages(tiny_llama, tmp_path):

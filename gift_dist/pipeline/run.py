@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from gift_dist.config import RunConfig, dump_config, require
+from gift_dist.config import ConfigError, RunConfig, config_to_dict, dump_config, require
 from gift_dist.contracts import ContractError
 from gift_dist.contracts import adapter as adapter_contract
 from gift_dist.contracts import confidence as confidence_contract
@@ -72,23 +72,50 @@ def confidence_is_complete(cfg: RunConfig, fingerprint: str) -> bool:
     return manifest is not None and manifest.prepared_fingerprint == fingerprint and manifest.complete
 
 
+# Train settings that change how a run is operated, not what it produces.
+OPERATIONAL_TRAIN_KEYS = ("progress", "log_every_steps", "save_every_steps", "keep_checkpoints",
+                          "confidence_wait_seconds", "confidence_poll_seconds")
+
+
+def _training_settings(train: dict) -> dict:
+    return {k: v for k, v in train.items() if k not in OPERATIONAL_TRAIN_KEYS}
+
+
 def adapter_is_complete(cfg: RunConfig, fingerprint: str) -> bool:
+    """True when adapter/ was trained to the end on this prepared data with these settings; an adapter made
+    with other settings is refused rather than silently kept or silently resumed from old checkpoints."""
     try:
         adapter = adapter_contract.read_adapter(cfg.paths.adapter)
     except ContractError:
         return False
     provenance = adapter.provenance or {}
-    return provenance.get("prepared_fingerprint") == fingerprint and provenance.get("complete", False)
+    same_data = provenance.get("prepared_fingerprint") == fingerprint
+    same_settings = _training_settings(provenance.get("train_config", {})) == _training_settings(
+        config_to_dict(cfg.train))
+    if not (same_data and same_settings):
+        raise ConfigError(
+            f"{cfg.paths.adapter} was trained on other data or with other train settings than this config; "
+            f"use a fresh output_dir, or delete {cfg.paths.adapter} and {cfg.paths.checkpoints} to retrain"
+        )
+    return bool(provenance.get("complete", False))
 
 
 def merged_is_complete(cfg: RunConfig) -> bool:
+    """True when merged/ holds this adapter merged with these settings; another merge there is refused."""
     from gift_dist.contracts import merged as merged_contract
 
     try:
-        merged_contract.read_merged(cfg.paths.merged)
+        record = merged_contract.read_merged(cfg.paths.merged).record
     except ContractError:
         return False
-    return True
+    same = (record.adapter.get("hash") == adapter_contract.adapter_hash(cfg.paths.adapter)
+            and record.into == cfg.merge.into and record.strength == cfg.merge.scale)
+    if same or cfg.merge.overwrite:
+        return same
+    raise ConfigError(
+        f"{cfg.paths.merged} holds another merge (other adapter, target or scale); delete it or set "
+        f"merge.overwrite=true to merge again"
+    )
 
 
 def _env(devices: Optional[str]) -> dict[str, str]:

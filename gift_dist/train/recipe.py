@@ -252,6 +252,7 @@ def provenance(cfg: RunConfig, te: TrainEngine, identity: dict, fingerprint: str
         "weighting": {key: train[key] for key in ("weighting", "gamma", "prob_floor", "weight_min", "weight_max",
                                                   "eos_weight", "normalizer", "normalize_over")},
         "lora": train["lora"],
+        "train_config": train,
         "steps": step,
         "world_size": world,
         "global_batch_size": cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world,
