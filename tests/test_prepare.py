@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from gift_dist.bundled import read_jsonl, write_jsonl
+from gift_dist.bundled import write_jsonl
 from gift_dist.cli import main
 from gift_dist.contracts import ContractError
 from gift_dist.contracts.prepared import IGNORE_INDEX, load_prepared, read_manifest
