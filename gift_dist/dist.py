@@ -7,10 +7,9 @@ gloo on CPU).
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as torch_dist
@@ -113,18 +112,3 @@ def rank0_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     if error is not None:
         raise RuntimeError(f"rank 0 failed: {error}")
     return result
-
-
-@contextlib.contextmanager
-def rank0_first() -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. to create a cache), the others after it finished."""
-    if not is_rank0():
-        barrier()
-    yield
-    if is_rank0():
-        barrier()
-
-
-def destroy() -> None:
-    if is_initialized():
-        torch_dist.destroy_process_group()
