@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gift_dist.config import ConfigError, TrainConfig
-from gift_dist.contracts import ContractError
+from gift_dist.contracts import ContractError, file_sha256
 from gift_dist.contracts import confidence as conf_contract
 from gift_dist.contracts import prepared as prep_contract
 from gift_dist.train.data import ConfidenceReader, TrainBatches
@@ -184,7 +184,7 @@ def test_reader_rejects_non_finite_logprobs(prepared, tmp_path, bad):
     save_file({"sample_index": torch.arange(spec.start, spec.end), "offsets": offsets, "logprobs": values},
               str(path), metadata={"format": conf_contract.FORMAT, "version": str(conf_contract.VERSION),
                                    "prepared_fingerprint": prepared.manifest.fingerprint})
-    manifest.shards[0] = conf_contract.ShardRecord(0, path.name, conf_contract._sha256(path), spec.num_samples,
+    manifest.shards[0] = conf_contract.ShardRecord(0, path.name, file_sha256(path), spec.num_samples,
                                                    values.numel())
     (conf_dir / conf_contract.MANIFEST_NAME).write_text(json.dumps(manifest.to_json()))
     with pytest.raises(ContractError, match="non-finite logprob for sample 3 at target position 1"):

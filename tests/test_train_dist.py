@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from gift_dist.config import RunConfig, dump_config, load_config
-from gift_dist.contracts import ContractError
+from gift_dist.contracts import ContractError, file_sha256
 from gift_dist.contracts import confidence as conf
 from gift_dist.contracts.adapter import read_adapter
 from gift_dist.contracts.prepared import Prepared, load_prepared
@@ -310,7 +310,7 @@ def test_non_finite_confidence_is_an_error_naming_the_sample(setup, tmp_path, si
         "format": conf.FORMAT, "version": str(conf.VERSION), "prepared_fingerprint": manifest.prepared_fingerprint,
         "instruct_model": manifest.instruct_model["name"], "instruct_model_hash": manifest.instruct_model["hash"],
         "dtype": "float32", "shard_index": "0"})
-    manifest.shards[0] = conf.ShardRecord(0, path.name, conf._sha256(path), int(sample_index.numel()),
+    manifest.shards[0] = conf.ShardRecord(0, path.name, file_sha256(path), int(sample_index.numel()),
                                           int(logprobs.numel()))
     (conf_dir / conf.MANIFEST_NAME).write_text(json.dumps(manifest.to_json()))
     cfg = run_config(setup, tmp_path / "run", confidence=conf_dir, max_steps=1)
