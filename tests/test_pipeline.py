@@ -41,8 +41,8 @@ def _config(tiny_llama, tmp_path, **extra):
 
 
 def test_pipeline_end_to_end_with_overlapping_scorer(tiny_llama, tmp_path):
-    # A throttled scorer (each batch takes >= 0.4 s) is still writing when the trainer starts.
-    cfg = _config(tiny_llama, tmp_path, **{"score.throttle_seconds": 0.4, "score.max_batch_size": 8})
+    # A throttled scorer (20 batches of >= 1.5 s each) is still writing when the trainer takes its first step.
+    cfg = _config(tiny_llama, tmp_path, **{"score.throttle_seconds": 1.5, "score.max_batch_size": 8})
     result = run_pipeline(cfg, Launch(train_procs=2, score_workers=1))
     assert result.ran == ["prepare", "score", "train", "merge"]
 

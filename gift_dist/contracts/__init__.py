@@ -6,6 +6,12 @@
 - ``merged``     : merge -> users            (an HF checkpoint dir + ``gift_merge.json``)
 """
 
+import contextlib
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
 
 class ContractError(ValueError):
     """An on-disk artifact is missing, of another version, or does not match what it claims to be."""
@@ -13,8 +19,6 @@ class ContractError(ValueError):
 
 def file_sha256(path) -> str:
     """sha256 of a file, read in 4 MiB blocks (shards and data files can be gigabytes)."""
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
@@ -22,10 +26,23 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def staged_directory(out_dir):
+    """Yield an empty temporary sibling of ``out_dir`` that replaces it in one rename once the block succeeds,
+    so a reader sees the old artifact or the complete new one, never a half-written one."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
 def check_inside(folder, relative: str):
     """Resolve a path named by a manifest and refuse anything that escapes ``folder`` (no ``..``, no absolute)."""
-    from pathlib import Path
-
     folder = Path(folder).resolve()
     target = (folder / relative).resolve()
     if Path(relative).is_absolute() or folder not in target.parents:

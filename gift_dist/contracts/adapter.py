@@ -15,15 +15,13 @@ The directory is written to a temporary sibling and renamed, so a half-written a
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from gift_dist.contracts import ContractError, file_sha256
+from gift_dist.contracts import ContractError, file_sha256, staged_directory
 
 FORMAT = "gift_dist.adapter"
 VERSION = 1
@@ -65,18 +63,12 @@ def write_adapter(
                 f"refusing to write adapter {out_dir}: tensor {name} has shape {tuple(tensor.shape)} "
                 f"(an empty or non-matrix gather from the ZeRO-3 partitions)"
             )
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    peft_config.save_pretrained(str(tmp))
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME),
-              metadata={"format": "pt"})
-    record = {"format": FORMAT, "version": VERSION, **provenance}
-    (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with staged_directory(out_dir) as tmp:
+        peft_config.save_pretrained(str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME),
+                  metadata={"format": "pt"})
+        record = {"format": FORMAT, "version": VERSION, **provenance}
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out_dir
 
 

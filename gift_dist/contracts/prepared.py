@@ -14,13 +14,11 @@ Row ``i`` of ``data/`` is *sample index* ``i``: the key the confidence shards us
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from gift_dist.contracts import ContractError
+from gift_dist.contracts import ContractError, staged_directory
 
 FORMAT = "gift_dist.prepared"
 VERSION = 1
@@ -120,15 +118,9 @@ def write_prepared(out_dir: str | Path, dataset: Any, manifest: PreparedManifest
     if missing:
         raise ContractError(f"prepared dataset lacks columns {missing}")
     manifest.validate(str(out_dir))
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    dataset.save_to_disk(str(tmp / DATA_DIR), num_proc=num_proc if num_proc > 1 else None)
-    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with staged_directory(out_dir) as tmp:
+        dataset.save_to_disk(str(tmp / DATA_DIR), num_proc=num_proc if num_proc > 1 else None)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
     return out_dir
 
 

@@ -44,18 +44,12 @@ def demo_config(output: Path, overrides: list[str]) -> RunConfig:
     ])
 
 
-def _metrics(cfg: RunConfig) -> list[dict]:
-    path = cfg.paths.logs / "train_metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def report(cfg: RunConfig) -> str:
     from gift_dist.merge.verify import verify_merged
+    from gift_dist.train.metrics import METRICS_NAME, read_metrics
 
     rows = []
-    metrics = _metrics(cfg)
+    metrics = read_metrics(cfg.paths.logs / METRICS_NAME)
     if metrics:
         first, last = metrics[0], metrics[-1]
         rows.append(("train loss (start -> end)", f"{first['loss']:.4f} -> {last['loss']:.4f} "
