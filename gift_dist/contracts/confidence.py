@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 import time
 import uuid
 from contextlib import contextmanager
@@ -45,7 +44,6 @@ VERSION = 1
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = "manifest.lock"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
 # A manifest lock older than this belongs to a killed writer (the lock is held for milliseconds).
 STALE_LOCK_SECONDS = 30.0
 
@@ -190,34 +188,14 @@ def init_manifest(conf_dir: str | Path, template: ConfidenceManifest) -> Confide
 
 
 def save_safetensors_deterministic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    """Write a safetensors file whose bytes depend only on the tensors and metadata.
+    """Write a safetensors file whose bytes depend only on the tensors and metadata (both in sorted order)."""
+    from gift_dist.models.shardio import SAFE_DTYPE_OF, ShardWriter, TensorSlot
 
-    Written by hand because ``safetensors.save_file`` serialises ``__metadata__`` from a Rust HashMap whose
-    order changes from process to process, so two workers scoring the same shard would write different bytes.
-    The layout is the standard one (8-byte little-endian header length, JSON header padded with spaces to a
-    multiple of 8, tensor data in header order), readable by every safetensors reader.
-    """
-    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().to("cpu").contiguous()
-        data = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        header[name] = {
-            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        blobs.append(data)
-        offset += len(data)
-    header_bytes = json.dumps(header, separators=(",", ":"), sort_keys=False).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(header_bytes)))
-        fh.write(header_bytes)
-        for data in blobs:
-            fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    ordered = {name: tensors[name].detach().to("cpu").contiguous() for name in sorted(tensors)}
+    slots = [TensorSlot(name, SAFE_DTYPE_OF[t.dtype], tuple(t.shape)) for name, t in ordered.items()]
+    with ShardWriter(path, slots, dict(sorted(metadata.items()))) as writer:
+        for name, tensor in ordered.items():
+            writer.write(name, tensor)
 
 
 def write_shard(

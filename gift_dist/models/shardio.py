@@ -8,7 +8,8 @@ the adapter leaves alone as a byte range (``os.copy_file_range``: inside the ker
 merges and appends only the adapted ones: peak memory is one adapted tensor (and its fp32 working blocks) per
 thread, not one shard. The layout is the documented safetensors format (u64 little-endian header length, JSON
 header padded to 8 bytes, contiguous data); every file written is read back by safetensors itself in the tests
-and in ``verify-merge``.
+and in ``verify-merge``. The confidence shards use the same writer: its output depends only on the tensors and
+the metadata (safetensors' ``save_file`` orders ``__metadata__`` differently from process to process).
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ class ShardWriter:
             offset, left = offset + done, left - done
 
     def close(self) -> None:
+        os.fsync(self.fh.fileno())
         self.fh.close()
         if self.written != len(self.slots):
             raise ContractError(f"{self.path}: {len(self.slots) - self.written} planned tensors were never written")
