@@ -100,8 +100,15 @@ class TrainConfig:
     normalizer: Literal["sum_weights", "token_count"] = "sum_weights"
     normalize_over: Literal["global_batch", "per_micro_batch"] = "global_batch"
     lora: LoraConfig = field(default_factory=LoraConfig)
-    # A file path or the name of a config shipped in ds_configs/ (zero3, zero3_offload, zero3_nvme, ...).
-    ds_config: str = "zero3"
+    # Where the frozen base lives: `replicate` (whole on every GPU; DeepSpeed manages only the LoRA states, ZeRO-1:
+    # the fastest, for every model that fits one GPU), `zero3` (partitioned over all GPUs: models that do not fit,
+    # 70B), `auto` (replicate when the memory model of `gift-dist plan` says it fits, else zero3).
+    sharding: Literal["auto", "replicate", "zero3"] = "auto"
+    # `auto` (the shipped config of the chosen sharding: ds_configs/replicate.json or zero3.json), a file path, or
+    # a shipped name (replicate, zero3, zero3_offload, zero3_nvme, zero3_multinode); it must agree with `sharding`.
+    ds_config: str = "auto"
+    # Attention kernel: `auto` = flash_attention_2 when installed on a GPU, else sdpa; or any transformers name.
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
     micro_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     epochs: int = 1
@@ -112,7 +119,9 @@ class TrainConfig:
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = True
-    packing: bool = False
+    # Each micro-batch as one row of samples back to back (no padding, attention kept within each sample); `auto`
+    # packs on GPUs, where padded positions cost real arithmetic, and pads on CPU.
+    packing: Union[bool, Literal["auto"]] = "auto"
     # Positions per chunk through the output layer: full-vocab logits of a long sequence never sit in memory.
     ce_chunk_tokens: int = 1024
     save_every_steps: int = 200
@@ -125,6 +134,14 @@ class TrainConfig:
     # Seeds the LoRA initialisation (identical on every rank), the per-step dropout masks (so a resumed run
     # repeats them) and the data order of epochs after the first.
     seed: int = 42
+
+    def global_batch(self, world: int) -> int:
+        """Samples per optimizer step over all ranks: micro batch x gradient accumulation x ranks."""
+        return self.micro_batch_size * self.gradient_accumulation_steps * world
+
+    def packs(self, on_gpu: bool) -> bool:
+        """Whether micro-batches are packed (``packing: auto`` resolved for the device)."""
+        return on_gpu if self.packing == "auto" else bool(self.packing)
 
 
 @dataclass

@@ -129,12 +129,13 @@ def grads(dump: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(dump / f"grads-step-{step:06d}.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def reference(setup, tmp_path_factory):
-    """2 ranks x GA 1, `gift` weighting, trained while a slow writer is still producing the confidence shards."""
-    root = tmp_path_factory.mktemp("reference")
+@pytest.fixture(scope="module", params=["replicate", "zero3"])
+def reference(setup, tmp_path_factory, request):
+    """2 ranks x GA 1, `gift` weighting, trained while a slow writer is still producing the confidence shards; in
+    each layout (the frozen base replicated, or partitioned by ZeRO-3): every test using it runs in both."""
+    root = tmp_path_factory.mktemp(f"reference-{request.param}")
     conf_dir = root / "confidence"
-    cfg = run_config(setup, root / "run", confidence=conf_dir, save_every_steps=SAVE_EVERY)
+    cfg = run_config(setup, root / "run", confidence=conf_dir, save_every_steps=SAVE_EVERY, sharding=request.param)
     conf.init_manifest(conf_dir, confidence_manifest(setup))
     observed = {}
 
@@ -178,11 +179,13 @@ def test_two_ranks_equal_one_rank_with_grad_accumulation(reference, setup, tmp_p
     else:
         conf_dir = None
         # Uniform runs also exercise packing (no confidence/ folder at all: uniform must not need it).
-        two_cfg = run_config(setup, tmp_path / "two", weighting=weighting, max_steps=1, packing=True)
+        two_cfg = run_config(setup, tmp_path / "two", weighting=weighting, max_steps=1, packing=True,
+                             sharding=reference[0].train.sharding)
         two_dump = tmp_path / "two-grads"
         launch(two_cfg, 2, "--dump-grads", str(two_dump))
     one_cfg = run_config(setup, tmp_path / "one", confidence=conf_dir, weighting=weighting, max_steps=1,
-                         gradient_accumulation_steps=2, packing=weighting == "uniform")
+                         gradient_accumulation_steps=2, packing=weighting == "uniform",
+                         sharding=reference[0].train.sharding)
     launch(one_cfg, 1, "--dump-grads", str(tmp_path / "one-grads"))
     assert losses(one_cfg)[0] == pytest.approx(losses(two_cfg)[0], rel=1e-5)
     two_grads, one_grads = grads(two_dump, 1), grads(tmp_path / "one-grads", 1)
@@ -225,7 +228,8 @@ def test_adapter_equals_deepspeed_consolidation_and_loads_with_peft(reference, s
 
 def test_sigterm_saves_and_resume_reproduces_the_loss_curve(reference, setup, tmp_path):
     conf_dir = Path(os.path.realpath(reference[0].paths.confidence))
-    cfg = run_config(setup, tmp_path / "run", confidence=conf_dir, save_every_steps=SAVE_EVERY)
+    cfg = run_config(setup, tmp_path / "run", confidence=conf_dir, save_every_steps=SAVE_EVERY,
+                     sharding=reference[0].train.sharding)
     proc = launch(cfg, 2, wait=False)
     metrics = cfg.paths.logs / METRICS_NAME
     deadline = time.monotonic() + LAUNCH_TIMEOUT
@@ -342,7 +346,7 @@ def test_resume_on_another_number_of_ranks_loads_the_gathered_lora(reference, se
 
     ref = reference[0]
     cfg = run_config(setup, tmp_path / "run", confidence=Path(os.path.realpath(ref.paths.confidence)),
-                     gradient_accumulation_steps=2, save_every_steps=SAVE_EVERY)
+                     gradient_accumulation_steps=2, save_every_steps=SAVE_EVERY, sharding=ref.train.sharding)
     shutil.copytree(ref.paths.checkpoints, cfg.paths.checkpoints)
     result = train(cfg, resume=True)
     assert result.steps == STEPS
@@ -351,7 +355,8 @@ def test_resume_on_another_number_of_ranks_loads_the_gathered_lora(reference, se
     for name, tensor in saved.tensors.items():
         assert torch.equal(resumed.tensors[name], tensor), name
 
-    other_batch = run_config(setup, tmp_path / "other", confidence=Path(os.path.realpath(ref.paths.confidence)))
+    other_batch = run_config(setup, tmp_path / "other", confidence=Path(os.path.realpath(ref.paths.confidence)),
+                             sharding=ref.train.sharding)
     shutil.copytree(ref.paths.checkpoints, other_batch.paths.checkpoints)
     with pytest.raises(ContractError, match=r"global batch of 4 samples \(2 ranks\); this run has 2 \(1 ranks\)"):
         train(other_batch, resume=True)

@@ -10,9 +10,26 @@ import torch
 
 from gift_dist.config import ConfigError, load_config
 from gift_dist.contracts import ContractError
-from gift_dist.train.checkpoint import LATEST_NAME, RECORD_NAME, CheckpointRecord, Checkpoints, tag_for
-from gift_dist.train.engine import build_ds_config, resolve_ds_config, resolve_target_modules
-from gift_dist.train.metrics import CURVE_NAME, METRICS_NAME, MetricsLogger, read_metrics
+from gift_dist.models.memory import ModelShape
+from gift_dist.train.checkpoint import (
+    LATEST_NAME,
+    RECORD_NAME,
+    CheckpointRecord,
+    Checkpoints,
+    tag_for,
+)
+from gift_dist.train.engine import (
+    build_ds_config,
+    choose_layout,
+    resolve_ds_config,
+    resolve_target_modules,
+)
+from gift_dist.train.metrics import (
+    CURVE_NAME,
+    METRICS_NAME,
+    MetricsLogger,
+    read_metrics,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,13 +38,35 @@ def _train_cfg(**overrides):
     return load_config(None, [f"train.{k}={v}" for k, v in overrides.items()]).train
 
 
-@pytest.mark.parametrize("name", ["zero3", "zero3_offload", "zero3_nvme", "zero3.json"])
+def _run_cfg(**overrides):
+    return load_config(None, [f"train.{k}={v}" for k, v in overrides.items()])
+
+
+def _shape(**changes) -> ModelShape:
+    """A Llama-3-8B-like shape (no model needed to fill the ZeRO-3 sizes)."""
+    values = dict(name="m", total_params=8_030_000_000, largest_layer_params=525_336_576,
+                  decoder_layer_params=218_112_000, lora_params=41_943_040, largest_lora_tensor=16 * 14336,
+                  hidden_size=4096, intermediate_size=14336, num_layers=32, vocab_size=128256,
+                  largest_shard_bytes=None)
+    values.update(changes)
+    return ModelShape(**values)
+
+
+def _build(train, ds_config: str, world: int, total_steps: int, shape=None):
+    cfg = _run_cfg()
+    cfg.train = train
+    cfg.train.ds_config = ds_config
+    return build_ds_config(train, choose_layout(cfg, world), world, total_steps, shape or _shape())
+
+
+@pytest.mark.parametrize("name", ["replicate", "zero3", "zero3_offload", "zero3_nvme", "zero3_multinode",
+                                  "zero3.json"])
 def test_shipped_ds_configs_resolve_and_fill(name):
     path = resolve_ds_config(name)
     assert path.is_file() and path.parent.name == "ds_configs"
     train = _train_cfg(micro_batch_size=3, gradient_accumulation_steps=5, learning_rate=1e-3, max_grad_norm=0.5,
                        weight_decay=0.1)
-    config = build_ds_config(train, name, world=4, total_steps=100)
+    config = _build(train, name, world=4, total_steps=100)
     assert config["train_micro_batch_size_per_gpu"] == 3
     assert config["gradient_accumulation_steps"] == 5
     assert config["train_batch_size"] == 3 * 5 * 4
@@ -35,15 +74,44 @@ def test_shipped_ds_configs_resolve_and_fill(name):
     assert config["optimizer"]["params"]["lr"] == 1e-3
     assert config["optimizer"]["params"]["weight_decay"] == 0.1
     assert config["bf16"]["enabled"] is torch.cuda.is_available()
-    assert config["zero_optimization"]["stage"] == 3
+    assert config["zero_optimization"]["stage"] == (1 if name == "replicate" else 3)
     assert "auto" not in json.dumps(config)
+
+
+def test_default_optimizer_is_torch_adamw_never_a_jit_built_op():
+    for name in ("replicate", "zero3"):
+        params = _build(_train_cfg(), name, world=1, total_steps=10)["optimizer"]["params"]
+        assert params["torch_adam"] is True
+        assert params.get("fused", False) is torch.cuda.is_available()
+    # Offloaded optimizer state keeps DeepSpeed's CPU Adam, which is what offloading is for.
+    assert "torch_adam" not in _build(_train_cfg(), "zero3_offload", world=1, total_steps=10)["optimizer"]["params"]
+
+
+def test_zero3_sizes_come_from_the_model_shape():
+    shape = _shape()
+    zero = _build(_train_cfg(), "zero3", world=8, total_steps=10, shape=shape)["zero_optimization"]
+    # LoRA tensors whole on every rank; one decoder layer prefetched; ZeRO-3's per-tensor linear off.
+    assert zero["stage3_param_persistence_threshold"] > shape.largest_lora_tensor
+    assert zero["stage3_prefetch_bucket_size"] == shape.decoder_layer_params
+    assert zero["stage3_max_live_parameters"] == 3 * shape.decoder_layer_params
+    assert zero["memory_efficient_linear"] is False
+
+
+def test_layout_follows_sharding_and_refuses_a_contradicting_ds_config():
+    assert choose_layout(_run_cfg(sharding="zero3"), 1).ds_config.name == "zero3.json"
+    assert choose_layout(_run_cfg(sharding="replicate"), 1).ds_config.name == "replicate.json"
+    assert choose_layout(_run_cfg(ds_config="zero3_offload"), 1).sharding == "zero3"
+    if not torch.cuda.is_available():
+        assert choose_layout(_run_cfg(), 1).sharding == "replicate"
+    with pytest.raises(ConfigError, match=r"train.sharding=replicate but train.ds_config=zero3 .*\(ZeRO stage 3\)"):
+        choose_layout(_run_cfg(sharding="replicate", ds_config="zero3"), 1)
 
 
 def test_ds_config_by_path_and_unknown_name(tmp_path):
     own = tmp_path / "mine.json"
     own.write_text((REPO / "ds_configs" / "zero3.json").read_text())
     assert resolve_ds_config(str(own)) == own
-    with pytest.raises(ConfigError, match=r"zero3_nope.*shipped: \[.*'zero3'.*'zero3_nvme'.*'zero3_offload'"):
+    with pytest.raises(ConfigError, match=r"zero3_nope.*shipped: \[.*'replicate'.*'zero3'.*'zero3_nvme'"):
         resolve_ds_config("zero3_nope")
 
 
@@ -55,19 +123,19 @@ def test_ds_config_contradicting_batch_sizes_names_the_numbers(tmp_path):
     path.write_text(json.dumps(config))
     train = _train_cfg(micro_batch_size=4, gradient_accumulation_steps=2)
     with pytest.raises(ConfigError) as info:
-        build_ds_config(train, str(path), world=2, total_steps=10)
+        _build(train, str(path), world=2, total_steps=10)
     message = str(info.value)
     assert "train_micro_batch_size_per_gpu=8 but the run config gives 4" in message
     assert "train_batch_size (micro x GA x 2 ranks)=64 but the run config gives 16" in message
 
 
-def test_ds_config_must_be_zero3(tmp_path):
+def test_ds_config_with_an_unknown_zero_stage_is_refused(tmp_path):
     config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    config["zero_optimization"]["stage"] = 2
-    path = tmp_path / "z2.json"
+    config["zero_optimization"]["stage"] = 4
+    path = tmp_path / "z4.json"
     path.write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="ZeRO stage 2"):
-        build_ds_config(_train_cfg(), str(path), world=1, total_steps=10)
+    with pytest.raises(ConfigError, match="stage=4 is not 0, 1, 2 or 3"):
+        _build(_train_cfg(), str(path), world=1, total_steps=10)
 
 
 def test_explicit_deepspeed_scheduler_gets_its_auto_values(tmp_path):
@@ -76,7 +144,7 @@ def test_explicit_deepspeed_scheduler_gets_its_auto_values(tmp_path):
                                                                "warmup_max_lr": "auto"}}
     path = tmp_path / "sched.json"
     path.write_text(json.dumps(config))
-    filled = build_ds_config(_train_cfg(warmup_steps=3, learning_rate=5e-4), str(path), world=1, total_steps=40)
+    filled = _build(_train_cfg(warmup_steps=3, learning_rate=5e-4), str(path), world=1, total_steps=40)
     assert filled["scheduler"]["params"] == {"warmup_num_steps": 3, "total_num_steps": 40, "warmup_max_lr": 5e-4}
 
 

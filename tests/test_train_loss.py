@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from gift_dist.config import ConfigError, TrainConfig
 from gift_dist.train import weighting
 from gift_dist.train.loss import (
+    ChunkedTargetCE,
     micro_batch_loss,
     normalizer_local,
-    num_ce_chunks,
+    target_positions,
     target_token_ce,
     weighted_ce_sum,
 )
@@ -58,20 +59,31 @@ def test_target_token_ce_matches_full_logits_with_gradients(chunk_tokens):
     torch.testing.assert_close(head.weight.grad, ref_head.weight.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_target_token_ce_calls_lm_head_once_per_chunk_and_pads_to_min_chunks():
+def test_chunked_ce_reads_the_head_weight_in_one_module_call_per_micro_batch():
+    """Under ZeRO-3 the CE head is a leaf module: one call gathers the lm_head once however many chunks there are,
+    so the lm_head module itself must never be called (its own hooks would gather it again, chunk by chunk)."""
     hidden, labels = _batch()
     head = torch.nn.Linear(HIDDEN, VOCAB, bias=False)
-    calls = []
-    head.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
-    num_targets = int((labels[:, 1:] != -100).sum())
-    expected_chunks = num_ce_chunks(labels, 5)
-    assert expected_chunks == math.ceil(num_targets / 5)
+    head_calls, ce_calls = [], []
+    head.register_forward_pre_hook(lambda module, args: head_calls.append(1))
+    ce_head = ChunkedTargetCE(head, chunk_tokens=3)
+    ce_head.register_forward_pre_hook(lambda module, args: ce_calls.append(1))
+    positions, target_ids = target_positions(labels)
+    hidden = hidden.requires_grad_(True)
+    ce = ce_head(hidden, positions, target_ids)
+    ce.sum().backward()
+    assert ce_calls == [1] and head_calls == []
+    assert ce.shape == (int((labels[:, 1:] != -100).sum()),)
+    torch.testing.assert_close(ce, _full_logits_ce(hidden.detach(), head, labels), rtol=1e-5, atol=1e-5)
 
-    ce = target_token_ce(hidden, head, labels, 5, min_chunks=expected_chunks + 2)
-    assert len(calls) == expected_chunks + 2 and max(calls) <= 5 and sum(calls) == num_targets
-    calls.clear()
-    ce.sum().backward()  # checkpointing recomputes every chunk, the empty ones included
-    assert len(calls) == expected_chunks + 2
+
+def test_target_positions_are_the_predicting_positions_in_row_major_order():
+    labels = torch.tensor([[-100, 5, -100, 7], [-100, -100, 9, 2]])
+    positions, target_ids = target_positions(labels)
+    # Row 0 predicts labels 5 and 7 from positions 0 and 2; row 1 predicts 9 and 2 from positions 1 and 2.
+    assert positions.tolist() == [0, 2, 4 + 1, 4 + 2] and target_ids.tolist() == [5, 7, 9, 2]
+    with pytest.raises(ValueError, match="negative token id"):
+        target_positions(torch.tensor([[-100, -5]]))
 
 
 def test_target_token_ce_without_targets_is_empty_but_differentiable():

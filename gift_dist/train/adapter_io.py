@@ -1,8 +1,10 @@
-"""Getting the LoRA weights out of (and back into) the ZeRO-3 partitions.
+"""Getting the LoRA weights out of (and back into) DeepSpeed's optimizer partitions.
 
-Under ZeRO-3 every rank holds a slice of each LoRA tensor. ``gather_lora`` gathers them on all ranks (a
-collective: every rank must call it) and returns peft's state dict (``get_peft_model_state_dict`` names, the
-ones ``PeftModel.from_pretrained`` reads), checked against the shapes the LoRA layers must have.
+What the adapter holds is the optimizer's fp32 master copy of each LoRA tensor, not the bf16 copy the forward
+computes with. Under ZeRO-3 every rank holds a slice of it, under ZeRO-1 (``replicate``) each rank owns a part of
+the master copy: ``gather_lora`` gathers them on all ranks (a collective: every rank must call it) and returns
+peft's state dict (``get_peft_model_state_dict`` names, the ones ``PeftModel.from_pretrained`` reads), checked
+against the shapes the LoRA layers must have.
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ def expected_lora_shapes(peft_model: torch.nn.Module) -> dict[str, tuple[int, in
 
 def gather_lora(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full LoRA tensors (fp32, CPU) on every rank, in peft's state-dict naming; wrong shapes are an error."""
-    import deepspeed
-    from peft import get_peft_model_state_dict
+    from deepspeed.utils import safe_get_full_fp32_param
 
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        state = {name: t.detach().float().cpu().clone() for name, t in get_peft_model_state_dict(peft_model).items()}
+    state = {}
+    for name, param in _state_names(peft_model).items():
+        master = safe_get_full_fp32_param(param)
+        # No optimizer partition (a model outside a DeepSpeed engine): the parameter is the whole tensor.
+        state[name] = (param if master is None else master).detach().float().cpu().clone()
     expected = expected_lora_shapes(peft_model)
     if not state:
         raise ContractError(f"rank {dist.rank()}: gathering the LoRA parameters gave no tensors")

@@ -28,7 +28,7 @@ from gift_dist.config import ConfigError, TrainConfig
 from gift_dist.contracts import ContractError
 from gift_dist.contracts import confidence as conf_contract
 from gift_dist.contracts.prepared import IGNORE_INDEX, Prepared
-from gift_dist.train import weighting
+from gift_dist.train import loss, weighting
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,10 @@ class MicroBatch:
     is_eos: Tensor
     sample_lengths: Tensor
     sample_indices: list[int]
+    # Flat indices into the [B*T] hidden states of the positions that predict a target, and the target ids ([N],
+    # row-major): computed here on the host so the training step never syncs with the device to find them.
+    target_positions: Tensor
+    target_ids: Tensor
 
     @property
     def num_target_tokens(self) -> int:
@@ -156,7 +160,8 @@ class MicroBatch:
 
     def to(self, device: torch.device | str) -> "MicroBatch":
         moved = {
-            f.name: (value.to(device) if isinstance(value := getattr(self, f.name), Tensor) else value)
+            f.name: (value.to(device, non_blocking=True) if isinstance(value := getattr(self, f.name), Tensor)
+                     else value)
             for f in fields(self)
         }
         return MicroBatch(**moved)
@@ -209,12 +214,13 @@ class TrainBatches:
         self.seed = seed
         self.eos_token_ids = torch.tensor(sorted(prepared.manifest.eos_token_ids), dtype=torch.long)
         self.pad_token_id = prepared.manifest.pad_token_id
+        self.packing = cfg.packs(on_gpu=torch.cuda.is_available())
         self._rows = prepared.dataset.select_columns(["input_ids", "labels", "num_target_tokens"])
 
         num_samples = len(prepared)
         self.micro_batch_size = cfg.micro_batch_size
         self.grad_accum = cfg.gradient_accumulation_steps
-        self.global_batch = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world
+        self.global_batch = cfg.global_batch(world)
         if num_samples < self.global_batch:
             raise ConfigError(
                 f"the prepared dataset {prepared.path} has {num_samples} samples, fewer than one global batch of "
@@ -272,11 +278,11 @@ class TrainBatches:
             for i, ids, lab, n in zip(indices, rows["input_ids"], rows["labels"], rows["num_target_tokens"])
         ]
         sample_lengths = torch.tensor([int(n) for n in rows["num_target_tokens"]], dtype=torch.long)
-        if self.cfg.packing:
+        if self.packing:
             input_ids, labels, attention_mask, position_ids = self._pack(samples)
         else:
             input_ids, labels, attention_mask, position_ids = self._pad(samples)
-        target_ids = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+        target_positions, target_ids = loss.target_positions(labels)
         is_eos = torch.isin(target_ids, self.eos_token_ids)
         inst_logprobs = None
         if self.confidence is not None:
@@ -290,6 +296,8 @@ class TrainBatches:
             is_eos=is_eos,
             sample_lengths=sample_lengths,
             sample_indices=list(indices),
+            target_positions=target_positions,
+            target_ids=target_ids,
         )
 
     def _pad(self, samples: list[tuple[Tensor, Tensor]]):

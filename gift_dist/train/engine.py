@@ -1,8 +1,21 @@
-"""The DeepSpeed side of training: the ZeRO-3 config filled from the run config, and the LoRA model built on it.
+"""The DeepSpeed side of training: the layout of the frozen base, the ds_config filled from the run config, and
+the LoRA model built on it.
 
-The base (or instruct) model is created inside ``zero.Init`` (via transformers' ``HfDeepSpeedConfig``), so every
-rank only ever holds its partition of the frozen weights; peft then adds the LoRA layers and DeepSpeed partitions
-them too when the engine is built. The optimizer and LR schedule come from the DeepSpeed config.
+Two layouts (``train.sharding``), one engine:
+
+- ``replicate``: the frozen base is loaded whole onto every GPU, as a plain training loop would; DeepSpeed manages
+  only what LoRA trains (bf16 weights with fp32 master copies, gradients and Adam state, ZeRO stage 1). No
+  per-layer gathers, no module hooks: a step costs what the arithmetic costs. For every model whose bf16 weights
+  fit one GPU beside the activations (8B on an 80 GiB card, 70B does not).
+- ``zero3``: the base is created inside ``zero.Init`` (transformers' ``HfDeepSpeedConfig``), so every rank only ever
+  holds its partition of the frozen weights. Tuned for a frozen base: each decoder layer is a ZeRO-3 leaf module
+  (gathered once per forward / recompute / backward, not tensor by tensor), the LoRA tensors stay whole on every
+  rank (persistence threshold above them), the output layer is gathered once per micro-batch
+  (``loss.ChunkedTargetCE``), prefetch and live-parameter limits come from the decoder layer's size.
+
+``auto`` picks ``replicate`` when ``gift_dist.models.memory`` (what ``gift-dist plan`` prints) says it fits the GPU.
+The optimizer is torch's AdamW (fused on CUDA) unless the ds_config names another: no JIT-built op on the default
+path. The LR schedule is the run config's.
 """
 
 from __future__ import annotations
@@ -10,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,14 +32,71 @@ from typing import Any, Optional
 import torch
 
 from gift_dist.config import ConfigError, RunConfig, TrainConfig
+from gift_dist.models.memory import (
+    GIB, USABLE_FRACTION, ModelShape, decoder_layer_classes, model_shape, training_plan,
+)
 
 log = logging.getLogger(__name__)
 
 REPO_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+# The shipped ds_config each layout uses when train.ds_config is "auto".
+SHIPPED_FOR_SHARDING = {"replicate": "replicate", "zero3": "zero3"}
 
 
 def on_gpu() -> bool:
     return torch.cuda.is_available()
+
+
+@dataclass
+class Layout:
+    """Where the frozen base lives (``replicate`` | ``zero3``), the ds_config that does it, and why."""
+
+    sharding: str
+    ds_config: Path
+    reason: str
+
+
+def _zero_stage(path: Path) -> int:
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from exc
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage={stage!r} is not 0, 1, 2 or 3")
+    return stage
+
+
+def choose_layout(cfg: RunConfig, world: int, shape: Optional[ModelShape] = None) -> Layout:
+    """Resolve ``train.sharding`` and ``train.ds_config`` into one layout; a contradiction is an error."""
+    train = cfg.train
+    if train.ds_config != "auto":
+        path = resolve_ds_config(train.ds_config)
+        implied = "zero3" if _zero_stage(path) == 3 else "replicate"
+        if train.sharding not in ("auto", implied):
+            raise ConfigError(
+                f"train.sharding={train.sharding} but train.ds_config={train.ds_config} ({path}) is a {implied} "
+                f"config (ZeRO stage {_zero_stage(path)}); set train.ds_config=auto or train.sharding={implied}"
+            )
+        return Layout(implied, path, f"train.ds_config={train.ds_config}")
+    if train.sharding != "auto":
+        return Layout(train.sharding, resolve_ds_config(SHIPPED_FOR_SHARDING[train.sharding]),
+                      f"train.sharding={train.sharding}")
+    if not on_gpu():
+        return Layout("replicate", resolve_ds_config("replicate"), "auto: no GPU, the model is in host memory")
+    shape = shape or model_shape(training_model_path(cfg), train.lora.r, train.lora.target_modules,
+                                 cfg.trust_remote_code)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    gpu_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    tokens = train.micro_batch_size * cfg.prepare.max_length
+    need = training_plan(shape, local, max(world // max(local, 1), 1), tokens, train.ce_chunk_tokens)
+    replicated = need["replicate"]["gpu_gib"]
+    if replicated <= USABLE_FRACTION * gpu_gib:
+        return Layout("replicate", resolve_ds_config("replicate"),
+                      f"auto: the whole base needs ~{replicated:.1f} GiB of a {gpu_gib:.0f} GiB GPU")
+    return Layout("zero3", resolve_ds_config("zero3"),
+                  f"auto: the whole base needs ~{replicated:.1f} GiB, more than {USABLE_FRACTION:.0%} of a "
+                  f"{gpu_gib:.0f} GiB GPU; partitioning it over {world} rank(s)")
 
 
 def resolve_ds_config(name_or_path: str) -> Path:
@@ -61,16 +132,18 @@ def _fill(node: dict, key: str, value: Any, where: str, conflicts: list[str]) ->
         conflicts.append(f"{where}={current!r} but the run config gives {value!r}")
 
 
-def build_ds_config(train: TrainConfig, ds_config: str, world: int, total_steps: int) -> dict:
-    """Load a ds_config and fill its "auto" values from the run config; contradicting numbers are an error."""
-    path = resolve_ds_config(ds_config)
+def build_ds_config(train: TrainConfig, layout: Layout, world: int, total_steps: int,
+                    shape: Optional[ModelShape] = None) -> dict:
+    """Load the layout's ds_config and fill its "auto" values from the run config (and, for ZeRO-3, from the
+    model's shape); contradicting numbers are an error."""
+    path = layout.ds_config
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from exc
     config = copy.deepcopy(config)
     conflicts: list[str] = []
-    global_batch = train.micro_batch_size * train.gradient_accumulation_steps * world
+    global_batch = train.global_batch(world)
     _fill(config, "train_micro_batch_size_per_gpu", train.micro_batch_size, "train_micro_batch_size_per_gpu",
           conflicts)
     _fill(config, "gradient_accumulation_steps", train.gradient_accumulation_steps, "gradient_accumulation_steps",
@@ -83,22 +156,49 @@ def build_ds_config(train: TrainConfig, ds_config: str, world: int, total_steps:
     params = optimizer.setdefault("params", {})
     _fill(params, "lr", train.learning_rate, "optimizer.params.lr", conflicts)
     _fill(params, "weight_decay", train.weight_decay, "optimizer.params.weight_decay", conflicts)
-    if not on_gpu() and "offload_optimizer" not in config.get("zero_optimization", {}):
-        # DeepSpeed's default Adam is the CUDA FusedAdam; the CPU accelerator has no such kernel.
-        params.setdefault("torch_adam", True)
+    zero = config.setdefault("zero_optimization", {})
+    if str(optimizer.get("type", "")).lower() in ("adam", "adamw") and "offload_optimizer" not in zero:
+        # DeepSpeed's default Adam is FusedAdam, built by JIT on first use (which fails on images whose
+        # TORCH_CUDA_ARCH_LIST holds "9.0a") and absent on CPU; torch's own AdamW, fused on CUDA, is as fast for
+        # the few LoRA tensors. An explicit "torch_adam": false in the ds_config keeps DeepSpeed's.
+        if params.setdefault("torch_adam", True) and on_gpu():
+            params.setdefault("fused", True)
     _fill_scheduler(config, train, total_steps, conflicts)
+    stage = zero.get("stage", 0)
+    if (stage == 3) != (layout.sharding == "zero3"):
+        conflicts.append(f"zero_optimization.stage={stage} but the layout is {layout.sharding}")
+    if stage == 3:
+        _fill_zero3_sizes(zero, shape, conflicts)
     if conflicts:
         raise ConfigError(
             f"DeepSpeed config {path} contradicts the run config: " + "; ".join(conflicts)
             + ". Set those keys to \"auto\" in the ds_config or change the run config."
         )
-    stage = config.get("zero_optimization", {}).get("stage")
-    if stage != 3:
-        raise ConfigError(f"DeepSpeed config {path} uses ZeRO stage {stage}; gift_dist trains under ZeRO stage 3")
     leftover = [key for key, value in _walk(config) if value == "auto"]
     if leftover:
         raise ConfigError(f"DeepSpeed config {path}: no run-config value fills the \"auto\" keys {leftover}")
     return config
+
+
+def _fill_zero3_sizes(zero: dict, shape: Optional[ModelShape], conflicts: list[str]) -> None:
+    """ZeRO-3 sizes from the model: LoRA tensors persistent (never partitioned, so never gathered), one decoder
+    layer prefetched ahead, three alive at once (the one computing, the next, the one being released)."""
+    if shape is None:
+        unresolved = [key for key in ("stage3_param_persistence_threshold", "stage3_prefetch_bucket_size",
+                                      "stage3_max_live_parameters", "stage3_max_reuse_distance")
+                      if zero.get(key) == "auto"]
+        if unresolved:
+            conflicts.append(f"{unresolved} are \"auto\" but the model's shape is unknown")
+        return
+    # Above the largest LoRA tensor; frozen tensors that small (norms) stay whole too, which costs nothing.
+    _fill(zero, "stage3_param_persistence_threshold", max(shape.largest_lora_tensor + 1, 10_000),
+          "zero_optimization.stage3_param_persistence_threshold", conflicts)
+    _fill(zero, "stage3_prefetch_bucket_size", shape.decoder_layer_params,
+          "zero_optimization.stage3_prefetch_bucket_size", conflicts)
+    _fill(zero, "stage3_max_live_parameters", 3 * shape.decoder_layer_params,
+          "zero_optimization.stage3_max_live_parameters", conflicts)
+    _fill(zero, "stage3_max_reuse_distance", 3 * shape.decoder_layer_params,
+          "zero_optimization.stage3_max_reuse_distance", conflicts)
 
 
 def _fill_scheduler(config: dict, train: TrainConfig, total_steps: int, conflicts: list[str]) -> None:
@@ -169,24 +269,23 @@ class TargetTokenCE(torch.nn.Module):
 
     Going through ``engine(...)`` (not the submodules directly) matters: DeepSpeed's forward advances its
     gradient-accumulation bookkeeping, without which ZeRO-3 overwrites instead of accumulating micro-batch
-    gradients. The lm_head is called as a module so ZeRO-3 gathers its partitioned weight in its hooks, and
-    full-vocabulary logits are never materialised for the whole sequence.
+    gradients. ``ce_head`` holds the model's lm_head and is a ZeRO-3 leaf module (see ``loss.ChunkedTargetCE``):
+    full-vocabulary logits are never materialised for the whole sequence, and the head is gathered once.
     """
 
     def __init__(self, peft_model: torch.nn.Module, chunk_tokens: int):
         super().__init__()
+        from gift_dist.train.loss import ChunkedTargetCE
+
         self.peft_model = peft_model
-        self.chunk_tokens = chunk_tokens
+        self.ce_head = ChunkedTargetCE(peft_model.get_base_model().get_output_embeddings(), chunk_tokens)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None, min_chunks: int = 1) -> torch.Tensor:
-        from gift_dist.train.loss import target_token_ce
-
-        causal_lm = self.peft_model.get_base_model()
-        hidden = causal_lm.get_decoder()(
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, target_positions: torch.Tensor,
+                target_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        hidden = self.peft_model.get_base_model().get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state
-        return target_token_ce(hidden, causal_lm.get_output_embeddings(), labels, self.chunk_tokens, min_chunks)
+        return self.ce_head(hidden, target_positions, target_ids)
 
 
 @dataclass
@@ -197,39 +296,85 @@ class TrainEngine:
     peft_config: Any
     ds_config: dict
     model_path: str
+    layout: Layout
 
     @property
     def peft_model(self) -> torch.nn.Module:
         return self.engine.module.peft_model
 
     @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
     def lora_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(name, p) for name, p in self.peft_model.named_parameters() if p.requires_grad]
 
-    def target_token_ce(self, batch: Any, min_chunks: int) -> torch.Tensor:
-        """CE of every target token of a ``MicroBatch`` ([N], row-major), in ``min_chunks`` or more lm_head calls
-        (the same number on every rank: each call is a ZeRO-3 all-gather of the lm_head weight)."""
-        batch = batch.to(self.engine.device)
-        return self.engine(input_ids=batch.input_ids, labels=batch.labels, position_ids=batch.position_ids,
-                           attention_mask=batch.attention_mask, min_chunks=min_chunks)
+    def target_token_ce(self, batch: Any) -> torch.Tensor:
+        """CE of every target token of a ``MicroBatch`` (already on the device) [N], row-major."""
+        return self.engine(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                           target_positions=batch.target_positions, target_ids=batch.target_ids,
+                           attention_mask=batch.attention_mask)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        """DeepSpeed counts micro-steps: the weights change only at the accumulation boundary."""
+        self.engine.step()
+
+    def at_accumulation_boundary(self) -> bool:
+        return self.engine.is_gradient_accumulation_boundary()
+
+    def grad_norm(self) -> Optional[torch.Tensor | float]:
+        """The last step's global gradient norm as DeepSpeed keeps it (a device tensor is not read back here)."""
+        return self.engine.get_global_grad_norm()
+
+    def learning_rate(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+
+def attention_implementation(train: TrainConfig) -> str:
+    """``auto``: flash-attention 2 when installed on a GPU (its varlen kernel takes packed samples without a mask),
+    else torch's sdpa (transformers builds the block-diagonal mask of a packed row from its position ids)."""
+    if train.attn_implementation != "auto":
+        return train.attn_implementation
+    if on_gpu():
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return "sdpa"
 
 
 def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
-    """Load the model partitioned under ZeRO-3, add LoRA with peft, and build the DeepSpeed engine."""
+    """Load the model in the chosen layout, add LoRA with peft, and build the DeepSpeed engine."""
     import deepspeed
+    from deepspeed.utils import set_z3_leaf_modules
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    ds_config = build_ds_config(cfg.train, cfg.train.ds_config, world, total_steps)
+    from gift_dist.train.loss import ChunkedTargetCE
+
     model_path = training_model_path(cfg)
-    # Must stay referenced while from_pretrained runs: it is how transformers knows to build under zero.Init.
-    hf_ds_config = HfDeepSpeedConfig(ds_config)
+    shape = model_shape(model_path, cfg.train.lora.r, cfg.train.lora.target_modules, cfg.trust_remote_code)
+    layout = choose_layout(cfg, world, shape)
+    ds_config = build_ds_config(cfg.train, layout, world, total_steps, shape)
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code
-    )
-    del hf_ds_config
+    attention = attention_implementation(cfg.train)
+    log.info("layout %s (%s), ds_config %s, %s attention", layout.sharding, layout.reason, layout.ds_config,
+             attention)
+    load = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "attn_implementation": attention}
+    if layout.sharding == "zero3":
+        # Must stay referenced while from_pretrained runs: it is how transformers knows to build under zero.Init.
+        hf_ds_config = HfDeepSpeedConfig(ds_config)
+        model = AutoModelForCausalLM.from_pretrained(model_path, **load)
+        del hf_ds_config
+    else:
+        # Straight onto this rank's GPU, shard by shard: the host never holds the whole model.
+        device_map = {"": torch.cuda.current_device()} if on_gpu() else None
+        model = AutoModelForCausalLM.from_pretrained(model_path, device_map=device_map, **load)
     model.config.use_cache = False
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -245,21 +390,17 @@ def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    # Every rank must draw the same LoRA initialisation: ZeRO-3 keeps each rank's slice of its own draw.
+    # Every rank must draw the same LoRA initialisation: ZeRO keeps each rank's slice of its own draw.
     torch.manual_seed(cfg.train.seed)
-    peft_model = get_peft_model(model, peft_config)
+    # LoRA weights in the model's dtype (bf16 GEMMs); DeepSpeed keeps their fp32 master copies in the optimizer.
+    peft_model = get_peft_model(model, peft_config, autocast_adapter_dtype=False)
+    module = TargetTokenCE(peft_model, cfg.train.ce_chunk_tokens)
+    if layout.sharding == "zero3":
+        set_z3_leaf_modules(module, [*decoder_layer_classes(model), ChunkedTargetCE])
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     schedule = None if "scheduler" in ds_config else lr_schedule(cfg.train, total_steps)
-    engine, _, _, _ = deepspeed.initialize(model=TargetTokenCE(peft_model, cfg.train.ce_chunk_tokens),
-                                           model_parameters=trainable, config=ds_config, lr_scheduler=schedule)
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=trainable, config=ds_config,
+                                           lr_scheduler=schedule)
     engine.train()
-    return TrainEngine(engine=engine, peft_config=peft_config, ds_config=ds_config, model_path=model_path)
-
-
-def learning_rate(engine: Any) -> float:
-    return float(engine.get_lr()[0])
-
-
-def grad_norm(engine: Any) -> Optional[float]:
-    norm = engine.get_global_grad_norm()
-    return None if norm is None else float(norm)
+    return TrainEngine(engine=engine, peft_config=peft_config, ds_config=ds_config, model_path=model_path,
+                       layout=layout)

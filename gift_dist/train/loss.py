@@ -27,45 +27,63 @@ from gift_dist.config import TrainConfig
 from gift_dist.contracts.prepared import IGNORE_INDEX
 
 
-def num_ce_chunks(labels: Tensor, chunk_tokens: int) -> int:
-    """How many output-layer calls ``target_token_ce`` makes for ``labels`` (at least one)."""
-    num_targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return max(1, math.ceil(num_targets / chunk_tokens))
-
-
-def _chunk_ce(hidden: Tensor, targets: Tensor, lm_head: torch.nn.Module) -> Tensor:
-    # cross_entropy's fused log-softmax + NLL keeps about 3 chunk-sized [chunk, vocab] buffers alive in backward,
-    # half of what a logsumexp - gather composition needs.
-    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="none")
-
-
-def target_token_ce(
-    hidden: Tensor, lm_head: torch.nn.Module, labels: Tensor, chunk_tokens: int, min_chunks: int = 1
-) -> Tensor:
-    """CE [N] (fp32, differentiable) of every target token, row-major (the confidence shards' order).
-
-    ``hidden`` [B, T, H] are the decoder's last hidden states; the hidden state at t-1 predicts the label at t.
-    ``lm_head`` is called as a module (never via ``.weight``) so ZeRO-3's hooks gather its partitioned weight.
-    ``min_chunks`` pads with empty chunks so every rank calls ``lm_head`` equally often: under ZeRO-3 each call
-    all-gathers the weight, a collective that must match across ranks (agree on it with ``num_ce_chunks`` and an
-    all-reduce max when ranks hold different token counts).
-    """
-    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} must be [B, T, H] and [B, T]")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    target_hidden = hidden[:, :-1][mask]
-    target_ids = targets[mask].long()
+def target_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Where the targets are: flat indices into ``hidden.reshape(-1, H)`` of the positions that predict a target
+    (position t-1 predicts the label at t), and the target ids, both [N] and row-major (the confidence shards'
+    order). Computed on the host with the batch, so the device never syncs to learn how many targets there are."""
+    if labels.dim() != 2:
+        raise ValueError(f"labels {tuple(labels.shape)} must be [B, T]")
+    batch, length = labels.shape
+    mask = labels[:, 1:] != IGNORE_INDEX
+    rows, cols = mask.nonzero(as_tuple=True)
+    target_ids = labels[:, 1:][mask].long()
     if target_ids.numel() and int(target_ids.min()) < 0:
         raise ValueError(f"labels hold a negative token id {int(target_ids.min())} other than {IGNORE_INDEX}")
-    num_chunks = max(min_chunks, math.ceil(target_ids.numel() / chunk_tokens), 1)
-    pieces = []
-    for index in range(num_chunks):
-        rows = slice(index * chunk_tokens, (index + 1) * chunk_tokens)
-        pieces.append(checkpoint(_chunk_ce, target_hidden[rows], target_ids[rows], lm_head, use_reentrant=False))
-    return torch.cat(pieces)
+    return rows * length + cols, target_ids
+
+
+class ChunkedTargetCE(torch.nn.Module):
+    """CE [N] (fp32, differentiable) of the target tokens, through the output layer ``chunk_tokens`` rows at a time.
+
+    One module call per micro-batch: under ZeRO-3 it is registered as a leaf module, so the partitioned lm_head
+    weight is gathered once for the forward and once for the backward, however many chunks there are (calling the
+    lm_head module per chunk would all-gather it per chunk, and ranks with different token counts would then have
+    to agree on a chunk count). Each chunk is checkpointed: only one chunk's logits live at a time, in forward and
+    in backward.
+    """
+
+    def __init__(self, lm_head: torch.nn.Module, chunk_tokens: int):
+        super().__init__()
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        self.lm_head = lm_head
+        self.chunk_tokens = chunk_tokens
+
+    def _chunk_ce(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        # The weight is read, not the module called: the lm_head's own ZeRO-3 hooks would gather it again.
+        # cross_entropy's fused log-softmax + NLL keeps about 3 chunk-sized [chunk, vocab] buffers alive in
+        # backward, half of what a logsumexp - gather composition needs.
+        logits = F.linear(hidden, self.lm_head.weight, getattr(self.lm_head, "bias", None))
+        return F.cross_entropy(logits.float(), targets, reduction="none")
+
+    def forward(self, hidden: Tensor, positions: Tensor, target_ids: Tensor) -> Tensor:
+        target_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        num_chunks = max(1, math.ceil(target_ids.numel() / self.chunk_tokens))
+        pieces = []
+        for index in range(num_chunks):
+            rows = slice(index * self.chunk_tokens, (index + 1) * self.chunk_tokens)
+            pieces.append(checkpoint(self._chunk_ce, target_hidden[rows], target_ids[rows], use_reentrant=False))
+        return torch.cat(pieces)
+
+
+def target_token_ce(hidden: Tensor, lm_head: torch.nn.Module, labels: Tensor, chunk_tokens: int) -> Tensor:
+    """CE [N] (fp32, differentiable) of every target token of ``labels``, row-major; ``hidden`` [B, T, H] are the
+    decoder's last hidden states (see ``ChunkedTargetCE``)."""
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} must be [B, T, H] and [B, T]")
+    head = ChunkedTargetCE(lm_head, chunk_tokens)
+    positions, target_ids = target_positions(labels.cpu())
+    return head(hidden, positions.to(hidden.device), target_ids.to(hidden.device))
 
 
 def weighted_ce_sum(ce: Tensor, weights: Tensor) -> Tensor:
@@ -92,16 +110,24 @@ def micro_batch_loss(
     grad_accum: int,
     world: int,
 ) -> Tensor:
-    """The loss to hand to ``engine.backward`` for one micro-batch (see the module docstring)."""
+    """The loss to hand to ``engine.backward`` for one micro-batch (see the module docstring).
+
+    Normalisers on the host (constant weights) are checked here; one on the accelerator (DFT's, or a global one
+    all-reduced over ranks) is not read back, which would stall the step: a zero normaliser there gives a zero
+    loss, and the recipe refuses the step when the step's totals show no weighted target.
+    """
     if cfg.normalize_over == "per_micro_batch":
-        if float(local_norm) <= 0:
-            # No weight in this micro-batch: it contributes no gradient (and no NaN).
-            return weighted_sum * 0.0
-        return weighted_sum / local_norm.to(weighted_sum.dtype)
+        if local_norm.device.type == "cpu":
+            if float(local_norm) <= 0:
+                # No weight in this micro-batch: it contributes no gradient (and no NaN).
+                return weighted_sum * 0.0
+            return weighted_sum / local_norm.to(weighted_sum)
+        norm = local_norm.to(weighted_sum)
+        return torch.where(norm > 0, weighted_sum / norm.clamp_min(1e-30), weighted_sum * 0.0)
     if cfg.normalize_over == "global_batch":
         if global_norm is None:
             raise ValueError("normalize_over=global_batch needs the all-reduced normaliser of the global batch")
-        if float(global_norm) <= 0:
+        if global_norm.device.type == "cpu" and float(global_norm) <= 0:
             raise ValueError(f"the global batch's normaliser is {float(global_norm)}: it holds no weighted target")
-        return weighted_sum * (grad_accum * world) / global_norm.to(weighted_sum.dtype)
+        return weighted_sum * (grad_accum * world) / global_norm.to(weighted_sum).clamp_min(1e-30)
     raise ValueError(f"unknown train.normalize_over {cfg.normalize_over!r}")

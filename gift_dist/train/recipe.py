@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import socket
@@ -35,8 +36,8 @@ from gift_dist.models.checkpoint import model_identity
 from gift_dist.train import adapter_io, weighting
 from gift_dist.train.checkpoint import CheckpointRecord, Checkpoints
 from gift_dist.train.data import ConfidenceReader, MicroBatch, TrainBatches
-from gift_dist.train.engine import TrainEngine, build_engine, grad_norm, learning_rate
-from gift_dist.train.loss import micro_batch_loss, normalizer_local, num_ce_chunks, weighted_ce_sum
+from gift_dist.train.engine import TrainEngine, build_engine
+from gift_dist.train.loss import micro_batch_loss, normalizer_local, weighted_ce_sum
 from gift_dist.train.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,6 @@ class StopRequest:
         log.warning("rank %d received %s: will save a checkpoint and stop after this step", dist.rank(),
                     self.signal_name)
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank when any rank was signalled (a collective: all ranks must call it)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        return bool(dist.all_reduce_sum(flag).item() > 0)
-
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -103,8 +99,7 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
     te = build_engine(cfg, world, batches.total_steps)
     identity = model_identity(te.model_path)
     record = CheckpointRecord(
-        step=0, world_size=world, global_batch_size=cfg.train.micro_batch_size
-        * cfg.train.gradient_accumulation_steps * world, model_identity=identity,
+        step=0, world_size=world, global_batch_size=cfg.train.global_batch(world), model_identity=identity,
         prepared_fingerprint=fingerprint, train_model=cfg.train.train_model,
     )
     checkpoints = Checkpoints(cfg.paths.checkpoints, cfg.train.keep_checkpoints)
@@ -120,11 +115,12 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
     step, final_loss, checkpoint = start_step, None, None
     try:
         while step < batches.total_steps:
-            values = train_step(te, cfg, batches.micro_batches(step), world, grad_dump_dir, step + 1)
+            values = train_step(te, cfg, batches.micro_batches(step), world, grad_dump_dir, step + 1,
+                                stop_requested=stop.requested)
             step += 1
+            stopping = values.pop("stop")
             final_loss = values["loss"]
             metrics.log(step, values)
-            stopping = stop.agreed(te.engine.device)
             if stopping or step % cfg.train.save_every_steps == 0:
                 checkpoint = save_checkpoint(te, checkpoints, record, step, cfg)
             if stopping:
@@ -154,61 +150,85 @@ def set_single_process_env() -> None:
 
 
 def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch], world: int,
-               grad_dump_dir: Optional[str | Path], step: int) -> dict:
-    """One optimizer step over this rank's micro-batches; returns the step's metrics (summed over ranks)."""
+               grad_dump_dir: Optional[str | Path], step: int, stop_requested: bool = False) -> dict:
+    """One optimizer step over this rank's micro-batches; returns the step's metrics (summed over ranks) and
+    ``stop``, true on every rank when any rank was asked to stop.
+
+    The device is read back once, at the end: the metrics are summed on the device, the stop flag rides in the
+    same all-reduce, the targets' positions come with the batch. A host sync per micro-batch would stall the GPU
+    behind the CPU's launch queue, which on a small model is most of the step.
+    """
     train = cfg.train
     started = time.monotonic()
+    device = te.device
     # Dropout masks depend only on (seed, step, rank), so a resumed run draws the same ones.
     torch.manual_seed(train.seed + 1_000_003 * step + dist.rank())
     grad_accum = len(micro_batches)
     own_weights = weighting.needs_own_logprobs(train)
+    # Constant weights are computed and checked on the host, from the batch; DFT's need the forward.
     weights = [None if own_weights else batch_weights(train, mb) for mb in micro_batches]
-    chunks = agreed_ce_chunks(micro_batches, train.ce_chunk_tokens)
     global_norm = None
     if train.normalize_over == "global_batch":
         # Weights are constants, so the normaliser of the whole global batch is known before any forward.
         local = sum(normalizer_local(train, w if w is not None else torch.ones(mb.num_target_tokens))
                     for w, mb in zip(weights, micro_batches))
-        # On the accelerator: NCCL reduces device tensors only.
-        local = torch.as_tensor(local, dtype=torch.float64, device=te.engine.device).reshape(1)
-        global_norm = dist.all_reduce_sum(local).float()[0]
-    # Summed over this rank's micro-batches: loss objective, weighted CE, CE, weights, targets, tokens.
-    totals = torch.zeros(6, dtype=torch.float64)
-    for mb, w, min_chunks in zip(micro_batches, weights, chunks):
-        ce = te.target_token_ce(mb, min_chunks)
+        global_norm = torch.as_tensor(local, dtype=torch.float32).reshape(())
+        if world > 1:
+            # On the accelerator (NCCL reduces device tensors only); not read back.
+            global_norm = dist.all_reduce_sum(global_norm.to(device, torch.float64)).float()
+    # Summed over this rank's micro-batches, on the device: loss objective, weighted CE, CE, weights.
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    targets = tokens = 0
+    for host_mb, w in zip(micro_batches, weights):
+        mb = host_mb.to(device)
+        ce = te.target_token_ce(mb)
         if w is None:
-            w = weighting.token_weights(train, None, -ce.detach().float().cpu(), mb.is_eos, mb.sample_lengths)
-        w = w.to(ce.device)
+            w = weighting.token_weights(train, None, -ce.detach(), mb.is_eos, host_mb.sample_lengths)
+        w = w.to(device, non_blocking=True)
         weighted = weighted_ce_sum(ce, w)
         loss = micro_batch_loss(train, weighted, normalizer_local(train, w), global_norm, grad_accum, world)
-        te.engine.backward(loss)
-        totals += torch.tensor([loss.item() / (grad_accum * world), weighted.item(), ce.detach().sum().item(),
-                                w.sum().item(), mb.num_target_tokens, mb.num_tokens], dtype=torch.float64)
-        if grad_dump_dir is not None and te.engine.is_gradient_accumulation_boundary():
+        te.backward(loss)
+        sums += torch.stack([loss.detach() / (grad_accum * world), weighted.detach(), ce.detach().sum(),
+                             w.sum()]).double()
+        targets += host_mb.num_target_tokens
+        tokens += host_mb.num_tokens
+        if grad_dump_dir is not None and te.at_accumulation_boundary():
             dump_gradients(te, Path(grad_dump_dir), step)
-        # DeepSpeed counts micro-steps in step(): it only updates the weights at the accumulation boundary.
-        te.engine.step()
-    totals = dist.all_reduce_sum(totals.to(te.engine.device)).cpu()
+        te.step()
+    reduced = torch.cat([sums, torch.tensor([targets, tokens, float(stop_requested)], dtype=torch.float64,
+                                            device=device)])
+    if world > 1:
+        reduced = dist.all_reduce_sum(reduced)
+    norm = te.grad_norm()
+    norm_value = float("nan") if norm is None else norm
+    if isinstance(norm, torch.Tensor):
+        reduced = torch.cat([reduced, norm.detach().reshape(1).to(reduced)])
+        norm_value = None
+    # The one host read of the step.
+    values = reduced.tolist()
+    objective, weighted_sum, ce_sum, weight_sum, targets, tokens, stop = values[:7]
+    if norm_value is None:
+        norm_value = values[7]
     seconds = time.monotonic() - started
-    objective, weighted, ce_sum, weight_sum, targets, tokens = totals.tolist()
-    norm = grad_norm(te.engine)
+    if not math.isfinite(objective):
+        raise FloatingPointError(
+            f"step {step}: the loss is {objective} (weighted CE {weighted_sum}, CE {ce_sum}); training diverged. "
+            f"Lower train.learning_rate or resume from an earlier checkpoint"
+        )
+    if train.normalize_over == "global_batch" and train.normalizer == "sum_weights" and weight_sum <= 0:
+        raise ValueError(f"step {step}: the global batch's normaliser is {weight_sum}: it holds no weighted target")
     return {
         "loss": objective,
-        "weighted_ce": weighted / max(weight_sum, 1e-12),
+        "weighted_ce": weighted_sum / max(weight_sum, 1e-12),
         "ce": ce_sum / max(targets, 1.0),
         "mean_weight": weight_sum / max(targets, 1.0),
-        "lr": learning_rate(te.engine),
-        "grad_norm": norm,
+        "lr": te.learning_rate(),
+        "grad_norm": None if math.isnan(norm_value) else norm_value,
         "target_tokens": int(targets),
         "tokens_per_second": tokens / max(seconds, 1e-9),
         "seconds": seconds,
+        "stop": stop > 0,
     }
-
-
-def agreed_ce_chunks(micro_batches: list[MicroBatch], chunk_tokens: int) -> list[int]:
-    """Per micro-batch, the most lm_head chunks any rank needs, so all ranks make the same ZeRO-3 gathers."""
-    mine = [num_ce_chunks(mb.labels, chunk_tokens) for mb in micro_batches]
-    return [max(column) for column in zip(*dist.all_gather_objects(mine))]
 
 
 def batch_weights(train, mb: MicroBatch) -> torch.Tensor:
@@ -255,7 +275,7 @@ def provenance(cfg: RunConfig, te: TrainEngine, identity: dict, fingerprint: str
         "train_config": train,
         "steps": step,
         "world_size": world,
-        "global_batch_size": cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world,
+        "global_batch_size": cfg.train.global_batch(world),
         "complete": complete,
     }
 

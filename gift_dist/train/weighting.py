@@ -122,6 +122,10 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def _check_finite(name: str, values: Tensor) -> None:
+    """Host tensors (the scorer's shards) are checked here. A device tensor (the model's own logprobs) is not read
+    back mid-step: a non-finite value there makes the step's loss non-finite, which the recipe refuses."""
+    if values.device.type != "cpu":
+        return
     bad = ~torch.isfinite(values)
     if bool(bad.any()):
         position = int(bad.nonzero()[0, 0])
