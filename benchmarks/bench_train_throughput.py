@@ -24,6 +24,7 @@ against --peak-tflops, and peak memory (CUDA allocator, or the process's peak RS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 
 def _device_from_argv(argv: list[str]) -> str:
@@ -73,6 +75,8 @@ def parse_args(argv=None):
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="torch-profile the last timed step of the plain and engine rows; tables to DIR")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -151,7 +155,38 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def engine_times(cfg, steps) -> list[float]:
+class StepProfiler:
+    """The last step under torch.profiler: the ops by device time and by host time, and the host syncs."""
+
+    def __init__(self, folder: Optional[str], row: str, last_step: int):
+        self.folder, self.row, self.last_step = folder, row, last_step
+
+    def step(self, index: int):
+        if self.folder is None or index != self.last_step:
+            return contextlib.nullcontext()
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.prof = profile(activities=activities)
+        return self
+
+    def __enter__(self):
+        self.prof.__enter__()
+
+    def __exit__(self, *exc):
+        self.prof.__exit__(*exc)
+        events = self.prof.key_averages()
+        device_key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        syncs = sum(e.count for e in events if "Synchronize" in e.key or e.key == "aten::item"
+                    or e.key == "aten::_local_scalar_dense")
+        text = (f"{self.row}: host syncs (cudaStreamSynchronize/cudaDeviceSynchronize/aten::item) {syncs}\n"
+                + events.table(sort_by=device_key, row_limit=25)
+                + events.table(sort_by="cpu_time_total", row_limit=15))
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        (Path(self.folder) / f"profile-{self.row}.txt").write_text(text)
+
+
+def engine_times(cfg, steps, profiler: StepProfiler) -> list[float]:
     from gift_dist.train.engine import build_engine
     from gift_dist.train.recipe import train_step
 
@@ -160,8 +195,9 @@ def engine_times(cfg, steps) -> list[float]:
     for index, mbs in enumerate(steps):
         sync()
         started = time.perf_counter()
-        train_step(te, cfg, mbs, 1, None, index + 1)
-        sync()
+        with profiler.step(index):
+            train_step(te, cfg, mbs, 1, None, index + 1)
+            sync()
         times.append(time.perf_counter() - started)
     return times
 
@@ -173,8 +209,9 @@ def model_inputs(mb, device) -> dict:
     return {key: value.to(device) for key, value in inputs.items()}
 
 
-def plain_times(cfg, steps, device: str) -> list[float]:
-    """peft + torch AdamW + the model's own loss: what a user writes in an afternoon."""
+def plain_times(cfg, steps, device: str, profiler: StepProfiler) -> list[float]:
+    """peft + torch AdamW + the model's own loss, bf16 autocast on CUDA (peft keeps the adapters in fp32, autocast
+    runs their matmuls in bf16): what a user writes in an afternoon."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -193,17 +230,20 @@ def plain_times(cfg, steps, device: str) -> list[float]:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, fused=device == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
     times = []
-    for mbs in steps:
+    for index, mbs in enumerate(steps):
         sync()
         started = time.perf_counter()
-        for mb in mbs:
-            loss = model(**model_inputs(mb, device)).loss
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        float(loss)  # any loop logs its loss
+        with profiler.step(index):
+            for mb in mbs:
+                with autocast:
+                    loss = model(**model_inputs(mb, device)).loss
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            float(loss)  # any loop logs its loss
         times.append(time.perf_counter() - started)
     return times
 
@@ -273,10 +313,11 @@ def run_row(args) -> dict:
     steps = micro_batches(cfg, root / "prepared", args.warmup + args.steps)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    profiler = StepProfiler(args.profile, args.row, len(steps) - 1)
     if args.row == "plain":
-        times = plain_times(cfg, steps, args.device)
+        times = plain_times(cfg, steps, args.device, profiler)
     elif args.row in ("replicate", "zero3"):
-        times = engine_times(cfg, steps)
+        times = engine_times(cfg, steps, profiler)
     else:
         times = hf_trainer_times(cfg, steps, layout, args.device)
     if torch.cuda.is_available():

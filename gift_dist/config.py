@@ -107,8 +107,10 @@ class TrainConfig:
     # `auto` (the shipped config of the chosen sharding: ds_configs/replicate.json or zero3.json), a file path, or
     # a shipped name (replicate, zero3, zero3_offload, zero3_nvme, zero3_multinode); it must agree with `sharding`.
     ds_config: str = "auto"
-    # Attention kernel: `auto` = flash_attention_2 when installed on a GPU, else sdpa; or any transformers name.
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    # Attention kernel: `auto` = for packed rows on a GPU a varlen kernel (flash_attention_2 when installed, else
+    # torch's own, `gift_varlen`), else sdpa; or one of these by name.
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention",
+                                 "gift_varlen"] = "auto"
     micro_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     epochs: int = 1

@@ -339,20 +339,25 @@ def test_refuses_a_sample_whose_labels_disagree_with_its_target_count(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "gift_varlen"])
 def test_packed_micro_batch_gives_the_same_per_token_loss_as_one_by_one(prepared, scored, arch, attn):
-    """transformers derives a block-diagonal mask from restarting position ids when attention_mask is None."""
+    """transformers derives a block-diagonal mask from restarting position ids when attention_mask is None;
+    gift_varlen attends within each sample from the batch's cumulative lengths instead (no mask at all)."""
     from transformers import AutoModelForCausalLM
 
     from gift_dist.models.tiny import tiny_config
+    from gift_dist.train import attention
 
+    attention.register()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size=320), attn_implementation=attn)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size=320), attn_implementation="sdpa")
     model.eval()
 
     def per_token_ce(mb):
+        # Padded batches always run sdpa: the varlen path is for packed rows.
+        model.set_attn_implementation(attn if mb.cu_seq_lens is not None or attn != "gift_varlen" else "sdpa")
         out = model.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                          use_cache=False)
+                          use_cache=False, **(mb.attention_kwargs() if attn == "gift_varlen" else {}))
         return target_token_ce(out.last_hidden_state, model.lm_head, mb.labels, chunk_tokens=7)
 
     packed = batches(prepared, scored, micro_batch_size=4, packing=True).micro_batches(1)[0]
@@ -370,9 +375,15 @@ def test_packed_micro_batch_gives_the_same_per_token_loss_as_one_by_one(prepared
     assert packed.sample_indices == list(range(4, 8))
     torch.testing.assert_close(packed_ce, one_by_one, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(padded_ce, one_by_one, rtol=1e-4, atol=1e-5)
-    # Without per-sample positions the samples attend to each other: the comparison above can fail.
+    # Without per-sample positions (or, for varlen, sample boundaries) the samples attend to each other: the
+    # comparison above can fail.
     leaky = torch.arange(packed.input_ids.shape[1]).unsqueeze(0)
+    boundaries = {}
+    if attn == "gift_varlen":
+        whole_row = torch.tensor([0, packed.input_ids.shape[1]], dtype=torch.int32)
+        boundaries = {"cu_seq_lens_q": whole_row, "cu_seq_lens_k": whole_row,
+                      "max_length_q": packed.input_ids.shape[1], "max_length_k": packed.input_ids.shape[1]}
     with torch.no_grad():
-        out = model.model(input_ids=packed.input_ids, position_ids=leaky, use_cache=False)
+        out = model.model(input_ids=packed.input_ids, position_ids=leaky, use_cache=False, **boundaries)
         leaky_ce = target_token_ce(out.last_hidden_state, model.lm_head, packed.labels, chunk_tokens=7)
     assert not torch.allclose(leaky_ce, one_by_one, rtol=1e-4, atol=1e-5)

@@ -28,7 +28,7 @@ from gift_dist.config import ConfigError, TrainConfig
 from gift_dist.contracts import ContractError
 from gift_dist.contracts import confidence as conf_contract
 from gift_dist.contracts.prepared import IGNORE_INDEX, Prepared
-from gift_dist.train import loss, weighting
+from gift_dist.train import attention, loss, weighting
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,17 @@ class MicroBatch:
     # row-major): computed here on the host so the training step never syncs with the device to find them.
     target_positions: Tensor
     target_ids: Tensor
+    # Packed rows only: cumulative sample lengths (int32, [samples + 1]) and the longest sample, what varlen
+    # attention kernels take instead of a mask (``train.attention``).
+    cu_seq_lens: Optional[Tensor] = None
+    max_length: Optional[int] = None
+
+    def attention_kwargs(self) -> dict:
+        """The packed row's sample boundaries in transformers' flash-attention keyword names ({} when padded)."""
+        if self.cu_seq_lens is None:
+            return {}
+        return {"cu_seq_lens_q": self.cu_seq_lens, "cu_seq_lens_k": self.cu_seq_lens,
+                "max_length_q": self.max_length, "max_length_k": self.max_length}
 
     @property
     def num_target_tokens(self) -> int:
@@ -284,6 +295,9 @@ class TrainBatches:
             input_ids, labels, attention_mask, position_ids = self._pad(samples)
         target_positions, target_ids = loss.target_positions(labels)
         is_eos = torch.isin(target_ids, self.eos_token_ids)
+        cu_seq_lens, max_length = None, None
+        if self.packing:
+            cu_seq_lens, max_length = attention.cumulative_lengths([ids.numel() for ids, _ in samples])
         inst_logprobs = None
         if self.confidence is not None:
             inst_logprobs = torch.cat([self.confidence.logprobs(i) for i in indices]).float()
@@ -298,6 +312,8 @@ class TrainBatches:
             sample_indices=list(indices),
             target_positions=target_positions,
             target_ids=target_ids,
+            cu_seq_lens=cu_seq_lens,
+            max_length=max_length,
         )
 
     def _pad(self, samples: list[tuple[Tensor, Tensor]]):

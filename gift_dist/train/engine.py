@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 
 from gift_dist.config import ConfigError, RunConfig, TrainConfig
+from gift_dist.train import attention
 from gift_dist.models.memory import (
     GIB, USABLE_FRACTION, ModelShape, decoder_layer_classes, model_shape, training_plan,
 )
@@ -39,6 +40,8 @@ from gift_dist.models.memory import (
 log = logging.getLogger(__name__)
 
 REPO_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+# Attention implementations that take a packed row's sample boundaries as keyword arguments.
+VARLEN_ATTENTION = (attention.NAME, "flash_attention_2")
 # The shipped ds_config each layout uses when train.ds_config is "auto".
 SHIPPED_FOR_SHARDING = {"replicate": "replicate", "zero3": "zero3"}
 
@@ -281,9 +284,11 @@ class TargetTokenCE(torch.nn.Module):
         self.ce_head = ChunkedTargetCE(peft_model.get_base_model().get_output_embeddings(), chunk_tokens)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, target_positions: torch.Tensor,
-                target_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                target_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **attention_kwargs: Any) -> torch.Tensor:
+        """``attention_kwargs``: a packed row's sample boundaries, for the varlen attention kernels."""
         hidden = self.peft_model.get_base_model().get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **attention_kwargs
         ).last_hidden_state
         return self.ce_head(hidden, target_positions, target_ids)
 
@@ -297,6 +302,7 @@ class TrainEngine:
     ds_config: dict
     model_path: str
     layout: Layout
+    attention: str
 
     @property
     def peft_model(self) -> torch.nn.Module:
@@ -312,9 +318,10 @@ class TrainEngine:
 
     def target_token_ce(self, batch: Any) -> torch.Tensor:
         """CE of every target token of a ``MicroBatch`` (already on the device) [N], row-major."""
+        boundaries = batch.attention_kwargs() if self.attention in VARLEN_ATTENTION else {}
         return self.engine(input_ids=batch.input_ids, position_ids=batch.position_ids,
                            target_positions=batch.target_positions, target_ids=batch.target_ids,
-                           attention_mask=batch.attention_mask)
+                           attention_mask=batch.attention_mask, **boundaries)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -335,16 +342,25 @@ class TrainEngine:
 
 
 def attention_implementation(train: TrainConfig) -> str:
-    """``auto``: flash-attention 2 when installed on a GPU (its varlen kernel takes packed samples without a mask),
-    else torch's sdpa (transformers builds the block-diagonal mask of a packed row from its position ids)."""
-    if train.attn_implementation != "auto":
-        return train.attn_implementation
-    if on_gpu():
+    """``auto``: for packed rows on a GPU, a varlen kernel (flash-attention 2 when installed, else torch's own,
+    ``attention.NAME``), which attends within each sample without a mask; otherwise torch's sdpa (for a packed row
+    transformers builds the block-diagonal mask from the position ids). The chosen name is registered."""
+    name = train.attn_implementation
+    if name == "auto":
         import importlib.util
 
-        if importlib.util.find_spec("flash_attn") is not None:
-            return "flash_attention_2"
-    return "sdpa"
+        name = "sdpa"
+        if on_gpu() and train.packs(on_gpu=True):
+            if importlib.util.find_spec("flash_attn") is not None:
+                name = "flash_attention_2"
+            elif attention.varlen_kernel_available():
+                name = attention.NAME
+    if name == attention.NAME:
+        if not train.packs(on_gpu()):
+            raise ConfigError(f"train.attn_implementation={attention.NAME} attends within packed samples only; set "
+                              f"train.packing=true or choose another attention")
+        attention.register()
+    return name
 
 
 def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
@@ -362,10 +378,10 @@ def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
     layout = choose_layout(cfg, world, shape)
     ds_config = build_ds_config(cfg.train, layout, world, total_steps, shape)
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
-    attention = attention_implementation(cfg.train)
+    attention_name = attention_implementation(cfg.train)
     log.info("layout %s (%s), ds_config %s, %s attention", layout.sharding, layout.reason, layout.ds_config,
-             attention)
-    load = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "attn_implementation": attention}
+             attention_name)
+    load = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "attn_implementation": attention_name}
     if layout.sharding == "zero3":
         # Must stay referenced while from_pretrained runs: it is how transformers knows to build under zero.Init.
         hf_ds_config = HfDeepSpeedConfig(ds_config)
@@ -403,4 +419,4 @@ def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
                                            lr_scheduler=schedule)
     engine.train()
     return TrainEngine(engine=engine, peft_config=peft_config, ds_config=ds_config, model_path=model_path,
-                       layout=layout)
+                       layout=layout, attention=attention_name)
