@@ -76,7 +76,7 @@ def parse_args(argv=None):
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--profile", metavar="DIR",
-                        help="torch-profile the last timed step of the plain and engine rows; tables to DIR")
+                        help="torch-profile one more step after the timed ones (plain and engine rows); tables to DIR")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -106,7 +106,7 @@ def build_prepared(root: Path, args) -> Path:
 
     from gift_dist.contracts import prepared as contract
 
-    samples = (args.warmup + args.steps) * args.micro_batch
+    samples = total_steps(args) * args.micro_batch
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(np.log(args.seq / 6), 0.8, samples), 16, args.seq).astype(int)
     rows = {"input_ids": [], "labels": [], "record_index": [], "num_tokens": [], "num_target_tokens": []}
@@ -128,13 +128,18 @@ def build_prepared(root: Path, args) -> Path:
     return root / "prepared"
 
 
+def total_steps(args) -> int:
+    """Warm-up, timed, and one more to profile (never timed: the profiler slows it down)."""
+    return args.warmup + args.steps + (1 if args.profile else 0)
+
+
 def run_config(root: Path, args, layout: str):
     from gift_dist.config import load_config
 
     return load_config(None, [
         f"base_model={root / 'base'}", f"instruct_model={root / 'base'}", f"output_dir={root / layout}",
         "train.weighting=uniform", f"train.micro_batch_size={args.micro_batch}", "train.progress=false",
-        f"train.max_steps={args.warmup + args.steps}", f"train.sharding={layout}", f"train.lora.r={args.lora_r}",
+        f"train.max_steps={total_steps(args)}", f"train.sharding={layout}", f"train.lora.r={args.lora_r}",
         f"train.lora.alpha={2 * args.lora_r}", f"train.packing={'true' if args.packing else 'false'}",
         f"train.attn_implementation={args.attn}", "train.learning_rate=1e-4",
         f"train.gradient_checkpointing={'false' if args.no_checkpointing else 'true'}",
@@ -202,11 +207,16 @@ def engine_times(cfg, steps, profiler: StepProfiler) -> list[float]:
     return times
 
 
-def model_inputs(mb, device) -> dict:
+def model_inputs(mb, device, attention: str) -> dict:
+    """A micro-batch as transformers' model inputs; varlen attention also gets the packed row's boundaries."""
+    from gift_dist.train.engine import VARLEN_ATTENTION
+
     inputs = {"input_ids": mb.input_ids, "position_ids": mb.position_ids, "labels": mb.labels}
     if mb.attention_mask is not None:
         inputs["attention_mask"] = mb.attention_mask
-    return {key: value.to(device) for key, value in inputs.items()}
+    if attention in VARLEN_ATTENTION:
+        inputs.update(mb.attention_kwargs())
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
 
 
 def plain_times(cfg, steps, device: str, profiler: StepProfiler) -> list[float]:
@@ -218,8 +228,9 @@ def plain_times(cfg, steps, device: str, profiler: StepProfiler) -> list[float]:
     from gift_dist.train.engine import attention_implementation
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    attention = attention_implementation(cfg.train)
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=dtype, device_map={"": device},
-                                                 attn_implementation=attention_implementation(cfg.train))
+                                                 attn_implementation=attention)
     model.config.use_cache = False
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -238,7 +249,7 @@ def plain_times(cfg, steps, device: str, profiler: StepProfiler) -> list[float]:
         with profiler.step(index):
             for mb in mbs:
                 with autocast:
-                    loss = model(**model_inputs(mb, device)).loss
+                    loss = model(**model_inputs(mb, device, attention)).loss
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
             optimizer.step()
@@ -281,9 +292,9 @@ def hf_trainer_times(cfg, steps, layout: str, device: str) -> list[float]:
         bf16=device == "cuda", dataloader_num_workers=0, lr_scheduler_type="constant",
         max_grad_norm=cfg.train.max_grad_norm, weight_decay=cfg.train.weight_decay,
     )
+    attention = attention_implementation(cfg.train)
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.bfloat16 if device == "cuda"
-                                                 else torch.float32,
-                                                 attn_implementation=attention_implementation(cfg.train))
+                                                 else torch.float32, attn_implementation=attention)
     model.config.use_cache = False
     model.enable_input_require_grads()
     lora = cfg.train.lora
@@ -292,7 +303,7 @@ def hf_trainer_times(cfg, steps, layout: str, device: str) -> list[float]:
     flat = [mb for mbs in steps for mb in mbs]
 
     def collate(indices):
-        return model_inputs(flat[indices[0]], "cpu")
+        return model_inputs(flat[indices[0]], "cpu", attention)
 
     trainer = Trainer(model=model, args=training_args, train_dataset=list(range(len(flat))), data_collator=collate,
                       callbacks=[StepTimer()])
@@ -310,10 +321,10 @@ def run_row(args) -> dict:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     dist.init(use_deepspeed=True)
-    steps = micro_batches(cfg, root / "prepared", args.warmup + args.steps)
+    steps = micro_batches(cfg, root / "prepared", total_steps(args))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    profiler = StepProfiler(args.profile, args.row, len(steps) - 1)
+    profiler = StepProfiler(args.profile, args.row, args.warmup + args.steps)
     if args.row == "plain":
         times = plain_times(cfg, steps, args.device, profiler)
     elif args.row in ("replicate", "zero3"):
@@ -325,7 +336,8 @@ def run_row(args) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     tokens = [sum(mb.num_tokens for mb in mbs) for mbs in steps]
-    return {"row": args.row, "times": times[args.warmup:], "tokens": tokens[args.warmup:], "peak_gib": peak}
+    timed = slice(args.warmup, args.warmup + args.steps)
+    return {"row": args.row, "times": times[timed], "tokens": tokens[timed], "peak_gib": peak}
 
 
 def count_flop_params(base: Path) -> int:

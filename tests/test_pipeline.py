@@ -103,3 +103,31 @@ def test_killed_run_finishes_without_redoing_stages(tiny_llama, tmp_path):
     steps = [json.loads(line)["step"] for line in (cfg.paths.logs / "train_metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 12
     read_merged(cfg.paths.merged)
+
+
+def test_a_failed_trainer_is_reported_by_its_root_cause(tiny_llama, tmp_path, capsys):
+    """torchrun closes a failed job with ChildFailedError; `gift-dist run` leads with the rank's own error."""
+    from gift_dist.cli import main
+
+    cfg = _config(tiny_llama, tmp_path, **{"train.weighting": "uniform", "train.packing": False,
+                                           "train.attn_implementation": "gift_varlen"})
+    config_file = tmp_path / "run.yaml"
+    dump_config(cfg, config_file)
+    assert main(["run", "--config", str(config_file), "--train-procs", "1", "--score-workers", "1"]) == 1
+    err = capsys.readouterr().err
+    first_line = next((line for line in err.splitlines() if line.startswith("gift-dist run:")), err[-2000:])
+    assert first_line.startswith("gift-dist run: trainer failed with exit code 1: ")
+    assert "gift-dist train: error: train.attn_implementation=gift_varlen attends within packed samples" in first_line
+
+
+def test_root_cause_is_the_first_exception_not_the_launchers(tmp_path):
+    from gift_dist.pipeline.run import root_cause
+
+    log = tmp_path / "train.log"
+    log.write_text("INFO starting\n[rank1]: Traceback (most recent call last):\n[rank1]:   File \"x.py\", line 3\n"
+                   "[rank1]: ValueError: invalid literal for int() with base 10: '0a'\n"
+                   "[rank0]: RuntimeError: a later consequence\n"
+                   "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n")
+    assert root_cause(log) == "[rank1]: ValueError: invalid literal for int() with base 10: '0a'"
+    log.write_text("torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n")
+    assert root_cause(log) is None

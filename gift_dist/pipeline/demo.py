@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from gift_dist.bundled import bundled_data_path
 from gift_dist.config import RunConfig, load_config
 from gift_dist.models.tiny import build_tiny_pair
-from gift_dist.pipeline.run import add_launch_arguments, launch_from_args, run_pipeline
+from gift_dist.pipeline.run import StageFailed, add_launch_arguments, launch_from_args, run_pipeline
 
 # Small enough for two CPU ranks in a few minutes, large enough for the loss curve to mean something.
 DEMO_SETTINGS = [
@@ -81,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = demo_config(output, args.overrides)
     if not (Path(cfg.instruct_model) / "config.json").is_file():
         build_tiny_pair(output / "models", arch=args.arch)
-    run_pipeline(cfg, launch_from_args(args))
+    try:
+        run_pipeline(cfg, launch_from_args(args))
+    except StageFailed as failure:
+        print(f"gift-dist demo: {failure}", file=sys.stderr)
+        return 1
     print(report(cfg))
     return 0

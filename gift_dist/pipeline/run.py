@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import signal
+import re
 import subprocess
 import sys
 import time
@@ -151,6 +152,37 @@ def _tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
+# An exception line as Python prints it ("ValueError: ...") or a gift-dist command's own error line, with torchrun's
+# "[rankN]: " prefix or without.
+_EXCEPTION_LINE = re.compile(
+    r"^(?:\[rank\d+\]:\s*)?(?:(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Interrupt)\b|gift-dist [\w-]+: error:).*$"
+)
+
+
+def root_cause(path: Path) -> Optional[str]:
+    """The first exception a failed job's log reports (rank prefix kept), not the launcher's ChildFailedError that
+    closes it: the line a user needs to see."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        match = _EXCEPTION_LINE.match(line.strip())
+        if match and "ChildFailedError" not in line:
+            return line.strip()
+    return None
+
+
+class StageFailed(RuntimeError):
+    """A stage's process failed; the message leads with its root cause and names its log."""
+
+    def __init__(self, name: str, code: int, log_path: Path):
+        self.name, self.code, self.log_path = name, code, log_path
+        cause = root_cause(log_path) or "no exception in the log"
+        super().__init__(f"{name} failed with exit code {code}: {cause}\nfull log: {log_path}; its last lines:\n"
+                         f"{_tail(log_path)}")
+
+
 def score_and_train(cfg: RunConfig, config_file: Path, launch: Launch, needs_scoring: bool,
                     needs_training: bool) -> None:
     """Start the scorer workers and the trainer together and wait for both; stop everything if one fails."""
@@ -196,7 +228,7 @@ def score_and_train(cfg: RunConfig, config_file: Path, launch: Launch, needs_sco
                         os.killpg(other.pid, signal.SIGTERM)
                     for _, other, _ in pending:
                         other.wait()
-                    raise RuntimeError(f"{name} failed with exit code {code}; last lines of {path}:\n{_tail(path)}")
+                    raise StageFailed(name, code, path)
                 log.info("%s finished", name)
             time.sleep(0.5)
     finally:
@@ -267,6 +299,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from gift_dist.cli import config_from_args
 
-    result = run_pipeline(config_from_args(args), launch_from_args(args))
+    try:
+        result = run_pipeline(config_from_args(args), launch_from_args(args))
+    except StageFailed as failure:
+        print(f"gift-dist run: {failure}", file=sys.stderr)
+        return 1
     print(f"done: ran {', '.join(result.ran) or 'nothing'}; skipped {', '.join(result.skipped) or 'nothing'}")
     return 0
