@@ -25,7 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu" if "--device=cuda" not in sys.argv else "cuda")
+def _device_from_argv(argv: list[str]) -> str:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", default="cpu")
+    return pre.parse_known_args(argv)[0].device
+
+
+# DeepSpeed picks its accelerator at import: from the parsed --device, in either spelling (--device cuda too).
+os.environ.setdefault("DS_ACCELERATOR", _device_from_argv(sys.argv[1:]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

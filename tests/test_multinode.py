@@ -12,11 +12,15 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from gift_dist.config import dump_config
 from gift_dist.contracts.adapter import WEIGHTS_NAME, read_adapter
+
+# Multi-process DeepSpeed / end-to-end runs: left out of the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
 
 TIMEOUT = 300
 

@@ -22,6 +22,9 @@ from gift_dist.contracts.merged import read_merged
 from gift_dist.pipeline.run import Launch, run_pipeline
 from tests.conftest import make_run_config
 
+# Multi-process DeepSpeed / end-to-end runs: left out of the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
+
 SETTINGS = {
     "prepare.max_length": 256,
     "prepare.samples_per_shard": 32,

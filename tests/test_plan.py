@@ -26,3 +26,16 @@ def test_plan_of_a_local_checkpoint_reads_its_shard_sizes(tiny_llama, capsys):
     out = capsys.readouterr().out
     shard_gib = (tiny_llama.instruct / "model.safetensors").stat().st_size / 1024**3
     assert f"largest shard {shard_gib:.1f} GiB" in out and "fits 80 GiB GPUs" in out
+
+
+def test_8b_plan_replicates_the_base_on_80gib_gpus(capsys):
+    llama_8b = Path(__file__).resolve().parents[1] / "examples/llama3-8b-config.json"
+    out = _plan_of(capsys, llama_8b, "--gpus-per-node", "8")
+    assert "fits 80 GiB GPUs / 1024 GiB nodes: ds_configs/replicate.json (train.sharding: auto -> replicate)" in out
+    out = _plan_of(capsys, LLAMA_70B, "--gpus-per-node", "8", "--nodes", "2")
+    assert "(train.sharding: auto -> zero3)" in out
+
+
+def _plan_of(capsys, model, *flags):
+    assert main(["plan", "--model", str(model), *flags]) == 0
+    return capsys.readouterr().out

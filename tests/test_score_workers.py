@@ -18,6 +18,9 @@ from gift_dist.config import dump_config
 from gift_dist.contracts import confidence as contract
 from gift_dist.score.pool import LEASE_DIR
 
+# Multi-process DeepSpeed / end-to-end runs: left out of the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SCORE_OVERRIDES = ["score.progress=false", "score.max_batch_tokens=1024"]
 

@@ -29,6 +29,9 @@ from gift_dist.models.checkpoint import model_identity
 from gift_dist.train.checkpoint import LATEST_NAME, RECORD_NAME, tag_for
 from gift_dist.train.metrics import METRICS_NAME, read_metrics
 
+# Multi-process DeepSpeed / end-to-end runs: left out of the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES_PER_SHARD = 8
 STEPS = 8
@@ -336,6 +339,44 @@ def test_dft_trains_without_a_confidence_folder(setup, tmp_path, single_rank):
     assert [row["step"] for row in rows] == [1, 2]
     assert all(0.0 < row["mean_weight"] < 1.0 for row in rows)  # the model's own p, not 1
     assert read_adapter(result.adapter).provenance["weighting"]["weighting"] == "dft"
+
+
+@pytest.mark.parametrize("sharding", ["replicate", "zero3"])
+def test_bf16_lora_computes_in_bf16_and_the_adapter_keeps_the_fp32_masters(setup, tmp_path, single_rank, sharding):
+    """bf16 (what GPUs run; the CPU accelerator runs it too): LoRA GEMMs in bf16, no fp32 copies of the layers'
+    inputs, while the optimizer and the saved adapter hold the fp32 master weights."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from gift_dist.train.engine import build_engine, resolve_ds_config
+    from gift_dist.train.recipe import train_step
+
+    ds_config = json.loads(resolve_ds_config(sharding).read_text())
+    ds_config["bf16"]["enabled"] = True
+    (tmp_path / "bf16.json").write_text(json.dumps(ds_config))
+    cfg = run_config(setup, tmp_path / "run", weighting="uniform", max_steps=2, sharding=sharding,
+                     ds_config=str(tmp_path / "bf16.json"), learning_rate=1e-3)
+    from gift_dist import dist
+    from gift_dist.contracts.prepared import load_prepared
+    from gift_dist.train.data import TrainBatches
+
+    dist.init(use_deepspeed=True)
+    batches = TrainBatches(load_prepared(cfg.paths.prepared), cfg.train, 0, 1, None, seed=0)
+    te = build_engine(cfg, 1, batches.total_steps)
+    lora = te.lora_parameters
+    assert lora and {p.dtype for _, p in lora} == {torch.bfloat16}
+    values = train_step(te, cfg, batches.micro_batches(0), 1, None, 1)
+    assert torch.isfinite(torch.tensor(values["loss"])) and values["grad_norm"] is not None
+    masters = {name: safe_get_full_fp32_param(p) for name, p in lora}
+    assert {m.dtype for m in masters.values()} == {torch.float32}
+    # lora_B starts at zero and moves in step 1; its fp32 masters hold digits no bf16 copy can.
+    trained = [m for name, m in masters.items() if "lora_B" in name]
+    assert any(m.abs().max() > 0 and not torch.equal(m, m.bfloat16().float()) for m in trained)
+    from gift_dist.train.adapter_io import gather_lora
+
+    gathered = gather_lora(te.peft_model)
+    state_name = {name: name.replace(".default.", ".") for name, _ in lora}
+    for name, master in masters.items():
+        assert torch.equal(gathered[state_name[name]], master.cpu())
 
 
 def test_resume_on_another_number_of_ranks_loads_the_gathered_lora(reference, setup, tmp_path, single_rank):
