@@ -46,6 +46,10 @@ class DataConfig:
 
 @dataclass
 class PrepareConfig:
+    # Share of the kept records held out for evaluation (prepared/eval/, disjoint from training, fixed by `seed`),
+    # at most `eval_max_samples` of them. 0: no held-out split.
+    eval_fraction: float = 0.0
+    eval_max_samples: int = 2000
     max_length: int = 2048
     overlength: Literal["drop", "truncate"] = "drop"
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
@@ -129,6 +133,9 @@ class TrainConfig:
     save_every_steps: int = 200
     keep_checkpoints: int = 2
     log_every_steps: int = 1
+    # With a held-out split (prepare.eval_fraction > 0): its CE every this many steps (0: only after the last step),
+    # in the metrics log, TensorBoard and the loss plot.
+    eval_every_steps: int = 0
     # How long the trainer waits for the scorer to finish the shard it needs next.
     confidence_wait_seconds: float = 3600.0
     confidence_poll_seconds: float = 5.0
@@ -164,12 +171,29 @@ class MergeConfig:
     progress: bool = True
 
 
+# The methods users compare, each a complete set of train settings (what the paper's table compares):
+#   gift       the base model, weighted by the instruct model's confidence, merged into the instruct model
+#   shadow-ft  the same without weights (Shadow-FT): uniform weighting
+#   dft        the model's own detached probability as the weight (DFT); its normaliser is the token count,
+#              because its weights are known only after the forward
+#   direct     plain fine-tuning of the instruct model itself
+METHODS: dict[str, dict[str, Any]] = {
+    "gift": {"train.train_model": "base", "train.weighting": "gift"},
+    "shadow-ft": {"train.train_model": "base", "train.weighting": "uniform"},
+    "dft": {"train.train_model": "base", "train.weighting": "dft", "train.normalizer": "token_count"},
+    "direct": {"train.train_model": "instruct", "train.weighting": "uniform"},
+}
+
+
 @dataclass
 class RunConfig:
     base_model: str = ""
     instruct_model: str = ""
     output_dir: str = "runs/gift"
     trust_remote_code: bool = False
+    # A named method (gift, shadow-ft, dft, direct; see METHODS) sets every train key it needs; a key the config
+    # sets explicitly to something else is an error. Empty: the train keys as given.
+    method: Optional[Literal["gift", "shadow-ft", "dft", "direct"]] = None
     data: DataConfig = field(default_factory=DataConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
@@ -359,12 +383,35 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping at top level")
         root = path.resolve().parent
+    explicit = _deep_merge(values, parse_overrides(overrides or []))
     cfg = config_from_dict(values)
     _resolve_relative(cfg, root)
     if overrides:
         # Overrides are relative to the working directory, like any other command-line path.
         cfg = config_from_dict(_deep_merge(config_to_dict(cfg), parse_overrides(overrides)))
+    if cfg.method:
+        cfg = apply_method(cfg, cfg.method, explicit)
     return cfg
+
+
+def apply_method(cfg: RunConfig, method: str, explicit: Optional[dict] = None) -> RunConfig:
+    """``cfg`` with the train settings of ``method`` (see METHODS); a key that ``explicit`` (the values the user
+    wrote) sets to another value is an error naming both."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    tree = config_to_dict(cfg)
+    for dotted, value in METHODS[method].items():
+        node: Any = explicit or {}
+        for part in dotted.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is not _MISSING and node != value:
+            raise ConfigError(f"method={method} sets {dotted}={value} but the config sets {node!r}; drop one of them")
+        _set_path(tree, dotted, value)
+    tree["method"] = method
+    return config_from_dict(tree)
+
+
+_MISSING = object()
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -72,6 +72,28 @@ def test_bundled_manifest_and_determinism(tiny_llama, tmp_path):
         assert prepare(other).manifest.fingerprint != m.fingerprint, override
 
 
+def test_held_out_split_is_disjoint_deterministic_and_fingerprinted(tiny_llama, tmp_path):
+    from gift_dist.contracts.prepared import load_eval_split
+
+    settings = {"prepare.max_length": 512, "prepare.samples_per_shard": 500, "prepare.eval_fraction": 0.1}
+    cfg = make_run_config(tiny_llama, tmp_path / "a", **settings)
+    train_split = prepare(cfg)
+    held_out = load_eval_split(cfg.paths.prepared)
+    assert len(held_out) == 300 and len(train_split) == 2700
+    assert train_split.manifest.counts["held_out"] == 300 and held_out.manifest.split == "eval"
+    assert held_out.manifest.fingerprint == train_split.manifest.fingerprint
+    trained_on, held = set(train_split.dataset["record_index"]), set(held_out.dataset["record_index"])
+    assert not trained_on & held and len(trained_on | held) == 3000
+    again = make_run_config(tiny_llama, tmp_path / "b", **settings)
+    prepare(again)
+    assert load_eval_split(again.paths.prepared).dataset["record_index"] == held_out.dataset["record_index"]
+    capped = make_run_config(tiny_llama, tmp_path / "c", **{**settings, "prepare.eval_max_samples": 50})
+    assert len(load_eval_split(prepare(capped).path)) == 50
+    none = make_run_config(tiny_llama, tmp_path / "d", **{**settings, "prepare.eval_fraction": 0.0})
+    assert prepare(none).manifest.fingerprint != train_split.manifest.fingerprint
+    assert load_eval_split(none.paths.prepared) is None
+
+
 def test_fingerprint_follows_tokenizer(tiny_llama, tmp_path):
     data = write_jsonl([MULTI_TURN] * 4, tmp_path / "d.jsonl")
     base_fp = prepare(make_run_config(tiny_llama, tmp_path / "a", [data])).manifest.fingerprint

@@ -341,6 +341,42 @@ def test_dft_trains_without_a_confidence_folder(setup, tmp_path, single_rank):
     assert read_adapter(result.adapter).provenance["weighting"]["weighting"] == "dft"
 
 
+def test_held_out_ce_is_logged_and_equals_an_independent_computation(setup, tmp_path, single_rank):
+    """The trainer's held-out CE at the last step equals peft's model with the saved adapter, full logits."""
+    import torch.nn.functional as F
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from gift_dist.bundled import bundled_data_path, read_jsonl, write_jsonl
+    from gift_dist.contracts.prepared import load_eval_split
+    from gift_dist.prepare.stage import prepare
+    from gift_dist.train.recipe import train
+
+    data = write_jsonl(read_jsonl(bundled_data_path())[:48], tmp_path / "data.jsonl")
+    cfg = load_config(None, [f"base_model={setup.pair.base}", f"instruct_model={setup.pair.instruct}",
+                             f"output_dir={tmp_path / 'run'}", "prepare.max_length=128",
+                             "prepare.eval_fraction=0.25", f"data.files=[{data}]", "train.weighting=uniform",
+                             "train.micro_batch_size=4", "train.max_steps=3", "train.eval_every_steps=2",
+                             "train.learning_rate=1e-2", "train.lora.r=4", "train.progress=false"])
+    prepare(cfg)
+    train(cfg)
+    rows = read_metrics(cfg.paths.logs / METRICS_NAME)
+    assert [row["step"] for row in rows if "eval_ce" in row] == [2, 3]
+    held_out = load_eval_split(cfg.paths.prepared)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup.pair.base), cfg.paths.adapter).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in held_out.dataset:
+            ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            ce = F.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum")
+            total, count = total + float(ce), count + int((labels[0, 1:] != -100).sum())
+    assert rows[-1]["eval_target_tokens"] == count
+    assert rows[-1]["eval_ce"] == pytest.approx(total / count, rel=1e-4)
+    evaluated = [row["eval_ce"] for row in rows if "eval_ce" in row]
+    assert evaluated[0] != evaluated[-1]  # the adapter moved between the two
+
+
 @pytest.mark.parametrize("sharding", ["replicate", "zero3"])
 def test_bf16_lora_computes_in_bf16_and_the_adapter_keeps_the_fp32_masters(setup, tmp_path, single_rank, sharding):
     """bf16 (what GPUs run; the CPU accelerator runs it too): LoRA GEMMs in bf16, no fp32 copies of the layers'

@@ -5,6 +5,7 @@ Layout of a prepared directory::
     prepared/
       prepared.json      # this module's manifest (format, version, fingerprint, counts, shard plan)
       data/              # a `datasets` Arrow dataset (save_to_disk), rows in epoch-0 order
+      eval/              # optional held-out split (prepare.eval_fraction): the same layout, split "eval"
 
 Columns: ``input_ids`` (int32 list), ``labels`` (int32 list, -100 on every non-target token),
 ``record_index`` (int64: row of the source data), ``num_tokens`` and ``num_target_tokens`` (int32).
@@ -24,6 +25,7 @@ FORMAT = "gift_dist.prepared"
 VERSION = 1
 MANIFEST_NAME = "prepared.json"
 DATA_DIR = "data"
+EVAL_DIR = "eval"
 IGNORE_INDEX = -100
 REQUIRED_COLUMNS = ("input_ids", "labels", "record_index", "num_tokens", "num_target_tokens")
 
@@ -57,6 +59,8 @@ class PreparedManifest:
     format: str = FORMAT
     version: int = VERSION
     created_with: dict[str, str] = field(default_factory=dict)
+    # "train", or "eval" for the held-out split in eval/ (same fingerprint: one prepare made both, disjointly).
+    split: str = "train"
 
     @property
     def num_samples(self) -> int:
@@ -111,16 +115,22 @@ def plan_shards(num_tokens: list[int], num_target_tokens: list[int], samples_per
     return shards
 
 
-def write_prepared(out_dir: str | Path, dataset: Any, manifest: PreparedManifest, num_proc: int = 1) -> Path:
-    """Write dataset + manifest into a temporary sibling and rename it: a prepared dir is complete or absent."""
+def write_prepared(out_dir: str | Path, dataset: Any, manifest: PreparedManifest, num_proc: int = 1,
+                   eval_split: Optional[tuple[Any, PreparedManifest]] = None) -> Path:
+    """Write dataset + manifest (and the held-out split, if any, into eval/) into a temporary sibling and rename
+    it: a prepared dir is complete or absent."""
     out_dir = Path(out_dir)
-    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
-    if missing:
-        raise ContractError(f"prepared dataset lacks columns {missing}")
-    manifest.validate(str(out_dir))
+    parts = [(Path("."), dataset, manifest)] + ([(Path(EVAL_DIR), *eval_split)] if eval_split else [])
+    for _, data, part_manifest in parts:
+        missing = [c for c in REQUIRED_COLUMNS if c not in data.column_names]
+        if missing:
+            raise ContractError(f"prepared dataset lacks columns {missing}")
+        part_manifest.validate(str(out_dir))
     with staged_directory(out_dir) as tmp:
-        dataset.save_to_disk(str(tmp / DATA_DIR), num_proc=num_proc if num_proc > 1 else None)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
+        for folder, data, part_manifest in parts:
+            data.save_to_disk(str(tmp / folder / DATA_DIR), num_proc=num_proc if num_proc > 1 else None)
+            (tmp / folder / MANIFEST_NAME).write_text(
+                json.dumps(part_manifest.to_json(), indent=2, sort_keys=True) + "\n")
     return out_dir
 
 
@@ -177,3 +187,17 @@ def load_prepared(prepared_dir: str | Path, expected_fingerprint: Optional[str] 
             f"prepared data in {data_dir} has {len(dataset)} rows but {MANIFEST_NAME} plans {manifest.num_samples}"
         )
     return Prepared(prepared_dir, manifest, dataset)
+
+
+def load_eval_split(prepared_dir: str | Path) -> Optional[Prepared]:
+    """The held-out split of a prepared dataset (``eval/``), checked against the training split's fingerprint;
+    None when prepare made none."""
+    prepared_dir = Path(prepared_dir)
+    if not (prepared_dir / EVAL_DIR / MANIFEST_NAME).is_file():
+        return None
+    fingerprint = read_manifest(prepared_dir).fingerprint
+    held_out = load_prepared(prepared_dir / EVAL_DIR, expected_fingerprint=fingerprint)
+    if held_out.manifest.split != "eval":
+        raise ContractError(f"{prepared_dir / EVAL_DIR / MANIFEST_NAME}: split is {held_out.manifest.split!r}, "
+                            f"expected 'eval'")
+    return held_out

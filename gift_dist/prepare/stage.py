@@ -154,34 +154,61 @@ def prepare(cfg: RunConfig) -> contract.Prepared:
         log.warning("prepare: dropped %d records: %s", count, reason)
 
     order = kept_rows[np.random.default_rng(cfg.prepare.seed).permutation(len(kept_rows))]
+    held_out = eval_count(len(order), cfg.prepare)
+    # The held-out samples are the end of the seeded order: disjoint from training, the same on every run.
+    order, eval_order = order[: len(order) - held_out], order[len(order) - held_out:]
     eos_ids = sorted({int(i) for ids in tokenized.select(kept_rows)["end_of_turn_ids"] for i in ids}
                      | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
-    samples = (
-        tokenized.select(order, new_fingerprint=f"{fingerprint}-ordered")
-        .map(lambda row: {"record_index": row}, input_columns="row", new_fingerprint=f"{fingerprint}-indexed")
-        .remove_columns(["source", "row", "record", "end_of_turn_ids", "drop_reason", "drop_detail"])
-        .flatten_indices(new_fingerprint=f"{fingerprint}-flat")
-    )
-    num_tokens, num_targets = samples["num_tokens"], samples["num_target_tokens"]
-    manifest = contract.PreparedManifest(
-        fingerprint=fingerprint,
-        tokenizer=tok_desc,
-        settings=settings,
-        sources=sources,
-        counts={"records_read": len(reasons), "kept": len(order), "dropped": dict(sorted(dropped.items()))},
-        tokens={"total": int(sum(num_tokens)), "target": int(sum(num_targets))},
-        eos_token_ids=eos_ids,
-        pad_token_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id),
-        shards=contract.plan_shards(num_tokens, num_targets, cfg.prepare.samples_per_shard),
-        created_with={"gift_dist": __version__},
-    )
-    contract.write_prepared(cfg.paths.prepared, samples, manifest)
+    def split(rows: np.ndarray, name: str):
+        samples = (
+            tokenized.select(rows, new_fingerprint=f"{fingerprint}-{name}-ordered")
+            .map(lambda row: {"record_index": row}, input_columns="row",
+                 new_fingerprint=f"{fingerprint}-{name}-indexed")
+            .remove_columns(["source", "row", "record", "end_of_turn_ids", "drop_reason", "drop_detail"])
+            .flatten_indices(new_fingerprint=f"{fingerprint}-{name}-flat")
+        )
+        num_tokens, num_targets = samples["num_tokens"], samples["num_target_tokens"]
+        counts = {"records_read": len(reasons), "kept": len(rows), "dropped": dict(sorted(dropped.items()))}
+        if name == "train":
+            counts["held_out"] = held_out
+        return samples, contract.PreparedManifest(
+            fingerprint=fingerprint,
+            tokenizer=tok_desc,
+            settings=settings,
+            sources=sources,
+            counts=counts,
+            tokens={"total": int(sum(num_tokens)), "target": int(sum(num_targets))},
+            eos_token_ids=eos_ids,
+            pad_token_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                             else tokenizer.eos_token_id),
+            shards=contract.plan_shards(num_tokens, num_targets, cfg.prepare.samples_per_shard),
+            created_with={"gift_dist": __version__},
+            split=name,
+        )
+
+    samples, manifest = split(order, "train")
+    contract.write_prepared(cfg.paths.prepared, samples, manifest,
+                            eval_split=split(eval_order, "eval") if held_out else None)
     log.info(
         "prepare: %d of %d records kept, %d target tokens of %d, %d shards -> %s",
         len(order), len(reasons), manifest.tokens["target"], manifest.tokens["total"], len(manifest.shards),
         cfg.paths.prepared,
     )
     return contract.load_prepared(cfg.paths.prepared, expected_fingerprint=fingerprint)
+
+
+def eval_count(kept: int, prep: PrepareConfig) -> int:
+    """How many of the kept records are held out: ``eval_fraction`` of them, at most ``eval_max_samples``, and
+    never all of them."""
+    if not 0.0 <= prep.eval_fraction < 1.0:
+        raise ContractError(f"config key 'prepare.eval_fraction' must lie in [0, 1), got {prep.eval_fraction}")
+    if prep.eval_fraction == 0.0:
+        return 0
+    count = min(max(1, round(kept * prep.eval_fraction)), prep.eval_max_samples, kept - 1)
+    if count < 1:
+        raise ContractError(f"prepare.eval_fraction={prep.eval_fraction} leaves nothing to train on ({kept} records "
+                            f"kept); lower it or add data")
+    return count
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

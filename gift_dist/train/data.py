@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -280,9 +280,10 @@ class TrainBatches:
 
     def micro_batches(self, step: int) -> list[MicroBatch]:
         """This rank's ``gradient_accumulation_steps`` micro-batches of optimizer step ``step``."""
-        return [self._build(indices) for indices in self.rank_indices(step)]
+        return [self.build(indices) for indices in self.rank_indices(step)]
 
-    def _build(self, indices: list[int]) -> MicroBatch:
+    def build(self, indices: list[int]) -> MicroBatch:
+        """The micro-batch of these sample indices (padded or packed as configured)."""
         rows = self._rows[indices]
         samples = [
             _sample_tensors(i, ids, lab, int(n))
@@ -338,3 +339,24 @@ class TrainBatches:
         labels = torch.cat([lab for _, lab in samples]).unsqueeze(0)
         position_ids = torch.cat([torch.arange(ids.numel()) for ids, _ in samples]).unsqueeze(0)
         return input_ids, labels, None, position_ids
+
+
+class HeldOutBatches:
+    """The held-out split (``prepared/eval``) in micro-batches, dealt round-robin to the ranks. Every rank runs the
+    same number of forwards (under ZeRO-3 each is a collective): a rank short of a batch repeats one and does not
+    count it."""
+
+    def __init__(self, held_out: Prepared, cfg: TrainConfig, rank: int, world: int):
+        size = min(cfg.micro_batch_size, len(held_out))
+        build_cfg = replace(cfg, weighting="uniform", micro_batch_size=size, gradient_accumulation_steps=1,
+                            epochs=1, max_steps=-1)
+        self._batches = TrainBatches(held_out, build_cfg, 0, 1, None, seed=0)
+        groups = [list(range(start, min(start + size, len(held_out)))) for start in range(0, len(held_out), size)]
+        per_rank = -(-len(groups) // world)
+        self._mine = [(groups[i], True) if i < len(groups) else (groups[0], False)
+                      for i in range(rank, per_rank * world, world)]
+
+    def __iter__(self):
+        """(micro-batch, counts) pairs; ``counts`` is False for a rank's padding forward."""
+        for indices, counts in self._mine:
+            yield self._batches.build(indices), counts

@@ -110,6 +110,9 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> Optional[Path]:
     ax.plot(steps, [r["loss"] for r in rows], label="weighted loss")
     if all("ce" in r for r in rows):
         ax.plot(steps, [r["ce"] for r in rows], label="unweighted CE", alpha=0.7)
+    held_out = [r for r in rows if "eval_ce" in r]
+    if held_out:
+        ax.plot([r["step"] for r in held_out], [r["eval_ce"] for r in held_out], "o-", label="held-out CE")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()

@@ -31,11 +31,11 @@ import torch
 from gift_dist import dist
 from gift_dist.config import RunConfig, config_to_dict
 from gift_dist.contracts import ContractError
-from gift_dist.contracts.prepared import load_prepared
+from gift_dist.contracts.prepared import load_eval_split, load_prepared
 from gift_dist.models.checkpoint import model_identity
 from gift_dist.train import adapter_io, weighting
 from gift_dist.train.checkpoint import CheckpointRecord, Checkpoints
-from gift_dist.train.data import ConfidenceReader, MicroBatch, TrainBatches
+from gift_dist.train.data import ConfidenceReader, HeldOutBatches, MicroBatch, TrainBatches
 from gift_dist.train.engine import TrainEngine, build_engine
 from gift_dist.train.loss import micro_batch_loss, normalizer_local, weighted_ce_sum
 from gift_dist.train.metrics import MetricsLogger
@@ -112,6 +112,8 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
     log.info("training %s (%s weighting) for steps %d..%d on %d rank(s), global batch %d samples",
              te.model_path, cfg.train.weighting, start_step + 1, batches.total_steps, world,
              record.global_batch_size)
+    held_out = load_eval_split(cfg.paths.prepared)
+    held_out_batches = HeldOutBatches(held_out, cfg.train, rank, world) if held_out is not None else None
     step, final_loss, checkpoint = start_step, None, None
     try:
         while step < batches.total_steps:
@@ -120,6 +122,9 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
             step += 1
             stopping = values.pop("stop")
             final_loss = values["loss"]
+            every = cfg.train.eval_every_steps
+            if held_out_batches is not None and (step == batches.total_steps or (every and step % every == 0)):
+                values.update(evaluate(te, held_out_batches, world))
             metrics.log(step, values)
             if stopping or step % cfg.train.save_every_steps == 0:
                 checkpoint = save_checkpoint(te, checkpoints, record, step, cfg)
@@ -229,6 +234,24 @@ def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch],
         "seconds": seconds,
         "stop": stop > 0,
     }
+
+
+def evaluate(te: TrainEngine, held_out: HeldOutBatches, world: int) -> dict:
+    """CE of the held-out split's target tokens under the current weights (no weighting: the split has no
+    confidence); every rank evaluates its share, one all-reduce, one host read."""
+    te.engine.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=te.device)
+    with torch.no_grad():
+        for mb, counts in held_out:
+            ce = te.target_token_ce(mb.to(te.device))
+            if counts:
+                sums += torch.stack([ce.sum().double(), torch.tensor(float(ce.numel()), device=te.device,
+                                                                     dtype=torch.float64)])
+    te.engine.train()
+    if world > 1:
+        sums = dist.all_reduce_sum(sums)
+    ce_sum, targets = sums.tolist()
+    return {"eval_ce": ce_sum / max(targets, 1.0), "eval_target_tokens": int(targets)}
 
 
 def batch_weights(train, mb: MicroBatch) -> torch.Tensor:
