@@ -1,7 +1,9 @@
-"""The bundled dataset: arithmetic word problems with worked answers, for the demo and the tests.
+"""The bundled datasets: arithmetic word problems with worked answers (the task the demo fine-tunes on), and
+general chat (word tasks: the preservation set `gift-dist eval` scores the models on).
 
-Generated deterministically from a seed (so it is reproducible and reviewable) and shipped as
-``gift_dist/resources/arithmetic.jsonl`` in the ``messages`` shape; nothing is downloaded.
+Generated deterministically from a seed (so they are reproducible and reviewable) and shipped as
+``gift_dist/resources/arithmetic.jsonl`` and ``general_chat.jsonl`` in the ``messages`` shape; nothing is
+downloaded. ``python -m gift_dist.bundled`` writes both again.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jia"
 ITEMS = ["apples", "books", "coins", "stamps", "pencils", "marbles", "cards", "shells", "stickers", "eggs"]
 SYSTEM_PROMPTS = ["You are a careful math tutor. Show each step.", "Answer briefly and exactly."]
 RESOURCE = "arithmetic.jsonl"
+GENERAL_RESOURCE = "general_chat.jsonl"
+WORDS = ["river", "candle", "garden", "window", "silver", "pocket", "lantern", "meadow", "violin", "harbor",
+         "pepper", "basket", "comet", "marble", "tunnel", "feather", "castle", "island", "ladder", "mirror"]
 
 
 def _problem(rng: random.Random) -> tuple[str, str]:
@@ -57,8 +62,37 @@ def generate_arithmetic(num_records: int = 3000, seed: int = 0) -> list[dict]:
     return records
 
 
+def _word_task(rng: random.Random) -> tuple[str, str]:
+    word = rng.choice(WORDS)
+    kind = rng.choice(["reverse", "upper", "first", "count", "plural"])
+    if kind == "reverse":
+        return f"Write the word '{word}' backwards.", f"Backwards, '{word}' is '{word[::-1]}'."
+    if kind == "upper":
+        return f"Write '{word}' in capital letters.", f"In capital letters: {word.upper()}."
+    if kind == "first":
+        return f"What is the first letter of '{word}'?", f"The first letter of '{word}' is '{word[0]}'."
+    if kind == "count":
+        return f"How many letters are in '{word}'?", f"'{word}' has {len(word)} letters."
+    return f"What is the plural of '{word}'?", f"The plural of '{word}' is '{word}s'."
+
+
+def generate_general_chat(num_records: int = 300, seed: int = 1) -> list[dict]:
+    """Single-turn word tasks in the ``messages`` shape: no arithmetic in them."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(num_records):
+        question, answer = _word_task(rng)
+        records.append({"messages": [{"role": "user", "content": question},
+                                     {"role": "assistant", "content": answer}]})
+    return records
+
+
 def bundled_data_path() -> Path:
     return Path(str(resources.files("gift_dist") / "resources" / RESOURCE))
+
+
+def bundled_general_path() -> Path:
+    return Path(str(resources.files("gift_dist") / "resources" / GENERAL_RESOURCE))
 
 
 def write_jsonl(records: list[dict], path: str | Path) -> Path:
@@ -73,3 +107,8 @@ def write_jsonl(records: list[dict], path: str | Path) -> Path:
 def read_jsonl(path: str | Path) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+if __name__ == "__main__":
+    write_jsonl(generate_arithmetic(), bundled_data_path())
+    write_jsonl(generate_general_chat(), bundled_general_path())

@@ -24,6 +24,7 @@ COMMANDS = {
     "train": ("gift_dist.train.recipe", "ZeRO-3 LoRA training of the base model with the weighted loss"),
     "merge": ("gift_dist.merge.stage", "merge the adapter into the instruct model, shard by shard"),
     "verify-merge": ("gift_dist.merge.verify", "recompute merged tensors and compare logits with peft"),
+    "eval": ("gift_dist.evaluate.stage", "task accuracy / CE on held-out data and KL to instruct on general chat"),
     "run": ("gift_dist.pipeline.run", "prepare -> score -> train -> merge on one machine"),
     "demo": ("gift_dist.pipeline.demo", "the whole pipeline offline on tiny models and bundled data"),
     "plan": ("gift_dist.pipeline.plan", "memory plan for training, scoring and merging a model"),

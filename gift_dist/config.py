@@ -154,6 +154,26 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`gift-dist eval` and `gift-dist compare`: task metrics on prepare's held-out split, preservation on a general
+    chat set."""
+
+    # Chat records (jsonl with `messages`) the models should still handle like the instruct model; their last
+    # assistant replies are scored (CE, and KL to the instruct model). Relative paths resolve like data.files.
+    general_files: list[str] = field(default_factory=list)
+    # How to find the answer in a reply: answer_is ("The answer is N"), gsm8k ("#### N"), boxed (\boxed{..}),
+    # last_number, or a regex whose first group is the answer.
+    answer_pattern: str = "answer_is"
+    max_new_tokens: int = 96
+    batch_size: int = 16
+    # Held-out samples whose replies are generated (greedy) and checked; 0: teacher-forced CE only.
+    max_generate_samples: int = 500
+    max_general_samples: int = 1000
+    # More models to evaluate beside instruct and the run's merged/: NAME=PATH or a path.
+    models: list[str] = field(default_factory=list)
+
+
+@dataclass
 class MergeConfig:
     # Which model the adapter is merged into: the instruct sibling (GIFT) or the base (for comparisons).
     into: Literal["instruct", "base"] = "instruct"
@@ -199,6 +219,7 @@ class RunConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def paths(self) -> "RunPaths":
@@ -356,6 +377,7 @@ def _resolve_relative(cfg: RunConfig, root: Path) -> None:
         return str(candidate) if not Path(p).is_absolute() and candidate.exists() else p
 
     cfg.data.files = [str(root / f) if not Path(f).is_absolute() else f for f in cfg.data.files]
+    cfg.eval.general_files = [str(root / f) if not Path(f).is_absolute() else f for f in cfg.eval.general_files]
     cfg.base_model = resolve(cfg.base_model) if cfg.base_model else cfg.base_model
     cfg.instruct_model = resolve(cfg.instruct_model) if cfg.instruct_model else cfg.instruct_model
     if not Path(cfg.output_dir).is_absolute():

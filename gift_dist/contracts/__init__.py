@@ -26,6 +26,19 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+def atomic_write_text(path, text: str) -> Path:
+    """Write ``text`` to a temporary sibling, fsync it and rename it over ``path``: readers see the old file or
+    the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 @contextlib.contextmanager
 def staged_directory(out_dir):
     """Yield an empty temporary sibling of ``out_dir`` that replaces it in one rename once the block succeeds,

@@ -25,7 +25,7 @@ from gift_dist.contracts import ContractError
 from gift_dist.contracts import prepared as contract
 from gift_dist.models.pair import check_pair, load_tokenizer
 from gift_dist.prepare.readers import DropRecord, describe_sources, load_raw_records, normalize_record
-from gift_dist.prepare.render import TemplateError, render_conversation, require_chat_template
+from gift_dist.models.render import TemplateError, render_conversation, require_chat_template
 
 log = logging.getLogger(__name__)
 

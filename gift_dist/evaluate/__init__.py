@@ -1,0 +1,1 @@
+"""`gift-dist eval`: held-out task metrics and preservation of the instruct model."""

@@ -1,0 +1,338 @@
+"""`gift-dist eval`: does the merged model do the task better, and is it still the instruct model elsewhere?
+
+For each model (the instruct model, the run's merged model, any others named) on the same token ids:
+
+- **task**, on the held-out split of ``prepared/`` (``prepare.eval_fraction``), never trained on:
+  teacher-forced CE of the reference replies (``task_ce``), and the accuracy of greedy generations: the prompt is
+  the sample's tokens up to its first reply, the answer is extracted from the generation and from the reference
+  reply by ``eval.answer_pattern`` (presets ``answer_is``, ``gsm8k`` (``#### N``), ``boxed``, ``last_number``, or a
+  regex whose first group is the answer) and compared as strings (``task_accuracy``);
+- **preservation**, on a general chat set the user supplies (``eval.general_files``, messages jsonl): CE of its
+  last assistant replies (``general_ce``) and the mean per-token KL(instruct || model) over them
+  (``kl_to_instruct``), i.e. how far the model's next-token distribution moved from the instruct model's.
+
+Writes ``<output>/results.json``, ``results.md`` (a table) and ``tradeoff.png`` (task gain over the instruct model
+against KL to it). Batched on the GPU when there is one. Standard suites (GSM8K, IFEval, MMLU) are
+lm-evaluation-harness's job: point it at ``merged/`` (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from gift_dist.config import ConfigError, EvalConfig, RunConfig
+from gift_dist.contracts import ContractError, atomic_write_text
+from gift_dist.contracts.prepared import IGNORE_INDEX, load_eval_split
+
+log = logging.getLogger(__name__)
+
+ANSWER_PATTERNS = {
+    "answer_is": r"[Tt]he answer is\s*\$?(-?[\d,]*\.?\d+)",
+    "gsm8k": r"####\s*\$?(-?[\d,]*\.?\d+)",
+    "boxed": r"\\boxed\{([^{}]*)\}",
+    "last_number": r"(-?[\d,]*\.?\d+)(?!.*\d)",
+}
+RESULTS_NAME = "results.json"
+
+
+@dataclass
+class ModelScores:
+    name: str
+    path: str
+    task_ce: float
+    task_accuracy: Optional[float]
+    task_samples: int
+    general_ce: Optional[float]
+    kl_to_instruct: Optional[float]
+    general_tokens: int
+
+
+def answer_regex(pattern: str) -> re.Pattern:
+    """A preset name or a regex whose first group is the answer; a bad one is a ConfigError naming the key."""
+    text = ANSWER_PATTERNS.get(pattern, pattern)
+    try:
+        compiled = re.compile(text, re.DOTALL)
+    except re.error as exc:
+        raise ConfigError(f"eval.answer_pattern={pattern!r} is not a preset {sorted(ANSWER_PATTERNS)} nor a valid "
+                          f"regex: {exc}") from exc
+    if compiled.groups < 1:
+        raise ConfigError(f"eval.answer_pattern={pattern!r} needs a group around the answer, e.g. 'answer: (\\d+)'")
+    return compiled
+
+
+def extract_answer(regex: re.Pattern, text: str) -> Optional[str]:
+    match = regex.search(text)
+    return None if match is None else match.group(1).replace(",", "").strip()
+
+
+# ------------------------------------------------------------------------------------------------ token batches
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
+    for start in range(0, len(samples), size):
+        yield samples[start:start + size]
+
+
+def _padded(batch: list[Sample], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(s.input_ids) for s in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, sample in enumerate(batch):
+        n = len(sample.input_ids)
+        ids[row, :n] = torch.tensor(sample.input_ids)
+        labels[row, :n] = torch.tensor(sample.labels)
+        mask[row, :n] = 1
+    return ids.to(device), labels.to(device), mask.to(device)
+
+
+def _target_log_probs(model, ids, mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 log-softmax [N, V] at the N target positions (position t-1 predicts label t), and the targets [N]."""
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return F.log_softmax(logits, dim=-1), targets[keep]
+
+
+@torch.no_grad()
+def teacher_forced_ce(model, samples: list[Sample], batch_size: int, pad: int) -> tuple[float, int]:
+    """Mean CE per target token, and the number of target tokens."""
+    total, count = 0.0, 0
+    for batch in _batches(samples, batch_size):
+        ids, labels, mask = _padded(batch, pad, model.device)
+        log_probs, targets = _target_log_probs(model, ids, mask, labels)
+        total += float(-log_probs.gather(1, targets[:, None]).sum())
+        count += targets.numel()
+    return total / max(count, 1), count
+
+
+@torch.no_grad()
+def ce_and_kl(model, reference, samples: list[Sample], batch_size: int, pad: int) -> tuple[float, float, int]:
+    """Mean CE per target token and mean per-token KL(reference || model) over the same targets."""
+    ce_total, kl_total, count = 0.0, 0.0, 0
+    for batch in _batches(samples, batch_size):
+        ids, labels, mask = _padded(batch, pad, model.device)
+        log_probs, targets = _target_log_probs(model, ids, mask, labels)
+        ref_log_probs, _ = _target_log_probs(reference, ids.to(reference.device), mask.to(reference.device),
+                                             labels.to(reference.device))
+        ref_log_probs = ref_log_probs.to(log_probs.device)
+        ce_total += float(-log_probs.gather(1, targets[:, None]).sum())
+        kl_total += float((ref_log_probs.exp() * (ref_log_probs - log_probs)).sum())
+        count += targets.numel()
+    return ce_total / max(count, 1), kl_total / max(count, 1), count
+
+
+def first_reply(sample: Sample) -> tuple[list[int], list[int]]:
+    """The prompt (every token before the first labelled one, chat template and reply header included) and the
+    reference reply (the first contiguous run of labelled tokens)."""
+    start = next(i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX)
+    end = start
+    while end < len(sample.labels) and sample.labels[end] != IGNORE_INDEX:
+        end += 1
+    return sample.input_ids[:start], sample.input_ids[start:end]
+
+
+@torch.no_grad()
+def greedy_replies(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
+                   stop_ids: list[int]) -> list[str]:
+    """Batched greedy decoding, left-padded; the text of each reply up to its first stop token."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    replies = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=stop_ids)
+        for row in out[:, width:].tolist():
+            cut = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
+            replies.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+    return replies
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def task_samples(cfg: RunConfig) -> list[Sample]:
+    held_out = load_eval_split(cfg.paths.prepared)
+    if held_out is None:
+        raise ConfigError(f"{cfg.paths.prepared} has no held-out split: run `gift-dist prepare` with "
+                          f"prepare.eval_fraction > 0 (e.g. 0.1) to evaluate on data the training never saw")
+    rows = held_out.dataset.select_columns(["input_ids", "labels"])
+    return [Sample(list(r["input_ids"]), list(r["labels"])) for r in rows]
+
+
+def general_samples(files: list[str], tokenizer, limit: int) -> list[Sample]:
+    """The general chat set: each record's last assistant reply is the target (rendered like prepare does)."""
+    from gift_dist.models.render import render_conversation
+
+    samples = []
+    for file in files:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"eval.general_files: {path} does not exist")
+        for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                messages = json.loads(line)["messages"]
+                rendered = render_conversation(tokenizer, messages, "last_assistant")
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ContractError(f"{path}:{line_number}: not a chat record with 'messages' ({exc})") from exc
+            if any(label != IGNORE_INDEX for label in rendered.labels[1:]):
+                samples.append(Sample(rendered.input_ids, rendered.labels))
+            if len(samples) >= limit:
+                return samples
+    return samples
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load(path: str, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(_device()).eval()
+
+
+def models_to_evaluate(cfg: RunConfig, named: list[str]) -> dict[str, str]:
+    """name -> path: the instruct model first, then the run's merged model (when there is one), then ``named``
+    (``NAME=PATH`` or a path, its folder name becoming the name)."""
+    models = {"instruct": cfg.instruct_model}
+    if (cfg.paths.merged / "config.json").is_file():
+        models["merged"] = str(cfg.paths.merged)
+    for item in [*cfg.eval.models, *named]:
+        name, _, path = item.partition("=") if "=" in item else (Path(item).name, "", item)
+        if not Path(path).exists():
+            raise ConfigError(f"model to evaluate {item!r}: {path} does not exist")
+        models[name] = path
+    return models
+
+
+def evaluate_models(cfg: RunConfig, models: dict[str, str]) -> list[ModelScores]:
+    from gift_dist.models.pair import load_tokenizer
+
+    settings: EvalConfig = cfg.eval
+    regex = answer_regex(settings.answer_pattern)
+    tokenizer = load_tokenizer(cfg.instruct_model, cfg.trust_remote_code)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    task = task_samples(cfg)
+    general = general_samples(settings.general_files, tokenizer, settings.max_general_samples)
+    generated = task[: settings.max_generate_samples]
+    prompts_refs = [first_reply(s) for s in generated]
+    references = [extract_answer(regex, tokenizer.decode(ref, skip_special_tokens=True)) for _, ref in prompts_refs]
+    stop_ids = sorted({tokenizer.eos_token_id, *[ref[-1] for _, ref in prompts_refs if ref]} - {None})
+    instruct = _load(cfg.instruct_model, cfg.trust_remote_code)
+    results = []
+    for name, path in models.items():
+        model = instruct if name == "instruct" else _load(path, cfg.trust_remote_code)
+        log.info("eval: %s (%s): task CE on %d held-out samples", name, path, len(task))
+        task_ce, _ = teacher_forced_ce(model, task, settings.batch_size, pad)
+        accuracy = None
+        if settings.max_generate_samples > 0 and generated:
+            replies = greedy_replies(model, tokenizer, [p for p, _ in prompts_refs], settings.batch_size,
+                                     settings.max_new_tokens, stop_ids)
+            hits = [ref is not None and extract_answer(regex, reply) == ref
+                    for reply, ref in zip(replies, references)]
+            accuracy = sum(hits) / len(hits)
+        general_ce = kl = None
+        if general:
+            general_ce, kl, _ = ce_and_kl(model, instruct, general, settings.batch_size, pad)
+        results.append(ModelScores(name, path, task_ce, accuracy, len(task), general_ce, kl,
+                                   sum(sum(1 for lab in s.labels[1:] if lab != IGNORE_INDEX) for s in general)))
+        if model is not instruct:
+            del model
+    return results
+
+
+def markdown_table(results: list[ModelScores]) -> str:
+    def fmt(value: Optional[float], digits: int = 4) -> str:
+        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+    lines = ["| model | task accuracy | task CE | general CE | KL to instruct |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.name} | {fmt(r.task_accuracy, 3)} | {fmt(r.task_ce)} | {fmt(r.general_ce)} | "
+                     f"{fmt(r.kl_to_instruct)} |")
+    return "\n".join(lines) + "\n"
+
+
+def tradeoff_plot(points: list[tuple[str, float, float]], out_path: Path, xlabel: str, ylabel: str) -> Path:
+    """Named points (x = task gain over the instruct model, y = distance from it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, x, y in points:
+        ax.scatter([x], [y])
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4))
+    ax.axvline(0.0, color="grey", lw=0.5)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def task_gain(result: ModelScores, instruct: ModelScores) -> float:
+    """Accuracy gain over the instruct model when generations were scored, else the task CE it saved."""
+    if result.task_accuracy is not None and instruct.task_accuracy is not None:
+        return result.task_accuracy - instruct.task_accuracy
+    return instruct.task_ce - result.task_ce
+
+
+def write_report(results: list[ModelScores], out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / RESULTS_NAME, json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    atomic_write_text(out_dir / "results.md", markdown_table(results))
+    instruct = results[0]
+    gain = "task accuracy gain" if instruct.task_accuracy is not None else "task CE saved"
+    tradeoff_plot([(r.name, task_gain(r, instruct), r.kl_to_instruct or 0.0) for r in results],
+                  out_dir / "tradeoff.png", f"{gain} over instruct", "KL to instruct (general set, per token)")
+    return out_dir / RESULTS_NAME
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from gift_dist.cli import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                        help="another model to evaluate (repeatable); instruct and the run's merged/ always are")
+    parser.add_argument("--output", help="folder for results.json, results.md, tradeoff.png (default <run>/eval)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gift_dist.cli import config_from_args
+
+    cfg = config_from_args(args)
+    results = evaluate_models(cfg, models_to_evaluate(cfg, args.model))
+    path = write_report(results, Path(args.output) if args.output else cfg.paths.root / "eval")
+    print(markdown_table(results) + f"\nresults: {path}")
+    return 0

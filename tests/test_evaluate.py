@@ -1,0 +1,124 @@
+"""`gift-dist eval` against independent computations: CE by a full log-softmax, generations one by one with
+`model.generate`, KL from the two models' own distributions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gift_dist.bundled import bundled_data_path, bundled_general_path, read_jsonl, write_jsonl
+from gift_dist.config import ConfigError
+from gift_dist.evaluate import stage
+from tests.conftest import make_run_config
+
+
+@pytest.fixture(scope="module")
+def held_out_run(tiny_llama, tmp_path_factory):
+    from gift_dist.prepare.stage import prepare
+
+    root = tmp_path_factory.mktemp("eval")
+    data = write_jsonl(read_jsonl(bundled_data_path())[:120], root / "data.jsonl")
+    cfg = make_run_config(tiny_llama, root / "run", [data], **{"prepare.max_length": 256,
+                                                               "prepare.eval_fraction": 0.2,
+                                                               "eval.batch_size": 5})
+    cfg.eval.general_files = [str(bundled_general_path())]
+    prepare(cfg)
+    return cfg
+
+
+def _model(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_task_ce_equals_a_full_log_softmax_sample_by_sample(held_out_run):
+    samples = stage.task_samples(held_out_run)
+    assert len(samples) == 24
+    model = _model(held_out_run.instruct_model)
+    batched, count = stage.teacher_forced_ce(model, samples, batch_size=5, pad=0)
+    total, expected_count = 0.0, 0
+    with torch.no_grad():
+        for sample in samples:
+            logits = model(input_ids=torch.tensor([sample.input_ids])).logits[0, :-1].float()
+            labels = torch.tensor(sample.labels[1:])
+            total += float(F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"))
+            expected_count += int((labels != -100).sum())
+    assert count == expected_count
+    assert batched == pytest.approx(total / expected_count, rel=1e-5)
+
+
+def test_batched_greedy_replies_equal_generate_one_by_one(held_out_run):
+    tokenizer = AutoTokenizer.from_pretrained(held_out_run.instruct_model)
+    model = _model(held_out_run.instruct_model)
+    prompts = [stage.first_reply(s)[0] for s in stage.task_samples(held_out_run)[:7]]
+    stop = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    batched = stage.greedy_replies(model, tokenizer, prompts, batch_size=4, max_new_tokens=12, stop_ids=stop)
+    for prompt, reply in zip(prompts, batched):
+        out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+        cut = next((i for i, t in enumerate(out) if t in stop), len(out))
+        assert reply == tokenizer.decode(out[:cut], skip_special_tokens=True)
+
+
+def test_kl_to_itself_is_zero_and_to_another_model_is_its_definition(held_out_run, tiny_llama):
+    tokenizer = AutoTokenizer.from_pretrained(held_out_run.instruct_model)
+    general = stage.general_samples([str(bundled_general_path())], tokenizer, limit=6)
+    instruct, base = _model(tiny_llama.instruct), _model(tiny_llama.base)
+    _, self_kl, _ = stage.ce_and_kl(instruct, instruct, general, batch_size=4, pad=0)
+    assert self_kl == pytest.approx(0.0, abs=1e-6)
+    ce, kl, count = stage.ce_and_kl(base, instruct, general, batch_size=4, pad=0)
+    total_kl = 0.0
+    with torch.no_grad():
+        for sample in general:
+            ids = torch.tensor([sample.input_ids])
+            keep = torch.tensor(sample.labels[1:]) != -100
+            p = F.log_softmax(instruct(input_ids=ids).logits[0, :-1][keep].float(), -1)
+            q = F.log_softmax(base(input_ids=ids).logits[0, :-1][keep].float(), -1)
+            total_kl += float((p.exp() * (p - q)).sum())
+    assert kl == pytest.approx(total_kl / count, rel=1e-4) and kl > 0 and ce > 0
+
+
+def test_answer_patterns():
+    assert stage.extract_answer(stage.answer_regex("answer_is"), "so 3 + 4 = 7. The answer is 1,234.") == "1234"
+    assert stage.extract_answer(stage.answer_regex("gsm8k"), "work\n#### -12") == "-12"
+    assert stage.extract_answer(stage.answer_regex("boxed"), r"so \boxed{x+1} done") == "x+1"
+    assert stage.extract_answer(stage.answer_regex("last_number"), "3 then 5 then 8 apples") == "8"
+    assert stage.extract_answer(stage.answer_regex(r"ANSWER: (\w+)"), "ANSWER: yes") == "yes"
+    assert stage.extract_answer(stage.answer_regex("answer_is"), "no idea") is None
+    with pytest.raises(ConfigError, match="needs a group"):
+        stage.answer_regex(r"\d+")
+    with pytest.raises(ConfigError, match="not a preset"):
+        stage.answer_regex("(unclosed")
+
+
+def test_eval_writes_results_for_every_model(held_out_run, tiny_llama, tmp_path, capsys):
+    from gift_dist.cli import main
+    from gift_dist.config import dump_config
+
+    config_file = tmp_path / "run.yaml"
+    dump_config(held_out_run, config_file)
+    out = tmp_path / "eval"
+    assert main(["eval", "--config", str(config_file), "--model", f"base={tiny_llama.base}", "--output", str(out),
+                 "eval.max_generate_samples=6", "eval.max_general_samples=8"]) == 0
+    results = {r["name"]: r for r in json.loads((out / "results.json").read_text())}
+    assert list(results) == ["instruct", "base"]
+    assert results["instruct"]["kl_to_instruct"] == pytest.approx(0.0, abs=1e-6)
+    assert results["base"]["kl_to_instruct"] > 0 and 0.0 <= results["base"]["task_accuracy"] <= 1.0
+    assert (out / "results.md").read_text().startswith("| model |") and (out / "tradeoff.png").is_file()
+    assert "| base |" in capsys.readouterr().out
+
+
+def test_eval_without_a_held_out_split_says_how_to_make_one(tiny_llama, tmp_path, capsys):
+    from gift_dist.cli import main
+    from gift_dist.config import dump_config
+    from gift_dist.prepare.stage import prepare
+
+    data = write_jsonl(read_jsonl(bundled_data_path())[:20], tmp_path / "data.jsonl")
+    cfg = make_run_config(tiny_llama, tmp_path / "run", [data], **{"prepare.max_length": 256})
+    prepare(cfg)
+    dump_config(cfg, tmp_path / "run.yaml")
+    assert main(["eval", "--config", str(tmp_path / "run.yaml")]) == 2
+    assert "prepare.eval_fraction > 0" in capsys.readouterr().err
