@@ -26,6 +26,8 @@ COMMANDS = {
     "verify-merge": ("gift_dist.merge.verify", "recompute merged tensors and compare logits with peft"),
     "eval": ("gift_dist.evaluate.stage", "task accuracy / CE on held-out data and KL to instruct on general chat"),
     "run": ("gift_dist.pipeline.run", "prepare -> score -> train -> merge on one machine"),
+    "compare": ("gift_dist.pipeline.compare", "GIFT vs Shadow-FT vs DFT vs direct FT over seeds: trained, merged, "
+                                              "evaluated, reported"),
     "demo": ("gift_dist.pipeline.demo", "the whole pipeline offline on tiny models and bundled data"),
     "plan": ("gift_dist.pipeline.plan", "memory plan for training, scoring and merging a model"),
     "make-tiny": ("gift_dist.models.tiny", "write a tiny offline base/instruct pair and the bundled data"),

@@ -20,7 +20,7 @@ from gift_dist.contracts import prepared as prepared_contract
 from gift_dist.models.pair import PairMismatch
 from gift_dist.score.logprobs import collate, reference_logprobs
 from gift_dist.score.pool import ShardPool, lease_path
-from gift_dist.score.report import HISTOGRAM_NAME, SUMMARY_NAME
+from gift_dist.score.report import HISTOGRAM_NAME, SUMMARY_NAME, TOKEN_VIEW_NAME
 from gift_dist.score.stage import NonFiniteLogprob, score
 from gift_dist.score.verify import verify_confidence
 
@@ -75,6 +75,23 @@ def test_summary_and_histogram_come_from_all_shards(scored):
     assert 0 < saved["mean_confidence"] < 1 and saved["tokens_per_second"] > 0
     assert (cfg.paths.confidence / HISTOGRAM_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "worker" not in saved
+
+
+def test_token_view_shades_each_target_token_by_its_probability_and_weight(scored):
+    import html
+    import re
+
+    cfg, _ = scored
+    page = (cfg.paths.confidence / TOKEN_VIEW_NAME).read_text()
+    manifest = contract.read_manifest(cfg.paths.confidence)
+    first = contract.read_shard(cfg.paths.confidence, manifest, 0).values(0).exp()
+    tips = re.findall(r'title="p=([0-9.]+) w=([0-9.]+)"', page.split("<h3>sample 1</h3>")[0])
+    # Two rows (p, weight) per sample, one tip per target token in each, with gift's weight max(p, floor)^gamma.
+    assert len(tips) == 2 * first.numel()
+    for (p, w), expected in zip(tips[: first.numel()], first.tolist()):
+        assert float(p) == pytest.approx(expected, abs=5e-4)
+        assert float(w) == pytest.approx(max(expected, cfg.train.prob_floor) ** cfg.train.gamma, abs=5e-4)
+    assert page.count("<h3>sample ") == 40 and html.escape("<") not in page.split("<h1>")[0]
 
 
 def test_rerun_skips_finished_shards(scored):

@@ -1,7 +1,9 @@
 """`gift-dist demo`: the whole GIFT pipeline offline, on tiny models and the bundled data, in a few minutes.
 
-Builds a tiny BASE/INSTRUCT pair (``models/``), then runs prepare -> score -> train (2 ZeRO-3 ranks on CPU, or
-the local GPUs) -> merge with the same folder layout as ``gift-dist run``, and prints a short report.
+Builds a tiny BASE/INSTRUCT pair (``models/``), then runs prepare -> score -> train (2 ranks on CPU, or the local
+GPUs) -> merge with the same folder layout as ``gift-dist run``, evaluates the instruct and the merged model on
+the held-out arithmetic problems and the bundled general chat set, and prints a short report. ``--compare`` runs
+every method (GIFT, Shadow-FT, DFT, direct fine-tuning) over seeds instead: ``gift-dist compare`` on the demo.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from gift_dist.bundled import bundled_data_path
+from gift_dist.bundled import bundled_data_path, bundled_general_path
 from gift_dist.config import RunConfig, load_config
 from gift_dist.models.tiny import build_tiny_pair
 from gift_dist.pipeline.run import StageFailed, add_launch_arguments, launch_from_args, run_pipeline
@@ -30,6 +32,9 @@ DEMO_SETTINGS = [
     "train.lora.r=8",
     "train.lora.alpha=16",
     "train.confidence_poll_seconds=1",
+    "prepare.eval_fraction=0.1",
+    "prepare.eval_max_samples=200",
+    "eval.max_generate_samples=100",
 ]
 
 
@@ -40,12 +45,14 @@ def demo_config(output: Path, overrides: list[str]) -> RunConfig:
         f"instruct_model={models / 'instruct'}",
         f"output_dir={output}",
         f"data.files=[{bundled_data_path()}]",
+        f"eval.general_files=[{bundled_general_path()}]",
         *DEMO_SETTINGS,
         *overrides,
     ])
 
 
 def report(cfg: RunConfig) -> str:
+    from gift_dist.evaluate.stage import evaluate_models, markdown_table, models_to_evaluate, write_report
     from gift_dist.merge.verify import verify_merged
     from gift_dist.train.metrics import METRICS_NAME, read_metrics
 
@@ -66,13 +73,20 @@ def report(cfg: RunConfig) -> str:
     lines = [f"  {name:<{width}}  {value}" for name, value in rows]
     places = [f"  {name:<12} {getattr(cfg.paths, name)}" for name in
               ("prepared", "confidence", "checkpoints", "adapter", "merged", "logs")]
-    return "\n".join(["gift-dist demo finished.", f"  {'models':<12} {cfg.paths.root / 'models'}", *places, "",
-                      *lines])
+    results = evaluate_models(cfg, models_to_evaluate(cfg, []))
+    write_report(results, cfg.paths.root / "eval")
+    evaluation = ["", "held-out arithmetic (task) and general chat (preservation), eval/results.md:",
+                  markdown_table(results)]
+    return "\n".join(["gift-dist demo finished.", f"  {'models':<12} {cfg.paths.root / 'models'}", *places,
+                      f"  {'eval':<12} {cfg.paths.root / 'eval'}", "", *lines, *evaluation])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="folder for models/, prepared/, ..., merged/, logs/")
     parser.add_argument("--arch", default="llama", choices=("llama", "qwen2"))
+    parser.add_argument("--compare", action="store_true",
+                        help="run every method (gift, shadow-ft, dft, direct) over --seeds seeds and report them")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per method with --compare")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override demo settings")
     add_launch_arguments(parser)
 
@@ -83,6 +97,12 @@ def run(args: argparse.Namespace) -> int:
     if not (Path(cfg.instruct_model) / "config.json").is_file():
         build_tiny_pair(output / "models", arch=args.arch)
     try:
+        if args.compare:
+            from gift_dist.pipeline.compare import DEFAULT_METHODS, compare
+
+            path = compare(cfg, list(DEFAULT_METHODS), args.seeds, launch_from_args(args))
+            print(path.read_text() + f"\nreport: {path}")
+            return 0
         run_pipeline(cfg, launch_from_args(args))
     except StageFailed as failure:
         print(f"gift-dist demo: {failure}", file=sys.stderr)

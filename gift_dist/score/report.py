@@ -115,3 +115,60 @@ def write_report(conf_dir: str | Path, summary: ScoreSummary) -> tuple[Path, Pat
     _replace_atomically(histogram_path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
     return summary_path, histogram_path
+
+
+TOKEN_VIEW_NAME = "report.html"
+
+
+def _shade(value: float) -> str:
+    """Red (0) through yellow to green (1), light enough to read black text on."""
+    value = min(max(value, 0.0), 1.0)
+    red, green = (255, int(120 + 270 * value)) if value < 0.5 else (int(255 - 250 * (value - 0.5)), 255)
+    return f"rgb({min(red, 255)},{min(green, 255)},150)"
+
+
+def write_token_view(conf_dir: str | Path, manifest: contract.ConfidenceManifest, prepared, tokenizer,
+                     gamma: float, prob_floor: float, num_samples: int = 40) -> Path:
+    """``report.html``: the first ``num_samples`` scored samples token by token, each target token shaded by the
+    instruct model's probability p and by its GIFT training weight ``max(p, prob_floor) ** gamma`` (the
+    reference weighting of ``train.weighting: gift``), prompt tokens in grey. What GIFT up- and down-weights, at a
+    glance; hover a token for its numbers."""
+    import html
+
+    from gift_dist.contracts.prepared import IGNORE_INDEX
+
+    conf_dir = Path(conf_dir)
+    rows = []
+    for shard_index in sorted(manifest.shards):
+        shard = contract.read_shard(conf_dir, manifest, shard_index)
+        for i, sample_index in enumerate(shard.sample_index.tolist()):
+            if len(rows) >= num_samples:
+                break
+            record = prepared.dataset[sample_index]
+            probs = shard.values(i).float().exp().tolist()
+            targets = iter(probs)
+            by_p, by_weight = [], []
+            for position, (token, label) in enumerate(zip(record["input_ids"], record["labels"])):
+                text = html.escape(tokenizer.decode([token])).replace("\n", "&#x21B5;<br>")
+                if label == IGNORE_INDEX or position == 0:
+                    by_p.append(f'<span class="prompt">{text}</span>')
+                    by_weight.append(f'<span class="prompt">{text}</span>')
+                    continue
+                p = next(targets)
+                weight = max(p, prob_floor) ** gamma
+                tip = f"p={p:.3f} w={weight:.3f}"
+                by_p.append(f'<span title="{tip}" style="background:{_shade(p)}">{text}</span>')
+                by_weight.append(f'<span title="{tip}" style="background:{_shade(weight)}">{text}</span>')
+            rows.append(f"<h3>sample {sample_index}</h3><div class=\"row\"><b>p_instruct</b> {''.join(by_p)}</div>"
+                        f"<div class=\"row\"><b>weight</b> {''.join(by_weight)}</div>")
+        if len(rows) >= num_samples:
+            break
+    page = ("<!doctype html><meta charset=\"utf-8\"><title>GIFT confidence by token</title><style>"
+            "body{font-family:sans-serif;max-width:70em;margin:auto}.row{font-family:monospace;line-height:1.7;"
+            "margin:.3em 0}.prompt{color:#999}span{white-space:pre-wrap}</style>"
+            f"<h1>Instruct-model confidence by token</h1><p>Green: the instruct model is confident (p near 1, full "
+            f"weight); red: it is not (weight near {prob_floor:g}<sup>{gamma:g}</sup>). Weight = max(p, {prob_floor:g})"
+            f"<sup>{gamma:g}</sup>. Grey: prompt tokens, not trained on.</p>" + "".join(rows))
+    path = conf_dir / TOKEN_VIEW_NAME
+    _replace_atomically(path, lambda p: p.write_text(page, encoding="utf-8"))
+    return path

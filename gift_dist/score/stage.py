@@ -29,10 +29,10 @@ from gift_dist.contracts import ContractError
 from gift_dist.contracts import confidence as contract
 from gift_dist.contracts.prepared import IGNORE_INDEX, Prepared, ShardSpec, load_prepared
 from gift_dist.models.checkpoint import model_identity
-from gift_dist.models.pair import check_pair
+from gift_dist.models.pair import check_pair, load_tokenizer
 from gift_dist.score.logprobs import collate, length_batches, target_logprobs
 from gift_dist.score.pool import LeaseLost, ShardLease, ShardPool
-from gift_dist.score.report import ScoreSummary, summarize, write_report
+from gift_dist.score.report import ScoreSummary, summarize, write_report, write_token_view
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +248,10 @@ def score(cfg: RunConfig) -> ScoreSummary:
     summary = summarize(conf_dir, manifest)
     try:
         write_report(conf_dir, summary)
+        if summary.complete:
+            write_token_view(conf_dir, contract.read_manifest(conf_dir), prepared,
+                             load_tokenizer(cfg.instruct_model, cfg.trust_remote_code), cfg.train.gamma,
+                             cfg.train.prob_floor)
     except OSError as exc:
         raise ContractError(f"cannot write the scoring summary into {conf_dir}: {exc}") from exc
     summary.worker = pool.worker

@@ -1,0 +1,168 @@
+"""`gift-dist compare`: the paper's comparison on your own models and data.
+
+GIFT's claim is a comparison: the merged model does the task better than direct fine-tuning and Shadow-FT while
+staying closer to the instruct model elsewhere. This command runs it from one config:
+
+1. ``prepare`` once, with a held-out split (``prepare.eval_fraction``); ``score`` once if any method needs it;
+2. every method (``--methods``, presets of ``config.METHODS``) x ``--seeds`` seeds (``train.seed + k``) trains
+   and merges in ``<output_dir>/compare/<method>/seed-<k>/`` on the shared ``prepared/`` and ``confidence/``
+   (``gift-dist run`` per variant, so a killed comparison resumes: finished variants are skipped, a half-trained
+   one continues from its checkpoint);
+3. ``gift-dist eval`` scores the instruct model and every merged model on the same held-out task samples and
+   the same general chat set;
+4. ``compare/report.md`` (mean +- std over seeds per method), ``compare/results.json`` and
+   ``compare/tradeoff.png`` (task gain over the instruct model against KL to it).
+
+Whatever the numbers are, they are reported as they come: the report shows the comparison, not a verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Optional
+
+from gift_dist.config import METHODS, ConfigError, RunConfig, apply_method
+from gift_dist.contracts import atomic_write_text
+from gift_dist.pipeline.run import (
+    Launch,
+    add_launch_arguments,
+    confidence_is_complete,
+    launch_from_args,
+    prepared_is_current,
+    run_pipeline,
+    score_and_train,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("gift", "shadow-ft", "dft", "direct")
+METRICS = ("task_accuracy", "task_ce", "general_ce", "kl_to_instruct")
+
+
+def variant_config(cfg: RunConfig, method: str, seed_index: int) -> RunConfig:
+    """The run config of one method and seed: its own output folder, the shared data linked into it."""
+    variant = apply_method(replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + seed_index)), method)
+    variant.output_dir = str(cfg.paths.root / "compare" / method / f"seed-{seed_index}")
+    root = variant.paths.root
+    root.mkdir(parents=True, exist_ok=True)
+    for shared, link in ((cfg.paths.prepared, variant.paths.prepared), (cfg.paths.confidence,
+                                                                        variant.paths.confidence)):
+        if shared.exists() and not link.exists():
+            link.symlink_to(shared.resolve(), target_is_directory=True)
+    return variant
+
+
+def compare(cfg: RunConfig, methods: list[str], seeds: int, launch: Optional[Launch] = None) -> Path:
+    from gift_dist.contracts import prepared as prepared_contract
+    from gift_dist.evaluate.stage import evaluate_models, markdown_table, tradeoff_plot
+    from gift_dist.prepare.stage import prepare
+    from gift_dist.train.weighting import needs_confidence
+
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ConfigError(f"compare: unknown methods {unknown}; choose from {sorted(METHODS)}")
+    if seeds < 1:
+        raise ConfigError(f"compare: --seeds must be >= 1, got {seeds}")
+    if cfg.prepare.eval_fraction <= 0:
+        raise ConfigError("compare evaluates on held-out data: set prepare.eval_fraction (e.g. 0.1)")
+    if not cfg.eval.general_files:
+        log.warning("compare: no eval.general_files, so no preservation metrics (CE and KL to instruct)")
+    launch = launch or Launch(train_procs=1, score_workers=1)
+    cfg.paths.logs.mkdir(parents=True, exist_ok=True)
+    if not prepared_is_current(cfg):
+        prepare(cfg)
+    fingerprint = prepared_contract.read_manifest(cfg.paths.prepared).fingerprint
+    if any(needs_confidence(apply_method(cfg, m).train) for m in methods) and not confidence_is_complete(
+            cfg, fingerprint):
+        config_file = cfg.paths.logs / "compare_config.yaml"
+        from gift_dist.config import dump_config
+
+        dump_config(cfg, config_file)
+        score_and_train(cfg, config_file, launch, needs_scoring=True, needs_training=False)
+
+    merged: dict[str, str] = {}
+    for method in methods:
+        for seed_index in range(seeds):
+            variant = variant_config(cfg, method, seed_index)
+            log.info("compare: %s seed %d in %s", method, seed_index, variant.paths.root)
+            run_pipeline(variant, launch)
+            merged[f"{method}/seed-{seed_index}"] = str(variant.paths.merged)
+
+    results = evaluate_models(cfg, {"instruct": cfg.instruct_model, **merged})
+    out = cfg.paths.root / "compare"
+    atomic_write_text(out / "results.json", json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    summary = summarise(results, methods)
+    atomic_write_text(out / "report.md", report(summary, seeds, markdown_table(results)))
+    instruct = summary["instruct"]
+    gain_key = "task_accuracy" if instruct["task_accuracy"][0] is not None else "task_ce"
+    sign = 1.0 if gain_key == "task_accuracy" else -1.0
+    tradeoff_plot([(name, sign * (row[gain_key][0] - instruct[gain_key][0]), row["kl_to_instruct"][0] or 0.0)
+                   for name, row in summary.items()], out / "tradeoff.png",
+                  "task accuracy gain over instruct" if sign > 0 else "task CE saved over instruct",
+                  "KL to instruct (general set, per token; mean over seeds)")
+    return out / "report.md"
+
+
+def summarise(results, methods: list[str]) -> dict[str, dict[str, tuple]]:
+    """Per row (instruct, then each method): (mean, std over seeds) of each metric; None where not measured."""
+    groups = {"instruct": [r for r in results if r.name == "instruct"]}
+    for method in methods:
+        groups[method] = [r for r in results if r.name.split("/")[0] == method]
+    summary = {}
+    for name, rows in groups.items():
+        summary[name] = {}
+        for metric in METRICS:
+            values = [getattr(r, metric) for r in rows if getattr(r, metric) is not None]
+            if not values:
+                summary[name][metric] = (None, None)
+            else:
+                summary[name][metric] = (statistics.fmean(values),
+                                         statistics.stdev(values) if len(values) > 1 else 0.0)
+    return summary
+
+
+def report(summary: dict, seeds: int, per_model: str) -> str:
+    def cell(pair, digits: int) -> str:
+        mean, std = pair
+        return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+    lines = [f"# GIFT vs Shadow-FT vs DFT vs direct fine-tuning ({seeds} seed(s) each, mean ± std)", "",
+             "| method | task accuracy | task CE | general CE | KL to instruct |", "|---|---|---|---|---|"]
+    for name, row in summary.items():
+        lines.append(f"| {name} | {cell(row['task_accuracy'], 3)} | {cell(row['task_ce'], 4)} | "
+                     f"{cell(row['general_ce'], 4)} | {cell(row['kl_to_instruct'], 4)} |")
+    lines += ["", "Task: held-out samples of the prepared data (accuracy of greedy answers, teacher-forced CE).",
+              "Preservation: the general chat set (CE of its replies, per-token KL(instruct || model)).", "",
+              "## Every model", "", per_model]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from gift_dist.cli import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated, from {sorted(METHODS)} (default: all)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per method (train.seed + 0..N-1)")
+    add_launch_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gift_dist.cli import config_from_args
+    from gift_dist.pipeline.run import StageFailed
+
+    try:
+        path = compare(config_from_args(args), [m for m in args.methods.split(",") if m], args.seeds,
+                       launch_from_args(args))
+    except StageFailed as failure:
+        print(f"gift-dist compare: {failure}", file=sys.stderr)
+        return 1
+    print(path.read_text())
+    print(f"report: {path}")
+    return 0
