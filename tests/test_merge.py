@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -284,3 +285,54 @@ def test_bad_max_shard_size_names_the_key(pairs, adapters, tmp_path):
 
     with pytest.raises(ConfigError, match="merge.max_shard_size"):
         merge(merge_config(tmp_path, pairs["llama"], max_shard_size="lots"), adapter_dir=str(adapters["llama"]))
+
+
+def _checksummed_copy(adapter_dir: Path, out: Path) -> Path:
+    """The peft-saved adapter rewritten through the adapter contract, which records its weights' sha256."""
+    from peft import LoraConfig
+
+    from gift_dist.contracts.adapter import read_adapter, write_adapter
+
+    source = read_adapter(adapter_dir)
+    return write_adapter(out, LoraConfig.from_pretrained(str(adapter_dir)), source.tensors, {"steps": 1})
+
+
+def test_flipped_byte_in_the_adapter_is_refused_before_merging(pairs, adapters, tmp_path):
+    from gift_dist.contracts.adapter import WEIGHTS_NAME
+
+    adapter = _checksummed_copy(adapters["llama"], tmp_path / "adapter")
+    weights = adapter / WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    start = 8 + struct.unpack("<Q", bytes(data[:8]))[0]
+    data[start + 101] ^= 0x40  # one bit of one LoRA value, as a bad disk or a copy gone wrong would
+    weights.write_bytes(bytes(data))
+    cfg = merge_config(tmp_path, pairs["llama"])
+    with pytest.raises(ContractError, match=r"do not match the sha256 recorded"):
+        merge(cfg, adapter_dir=str(adapter))
+    assert not cfg.paths.merged.exists()
+
+
+def test_non_finite_adapter_is_refused_naming_the_tensor(pairs, adapters, tmp_path):
+    from gift_dist.contracts.adapter import WEIGHTS_NAME
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(adapters["llama"], adapter)
+    tensors = load_file(str(adapter / WEIGHTS_NAME))
+    name = sorted(n for n in tensors if "lora_B" in n)[0]
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(adapter / WEIGHTS_NAME), metadata={"format": "pt"})
+    with pytest.raises(ContractError, match=rf"tensor {re.escape(name)} holds a non-finite value"):
+        merge(merge_config(tmp_path, pairs["llama"]), adapter_dir=str(adapter))
+
+
+def test_verify_merge_fails_on_nan_in_the_merged_weights(pairs, adapters, tmp_path):
+    pair = pairs["llama"]
+    cfg = merge_config(tmp_path, pair)
+    out = merge(cfg, adapter_dir=str(adapters["llama"]))
+    name = read_merged(out).record.merged_tensors[0]
+    shard = out / json.loads((out / checkpoint.SAFE_INDEX).read_text())["weight_map"][name]
+    tensors = load_file(str(shard))
+    tensors[name][:] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(ContractError, match=rf"merged tensor {re.escape(name)} .* non-finite"):
+        verify_merged(cfg)

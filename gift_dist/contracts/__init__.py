@@ -8,9 +8,12 @@
 
 import contextlib
 import hashlib
+import math
 import os
 import shutil
 from pathlib import Path
+
+import torch
 
 
 class ContractError(ValueError):
@@ -24,6 +27,26 @@ def file_sha256(path) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_finite(tensor: "torch.Tensor", what: str) -> None:
+    """A ContractError naming ``what`` and the first non-finite value's position when ``tensor`` holds NaN/inf."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        position = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        raise ContractError(f"{what} holds a non-finite value ({tensor[position].item()} at index {position}) "
+                            f"among {int(bad.sum())} non-finite of {tensor.numel()}")
+
+
+def max_abs_diff(actual: "torch.Tensor", expected: "torch.Tensor") -> float:
+    """max |actual - expected| in fp32, or inf when either side holds NaN/inf: every comparison through here
+    fails on NaN instead of passing it (``nan > tol`` is False)."""
+    if actual.numel() == 0:
+        return 0.0
+    diff = (actual.float() - expected.float()).abs().max().item()
+    return diff if math.isfinite(diff) else math.inf
 
 
 def atomic_write_text(path, text: str) -> Path:

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from gift_dist.contracts import ContractError, file_sha256, staged_directory
+from gift_dist.contracts import ContractError, check_finite, file_sha256, staged_directory
 
 FORMAT = "gift_dist.adapter"
 VERSION = 1
@@ -63,11 +63,14 @@ def write_adapter(
                 f"refusing to write adapter {out_dir}: tensor {name} has shape {tuple(tensor.shape)} "
                 f"(an empty or non-matrix gather from the ZeRO-3 partitions)"
             )
+        check_finite(tensor, f"refusing to write adapter {out_dir}: LoRA tensor {name}")
     with staged_directory(out_dir) as tmp:
         peft_config.save_pretrained(str(tmp))
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME),
                   metadata={"format": "pt"})
-        record = {"format": FORMAT, "version": VERSION, **provenance}
+        # Checked by every reader: a flipped byte in the weights is an error, never a merged model.
+        record = {"format": FORMAT, "version": VERSION, **provenance,
+                  "weights_sha256": file_sha256(tmp / WEIGHTS_NAME)}
         (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out_dir
 
@@ -82,6 +85,20 @@ def read_adapter(path: str | Path) -> Adapter:
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (path / name).is_file():
             raise ContractError(f"adapter {path} is missing {name}")
+    provenance = None
+    if (path / PROVENANCE_NAME).is_file():
+        try:
+            provenance = json.loads((path / PROVENANCE_NAME).read_text())
+        except json.JSONDecodeError as exc:
+            raise ContractError(f"{path / PROVENANCE_NAME} is not valid JSON: {exc}") from exc
+        if provenance.get("format") != FORMAT or provenance.get("version") != VERSION:
+            raise ContractError(f"{path / PROVENANCE_NAME}: unsupported format/version {provenance.get('version')}")
+        recorded = provenance.get("weights_sha256")
+        if recorded is not None and file_sha256(path / WEIGHTS_NAME) != recorded:
+            raise ContractError(
+                f"adapter weights {path / WEIGHTS_NAME} do not match the sha256 recorded in {PROVENANCE_NAME}: the "
+                f"file was changed or damaged after training; restore it or train again"
+            )
     try:
         config = json.loads((path / CONFIG_NAME).read_text())
     except json.JSONDecodeError as exc:
@@ -96,12 +113,8 @@ def read_adapter(path: str | Path) -> Adapter:
             tensors = {name: fh.get_tensor(name) for name in fh.keys()}
     except Exception as exc:  # safetensors raises several types for damaged files
         raise ContractError(f"adapter weights {path / WEIGHTS_NAME} cannot be read: {exc}") from exc
-    for name in tensors:
+    for name, tensor in tensors.items():
         if ".lora_A." in name and name.replace(".lora_A.", ".lora_B.") not in tensors:
             raise ContractError(f"adapter {path}: {name} has no matching lora_B tensor")
-    provenance = None
-    if (path / PROVENANCE_NAME).is_file():
-        provenance = json.loads((path / PROVENANCE_NAME).read_text())
-        if provenance.get("format") != FORMAT or provenance.get("version") != VERSION:
-            raise ContractError(f"{path / PROVENANCE_NAME}: unsupported format/version {provenance.get('version')}")
+        check_finite(tensor, f"adapter {path / WEIGHTS_NAME}: tensor {name}")
     return Adapter(path, config, tensors, provenance)

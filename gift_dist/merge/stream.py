@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from gift_dist.config import ConfigError
-from gift_dist.contracts import ContractError
+from gift_dist.contracts import ContractError, check_finite
 from gift_dist.merge.names import MergeTargets, lora_factors
 from gift_dist.models.shardio import (
     SAFE_DTYPE_OF, TORCH_DTYPE_OF, ShardWriter, TensorRange, TensorSlot, read_tensor, tensor_ranges,
@@ -186,6 +186,9 @@ def merged_tensor(
         if full is not None:
             block += strength * (trained[part].float() - reference[part].float())
         out[part] = block
+    # A NaN/inf here would be written into the merged model silently; the inputs were checked, so this names the
+    # overflow of an out_dtype too narrow for W + BA (float16), or a damaged target weight.
+    check_finite(out, f"merged tensor {name}")
     return out
 
 

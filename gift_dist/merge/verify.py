@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from gift_dist.config import RunConfig
-from gift_dist.contracts import ContractError
+from gift_dist.contracts import ContractError, check_finite, max_abs_diff
 from gift_dist.contracts import adapter as adapter_contract
 from gift_dist.contracts import merged as merged_contract
 from gift_dist.merge import names, stream
@@ -103,11 +103,12 @@ def check_tensors(inputs: Inputs, count: int, report: VerifyReport) -> None:
             actual = fh.get_tensor(name)
         expected = inputs.expected(name, weight) if name in inputs.targets.names() else weight
         expected = expected.to(actual.dtype).float()
-        diff = (actual.float() - expected).abs().max().item() if actual.numel() else 0.0
+        check_finite(actual, f"merged tensor {name} in {merged_at[name]}")
+        diff = max_abs_diff(actual, expected)
         # A few ulps: the merge sums block by block, the recomputation in one matmul.
         tolerance = 4 * torch.finfo(actual.dtype).eps * max(1.0, expected.abs().max().item()) if \
             actual.is_floating_point() else 0.0
-        if actual.shape != expected.shape or diff > tolerance:
+        if actual.shape != expected.shape or not diff <= tolerance:
             raise ContractError(
                 f"merged tensor {name} in {merged_at[name]} differs from its recomputation by {diff:.3e} "
                 f"(tolerance {tolerance:.1e})"
@@ -172,9 +173,10 @@ def compare_logits(inputs: Inputs, report: VerifyReport) -> None:
         for number, ids in enumerate(prompts(tokenizer)):
             expected = reference(input_ids=ids).logits
             actual = merged(input_ids=ids).logits
-            diff = (actual - expected).abs().max().item()
+            check_finite(actual, f"merged model {inputs.merged.path}: logits on verification prompt {number}")
+            diff = max_abs_diff(actual, expected)
             tolerance = rtol * max(1.0, expected.abs().max().item())
-            if diff > tolerance:
+            if not diff <= tolerance:
                 raise ContractError(
                     f"merged model {inputs.merged.path}: logits on verification prompt {number} differ from "
                     f"PeftModel({inputs.target_dir}, {inputs.adapter_dir}) by {diff:.3e} (tolerance {tolerance:.1e})"
