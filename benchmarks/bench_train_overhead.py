@@ -8,9 +8,11 @@ host syncs, per-step collectives. Measured in one run, one process each, the sam
   train gift       the same with the scorer's confidence                                 target <= 1.02x uniform
 
 Our step times come from the trainer's own metrics log (`seconds` per step); the plain loop times the same
-forward, backward, clipping and optimizer step over the same micro-batches. Medians after the first steps.
+forward, backward, clipping and optimizer step over the same micro-batches. Each job runs --rounds times,
+interleaved (plain, uniform, gift, plain, uniform, gift, ...), and keeps the lowest of its per-round medians:
+shared 2-core machines drift by 20-30% over minutes, and interleaving spreads that over every job.
 
-    python benchmarks/bench_train_overhead.py               # ~2 minutes on 2 CPU cores
+    python benchmarks/bench_train_overhead.py               # ~4 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--skip", type=int, default=5, help="first steps left out of the medians (warm-up)")
     parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--extra", nargs="*", default=[], metavar="section.key=value",
                         help="overrides for both trainer runs, e.g. train.sharding=zero3")
     args = parser.parse_args()
@@ -118,13 +121,18 @@ def main() -> int:
     (gift.paths.root / "prepared").symlink_to(uniform.paths.prepared, target_is_directory=True)
     score(gift)
 
-    plain = plain_loop_step_seconds(uniform, args.steps)[args.skip:]
-    ours = cli_step_seconds(uniform, args.threads)[args.skip:]
-    guided = cli_step_seconds(gift, args.threads)[args.skip:]
-    med = {"plain loop": statistics.median(plain), "train uniform": statistics.median(ours),
-           "train gift": statistics.median(guided)}
+    jobs = {"plain loop": lambda: plain_loop_step_seconds(uniform, args.steps),
+            "train uniform": lambda: cli_step_seconds(uniform, args.threads),
+            "train gift": lambda: cli_step_seconds(gift, args.threads)}
+    rounds: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(args.rounds):
+        for name, job in jobs.items():
+            rounds[name].append(statistics.median(job()[args.skip:]))
+    med = {name: min(values) for name, values in rounds.items()}
     print(f"\ndemo tiny model, micro batch {uniform.train.micro_batch_size}, {args.steps} steps (median of the last "
-          f"{args.steps - args.skip}), {args.threads} threads, extra overrides {args.extra or 'none'}")
+          f"{args.steps - args.skip}, lowest of {args.rounds} interleaved rounds: "
+          + "; ".join(f"{n} {', '.join(f'{v * 1e3:.1f}' for v in vs)} ms" for n, vs in rounds.items())
+          + f"), {args.threads} threads, extra overrides {args.extra or 'none'}")
     print(f"{'job':<16}{'median step ms':>16}{'vs plain':>10}")
     for name, value in med.items():
         print(f"{name:<16}{value * 1e3:>16.2f}{value / med['plain loop']:>9.2f}x")

@@ -46,10 +46,6 @@ class DataConfig:
 
 @dataclass
 class PrepareConfig:
-    # Share of the kept records held out for evaluation (prepared/eval/, disjoint from training, fixed by `seed`),
-    # at most `eval_max_samples` of them. 0: no held-out split.
-    eval_fraction: float = 0.0
-    eval_max_samples: int = 2000
     max_length: int = 2048
     overlength: Literal["drop", "truncate"] = "drop"
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
@@ -57,6 +53,10 @@ class PrepareConfig:
     num_proc: int = 1
     strict: bool = False
     seed: int = 42
+    # Share of the kept records held out for evaluation (prepared/eval/, disjoint from training, fixed by `seed`),
+    # at most `eval_max_samples` of them. 0: no held-out split.
+    eval_fraction: float = 0.0
+    eval_max_samples: int = 2000
 
 
 @dataclass
@@ -144,6 +144,26 @@ class TrainConfig:
     # repeats them) and the data order of epochs after the first.
     seed: int = 42
 
+    def __post_init__(self) -> None:
+        """Ranges, checked when the config is loaded: before any model, data or process group is touched."""
+        for key in ("micro_batch_size", "gradient_accumulation_steps", "epochs", "save_every_steps",
+                    "keep_checkpoints", "log_every_steps", "ce_chunk_tokens"):
+            _at_least(f"train.{key}", getattr(self, key), 1)
+        for key in ("eval_every_steps", "warmup_steps"):
+            _at_least(f"train.{key}", getattr(self, key), 0)
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"config key 'train.max_steps' must be -1 (no cap) or >= 1, got {self.max_steps}")
+        if not (self.learning_rate > 0 and self.learning_rate < float("inf")):
+            raise ConfigError(f"config key 'train.learning_rate' must be a finite number > 0, got {self.learning_rate}")
+        if not self.max_grad_norm >= 0:
+            raise ConfigError(f"config key 'train.max_grad_norm' must be >= 0, got {self.max_grad_norm}")
+        if not self.confidence_poll_seconds > 0:
+            raise ConfigError(f"config key 'train.confidence_poll_seconds' must be > 0, got "
+                              f"{self.confidence_poll_seconds}")
+        if not self.confidence_wait_seconds >= 0:
+            raise ConfigError(f"config key 'train.confidence_wait_seconds' must be >= 0, got "
+                              f"{self.confidence_wait_seconds}")
+
     def global_batch(self, world: int) -> int:
         """Samples per optimizer step over all ranks: micro batch x gradient accumulation x ranks."""
         return self.micro_batch_size * self.gradient_accumulation_steps * world
@@ -189,6 +209,11 @@ class MergeConfig:
     verify_sample_tensors: int = 8
     verify_logits_max_gb: float = 2.0
     progress: bool = True
+
+
+def _at_least(key: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ConfigError(f"config key '{key}' must be >= {minimum}, got {value}")
 
 
 # The methods users compare, each a complete set of train settings (what the paper's table compares):

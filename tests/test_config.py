@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from gift_dist.config import ConfigError, load_config, parse_overrides
@@ -54,3 +56,40 @@ def test_example_configs_load():
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "examples/run.yaml")
     assert cfg.train.weighting == "gift" and cfg.prepare.max_length == 4096
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.save_every_steps=0", "'train.save_every_steps' must be >= 1, got 0"),
+    ("train.epochs=0", "'train.epochs' must be >= 1, got 0"),
+    ("train.ce_chunk_tokens=0", "'train.ce_chunk_tokens' must be >= 1, got 0"),
+    ("train.learning_rate=-1", "'train.learning_rate' must be a finite number > 0"),
+    ("train.max_steps=0", "'train.max_steps' must be -1 (no cap) or >= 1"),
+])
+def test_train_ranges_are_refused_when_the_config_loads(override, message, capsys):
+    """Before any process group, model or data is touched (save_every_steps=0 used to fail after step 1)."""
+    from gift_dist.cli import main
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+    assert main(["train", override]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, expected", [
+    ("gift", {"train_model": "base", "weighting": "gift"}),
+    ("shadow-ft", {"train_model": "base", "weighting": "uniform"}),
+    ("dft", {"train_model": "base", "weighting": "dft", "normalizer": "token_count"}),
+    ("direct", {"train_model": "instruct", "weighting": "uniform"}),
+])
+def test_method_presets_set_everything_their_method_needs(method, expected):
+    from gift_dist.train import weighting
+
+    train = load_config(None, [f"method={method}"]).train
+    assert {key: getattr(train, key) for key in expected} == expected
+    weighting.validate(train)  # dft alone would fail here without its normaliser
+
+
+def test_method_contradicted_by_an_explicit_key_is_an_error():
+    with pytest.raises(ConfigError, match=r"method=direct sets train.train_model=instruct but the config sets 'base'"):
+        load_config(None, ["method=direct", "train.train_model=base"])
+    assert load_config(None, ["method=dft", "train.weighting=dft"]).train.normalizer == "token_count"

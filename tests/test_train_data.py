@@ -202,9 +202,9 @@ def test_reader_refuses_a_shard_plan_of_another_size(prepared, tmp_path):
 
 @pytest.mark.parametrize("wait, poll, message", [(1.0, 0.0, "confidence_poll_seconds"),
                                                   (-1.0, 1.0, "confidence_wait_seconds")])
-def test_reader_refuses_bad_wait_settings(prepared, scored, wait, poll, message):
+def test_config_refuses_bad_wait_settings(wait, poll, message):
     with pytest.raises(ConfigError, match=message):
-        ConfidenceReader(scored, prepared, wait_seconds=wait, poll_seconds=poll)
+        TrainConfig(confidence_wait_seconds=wait, confidence_poll_seconds=poll)
 
 
 # ------------------------------------------------------------------------------------------------- TrainBatches

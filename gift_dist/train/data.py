@@ -49,10 +49,6 @@ class ConfidenceReader:
         poll_seconds: float,
         instruct_identity: Optional[dict] = None,
     ):
-        if poll_seconds <= 0:
-            raise ConfigError(f"config key 'train.confidence_poll_seconds' must be > 0, got {poll_seconds}")
-        if wait_seconds < 0:
-            raise ConfigError(f"config key 'train.confidence_wait_seconds' must be >= 0, got {wait_seconds}")
         self.conf_dir = Path(conf_dir)
         self.prepared = prepared
         self.wait_seconds = wait_seconds
@@ -207,11 +203,6 @@ class TrainBatches:
         confidence: Optional[ConfidenceReader],
         seed: int,
     ):
-        for key in ("micro_batch_size", "gradient_accumulation_steps", "epochs"):
-            if getattr(cfg, key) < 1:
-                raise ConfigError(f"config key 'train.{key}' must be >= 1, got {getattr(cfg, key)}")
-        if cfg.max_steps == 0 or cfg.max_steps < -1:
-            raise ConfigError(f"config key 'train.max_steps' must be -1 (no cap) or >= 1, got {cfg.max_steps}")
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world size {world}")
         self.needs_confidence = weighting.needs_confidence(cfg)
