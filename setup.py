@@ -18,6 +18,7 @@ setup(
         "torch>=2.4",
         "deepspeed>=0.16",
         "transformers>=4.51",
+        "accelerate>=0.26",
         "peft>=0.14",
         "datasets>=3.0",
         "safetensors>=0.4.3",
@@ -29,7 +30,9 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "test": ["pytest>=8", "pandas>=2.0", "pyarrow>=15"],
+        # lm-evaluation-harness for `gift-dist eval --lm-eval`; in `test` too, so its integration is tested.
+        "eval": ["lm-eval>=0.4.5"],
+        "test": ["pytest>=8", "pandas>=2.0", "pyarrow>=15", "lm-eval>=0.4.5"],
         "tensorboard": ["tensorboard>=2.15"],
     },
     entry_points={"console_scripts": ["gift-dist=gift_dist.cli:main"]},

@@ -191,6 +191,10 @@ class EvalConfig:
     max_general_samples: int = 1000
     # More models to evaluate beside instruct and the run's merged/: NAME=PATH or a path.
     models: list[str] = field(default_factory=list)
+    # lm-evaluation-harness tasks run on every model too (needs `pip install 'gift-dist[eval]'`), e.g. gsm8k, ifeval;
+    # `lm_eval_include`: a folder of your own task YAMLs (local datasets work offline).
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_include: Optional[str] = None
 
 
 @dataclass

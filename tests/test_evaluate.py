@@ -122,3 +122,33 @@ def test_eval_without_a_held_out_split_says_how_to_make_one(tiny_llama, tmp_path
     dump_config(cfg, tmp_path / "run.yaml")
     assert main(["eval", "--config", str(tmp_path / "run.yaml")]) == 2
     assert "prepare.eval_fraction > 0" in capsys.readouterr().err
+
+
+def test_lm_eval_runs_a_local_task_on_every_model(held_out_run, tiny_llama, tmp_path):
+    """lm-evaluation-harness through its Python API, on a task YAML with a local dataset (no hub)."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is in the test extra; install gift-dist[test]")
+    from gift_dist.evaluate.stage import evaluate_models
+
+    records = []
+    for record in read_jsonl(bundled_data_path())[:12]:
+        question, answer = record["messages"][-2]["content"], record["messages"][-1]["content"]
+        records.append({"question": question, "answer": answer})
+    data = write_jsonl(records, tmp_path / "tasks" / "arith.jsonl")
+    (tmp_path / "tasks" / "gift_arith.yaml").write_text(
+        "task: gift_arith_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: loglikelihood\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_target: " {{answer}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    held_out_run.eval.lm_eval_tasks = ["gift_arith_local"]
+    held_out_run.eval.lm_eval_include = str(tmp_path / "tasks")
+    held_out_run.eval.max_generate_samples = 0
+    try:
+        results = evaluate_models(held_out_run, {"instruct": str(tiny_llama.instruct), "base": str(tiny_llama.base)})
+    finally:
+        held_out_run.eval.lm_eval_tasks, held_out_run.eval.lm_eval_include = [], None
+        held_out_run.eval.max_generate_samples = 500
+    assert [scores.name for scores in results] == ["instruct", "base"]
+    for scores in results:
+        assert 0.0 <= scores.lm_eval["gift_arith_local"]["acc,none"] <= 1.0
+    assert "lm-evaluation-harness:" in stage.markdown_table(results)

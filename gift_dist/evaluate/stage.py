@@ -13,7 +13,8 @@ For each model (the instruct model, the run's merged model, any others named) on
 
 Writes ``<output>/results.json``, ``results.md`` (a table) and ``tradeoff.png`` (task gain over the instruct model
 against KL to it). Batched on the GPU when there is one. Standard suites (GSM8K, IFEval, MMLU) are
-lm-evaluation-harness's job: point it at ``merged/`` (see the README).
+lm-evaluation-harness's job: ``--lm-eval gsm8k,ifeval`` runs it (its Python API, its hf backend) on every model too,
+``--lm-eval-include DIR`` adds task YAMLs of your own.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class ModelScores:
     general_ce: Optional[float]
     kl_to_instruct: Optional[float]
     general_tokens: int
+    # lm-evaluation-harness: task -> {metric: value}, when eval.lm_eval_tasks names any.
+    lm_eval: Optional[dict] = None
 
 
 def answer_regex(pattern: str) -> re.Pattern:
@@ -238,6 +241,8 @@ def evaluate_models(cfg: RunConfig, models: dict[str, str]) -> list[ModelScores]
 
     settings: EvalConfig = cfg.eval
     regex = answer_regex(settings.answer_pattern)
+    if settings.lm_eval_tasks:
+        require_lm_eval()
     tokenizer = load_tokenizer(cfg.instruct_model, cfg.trust_remote_code)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     task = task_samples(cfg)
@@ -262,11 +267,37 @@ def evaluate_models(cfg: RunConfig, models: dict[str, str]) -> list[ModelScores]
         general_ce = kl = None
         if general:
             general_ce, kl, _ = ce_and_kl(model, instruct, general, settings.batch_size, pad)
+        harness = run_lm_eval(path, settings) if settings.lm_eval_tasks else None
         results.append(ModelScores(name, path, task_ce, accuracy, len(task), general_ce, kl,
-                                   sum(sum(1 for lab in s.labels[1:] if lab != IGNORE_INDEX) for s in general)))
+                                   sum(sum(1 for lab in s.labels[1:] if lab != IGNORE_INDEX) for s in general),
+                                   harness))
         if model is not instruct:
             del model
     return results
+
+
+def require_lm_eval() -> None:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("eval.lm_eval_tasks needs lm-evaluation-harness: pip install 'gift-dist[eval]' "
+                          "(or pip install lm-eval)") from exc
+
+
+def run_lm_eval(path: str, settings: EvalConfig) -> dict:
+    """lm-evaluation-harness's own evaluation of one HF checkpoint (its Python API, its hf backend): task ->
+    {metric: value}, the numeric entries of its results."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    manager = TaskManager(include_path=settings.lm_eval_include) if settings.lm_eval_include else TaskManager()
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={path},dtype={dtype}",
+                                  tasks=list(settings.lm_eval_tasks), task_manager=manager,
+                                  batch_size=settings.batch_size, device=str(_device()))
+    return {task: {metric: value for metric, value in values.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+            for task, values in out["results"].items()}
 
 
 def markdown_table(results: list[ModelScores]) -> str:
@@ -277,6 +308,14 @@ def markdown_table(results: list[ModelScores]) -> str:
     for r in results:
         lines.append(f"| {r.name} | {fmt(r.task_accuracy, 3)} | {fmt(r.task_ce)} | {fmt(r.general_ce)} | "
                      f"{fmt(r.kl_to_instruct)} |")
+    harness = [(task, metric) for task, metrics in (results[0].lm_eval or {}).items() for metric in metrics
+               if not metric.endswith("_stderr,none")]
+    if harness:
+        lines += ["", "lm-evaluation-harness:", "", "| model | " + " | ".join(f"{t} {m}" for t, m in harness) + " |",
+                  "|---|" + "---|" * len(harness)]
+        for r in results:
+            lines.append(f"| {r.name} | " + " | ".join(fmt((r.lm_eval or {}).get(t, {}).get(m)) for t, m in harness)
+                         + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -326,12 +365,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                         help="another model to evaluate (repeatable); instruct and the run's merged/ always are")
     parser.add_argument("--output", help="folder for results.json, results.md, tradeoff.png (default <run>/eval)")
+    parser.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks to run too "
+                        "(eval.lm_eval_tasks); --lm-eval-include DIR adds your own task YAMLs")
+    parser.add_argument("--lm-eval-include", metavar="DIR", help="folder of lm-evaluation-harness task YAMLs")
 
 
 def run(args: argparse.Namespace) -> int:
     from gift_dist.cli import config_from_args
 
     cfg = config_from_args(args)
+    if args.lm_eval:
+        cfg.eval.lm_eval_tasks = [task for task in args.lm_eval.split(",") if task]
+    if args.lm_eval_include:
+        cfg.eval.lm_eval_include = args.lm_eval_include
     results = evaluate_models(cfg, models_to_evaluate(cfg, args.model))
     path = write_report(results, Path(args.output) if args.output else cfg.paths.root / "eval")
     print(markdown_table(results) + f"\nresults: {path}")
