@@ -22,10 +22,12 @@ WORDS = ["river", "candle", "garden", "window", "silver", "pocket", "lantern", "
          "pepper", "basket", "comet", "marble", "tunnel", "feather", "castle", "island", "ladder", "mirror"]
 
 
-def _problem(rng: random.Random) -> tuple[str, str]:
+def _problem(rng: random.Random, max_operand: int = 0) -> tuple[str, str]:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    kind = rng.choice(["add", "sub", "mul", "two_step"])
+    kind = rng.choice(["add", "sub", "mul", "two_step"] if not max_operand else ["add", "sub", "mul"])
     a, b = rng.randint(2, 60), rng.randint(2, 40)
+    if max_operand:
+        a, b = rng.randint(1, max_operand), rng.randint(1, max_operand)
     if kind == "add":
         q = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
         r = f"{name} starts with {a} {item} and gets {b} more, so {a} + {b} = {a + b}. The answer is {a + b}."
@@ -34,7 +36,8 @@ def _problem(rng: random.Random) -> tuple[str, str]:
         q = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
         r = f"{name} had {a} {item} and gave away {b}, so {a} - {b} = {a - b}. The answer is {a - b}."
     elif kind == "mul":
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
+        if not max_operand:
+            a, b = rng.randint(2, 12), rng.randint(2, 12)
         q = f"There are {a} boxes with {b} {item} in each box. How many {item} are there in total?"
         r = f"Each of the {a} boxes holds {b} {item}, so {a} * {b} = {a * b}. The answer is {a * b}."
     else:
@@ -47,8 +50,9 @@ def _problem(rng: random.Random) -> tuple[str, str]:
     return q, r
 
 
-def generate_arithmetic(num_records: int = 3000, seed: int = 0) -> list[dict]:
-    """Records in the ``messages`` shape: mostly single-turn, some multi-turn, some with a system prompt."""
+def generate_arithmetic(num_records: int = 3000, seed: int = 0, max_operand: int = 0) -> list[dict]:
+    """Records in the ``messages`` shape: mostly single-turn, some multi-turn, some with a system prompt.
+    ``max_operand`` > 0: one-step problems with operands up to it (a task a tiny model can learn in minutes)."""
     rng = random.Random(seed)
     records = []
     for _ in range(num_records):
@@ -56,7 +60,7 @@ def generate_arithmetic(num_records: int = 3000, seed: int = 0) -> list[dict]:
         if rng.random() < 0.2:
             messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
         for _ in range(2 if rng.random() < 0.15 else 1):
-            question, answer = _problem(rng)
+            question, answer = _problem(rng, max_operand)
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         records.append({"messages": messages})
     return records

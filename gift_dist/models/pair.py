@@ -117,10 +117,37 @@ def check_pair(base: str, instruct: str, trust_remote_code: bool = False) -> Pai
     return PairReport(base_arch, int(vocab_size), tokenizer_size, num_tensors)
 
 
+def relative_weight_difference(base: str, instruct: str) -> float:
+    """||W_instruct - W_base|| / ||W_base|| over every tensor both checkpoints hold, streamed tensor by tensor.
+
+    A base-trained LoRA transfers to the instruct model because the two are close: real pairs differ by a few
+    percent. A large value means the instruct model is far from this base, and GIFT's premise may not hold."""
+    from safetensors import safe_open
+
+    def locations(model: str) -> dict:
+        where = {}
+        for path in checkpoint.weight_files(model):
+            with safe_open(str(path), framework="pt") as fh:
+                where.update({name: path for name in fh.keys()})
+        return where
+
+    base_at, inst_at = locations(base), locations(instruct)
+    difference = reference = 0.0
+    for name in sorted(set(base_at) & set(inst_at)):
+        with safe_open(str(base_at[name]), framework="pt") as fb, safe_open(str(inst_at[name]), framework="pt") as fi:
+            b, i = fb.get_tensor(name).double(), fi.get_tensor(name).double()
+        if b.shape == i.shape and b.is_floating_point():
+            difference += float((i - b).pow(2).sum())
+            reference += float(b.pow(2).sum())
+    return (difference / reference) ** 0.5 if reference > 0 else float("nan")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from gift_dist.cli import add_config_arguments
 
     add_config_arguments(parser)
+    parser.add_argument("--no-weight-diff", action="store_true",
+                        help="skip reading every weight for the relative base/instruct difference")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,4 +161,8 @@ def run(args: argparse.Namespace) -> int:
         f"ok: {report.architecture}, vocab {report.tokenizer_size} tokens in {report.vocab_size} embedding rows, "
         f"{report.num_tensors or 'unchecked (hub)'} tensors with equal shapes"
     )
+    if not args.no_weight_diff and checkpoint.is_local(cfg.base_model) and checkpoint.is_local(cfg.instruct_model):
+        difference = relative_weight_difference(cfg.base_model, cfg.instruct_model)
+        print(f"instruct differs from base by {difference:.1%} of the base's weight norm (real pairs: a few %; "
+              f"the further apart, the less a base-trained LoRA transfers)")
     return 0
