@@ -22,6 +22,16 @@ class ConfigError(ValueError):
     """A run config (file or override) is invalid; the message names the offending key."""
 
 
+# Field metadata of settings that change how a run is operated (logging, checkpoint cadence, waiting), never what
+# it produces: an output made with other values of these is still the same output. Every such list derives from
+# this mark (``operational_keys``), so a new setting is result-changing unless marked.
+OPERATIONAL = {"operational": True}
+
+
+def operational_keys(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("operational"))
+
+
 @dataclass
 class DataConfig:
     """Where the training records come from and which columns hold what."""
@@ -50,8 +60,8 @@ class PrepareConfig:
     overlength: Literal["drop", "truncate"] = "drop"
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
     samples_per_shard: int = 512
-    num_proc: int = 1
-    strict: bool = False
+    num_proc: int = field(default=1, metadata=OPERATIONAL)
+    strict: bool = field(default=False, metadata=OPERATIONAL)
     seed: int = 42
     # Share of the kept records held out for evaluation (prepared/eval/, disjoint from training, fixed by `seed`),
     # at most `eval_max_samples` of them. 0: no held-out split.
@@ -130,16 +140,16 @@ class TrainConfig:
     packing: Union[bool, Literal["auto"]] = "auto"
     # Positions per chunk through the output layer: full-vocab logits of a long sequence never sit in memory.
     ce_chunk_tokens: int = 1024
-    save_every_steps: int = 200
-    keep_checkpoints: int = 2
-    log_every_steps: int = 1
+    save_every_steps: int = field(default=200, metadata=OPERATIONAL)
+    keep_checkpoints: int = field(default=2, metadata=OPERATIONAL)
+    log_every_steps: int = field(default=1, metadata=OPERATIONAL)
     # With a held-out split (prepare.eval_fraction > 0): its CE every this many steps (0: only after the last step),
     # in the metrics log, TensorBoard and the loss plot.
-    eval_every_steps: int = 0
+    eval_every_steps: int = field(default=0, metadata=OPERATIONAL)
     # How long the trainer waits for the scorer to finish the shard it needs next.
-    confidence_wait_seconds: float = 3600.0
-    confidence_poll_seconds: float = 5.0
-    progress: bool = True
+    confidence_wait_seconds: float = field(default=3600.0, metadata=OPERATIONAL)
+    confidence_poll_seconds: float = field(default=5.0, metadata=OPERATIONAL)
+    progress: bool = field(default=True, metadata=OPERATIONAL)
     # Seeds the LoRA initialisation (identical on every rank), the per-step dropout masks (so a resumed run
     # repeats them) and the data order of epochs after the first.
     seed: int = 42

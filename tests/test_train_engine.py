@@ -163,10 +163,12 @@ def test_lora_targets_matching_nothing_list_the_linear_layers():
         assert name in message
 
 
-def _record(step=4, world=2, gbs=8, model_hash="h1", fingerprint="fp1", train_model="base"):
+def _record(step=4, world=2, gbs=8, model_hash="h1", fingerprint="fp1", train_model="base", **train):
+    from gift_dist.train.recipe import result_settings
+
     return CheckpointRecord(step=step, world_size=world, global_batch_size=gbs,
                             model_identity={"name": "m", "hash": model_hash}, prepared_fingerprint=fingerprint,
-                            train_model=train_model)
+                            train_model=train_model, train_settings=result_settings(_train_cfg(**train)))
 
 
 def _fake_checkpoint(root: Path, record: CheckpointRecord) -> None:
@@ -190,12 +192,28 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     (_record(fingerprint="fp2"), r"prepared data fp1, this run's prepared data is fp2"),
     (_record(train_model="instruct"), r"trains the base model, this run the instruct model"),
     (_record(world=4, gbs=16), r"global batch of 8 samples \(2 ranks\); this run has 16 \(4 ranks\)"),
+    (_record(weighting="uniform"), r"settings differ from the checkpoint's: train.weighting: 'gift' -> 'uniform'"),
+    (_record(**{"lora.r": 32}), r"train.lora.r: 16 -> 32"),
+    (_record(learning_rate=1e-3), r"train.learning_rate: 0.0002 -> 0.001"),
 ])
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, expected, pattern):
     root = tmp_path / "checkpoints"
     _fake_checkpoint(root, _record())
     with pytest.raises(ContractError, match=pattern):
         Checkpoints(root, keep=2).resume(engine=None, peft_model=None, expected=expected)
+
+
+def test_only_the_training_length_may_change_on_resume_and_only_when_asked(tmp_path):
+    root = tmp_path / "checkpoints"
+    _fake_checkpoint(root, _record())
+    with pytest.raises(ContractError, match=r"train.max_steps: -1 -> 500.*--resume-anyway accepts a change"):
+        Checkpoints(root, keep=2).resume(engine=None, peft_model=None, expected=_record(max_steps=500))
+    with pytest.raises(ContractError, match=r"train.weighting"):
+        Checkpoints(root, keep=2).resume(engine=None, peft_model=None, anyway=True,
+                                         expected=_record(max_steps=500, weighting="uniform"))
+    # Operational settings never matter: the same training, logged or saved differently.
+    Checkpoints._check(root / tag_for(4), _record(), _record(save_every_steps=7, log_every_steps=3))
+    Checkpoints._check(root / tag_for(4), _record(), _record(max_steps=500), anyway=True)
 
 
 def test_latest_pointing_at_a_missing_checkpoint_is_an_error(tmp_path):

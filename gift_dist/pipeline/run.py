@@ -23,7 +23,15 @@ from typing import Optional
 
 import torch
 
-from gift_dist.config import ConfigError, RunConfig, config_to_dict, dump_config, require
+from gift_dist.config import (
+    ConfigError,
+    RunConfig,
+    TrainConfig,
+    config_to_dict,
+    dump_config,
+    operational_keys,
+    require,
+)
 from gift_dist.contracts import ContractError
 from gift_dist.contracts import adapter as adapter_contract
 from gift_dist.contracts import confidence as confidence_contract
@@ -73,9 +81,8 @@ def confidence_is_complete(cfg: RunConfig, fingerprint: str) -> bool:
     return manifest is not None and manifest.prepared_fingerprint == fingerprint and manifest.complete
 
 
-# Train settings that change how a run is operated, not what it produces.
-OPERATIONAL_TRAIN_KEYS = ("progress", "log_every_steps", "save_every_steps", "keep_checkpoints",
-                          "confidence_wait_seconds", "confidence_poll_seconds")
+# Train settings that change how a run is operated, not what it produces (marked on the config fields).
+OPERATIONAL_TRAIN_KEYS = operational_keys(TrainConfig)
 
 
 def _training_settings(train: dict) -> dict:

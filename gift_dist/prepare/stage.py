@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from gift_dist import __version__
-from gift_dist.config import DataConfig, PrepareConfig, RunConfig, config_to_dict, require
+from gift_dist.config import DataConfig, PrepareConfig, RunConfig, config_to_dict, operational_keys, require
 from gift_dist.contracts import ContractError
 from gift_dist.contracts import prepared as contract
 from gift_dist.models.pair import check_pair, load_tokenizer
@@ -29,8 +29,8 @@ from gift_dist.models.render import TemplateError, render_conversation, require_
 
 log = logging.getLogger(__name__)
 
-# Settings that cannot change the prepared output are left out of the fingerprint.
-NON_OUTPUT_SETTINGS = ("num_proc", "strict")
+# Settings that cannot change the prepared output are left out of the fingerprint (marked on the config fields).
+NON_OUTPUT_SETTINGS = operational_keys(PrepareConfig)
 
 
 def _sha(data: Any) -> str:

@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,7 +51,24 @@ class CheckpointRecord:
     train_model: str
     format: str = FORMAT
     version: int = VERSION
+    # The train settings that shape the result (every key not marked operational); compared on resume.
+    train_settings: dict = field(default_factory=dict)
 
+
+# Result-changing settings a resumed run may still change, with --resume-anyway: how long it trains.
+RESUME_ANYWAY_KEYS = ("max_steps", "epochs")
+# How the global batch is split may change with the number of ranks; the global batch itself is checked apart.
+BATCH_SPLIT_KEYS = ("micro_batch_size", "gradient_accumulation_steps")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 def tag_for(step: int) -> str:
     return f"step-{step:08d}"
@@ -125,7 +142,7 @@ class Checkpoints:
         for name in old:
             shutil.rmtree(self.root / name, ignore_errors=True)
 
-    def resume(self, engine: Any, peft_model: Any, expected: CheckpointRecord) -> int:
+    def resume(self, engine: Any, peft_model: Any, expected: CheckpointRecord, anyway: bool = False) -> int:
         """Load the latest checkpoint into ``engine`` after checking it belongs to this run; returns its step.
 
         Same number of ranks: DeepSpeed's own checkpoint (weights, optimizer, LR schedule). Another number of
@@ -139,7 +156,7 @@ class Checkpoints:
                 f"--resume-if-exists"
             )
         folder, record = found
-        self._check(folder, record, expected)
+        self._check(folder, record, expected, anyway)
         if record.world_size == expected.world_size:
             path, client_state = engine.load_checkpoint(str(self.root), tag=folder.name)
             if path is None:
@@ -162,8 +179,21 @@ class Checkpoints:
         return step
 
     @staticmethod
-    def _check(folder: Path, record: CheckpointRecord, expected: CheckpointRecord) -> None:
+    def _check(folder: Path, record: CheckpointRecord, expected: CheckpointRecord, anyway: bool = False) -> None:
         where = folder / RECORD_NAME
+        if record.train_settings:  # checkpoints written before settings were recorded have none
+            then, now = _flatten(record.train_settings), _flatten(expected.train_settings)
+            changed = sorted(key for key in set(then) | set(now)
+                             if then.get(key) != now.get(key) and key not in BATCH_SPLIT_KEYS)
+            refused = [key for key in changed if not (anyway and key in RESUME_ANYWAY_KEYS)]
+            if refused:
+                listed = ", ".join(f"train.{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in refused)
+                hint = (" --resume-anyway accepts a change of " + "/".join(RESUME_ANYWAY_KEYS) + " only."
+                        if all(key in RESUME_ANYWAY_KEYS for key in refused) else "")
+                raise ContractError(
+                    f"{where}: this run's settings differ from the checkpoint's: {listed}. Resume with the "
+                    f"checkpoint's settings, or train afresh in another output_dir.{hint}"
+                )
         if record.model_identity.get("hash") != expected.model_identity.get("hash"):
             raise ContractError(
                 f"{where}: checkpoint was trained on {record.model_identity.get('name')} (hash "

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from gift_dist import dist
-from gift_dist.config import RunConfig, config_to_dict
+from gift_dist.config import RunConfig, TrainConfig, config_to_dict, operational_keys
 from gift_dist.contracts import ContractError
 from gift_dist.contracts.prepared import load_eval_split, load_prepared
 from gift_dist.models.checkpoint import model_identity
@@ -82,8 +82,9 @@ class StopRequest:
 
 
 def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
-          grad_dump_dir: Optional[str | Path] = None) -> TrainResult:
-    """Train the LoRA and write the adapter; ``grad_dump_dir`` saves each step's full LoRA gradients (debugging)."""
+          grad_dump_dir: Optional[str | Path] = None, resume_anyway: bool = False) -> TrainResult:
+    """Train the LoRA and write the adapter; ``grad_dump_dir`` saves each step's full LoRA gradients (debugging).
+    ``resume_anyway``: resume although max_steps/epochs changed since the checkpoint."""
     weighting.validate(cfg.train)
     set_single_process_env()
     dist.init(use_deepspeed=True)
@@ -101,11 +102,12 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
     record = CheckpointRecord(
         step=0, world_size=world, global_batch_size=cfg.train.global_batch(world), model_identity=identity,
         prepared_fingerprint=fingerprint, train_model=cfg.train.train_model,
+        train_settings=result_settings(cfg.train),
     )
     checkpoints = Checkpoints(cfg.paths.checkpoints, cfg.train.keep_checkpoints)
     start_step = 0
-    if resume or (resume_if_exists and checkpoints.latest() is not None):
-        start_step = checkpoints.resume(te.engine, te.peft_model, record)
+    if resume or resume_anyway or (resume_if_exists and checkpoints.latest() is not None):
+        start_step = checkpoints.resume(te.engine, te.peft_model, record, anyway=resume_anyway)
     metrics = MetricsLogger(cfg.paths.logs, batches.total_steps, start_step, enabled=dist.is_rank0(),
                             progress=cfg.train.progress, log_every=cfg.train.log_every_steps)
     stop = StopRequest().install()
@@ -140,6 +142,12 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
                                       provenance(cfg, te, identity, fingerprint, step, world, complete=True))
     log.info("wrote adapter %s after %d steps", adapter, step)
     return TrainResult(Path(adapter), step, batches.total_steps, final_loss, False, checkpoint)
+
+
+def result_settings(train: TrainConfig) -> dict:
+    """The train settings that shape the trained adapter: all but those marked operational in the config."""
+    operational = operational_keys(TrainConfig)
+    return {key: value for key, value in config_to_dict(train).items() if key not in operational}
 
 
 def set_single_process_env() -> None:
@@ -322,6 +330,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="continue from the latest checkpoint in <output_dir>/checkpoints (an error if none)")
     group.add_argument("--resume-if-exists", action="store_true",
                        help="continue from the latest checkpoint when there is one, else start fresh")
+    group.add_argument("--resume-anyway", action="store_true",
+                       help="like --resume, also when train.max_steps or train.epochs changed since the checkpoint")
     parser.add_argument("--dump-grads", metavar="DIR",
                         help="debugging: save each step's full LoRA gradients to DIR as safetensors")
 
@@ -330,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
     from gift_dist.cli import config_from_args
 
     result = train(config_from_args(args), resume=args.resume, resume_if_exists=args.resume_if_exists,
-                   grad_dump_dir=args.dump_grads)
+                   grad_dump_dir=args.dump_grads, resume_anyway=args.resume_anyway)
     if result.preempted:
         if dist.is_rank0():
             print(f"gift-dist train: PREEMPTED at step {result.steps}/{result.total_steps}; checkpoint "
