@@ -325,6 +325,25 @@ def test_non_finite_confidence_is_an_error_naming_the_sample(setup, tmp_path, si
         train(cfg)
 
 
+def test_train_refuses_a_base_whose_tokenizer_does_not_pair_with_the_instruct_model(setup, tmp_path, single_rank):
+    import shutil
+
+    from gift_dist.models.pair import PairMismatch
+    from gift_dist.models.tiny import build_tokenizer
+    from gift_dist.train.recipe import train
+
+    base = tmp_path / "base"
+    shutil.copytree(setup.pair.base, base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (base / name).unlink(missing_ok=True)
+    build_tokenizer(base, ["a quite different corpus of words, numbers 123 and more words"] * 20)
+    cfg = run_config(setup, tmp_path / "run", weighting="uniform", max_steps=1)
+    cfg.base_model = str(base)
+    with pytest.raises(PairMismatch, match="tokenizer vocabularies differ"):
+        train(cfg)
+    assert not cfg.paths.checkpoints.exists() and not cfg.paths.logs.exists()
+
+
 # ---- in-process single-rank runs ----
 
 def test_dft_trains_without_a_confidence_folder(setup, tmp_path, single_rank):

@@ -33,6 +33,7 @@ from gift_dist.config import RunConfig, TrainConfig, config_to_dict, operational
 from gift_dist.contracts import ContractError
 from gift_dist.contracts.prepared import load_eval_split, load_prepared
 from gift_dist.models.checkpoint import model_identity
+from gift_dist.models.pair import check_pair
 from gift_dist.train import adapter_io, weighting
 from gift_dist.train.checkpoint import CheckpointRecord, Checkpoints
 from gift_dist.train.data import ConfidenceReader, HeldOutBatches, MicroBatch, TrainBatches
@@ -86,6 +87,9 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
     """Train the LoRA and write the adapter; ``grad_dump_dir`` saves each step's full LoRA gradients (debugging).
     ``resume_anyway``: resume although max_steps/epochs changed since the checkpoint."""
     weighting.validate(cfg.train)
+    if cfg.base_model and cfg.instruct_model:
+        # The adapter is merged into the instruct model: a base it does not pair with is refused before any work.
+        check_pair(cfg.base_model, cfg.instruct_model, cfg.trust_remote_code)
     set_single_process_env()
     dist.init(use_deepspeed=True)
     rank, world = dist.rank(), dist.world_size()
