@@ -67,3 +67,36 @@ def test_pickle_only_checkpoint_is_refused(tiny_llama, tmp_path):
     (inst / "model.safetensors").rename(inst / "pytorch_model.bin")
     with pytest.raises(ContractError, match="only pickle"):
         check_pair(str(tiny_llama.base), str(inst))
+
+
+def test_identity_sees_the_weights_and_caches_their_digests(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from gift_dist.models.checkpoint import DIGEST_CACHE_NAME, model_identity
+
+    # Same config and tensor shapes, different weights: a base and its instruct sibling are two models.
+    assert model_identity(str(tiny_llama.base))["hash"] != model_identity(str(tiny_llama.instruct))["hash"]
+    copy = tmp_path / "v1"
+    shutil.copytree(tiny_llama.instruct, copy)
+    before = model_identity(str(copy))["hash"]
+    assert (copy / DIGEST_CACHE_NAME).is_file()
+    weights = copy / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name][0] += 1e-3  # a "v2" of the same fine-tune: one value, same size on disk
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert model_identity(str(copy))["hash"] != before
+
+
+def test_base_and_instruct_with_the_same_weights_are_refused(tiny_llama, capsys):
+    with pytest.raises(PairMismatch, match="hold the same weights"):
+        check_pair(str(tiny_llama.instruct), str(tiny_llama.instruct))
+
+
+def test_check_reports_how_far_instruct_is_from_base(tiny_llama, capsys):
+    from gift_dist.models.pair import relative_weight_difference
+
+    assert main(["check", f"base_model={tiny_llama.base}", f"instruct_model={tiny_llama.instruct}"]) == 0
+    difference = relative_weight_difference(str(tiny_llama.base), str(tiny_llama.instruct))
+    assert 0 < difference < 10
+    assert f"instruct differs from base by {difference:.1%}" in capsys.readouterr().out

@@ -280,6 +280,21 @@ def test_confidence_of_another_prepared_dataset_is_refused(setup, tmp_path, sing
     assert "0123456789abcdef" in error and setup.prepared.manifest.fingerprint in error
 
 
+def test_confidence_scored_by_the_base_model_is_refused(setup, tmp_path, single_rank):
+    """Base and instruct have equal shapes and configs; only their weights tell them apart."""
+    from gift_dist.train.recipe import train
+
+    conf_dir = tmp_path / "confidence"
+    manifest = confidence_manifest(setup)
+    manifest.instruct_model = model_identity(str(setup.pair.base))  # what `score` records when given the base
+    manifest = conf.init_manifest(conf_dir, manifest)
+    for index in range(manifest.num_shards):
+        conf.write_shard(conf_dir, manifest, index, *shard_tensors(setup, index))
+    cfg = run_config(setup, tmp_path / "run", confidence=conf_dir, max_steps=1)
+    with pytest.raises(ContractError, match=r"was scored by instruct model .*base.* not .*instruct"):
+        train(cfg)
+
+
 def test_missing_shard_after_the_wait_is_an_error_naming_it(setup, tmp_path, single_rank):
     from gift_dist.train.recipe import train
 

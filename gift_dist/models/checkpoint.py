@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -87,23 +88,61 @@ def tensor_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def model_identity(model: str) -> dict[str, str]:
-    """A cheap identity for a model: hash of its config and tensor headers (names, shapes, dtypes, sizes).
+# Per-file digests of a checkpoint, cached beside it (or in the user's cache when the folder is read-only), keyed
+# by file name, size and modification time: a 140 GB checkpoint is read once, not by every stage.
+DIGEST_CACHE_NAME = ".gift_dist_digests.json"
+DIGEST_THREADS = 8
 
-    Hashing 140 GB of weights per stage would cost minutes; headers plus file sizes tell apart any two
-    checkpoints a user would plausibly mix up (other model, other revision, re-saved in another dtype).
-    """
+
+def _digest_cache_path(model_dir: Path) -> Path:
+    beside = model_dir / DIGEST_CACHE_NAME
+    if os.access(model_dir, os.W_OK):
+        return beside
+    key = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:24]
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gift_dist" / "digests" / f"{key}.json"
+
+
+def weight_digests(model_dir: str | Path) -> dict[str, str]:
+    """sha256 of every weight file (name -> hex), computed in parallel and cached by (size, mtime)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gift_dist.contracts import atomic_write_text, file_sha256
+
+    model_dir = Path(model_dir)
+    files = weight_files(model_dir)
+    cache_path = _digest_cache_path(model_dir)
+    try:
+        cached = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        cached = {}
+    stamps = {p.name: f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files}
+    digests = {name: entry["sha256"] for name, entry in cached.items()
+               if isinstance(entry, dict) and entry.get("stamp") == stamps.get(name)}
+    missing = [p for p in files if p.name not in digests]
+    if missing:
+        with ThreadPoolExecutor(max_workers=min(DIGEST_THREADS, len(missing))) as pool:
+            for path, digest in zip(missing, pool.map(file_sha256, missing)):
+                digests[path.name] = digest
+        record = {name: {"stamp": stamps[name], "sha256": digests[name]} for name in stamps}
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cache_path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+        except OSError:
+            pass  # an unwritable cache only costs the next stage the same hashing
+    return {p.name: digests[p.name] for p in files}
+
+
+def model_identity(model: str) -> dict[str, str]:
+    """A model's identity: its config and the sha256 of every weight file, so two checkpoints that differ in any
+    weight differ here (a v1 and a v2 of the same fine-tune, a base and its instruct sibling of equal shapes).
+    Weight digests are cached beside the model (see ``weight_digests``)."""
     digest = hashlib.sha256()
     if is_local(model):
         model_dir = Path(model)
         config = model_dir / "config.json"
         digest.update(config.read_bytes() if config.is_file() else b"")
-        for path in weight_files(model_dir):
-            header = read_header(path)
-            header.pop("__metadata__", None)
-            digest.update(path.name.encode())
-            digest.update(json.dumps(header, sort_keys=True).encode())
-            digest.update(str(path.stat().st_size).encode())
+        for name, file_digest in weight_digests(model_dir).items():
+            digest.update(f"{name}:{file_digest}".encode())
         name = str(model_dir.resolve())
     else:
         from huggingface_hub import HfApi

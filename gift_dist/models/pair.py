@@ -109,6 +109,12 @@ def check_pair(base: str, instruct: str, trust_remote_code: bool = False) -> Pai
         )
     vocab_size = getattr(inst_text, "vocab_size", None) or 0
     tokenizer_size = len(inst_tok)
+    if checkpoint.is_local(base) and checkpoint.is_local(instruct):
+        if checkpoint.model_identity(base)["hash"] == checkpoint.model_identity(instruct)["hash"]:
+            raise PairMismatch(
+                f"base {base} and instruct {instruct} hold the same weights: GIFT trains on the base and merges "
+                f"into its instruct sibling, so they must be two models (check base_model / instruct_model)"
+            )
     if vocab_size and vocab_size < tokenizer_size:
         raise PairMismatch(
             f"the embedding has {vocab_size} rows but the tokenizer has {tokenizer_size} tokens: ids past "
