@@ -41,9 +41,15 @@ class DataConfig:
     hub_id: Optional[str] = None
     hub_split: str = "train"
     hub_revision: Optional[str] = None
-    # Record shape: auto detects messages / prompt_response / alpaca from the columns present.
-    format: Literal["auto", "messages", "prompt_response", "alpaca"] = "auto"
+    # Record shape: auto detects messages / sharegpt / prompt_response / alpaca from the columns present.
+    format: Literal["auto", "messages", "sharegpt", "prompt_response", "alpaca"] = "auto"
     messages_column: str = "messages"
+    # ShareGPT (LLaMA-Factory, axolotl): a list of {"from": ..., "value": ...} turns; `role_map` maps its speaker
+    # names to chat roles (the defaults cover human/gpt/system, and user/assistant as they are).
+    conversations_column: str = "conversations"
+    role_map: dict[str, str] = field(default_factory=lambda: {
+        "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+        "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"})
     prompt_column: str = "prompt"
     response_column: str = "response"
     system_column: Optional[str] = None
@@ -328,6 +334,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], f"{key} key"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")

@@ -136,6 +136,30 @@ def test_other_shapes_and_file_types(tiny_llama, tmp_path):
     assert prepare(csv_cfg).manifest.counts["kept"] == 1
 
 
+def test_sharegpt_records_are_read_with_their_role_names_mapped(tiny_llama, tmp_path):
+    """The format LLaMA-Factory and axolotl users hold: `conversations` of {from, value} turns."""
+    records = [
+        {"conversations": [{"from": "human", "value": "2 + 2?"}, {"from": "gpt", "value": "4."}],
+         "system": "Be brief."},
+        {"conversations": [{"from": "system", "value": "Count."}, {"from": "human", "value": "1, 2, ?"},
+                           {"from": "gpt", "value": "3."}, {"from": "human", "value": "and then?"},
+                           {"from": "gpt", "value": "4."}]},
+        {"conversations": [{"from": "narrator", "value": "?"}, {"from": "gpt", "value": "x"}]},
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "hello"}]},
+    ]
+    path = write_jsonl(records, tmp_path / "sharegpt.jsonl")
+    prepared = prepare(make_run_config(tiny_llama, tmp_path / "run", [path]))
+    assert prepared.manifest.counts["kept"] == 2 and prepared.manifest.counts["dropped"] == {"unknown_role": 2}
+    tok = AutoTokenizer.from_pretrained(tiny_llama.instruct)
+    texts = sorted(tok.decode(r["input_ids"]) for r in prepared.dataset)
+    assert any(t.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2 + 2?") for t in texts)
+    mapped = make_run_config(tiny_llama, tmp_path / "mapped", [path], **{"data.role_map": {"human": "user",
+                                                                                           "gpt": "assistant",
+                                                                                           "bot": "assistant",
+                                                                                           "system": "system"}})
+    assert prepare(mapped).manifest.counts["kept"] == 3
+
+
 def test_bad_records_are_dropped_and_counted(tiny_llama, tmp_path):
     good = {"prompt": "1 + 1?", "response": "2."}
     records = [

@@ -143,6 +143,8 @@ def normalize_record(raw: str, cfg: DataConfig) -> list[dict[str, str]]:
     if shape == "auto":
         if cfg.messages_column in record:
             shape = "messages"
+        elif cfg.conversations_column in record:
+            shape = "sharegpt"
         elif cfg.prompt_column in record or cfg.response_column in record:
             shape = "prompt_response"
         elif cfg.instruction_column in record or cfg.output_column in record:
@@ -150,7 +152,8 @@ def normalize_record(raw: str, cfg: DataConfig) -> list[dict[str, str]]:
         else:
             raise DropRecord(
                 "missing_column",
-                f"no '{cfg.messages_column}', '{cfg.prompt_column}'/'{cfg.response_column}' or "
+                f"no '{cfg.messages_column}', '{cfg.conversations_column}', "
+                f"'{cfg.prompt_column}'/'{cfg.response_column}' or "
                 f"'{cfg.instruction_column}'/'{cfg.output_column}' column (has {sorted(record)})",
             )
 
@@ -171,6 +174,21 @@ def normalize_record(raw: str, cfg: DataConfig) -> list[dict[str, str]]:
             if role not in ROLES:
                 raise DropRecord("unknown_role", f"message {i} has role {role!r}; expected one of {list(ROLES)}")
             out.append({"role": role, "content": _text(message["content"], f"message {i} content")})
+    elif shape == "sharegpt":
+        turns = column(cfg.conversations_column)
+        if not isinstance(turns, list) or not turns:
+            raise DropRecord("malformed_record", f"'{cfg.conversations_column}' must be a non-empty list of turns")
+        out = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+                raise DropRecord("malformed_record", f"turn {i} must be an object with 'from' and 'value'")
+            role = cfg.role_map.get(turn["from"])
+            if role not in ROLES:
+                raise DropRecord("unknown_role", f"turn {i} is from {turn['from']!r}, which data.role_map does not "
+                                                 f"map to one of {list(ROLES)}")
+            out.append({"role": role, "content": _text(turn["value"], f"turn {i} value")})
+        if isinstance(record.get("system"), str) and record["system"] and out[0]["role"] != "system":
+            out.insert(0, {"role": "system", "content": record["system"]})
     elif shape == "prompt_response":
         out = [
             {"role": "user", "content": _text(column(cfg.prompt_column), f"'{cfg.prompt_column}'")},
