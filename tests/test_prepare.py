@@ -1,5 +1,6 @@
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -242,3 +243,22 @@ def test_reader_checks_version_and_cli(tiny_llama, tmp_path, capsys):
     assert main(["prepare", "--config", str(config), "prepare.bogus=1"]) == 2
     with pytest.raises(ContractError, match="run `gift-dist prepare` first"):
         load_prepared(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"data file .*empty\.jsonl is empty"),
+    (b"\n\n  \n", r"data file .*empty\.jsonl holds no records"),
+    ('{"prompt": "caf\u00e9?", "response": "ok"}\n'.encode("latin-1"),
+     r"empty\.jsonl, line 1: byte 0xe9 at column 16 is not UTF-8; re-encode"),
+])
+def test_unreadable_data_files_are_named_with_exit_2(tiny_llama, tmp_path, capsys, content, message):
+    from gift_dist.cli import main
+    from gift_dist.config import dump_config
+
+    data = tmp_path / "empty.jsonl"
+    data.write_bytes(content)
+    cfg = make_run_config(tiny_llama, tmp_path / "run", [data])
+    dump_config(cfg, tmp_path / "run.yaml")
+    assert main(["prepare", "--config", str(tmp_path / "run.yaml")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not cfg.paths.prepared.exists()

@@ -61,8 +61,25 @@ def _check_files(files: list[str]) -> list[tuple[Path, str]]:
             )
         if not path.is_file():
             raise ContractError(f"data file not found: {path}")
+        if path.stat().st_size == 0:
+            raise ContractError(f"data file {path} is empty; remove it from data.files or fill it")
+        if kind in ("jsonl", "json", "csv"):
+            _check_utf8(path)
         checked.append((path, kind))
     return checked
+
+
+def _check_utf8(path: Path) -> None:
+    """Text data must be UTF-8: name the file and the line of the first byte that is not, before any work."""
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ContractError(
+                    f"data file {path}, line {number}: byte {line[exc.start]:#04x} at column {exc.start + 1} is not "
+                    f"UTF-8; re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
 
 
 def _csv_text_features(path: Path):
@@ -113,7 +130,18 @@ def load_raw_records(cfg: DataConfig, sources: list[dict[str, Any]]):
     for (path, kind), source in zip(_check_files(cfg.files), sources):
         if kind in ("jsonl", "json"):
             reader = _json_lines if kind == "jsonl" else _json_array
-            parts.append(Dataset.from_generator(reader, gen_kwargs={"path": str(path), "digest": source["sha256"]}))
+            if next(reader(str(path), source["sha256"]), None) is None:
+                raise ContractError(f"data file {path} holds no records (only blank lines, or an empty list)")
+            try:
+                part = Dataset.from_generator(reader, gen_kwargs={"path": str(path), "digest": source["sha256"]})
+            except ContractError:
+                raise
+            except Exception as exc:  # datasets wraps the generator's errors (DatasetGenerationError, ...)
+                cause = exc.__cause__ if isinstance(exc.__cause__, ContractError) else None
+                if cause is not None:
+                    raise cause from None
+                raise ContractError(f"cannot read data file {path}: {exc}") from exc
+            parts.append(part)
         else:
             try:
                 # CSV cells stay text: type inference would turn a reply like "3." into the float 3.0.
