@@ -265,3 +265,21 @@ def test_disk_full_while_writing_a_shard_leaves_nothing_and_names_the_dir(tmp_pa
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == [contract.MANIFEST_NAME]
     assert contract.read_manifest(tmp_path).shards == {}
+
+
+def test_an_empty_lease_is_taken_over_after_a_short_grace_not_the_lease_time(tmp_path):
+    """A kill between creating a lease and writing its owner leaves an empty file nobody will ever refresh."""
+    import os
+    import time
+
+    from gift_dist.score.pool import UNREADABLE_LEASE_GRACE_SECONDS, ShardPool, lease_path
+
+    pool = ShardPool(tmp_path, num_shards=3, lease_seconds=600, worker="w")
+    lease_path(tmp_path, 0).parent.mkdir(parents=True, exist_ok=True)
+    lease_path(tmp_path, 0).write_text("")
+    fresh = pool.claim(finished=[])
+    assert fresh.shard_index == 1  # a just-created lease may still be being written: left alone
+    old = time.time() - UNREADABLE_LEASE_GRACE_SECONDS - 1
+    os.utime(lease_path(tmp_path, 0), (old, old))
+    taken = pool.claim(finished=[])
+    assert taken.shard_index == 0 and json.loads(lease_path(tmp_path, 0).read_text())["worker"] == "w"

@@ -13,6 +13,7 @@ shard rename and manifest update are atomic, so the output is the same either wa
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -24,6 +25,12 @@ from typing import Iterable, Optional
 from gift_dist import dist
 
 LEASE_DIR = "leases"
+
+
+log = logging.getLogger(__name__)
+
+# An empty or unreadable lease older than this is stale (its writer died between creating and writing it).
+UNREADABLE_LEASE_GRACE_SECONDS = 10.0
 
 
 def worker_id() -> str:
@@ -109,7 +116,13 @@ class ShardPool:
             age = time.time() - path.stat().st_mtime
         except FileNotFoundError:
             return True
-        return age > self.lease_seconds or _owner_is_dead(_read_owner(path))
+        owner = _read_owner(path)
+        if owner is None and age > UNREADABLE_LEASE_GRACE_SECONDS:
+            # Created but never written (a kill between the two) or damaged: no owner will ever refresh it, so it
+            # need not block the shard for lease_seconds. The grace covers a writer between create and write.
+            log.warning("lease %s has no readable owner after %.0f s: taking it over", path, age)
+            return True
+        return age > self.lease_seconds or _owner_is_dead(owner)
 
     def _try_create(self, shard_index: int) -> Optional[ShardLease]:
         path = lease_path(self.conf_dir, shard_index)
