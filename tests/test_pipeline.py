@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,6 +81,22 @@ def test_pipeline_end_to_end_with_overlapping_scorer(tiny_llama, tmp_path):
         run_pipeline(other_training, Launch(train_procs=2, score_workers=1))
 
 
+def _wait_until_no_process_mentions(marker: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    alive.append(entry.name)
+            except OSError:
+                continue
+        if not alive:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"processes running with {marker} did not stop within {timeout:.0f}s")
+
+
 def test_killed_run_finishes_without_redoing_stages(tiny_llama, tmp_path):
     cfg = _config(tiny_llama, tmp_path, **{"train.weighting": "uniform", "train.max_steps": 12})
     config_file = tmp_path / "run.yaml"
@@ -95,7 +112,9 @@ def test_killed_run_finishes_without_redoing_stages(tiny_llama, tmp_path):
     assert latest.exists(), "the trainer never saved a checkpoint"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    time.sleep(3)  # the orphaned trainer gets SIGTERM from the kernel (PDEATHSIG) and stops
+    # The orphaned trainer gets SIGTERM from the kernel (PDEATHSIG), saves and stops: wait for it to be gone, not
+    # a fixed time, or the rerun can start beside it on a loaded machine.
+    _wait_until_no_process_mentions(str(cfg.paths.logs / "run_config.yaml"))
     assert not cfg.paths.adapter.exists() and not cfg.paths.merged.exists()
     prepared_mtime = (cfg.paths.prepared / "prepared.json").stat().st_mtime
 

@@ -159,6 +159,13 @@ def _tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 # An exception line as Python prints it ("ValueError: ...") or a gift-dist command's own error line, with torchrun's
 # "[rankN]: " prefix or without.
 _EXCEPTION_LINE = re.compile(
@@ -166,11 +173,13 @@ _EXCEPTION_LINE = re.compile(
 )
 
 
-def root_cause(path: Path) -> Optional[str]:
-    """The first exception a failed job's log reports (rank prefix kept), not the launcher's ChildFailedError that
-    closes it: the line a user needs to see."""
+def root_cause(path: Path, offset: int = 0) -> Optional[str]:
+    """The first exception a failed job's log reports from ``offset`` on (logs are appended across reruns; rank
+    prefix kept), not the launcher's ChildFailedError that closes it: the line a user needs to see."""
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            lines = fh.read().decode(errors="replace").splitlines()
     except OSError:
         return None
     for line in lines:
@@ -183,9 +192,9 @@ def root_cause(path: Path) -> Optional[str]:
 class StageFailed(RuntimeError):
     """A stage's process failed; the message leads with its root cause and names its log."""
 
-    def __init__(self, name: str, code: int, log_path: Path):
+    def __init__(self, name: str, code: int, log_path: Path, log_offset: int = 0):
         self.name, self.code, self.log_path = name, code, log_path
-        cause = root_cause(log_path) or "no exception in the log"
+        cause = root_cause(log_path, log_offset) or "no exception in the log"
         super().__init__(f"{name} failed with exit code {code}: {cause}\nfull log: {log_path}; its last lines:\n"
                          f"{_tail(log_path)}")
 
@@ -197,11 +206,14 @@ def score_and_train(cfg: RunConfig, config_file: Path, launch: Launch, needs_sco
     cli = [sys.executable, "-m", "gift_dist.cli"]
     jobs: list[tuple[str, subprocess.Popen, Path]] = []
     handles = []
+    # Logs are appended to across reruns: a failure is explained from this run's part only.
+    offsets: dict[Path, int] = {}
     if needs_scoring:
         for worker in range(launch.score_workers):
             env = _env(launch.score_devices)
             env.update({"RANK": str(worker), "WORLD_SIZE": str(launch.score_workers), "LOCAL_RANK": str(worker)})
             path = logs / f"score-{worker}.log"
+            offsets[path] = _size(path)
             proc, handle = _start([*cli, "score", "--config", str(config_file)], path, env)
             jobs.append((f"scorer {worker}", proc, path))
             handles.append(handle)
@@ -210,6 +222,7 @@ def score_and_train(cfg: RunConfig, config_file: Path, launch: Launch, needs_sco
                str(launch.train_procs), "-m", "gift_dist.cli", "train", "--config", str(config_file),
                "--resume-if-exists"]
         path = logs / "train.log"
+        offsets[path] = _size(path)
         proc, handle = _start(cmd, path, _env(launch.train_devices))
         jobs.append(("trainer", proc, path))
         handles.append(handle)
@@ -235,7 +248,7 @@ def score_and_train(cfg: RunConfig, config_file: Path, launch: Launch, needs_sco
                         os.killpg(other.pid, signal.SIGTERM)
                     for _, other, _ in pending:
                         other.wait()
-                    raise StageFailed(name, code, path)
+                    raise StageFailed(name, code, path, offsets.get(path, 0))
                 log.info("%s finished", name)
             time.sleep(0.5)
     finally:
