@@ -107,13 +107,15 @@ def main() -> int:
                         help="overrides for both trainer runs, e.g. train.sharding=zero3")
     args = parser.parse_args()
 
-    from gift_dist.models.tiny import build_tiny_pair
+    from gift_dist.models.tiny import build_demo_pair
+    from gift_dist.pipeline.demo import demo_data
     from gift_dist.prepare.stage import prepare
     from gift_dist.score.stage import score
 
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="bench_overhead_"))
-    build_tiny_pair(root / "models")
+    build_demo_pair(root / "models")
+    demo_data(root)
     uniform = demo_run_config(root, args, "uniform", args.extra)
     gift = demo_run_config(root, args, "gift", args.extra)
     prepare(uniform)

@@ -376,7 +376,8 @@ def test_dft_trains_without_a_confidence_folder(setup, tmp_path, single_rank):
 
 
 def test_held_out_ce_is_logged_and_equals_an_independent_computation(setup, tmp_path, single_rank):
-    """The trainer's held-out CE at the last step equals peft's model with the saved adapter, full logits."""
+    """The trainer's held-out CE and GIFT-weighted CE at the last step equal peft's model with the saved adapter
+    (full logits) weighted by the scorer's held-out confidence (confidence/eval)."""
     import torch.nn.functional as F
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -389,24 +390,41 @@ def test_held_out_ce_is_logged_and_equals_an_independent_computation(setup, tmp_
     data = write_jsonl(read_jsonl(bundled_data_path())[:48], tmp_path / "data.jsonl")
     cfg = load_config(None, [f"base_model={setup.pair.base}", f"instruct_model={setup.pair.instruct}",
                              f"output_dir={tmp_path / 'run'}", "prepare.max_length=128",
-                             "prepare.eval_fraction=0.25", f"data.files=[{data}]", "train.weighting=uniform",
+                             "prepare.eval_fraction=0.25", f"data.files=[{data}]", "train.weighting=gift",
                              "train.micro_batch_size=4", "train.max_steps=3", "train.eval_every_steps=2",
-                             "train.learning_rate=1e-2", "train.lora.r=4", "train.progress=false"])
+                             "train.learning_rate=1e-2", "train.lora.r=4", "train.progress=false",
+                             "score.progress=false"])
+    from gift_dist.score.stage import score
+
     prepare(cfg)
+    score(cfg)
     train(cfg)
     rows = read_metrics(cfg.paths.logs / METRICS_NAME)
     assert [row["step"] for row in rows if "eval_ce" in row] == [2, 3]
     held_out = load_eval_split(cfg.paths.prepared)
+    conf_dir = cfg.paths.confidence / conf.EVAL_DIR
+    manifest = conf.read_manifest(conf_dir)
+    assert manifest.complete and manifest.num_shards == len(held_out.manifest.shards)
+    logprobs = torch.cat([conf.read_shard(conf_dir, manifest, i).logprobs for i in sorted(manifest.shards)])
+    eos = set(held_out.manifest.eos_token_ids)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup.pair.base), cfg.paths.adapter).eval()
-    total, count = 0.0, 0
+    total, count, weighted, weights = 0.0, 0, 0.0, 0.0
     with torch.no_grad():
         for row in held_out.dataset:
             ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
             logits = model(input_ids=ids).logits[0, :-1].float()
-            ce = F.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum")
-            total, count = total + float(ce), count + int((labels[0, 1:] != -100).sum())
-    assert rows[-1]["eval_target_tokens"] == count
+            keep = labels[0, 1:] != -100
+            ce = F.cross_entropy(logits[keep], labels[0, 1:][keep], reduction="none")
+            p = logprobs[count:count + ce.numel()].exp()
+            # GIFT's reference weights: max(p, 1e-4)^1, the end-of-turn target at weight 1.
+            w = torch.where(torch.isin(labels[0, 1:][keep], torch.tensor(sorted(eos))), torch.ones_like(p),
+                            p.clamp_min(1e-4))
+            total, count = total + float(ce.sum()), count + ce.numel()
+            weighted, weights = weighted + float((w * ce).sum()), weights + float(w.sum())
+    assert count == logprobs.numel() and rows[-1]["eval_target_tokens"] == count
     assert rows[-1]["eval_ce"] == pytest.approx(total / count, rel=1e-4)
+    assert rows[-1]["eval_weighted_ce"] == pytest.approx(weighted / weights, rel=1e-4)
+    assert rows[-1]["eval_weighted_ce"] != pytest.approx(rows[-1]["eval_ce"], rel=1e-3)
     evaluated = [row["eval_ce"] for row in rows if "eval_ce" in row]
     assert evaluated[0] != evaluated[-1]  # the adapter moved between the two
 

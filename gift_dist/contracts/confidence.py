@@ -42,6 +42,8 @@ from gift_dist.contracts import ContractError, check_inside, file_sha256
 FORMAT = "gift_dist.confidence"
 VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# The held-out split's confidence, under the same contract, in this subfolder of confidence/.
+EVAL_DIR = "eval"
 LOCK_NAME = "manifest.lock"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A manifest lock older than this belongs to a killed writer (the lock is held for milliseconds).

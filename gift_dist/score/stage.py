@@ -27,7 +27,7 @@ from gift_dist import dist
 from gift_dist.config import RunConfig, ScoreConfig, require
 from gift_dist.contracts import ContractError
 from gift_dist.contracts import confidence as contract
-from gift_dist.contracts.prepared import IGNORE_INDEX, Prepared, ShardSpec, load_prepared
+from gift_dist.contracts.prepared import IGNORE_INDEX, Prepared, ShardSpec, load_eval_split, load_prepared
 from gift_dist.models.checkpoint import model_identity
 from gift_dist.models.pair import check_pair, load_tokenizer
 from gift_dist.score.logprobs import collate, length_batches, target_logprobs
@@ -94,8 +94,10 @@ def load_scoring_model(cfg: RunConfig):
     return model, input_device
 
 
-def open_confidence_dir(cfg: RunConfig, prepared: Prepared, instruct_identity: dict) -> contract.ConfidenceManifest:
+def open_confidence_dir(cfg: RunConfig, prepared: Prepared, instruct_identity: dict,
+                        conf_dir: Optional[Path] = None) -> contract.ConfidenceManifest:
     """Create confidence/manifest.json, or refuse one made for other data, another model or another dtype."""
+    conf_dir = conf_dir or cfg.paths.confidence
     template = contract.ConfidenceManifest(
         prepared_fingerprint=prepared.manifest.fingerprint,
         instruct_model=instruct_identity,
@@ -103,10 +105,10 @@ def open_confidence_dir(cfg: RunConfig, prepared: Prepared, instruct_identity: d
         num_shards=len(prepared.manifest.shards),
         record_entropy=cfg.score.record_entropy,
     )
-    manifest = contract.init_manifest(cfg.paths.confidence, template)
+    manifest = contract.init_manifest(conf_dir, template)
     if manifest.record_entropy != template.record_entropy:
         raise ContractError(
-            f"{cfg.paths.confidence} was started with score.record_entropy={manifest.record_entropy}; this job asks "
+            f"{conf_dir} was started with score.record_entropy={manifest.record_entropy}; this job asks "
             f"for {template.record_entropy}. Use the same setting or a fresh directory."
         )
     return manifest
@@ -191,73 +193,97 @@ def score_shard(
 
 
 def score(cfg: RunConfig) -> ScoreSummary:
-    """Score every prepared sample (as one worker among any number); returns when all shards are finished."""
+    """Score every prepared sample (as one worker among any number); returns when all shards are finished.
+
+    The training split goes to ``confidence/``; a held-out split (``prepared/eval``), when prepare made one, to
+    ``confidence/eval/`` under the same contract, so the trainer can report its held-out loss with the very
+    weights it trains with."""
     require(cfg, "instruct_model")
     if cfg.base_model:
         check_pair(cfg.base_model, cfg.instruct_model, cfg.trust_remote_code)
+    identity = model_identity(cfg.instruct_model)
     prepared = load_prepared(cfg.paths.prepared)
-    conf_dir = cfg.paths.confidence
-    manifest = open_confidence_dir(cfg, prepared, model_identity(cfg.instruct_model))
-    plan = prepared.manifest.shards
+    scorer = _Scorer(cfg)
+    summary = scorer.score_split(prepared, cfg.paths.confidence, identity)
     try:
-        pool = ShardPool(conf_dir, len(plan), cfg.score.lease_seconds)
-        pool.remove_stale_temporaries()
-    except OSError as exc:
-        raise ContractError(f"cannot write leases in the confidence output directory {conf_dir}: {exc}") from exc
-    poll_seconds = min(5.0, max(0.1, cfg.score.lease_seconds / 4))
-
-    model = input_device = progress = None
-    mine = {"shards": 0, "tokens": 0, "seconds": 0.0}
-    try:
-        while True:
-            manifest = contract.read_manifest(conf_dir)
-            if manifest.complete:
-                break
-            lease = pool.claim(manifest.shards)
-            if lease is None:  # every unfinished shard is held by a live worker: wait for it or its lease to expire
-                time.sleep(poll_seconds)
-                continue
-            try:
-                if lease.shard_index in contract.read_manifest(conf_dir).shards:
-                    continue  # finished between our manifest read and our claim
-                if model is None:
-                    model, input_device = load_scoring_model(cfg)
-                    if cfg.score.progress:
-                        done = sum(r.num_samples for r in manifest.shards.values())
-                        progress = Progress(prepared.manifest.num_samples, done, pool.worker)
-                spec = plan[lease.shard_index]
-                started = time.perf_counter()
-                offsets, logprobs, entropy = score_shard(model, input_device, prepared, spec, cfg.score, lease,
-                                                         progress)
-                seconds = time.perf_counter() - started
-                contract.write_shard(conf_dir, manifest, spec.index, torch.arange(spec.start, spec.end), offsets,
-                                     logprobs, entropy, seconds=seconds, worker=pool.worker)
-                mine["shards"] += 1
-                mine["tokens"] += logprobs.numel()
-                mine["seconds"] += seconds
-                log.info("%s: shard %d done (%d tokens, %.0f tokens/s)", pool.worker, spec.index,
-                         logprobs.numel(), logprobs.numel() / max(seconds, 1e-9))
-            except LeaseLost as exc:
-                log.warning("%s: %s; moving on", pool.worker, exc)
-            finally:
-                lease.release()
-    finally:
-        if progress is not None:
-            progress.close()
-
-    summary = summarize(conf_dir, manifest)
-    try:
-        write_report(conf_dir, summary)
         if summary.complete:
-            write_token_view(conf_dir, contract.read_manifest(conf_dir), prepared,
+            write_token_view(cfg.paths.confidence, contract.read_manifest(cfg.paths.confidence), prepared,
                              load_tokenizer(cfg.instruct_model, cfg.trust_remote_code), cfg.train.gamma,
                              cfg.train.prob_floor)
     except OSError as exc:
-        raise ContractError(f"cannot write the scoring summary into {conf_dir}: {exc}") from exc
-    summary.worker = pool.worker
-    summary.worker_shards, summary.worker_tokens = mine["shards"], mine["tokens"]
-    summary.worker_tokens_per_second = mine["tokens"] / mine["seconds"] if mine["seconds"] else 0.0
+        raise ContractError(f"cannot write the token view into {cfg.paths.confidence}: {exc}") from exc
+    held_out = load_eval_split(cfg.paths.prepared)
+    if held_out is not None:
+        scorer.score_split(held_out, cfg.paths.confidence / contract.EVAL_DIR, identity)
     return summary
+
+
+class _Scorer:
+    """One worker: the model is loaded once, on the first shard it gets, and scores every split it is given."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.model = self.input_device = None
+
+    def score_split(self, prepared: Prepared, conf_dir: Path, identity: dict) -> ScoreSummary:
+        cfg = self.cfg
+        manifest = open_confidence_dir(cfg, prepared, identity, conf_dir)
+        plan = prepared.manifest.shards
+        try:
+            pool = ShardPool(conf_dir, len(plan), cfg.score.lease_seconds)
+            pool.remove_stale_temporaries()
+        except OSError as exc:
+            raise ContractError(f"cannot write leases in the confidence output directory {conf_dir}: {exc}") from exc
+        poll_seconds = min(5.0, max(0.1, cfg.score.lease_seconds / 4))
+
+        progress = None
+        mine = {"shards": 0, "tokens": 0, "seconds": 0.0}
+        try:
+            while True:
+                manifest = contract.read_manifest(conf_dir)
+                if manifest.complete:
+                    break
+                lease = pool.claim(manifest.shards)
+                if lease is None:  # every unfinished shard is held by a live worker: wait for it or its lease
+                    time.sleep(poll_seconds)
+                    continue
+                try:
+                    if lease.shard_index in contract.read_manifest(conf_dir).shards:
+                        continue  # finished between our manifest read and our claim
+                    if self.model is None:
+                        self.model, self.input_device = load_scoring_model(cfg)
+                    if progress is None and cfg.score.progress:
+                        done = sum(r.num_samples for r in manifest.shards.values())
+                        progress = Progress(prepared.manifest.num_samples, done, pool.worker)
+                    spec = plan[lease.shard_index]
+                    started = time.perf_counter()
+                    offsets, logprobs, entropy = score_shard(self.model, self.input_device, prepared, spec,
+                                                             cfg.score, lease, progress)
+                    seconds = time.perf_counter() - started
+                    contract.write_shard(conf_dir, manifest, spec.index, torch.arange(spec.start, spec.end),
+                                         offsets, logprobs, entropy, seconds=seconds, worker=pool.worker)
+                    mine["shards"] += 1
+                    mine["tokens"] += logprobs.numel()
+                    mine["seconds"] += seconds
+                    log.info("%s: %s shard %d done (%d tokens, %.0f tokens/s)", pool.worker, conf_dir.name,
+                             spec.index, logprobs.numel(), logprobs.numel() / max(seconds, 1e-9))
+                except LeaseLost as exc:
+                    log.warning("%s: %s; moving on", pool.worker, exc)
+                finally:
+                    lease.release()
+        finally:
+            if progress is not None:
+                progress.close()
+
+        summary = summarize(conf_dir, manifest)
+        try:
+            write_report(conf_dir, summary)
+        except OSError as exc:
+            raise ContractError(f"cannot write the scoring summary into {conf_dir}: {exc}") from exc
+        summary.worker = pool.worker
+        summary.worker_shards, summary.worker_tokens = mine["shards"], mine["tokens"]
+        summary.worker_tokens_per_second = mine["tokens"] / mine["seconds"] if mine["seconds"] else 0.0
+        return summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

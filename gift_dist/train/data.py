@@ -337,11 +337,11 @@ class HeldOutBatches:
     same number of forwards (under ZeRO-3 each is a collective): a rank short of a batch repeats one and does not
     count it."""
 
-    def __init__(self, held_out: Prepared, cfg: TrainConfig, rank: int, world: int):
+    def __init__(self, held_out: Prepared, cfg: TrainConfig, rank: int, world: int,
+                 confidence: Optional[ConfidenceReader] = None):
         size = min(cfg.micro_batch_size, len(held_out))
-        build_cfg = replace(cfg, weighting="uniform", micro_batch_size=size, gradient_accumulation_steps=1,
-                            epochs=1, max_steps=-1)
-        self._batches = TrainBatches(held_out, build_cfg, 0, 1, None, seed=0)
+        build_cfg = replace(cfg, micro_batch_size=size, gradient_accumulation_steps=1, epochs=1, max_steps=-1)
+        self._batches = TrainBatches(held_out, build_cfg, 0, 1, confidence, seed=0)
         groups = [list(range(start, min(start + size, len(held_out)))) for start in range(0, len(held_out), size)]
         per_rank = -(-len(groups) // world)
         self._mine = [(groups[i], True) if i < len(groups) else (groups[0], False)

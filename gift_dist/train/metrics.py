@@ -113,6 +113,8 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> Optional[Path]:
     held_out = [r for r in rows if "eval_ce" in r]
     if held_out:
         ax.plot([r["step"] for r in held_out], [r["eval_ce"] for r in held_out], "o-", label="held-out CE")
+        ax.plot([r["step"] for r in held_out], [r["eval_weighted_ce"] for r in held_out], "s--",
+                label="held-out weighted CE")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()

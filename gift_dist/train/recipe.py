@@ -31,6 +31,7 @@ import torch
 from gift_dist import dist
 from gift_dist.config import RunConfig, TrainConfig, config_to_dict, operational_keys
 from gift_dist.contracts import ContractError
+from gift_dist.contracts import confidence as conf_contract
 from gift_dist.contracts.prepared import load_eval_split, load_prepared
 from gift_dist.models.checkpoint import model_identity
 from gift_dist.models.pair import check_pair
@@ -119,7 +120,16 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
              te.model_path, cfg.train.weighting, start_step + 1, batches.total_steps, world,
              record.global_batch_size)
     held_out = load_eval_split(cfg.paths.prepared)
-    held_out_batches = HeldOutBatches(held_out, cfg.train, rank, world) if held_out is not None else None
+    held_out_batches = None
+    if held_out is not None:
+        held_out_confidence = None
+        if weighting.needs_confidence(cfg.train):
+            # The scorer scores the held-out split too (confidence/eval), after the training split.
+            held_out_confidence = ConfidenceReader(cfg.paths.confidence / conf_contract.EVAL_DIR, held_out,
+                                                   cfg.train.confidence_wait_seconds,
+                                                   cfg.train.confidence_poll_seconds,
+                                                   instruct_identity=model_identity(cfg.instruct_model))
+        held_out_batches = HeldOutBatches(held_out, cfg.train, rank, world, held_out_confidence)
     step, final_loss, checkpoint = start_step, None, None
     try:
         while step < batches.total_steps:
@@ -130,7 +140,7 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
             final_loss = values["loss"]
             every = cfg.train.eval_every_steps
             if held_out_batches is not None and (step == batches.total_steps or (every and step % every == 0)):
-                values.update(evaluate(te, held_out_batches, world))
+                values.update(evaluate(te, cfg, held_out_batches, world))
             metrics.log(step, values)
             if stopping or step % cfg.train.save_every_steps == 0:
                 checkpoint = save_checkpoint(te, checkpoints, record, step, cfg)
@@ -248,22 +258,31 @@ def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch],
     }
 
 
-def evaluate(te: TrainEngine, held_out: HeldOutBatches, world: int) -> dict:
-    """CE of the held-out split's target tokens under the current weights (no weighting: the split has no
-    confidence); every rank evaluates its share, one all-reduce, one host read."""
+def evaluate(te: TrainEngine, cfg: RunConfig, held_out: HeldOutBatches, world: int) -> dict:
+    """The held-out split's CE and weighted CE (the training weighting's sum w CE / sum w, with the instruct
+    model's confidence of the held-out split from confidence/eval) under the current weights; every rank
+    evaluates its share, one all-reduce, one host read."""
+    train = cfg.train
+    own_weights = weighting.needs_own_logprobs(train)
     te.engine.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=te.device)
+    sums = torch.zeros(4, dtype=torch.float64, device=te.device)
     with torch.no_grad():
         for mb, counts in held_out:
-            ce = te.target_token_ce(mb.to(te.device))
+            w = None if own_weights else batch_weights(train, mb)
+            on_device = mb.to(te.device)
+            ce = te.target_token_ce(on_device)
+            if w is None:
+                w = weighting.token_weights(train, None, -ce, on_device.is_eos, mb.sample_lengths)
+            w = w.to(te.device, non_blocking=True)
             if counts:
-                sums += torch.stack([ce.sum().double(), torch.tensor(float(ce.numel()), device=te.device,
-                                                                     dtype=torch.float64)])
+                sums += torch.stack([ce.sum(), torch.tensor(float(ce.numel()), device=te.device),
+                                     weighted_ce_sum(ce, w), w.sum()]).double()
     te.engine.train()
     if world > 1:
         sums = dist.all_reduce_sum(sums)
-    ce_sum, targets = sums.tolist()
-    return {"eval_ce": ce_sum / max(targets, 1.0), "eval_target_tokens": int(targets)}
+    ce_sum, targets, weighted_sum, weight_sum = sums.tolist()
+    return {"eval_ce": ce_sum / max(targets, 1.0), "eval_weighted_ce": weighted_sum / max(weight_sum, 1e-12),
+            "eval_target_tokens": int(targets)}
 
 
 def batch_weights(train, mb: MicroBatch) -> torch.Tensor:
