@@ -93,3 +93,15 @@ def test_method_contradicted_by_an_explicit_key_is_an_error():
     with pytest.raises(ConfigError, match=r"method=direct sets train.train_model=instruct but the config sets 'base'"):
         load_config(None, ["method=direct", "train.train_model=base"])
     assert load_config(None, ["method=dft", "train.weighting=dft"]).train.normalizer == "token_count"
+
+
+def test_an_output_dir_that_cannot_be_written_is_named_before_any_work(tmp_path, capsys):
+    """(Running as root, permissions cannot be taken away: a file where a folder should be does it.)"""
+    from gift_dist.cli import main
+
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    for command in ("prepare", "score", "train"):
+        assert main([command, f"output_dir={blocker / 'run'}", "base_model=b", "instruct_model=i"]) == 2
+        assert f"{blocker / 'run'}" in capsys.readouterr().err
+    assert not any(p.name.startswith(".gift_dist_write_probe") for p in tmp_path.iterdir())

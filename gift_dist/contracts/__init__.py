@@ -49,6 +49,26 @@ def max_abs_diff(actual: "torch.Tensor", expected: "torch.Tensor") -> float:
     return diff if math.isfinite(diff) else math.inf
 
 
+def require_writable(folder, what: str) -> Path:
+    """Prove that ``folder`` can be created and written, before any expensive work, without leaving anything
+    behind: a file is written and removed in its nearest existing ancestor. A stage that cannot write its output
+    says so in one line at start-up, not after hours of compute."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    probe = existing / f".gift_dist_write_probe.{os.getpid()}"
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ContractError(f"{what} {folder} is not writable ({exc}); choose another output_dir or fix its "
+                            f"permissions") from None
+    return folder
+
+
 def atomic_write_text(path, text: str) -> Path:
     """Write ``text`` to a temporary sibling, fsync it and rename it over ``path``: readers see the old file or
     the whole new one."""

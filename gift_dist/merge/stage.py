@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from gift_dist.config import ConfigError, RunConfig
-from gift_dist.contracts import ContractError
+from gift_dist.contracts import ContractError, require_writable
 from gift_dist.contracts import adapter as adapter_contract
 from gift_dist.contracts import merged as merged_contract
 from gift_dist.merge import names, stream
@@ -103,6 +103,7 @@ def merge(
     """Merge the run's adapter into the instruct (or base) checkpoint; returns the merged model dir."""
     opts = cfg.merge
     adapter_path, target, output, base = merge_paths(cfg, adapter_dir, target_dir, output_dir, base_dir)
+    require_writable(output.parent, "the merge output's parent directory")
     for model in (target, base):
         if model is not None and (output.resolve() == model.resolve() or model.resolve() in output.resolve().parents):
             raise ConfigError(f"output directory {output} would replace or sit inside the input model {model}")

@@ -21,7 +21,7 @@ import numpy as np
 
 from gift_dist import __version__
 from gift_dist.config import DataConfig, PrepareConfig, RunConfig, config_to_dict, operational_keys, require
-from gift_dist.contracts import ContractError
+from gift_dist.contracts import ContractError, require_writable
 from gift_dist.contracts import prepared as contract
 from gift_dist.models.pair import check_pair, load_tokenizer
 from gift_dist.prepare.readers import DropRecord, describe_sources, load_raw_records, normalize_record
@@ -105,6 +105,7 @@ def prepare(cfg: RunConfig) -> contract.Prepared:
     from datasets import Features, Sequence, Value
 
     require(cfg, "instruct_model")
+    require_writable(cfg.paths.prepared.parent, "the output directory (output_dir)")
     if cfg.base_model:
         check_pair(cfg.base_model, cfg.instruct_model, cfg.trust_remote_code)
     tokenizer = load_tokenizer(cfg.instruct_model, cfg.trust_remote_code)

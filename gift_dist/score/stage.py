@@ -25,7 +25,7 @@ import torch
 
 from gift_dist import dist
 from gift_dist.config import RunConfig, ScoreConfig, require
-from gift_dist.contracts import ContractError
+from gift_dist.contracts import ContractError, require_writable
 from gift_dist.contracts import confidence as contract
 from gift_dist.contracts.prepared import IGNORE_INDEX, Prepared, ShardSpec, load_eval_split, load_prepared
 from gift_dist.models.checkpoint import model_identity
@@ -199,6 +199,7 @@ def score(cfg: RunConfig) -> ScoreSummary:
     ``confidence/eval/`` under the same contract, so the trainer can report its held-out loss with the very
     weights it trains with."""
     require(cfg, "instruct_model")
+    require_writable(cfg.paths.confidence, "the confidence directory")
     if cfg.base_model:
         check_pair(cfg.base_model, cfg.instruct_model, cfg.trust_remote_code)
     identity = model_identity(cfg.instruct_model)

@@ -30,7 +30,7 @@ import torch
 
 from gift_dist import dist
 from gift_dist.config import RunConfig, TrainConfig, config_to_dict, operational_keys
-from gift_dist.contracts import ContractError
+from gift_dist.contracts import ContractError, require_writable
 from gift_dist.contracts import confidence as conf_contract
 from gift_dist.contracts.prepared import load_eval_split, load_prepared
 from gift_dist.models.checkpoint import model_identity
@@ -88,6 +88,8 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
     """Train the LoRA and write the adapter; ``grad_dump_dir`` saves each step's full LoRA gradients (debugging).
     ``resume_anyway``: resume although max_steps/epochs changed since the checkpoint."""
     weighting.validate(cfg.train)
+    for folder in (cfg.paths.checkpoints, cfg.paths.logs, cfg.paths.adapter.parent):
+        require_writable(folder, "the training output directory")
     if cfg.base_model and cfg.instruct_model:
         # The adapter is merged into the instruct model: a base it does not pair with is refused before any work.
         check_pair(cfg.base_model, cfg.instruct_model, cfg.trust_remote_code)
