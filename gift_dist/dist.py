@@ -16,6 +16,13 @@ import torch.distributed as torch_dist
 
 T = TypeVar("T")
 
+# Exit status of a job stopped by SIGTERM/SIGINT after saving its checkpoint (EX_TEMPFAIL: "try again"), so
+# schedulers and scripts can tell a preempted run, to be resumed, from a finished or failed one.
+PREEMPTED_EXIT_CODE = 75
+# Launchers (torchrun, deepspeed) exit 1 when signalled, whatever their workers did: a wrapper that sets this to a
+# file path learns from that file that the workers saved and stopped, and can end with 75 itself.
+PREEMPT_MARKER_ENV = "GIFT_PREEMPT_MARKER"
+
 
 def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))

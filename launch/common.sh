@@ -16,3 +16,32 @@ require_file() {
     exit 2
   fi
 }
+
+# run_trainer LAUNCHER ARGS...: run torchrun / deepspeed and end with 75 when the workers saved a checkpoint
+# because of a signal. The launchers themselves exit 1 when signalled (torchrun raises SignalException), so a
+# scheduler would see a failure; the trainer's rank 0 writes $GIFT_PREEMPT_MARKER once its checkpoint is saved.
+# A SIGTERM/SIGINT sent to this script (PID 1 of a container, or the job step) is forwarded to the launcher.
+run_trainer() {
+  local marker code
+  marker="$(mktemp -u "${TMPDIR:-/tmp}/gift_preempted.XXXXXX")"
+  export GIFT_PREEMPT_MARKER="$marker"
+  "$@" &
+  local launcher=$!
+  trap 'kill -TERM "$launcher" 2>/dev/null || true' TERM INT
+  set +e
+  wait "$launcher"
+  code=$?
+  # A trapped signal ends the first wait early: wait for the launcher's real exit.
+  while kill -0 "$launcher" 2>/dev/null; do
+    wait "$launcher"
+    code=$?
+  done
+  set -e
+  trap - TERM INT
+  if [[ -f "$marker" ]]; then
+    echo "PREEMPTED: $(cat "$marker"); rerun with RESUME=1 to continue" >&2
+    rm -f "$marker"
+    exit 75
+  fi
+  exit "$code"
+}

@@ -15,5 +15,5 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 resume=()
 [[ "${RESUME:-0}" == "1" ]] && resume=(--resume)
 
-exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+run_trainer deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
   --no_local_rank --module gift_dist.cli train --config "$CONFIG" "${resume[@]}" "$@"

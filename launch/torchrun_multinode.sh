@@ -15,6 +15,6 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 resume=()
 [[ "${RESUME:-0}" == "1" ]] && resume=(--resume)
 
-exec torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
+run_trainer torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
   -m gift_dist.cli train --config "$CONFIG" "${resume[@]}" "$@"

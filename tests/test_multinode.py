@@ -79,3 +79,42 @@ def test_two_nodes_equal_one_node_two_ranks(prepared_llama, tmp_path):
     # training moved the LoRA B matrices away from their zero init, so the comparison is not vacuous
     assert any(t.abs().max() > 0 for k, t in one.items() if "lora_B" in k)
     assert read_adapter(two_cfg.paths.adapter).provenance["world_size"] == 2
+
+
+def test_sigterm_to_the_launch_script_alone_saves_a_checkpoint_and_ends_with_75(prepared_llama, tmp_path):
+    """What `docker stop` or a scheduler does: SIGTERM to the top process only. The script forwards it to torchrun,
+    the ranks save at the next step boundary, and the script ends with 75 (torchrun itself would exit 1)."""
+    import signal
+    import time
+
+    from gift_dist.train.metrics import METRICS_NAME, read_metrics
+
+    cfg, path = _config(prepared_llama, tmp_path, "preempted")
+    cfg.train.max_steps = 400
+    dump_config(cfg, path)
+    env = dict(_env(), CONFIG=str(path), NNODES="1", NODE_RANK="0", MASTER_ADDR="127.0.0.1", GPUS_PER_NODE="2",
+               MASTER_PORT=str(_free_port()), PATH=os.pathsep.join([os.path.dirname(sys.executable),
+                                                                      os.environ.get("PATH", "")]))
+    script = os.path.join(os.getcwd(), "launch", "torchrun_multinode.sh")
+    proc = subprocess.Popen(["bash", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT
+    while not read_metrics(cfg.paths.logs / METRICS_NAME) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
+    proc.send_signal(signal.SIGTERM)  # the script's process only, not its group
+    output = proc.communicate(timeout=TIMEOUT)[0].decode(errors="replace")
+    assert proc.returncode == 75, output[-3000:]
+    assert "PREEMPTED" in output and (cfg.paths.checkpoints / "latest").is_file()
+    stopped_at = read_metrics(cfg.paths.logs / METRICS_NAME)[-1]["step"]
+    assert stopped_at < 400 and (cfg.paths.checkpoints / "latest").read_text().strip().endswith(f"{stopped_at:08d}")
+    leftover = [p for p in os.listdir("/proc") if p.isdigit() and _mentions(p, str(path))]
+    assert not leftover, f"processes still running: {leftover}"
+
+
+def _mentions(pid: str, marker: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return marker in fh.read().decode(errors="replace")
+    except OSError:
+        return False

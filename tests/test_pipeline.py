@@ -153,3 +153,24 @@ def test_root_cause_is_the_first_exception_not_the_launchers(tmp_path):
     assert root_cause(log) == "[rank1]: ValueError: invalid literal for int() with base 10: '0a'"
     log.write_text("torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n")
     assert root_cause(log) is None
+
+
+def test_sigterm_to_gift_dist_run_saves_and_ends_with_75(tiny_llama, tmp_path):
+    cfg = _config(tiny_llama, tmp_path, **{"train.weighting": "uniform", "train.max_steps": 400,
+                                           "train.save_every_steps": 1000})
+    config_file = tmp_path / "run.yaml"
+    dump_config(cfg, config_file)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen([sys.executable, "-m", "gift_dist.cli", "run", "--config", str(config_file),
+                             "--train-procs", "1", "--score-workers", "1"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    metrics = cfg.paths.logs / "train_metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and metrics.read_text().strip()) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=240)[0].decode(errors="replace")
+    assert proc.returncode == 75, output[-3000:]
+    assert "PREEMPTED" in output and (cfg.paths.checkpoints / "latest").is_file()
+    _wait_until_no_process_mentions(str(cfg.paths.logs / "run_config.yaml"), timeout=30)

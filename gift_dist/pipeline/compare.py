@@ -154,8 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gift_dist import dist
     from gift_dist.cli import config_from_args
-    from gift_dist.pipeline.run import StageFailed
+    from gift_dist.pipeline.run import Preempted, StageFailed
 
     try:
         path = compare(config_from_args(args), [m for m in args.methods.split(",") if m], args.seeds,
@@ -163,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
     except StageFailed as failure:
         print(f"gift-dist compare: {failure}", file=sys.stderr)
         return 1
+    except Preempted as stopped:
+        print(f"gift-dist compare: PREEMPTED: {stopped}", file=sys.stderr)
+        return dist.PREEMPTED_EXIT_CODE
     print(path.read_text())
     print(f"report: {path}")
     return 0

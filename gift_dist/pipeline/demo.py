@@ -13,10 +13,11 @@ import json
 import sys
 from pathlib import Path
 
+from gift_dist import dist
 from gift_dist.bundled import bundled_general_path
 from gift_dist.config import RunConfig, load_config
 from gift_dist.models.tiny import build_demo_pair
-from gift_dist.pipeline.run import StageFailed, add_launch_arguments, launch_from_args, run_pipeline
+from gift_dist.pipeline.run import Preempted, StageFailed, add_launch_arguments, launch_from_args, run_pipeline
 
 # One epoch of one-digit arithmetic in chat form (~170 steps of 16 samples): a minute on two CPU ranks, enough
 # for the held-out accuracy to move.
@@ -121,5 +122,8 @@ def run(args: argparse.Namespace) -> int:
     except StageFailed as failure:
         print(f"gift-dist demo: {failure}", file=sys.stderr)
         return 1
+    except Preempted as stopped:
+        print(f"gift-dist demo: PREEMPTED: {stopped}", file=sys.stderr)
+        return dist.PREEMPTED_EXIT_CODE
     print(report(cfg))
     return 0

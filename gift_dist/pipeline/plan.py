@@ -9,7 +9,14 @@ from __future__ import annotations
 import argparse
 import math
 
-from gift_dist.models.memory import BF16, GIB, ModelShape, first_fitting, model_shape, training_plan
+from gift_dist.models.memory import (
+    BF16,
+    GIB,
+    ModelShape,
+    first_fitting,
+    model_shape,
+    training_plan,
+)
 
 
 def scoring_plan(shape: ModelShape, gpu_memory_gib: float, batch_tokens: int, chunk_tokens: int) -> dict:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from gift_dist import dist
 from gift_dist.config import (
     ConfigError,
     RunConfig,
@@ -189,6 +190,10 @@ def root_cause(path: Path, offset: int = 0) -> Optional[str]:
     return None
 
 
+class Preempted(RuntimeError):
+    """The run was stopped by a signal after the trainer saved a checkpoint: rerun to resume."""
+
+
 class StageFailed(RuntimeError):
     """A stage's process failed; the message leads with its root cause and names its log."""
 
@@ -208,6 +213,8 @@ def score_and_train(cfg: RunConfig, config_file: Path, launch: Launch, needs_sco
     handles = []
     # Logs are appended to across reruns: a failure is explained from this run's part only.
     offsets: dict[Path, int] = {}
+    preempt_marker = logs / ".trainer_preempted"
+    signalled = []
     if needs_scoring:
         for worker in range(launch.score_workers):
             env = _env(launch.score_devices)
@@ -223,15 +230,20 @@ def score_and_train(cfg: RunConfig, config_file: Path, launch: Launch, needs_sco
                "--resume-if-exists"]
         path = logs / "train.log"
         offsets[path] = _size(path)
-        proc, handle = _start(cmd, path, _env(launch.train_devices))
+        env = _env(launch.train_devices)
+        preempt_marker.unlink(missing_ok=True)
+        env[dist.PREEMPT_MARKER_ENV] = str(preempt_marker)
+        proc, handle = _start(cmd, path, env)
         jobs.append(("trainer", proc, path))
         handles.append(handle)
 
     def stop_all(signum, _frame):
+        # Forward the stop and keep waiting: the trainer saves a checkpoint at its next step boundary.
+        signalled.append(signum)
+        log.warning("signal %d: stopping the scorer and the trainer (they save and resume on rerun)", signum)
         for _, proc, _ in jobs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
-        raise KeyboardInterrupt(f"signal {signum}: stopped scorer and trainer (they save and resume on rerun)")
 
     previous = {s: signal.signal(s, stop_all) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -243,6 +255,8 @@ def score_and_train(cfg: RunConfig, config_file: Path, launch: Launch, needs_sco
                 if code is None:
                     continue
                 pending.remove(job)
+                if code != 0 and (signalled or preempt_marker.is_file()):
+                    continue  # stopped on purpose; reported below once every job has ended
                 if code != 0:
                     for _, other, _ in pending:
                         os.killpg(other.pid, signal.SIGTERM)
@@ -251,6 +265,9 @@ def score_and_train(cfg: RunConfig, config_file: Path, launch: Launch, needs_sco
                     raise StageFailed(name, code, path, offsets.get(path, 0))
                 log.info("%s finished", name)
             time.sleep(0.5)
+        if signalled or preempt_marker.is_file():
+            saved = preempt_marker.read_text().strip() if preempt_marker.is_file() else "no checkpoint was needed"
+            raise Preempted(f"stopped by a signal; trainer: {saved}; rerun the same command to resume")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -324,5 +341,8 @@ def run(args: argparse.Namespace) -> int:
     except StageFailed as failure:
         print(f"gift-dist run: {failure}", file=sys.stderr)
         return 1
+    except Preempted as stopped:
+        print(f"gift-dist run: PREEMPTED: {stopped}", file=sys.stderr)
+        return dist.PREEMPTED_EXIT_CODE
     print(f"done: ran {', '.join(result.ran) or 'nothing'}; skipped {', '.join(result.skipped) or 'nothing'}")
     return 0

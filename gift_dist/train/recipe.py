@@ -37,16 +37,27 @@ from gift_dist.models.checkpoint import model_identity
 from gift_dist.models.pair import check_pair
 from gift_dist.train import adapter_io, weighting
 from gift_dist.train.checkpoint import CheckpointRecord, Checkpoints
-from gift_dist.train.data import ConfidenceReader, HeldOutBatches, MicroBatch, TrainBatches
+from gift_dist.train.data import (
+    ConfidenceReader,
+    HeldOutBatches,
+    MicroBatch,
+    TrainBatches,
+)
 from gift_dist.train.engine import TrainEngine, build_engine
 from gift_dist.train.loss import micro_batch_loss, normalizer_local, weighted_ce_sum
 from gift_dist.train.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
 
-# Exit status of a run stopped by SIGTERM/SIGINT after saving its checkpoint (EX_TEMPFAIL: "try again"), so
-# schedulers and scripts can tell a preempted run, to be resumed, from a finished or failed one.
-PREEMPTED_EXIT_CODE = 75
+PREEMPTED_EXIT_CODE = dist.PREEMPTED_EXIT_CODE
+
+
+def mark_preempted(step: int, checkpoint: Optional[Path]) -> None:
+    """Each node's local rank 0 writes the marker named by $GIFT_PREEMPT_MARKER (if set) once the checkpoint is saved."""
+    marker = os.environ.get(dist.PREEMPT_MARKER_ENV)
+    if marker and dist.env_local_rank() == 0:
+        Path(marker).parent.mkdir(parents=True, exist_ok=True)
+        Path(marker).write_text(f"step {step} checkpoint {checkpoint}\n")
 
 
 @dataclass
@@ -150,6 +161,7 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
                 message = (f"preempted by {stop.signal_name or 'a signal on another rank'}: saved checkpoint "
                            f"{checkpoint} at step {step}/{batches.total_steps}; rerun with --resume to continue")
                 log.warning(message)
+                mark_preempted(step, checkpoint)
                 return TrainResult(None, step, batches.total_steps, final_loss, True, checkpoint)
     finally:
         stop.uninstall()
