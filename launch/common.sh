@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the launch scripts: fail early, naming the missing value.
 set -euo pipefail
 

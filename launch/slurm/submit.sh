@@ -14,6 +14,9 @@ require_var TRAIN_PARTITION "partition of the trainer"
 require_var TRAIN_NODES "number of trainer nodes"
 require_file "$CONFIG" "run config"
 here="$(cd "$(dirname "$0")" && pwd)"
+# sbatch runs a copy of each script from its spool folder: tell them where launch/ is.
+LAUNCH_DIR="$(cd "$here/.." && pwd)"
+export LAUNCH_DIR
 read -r -a extra <<< "${EXTRA_SBATCH_ARGS:-}"
 export CONFIG
 
