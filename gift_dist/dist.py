@@ -56,10 +56,27 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def share_cpu_threads() -> Optional[int]:
+    """One node's cores split between its ranks when the user set no OMP_NUM_THREADS: torchrun sets 1 per rank,
+    DeepSpeed's launcher nothing, and every rank then starts one thread per core and they oversubscribe the
+    machine (steps stall for seconds). Returns the threads set, or None when the user chose."""
+    import logging
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = max(1, (os.cpu_count() or 1) // max(local, 1))
+    torch.set_num_threads(threads)
+    logging.getLogger(__name__).info("rank %d: %d CPU thread(s) (%d cores / %d ranks on this node; set "
+                                     "OMP_NUM_THREADS to choose)", env_rank(), threads, os.cpu_count() or 1, local)
+    return threads
+
+
 def init(backend: Optional[str] = None, use_deepspeed: bool = False, timeout_minutes: float = 60.0) -> None:
     """Create the process group when launched with several processes; a no-op for a single process."""
     if is_initialized() or env_world_size() <= 1 and not use_deepspeed:
         return
+    share_cpu_threads()
     backend = backend or default_backend()
     if torch.cuda.is_available():
         torch.cuda.set_device(env_local_rank())

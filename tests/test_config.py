@@ -105,3 +105,22 @@ def test_an_output_dir_that_cannot_be_written_is_named_before_any_work(tmp_path,
         assert main([command, f"output_dir={blocker / 'run'}", "base_model=b", "instruct_model=i"]) == 2
         assert f"{blocker / 'run'}" in capsys.readouterr().err
     assert not any(p.name.startswith(".gift_dist_write_probe") for p in tmp_path.iterdir())
+
+
+def test_ranks_share_the_cores_when_no_thread_count_is_set(monkeypatch):
+    """DeepSpeed's launcher sets no OMP_NUM_THREADS: 2 ranks on a node would each start one thread per core."""
+    import os
+
+    import torch
+
+    from gift_dist import dist
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert dist.share_cpu_threads() == max(1, (os.cpu_count() or 1) // 2) == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert dist.share_cpu_threads() is None
+    finally:
+        torch.set_num_threads(before)

@@ -118,3 +118,35 @@ def _mentions(pid: str, marker: str) -> bool:
             return marker in fh.read().decode(errors="replace")
     except OSError:
         return False
+
+
+def test_two_nodes_through_the_deepspeed_launch_script_equal_one_node_two_ranks(prepared_llama, tmp_path):
+    """The DeepSpeed launcher in its ssh-less mode (one launcher per node, NO_SSH=1 NODE_RANK=i), started through
+    launch/deepspeed_hostfile.sh on two loopback "nodes", against torchrun with one node of two ranks."""
+    one_cfg, one_path = _config(prepared_llama, tmp_path, "one_node")
+    subprocess.run(_train_cmd(one_path, 1, 0, 2, _free_port()), env=_env(), check=True, timeout=TIMEOUT,
+                   capture_output=True)
+
+    two_cfg, two_path = _config(prepared_llama, tmp_path, "ds_nodes")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
+    port = str(_free_port())
+    script = os.path.join(os.getcwd(), "launch", "deepspeed_hostfile.sh")
+    path_env = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    nodes = []
+    for rank in (0, 1):
+        env = dict(_env(), CONFIG=str(two_path), HOSTFILE=str(hostfile), NO_SSH="1", NODE_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PATH=path_env)
+        env.pop("OMP_NUM_THREADS", None)  # the DeepSpeed launcher sets none: our ranks share the cores themselves
+        nodes.append(subprocess.Popen(["bash", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outputs = [node.communicate(timeout=TIMEOUT)[0].decode(errors="replace") for node in nodes]
+    for rank, (node, out) in enumerate(zip(nodes, outputs)):
+        assert node.returncode == 0, f"node {rank} failed:\n{out[-3000:]}"
+    assert "CPU thread(s)" in outputs[0]
+
+    one = load_file(str(one_cfg.paths.adapter / WEIGHTS_NAME))
+    two = load_file(str(two_cfg.paths.adapter / WEIGHTS_NAME))
+    assert one.keys() == two.keys() and one
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert read_adapter(two_cfg.paths.adapter).provenance["world_size"] == 2
