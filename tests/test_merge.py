@@ -336,3 +336,23 @@ def test_verify_merge_fails_on_nan_in_the_merged_weights(pairs, adapters, tmp_pa
     save_file(tensors, str(shard), metadata={"format": "pt"})
     with pytest.raises(ContractError, match=rf"merged tensor {re.escape(name)} .* non-finite"):
         verify_merged(cfg)
+
+
+def test_verify_merge_recomputes_the_shard_checksums(pairs, adapters, tmp_path):
+    """A changed tensor the merge did not touch, in a model too big for the logit comparison
+    (merge.verify_logits_max_gb): no recomputation sees it, the checksum does."""
+    pair = pairs["llama"]
+    cfg = merge_config(tmp_path, pair)
+    cfg.merge.verify_logits_max_gb = 0.0
+    out = merge(cfg, adapter_dir=str(adapters["llama"]))
+    record = read_merged(out).record
+    assert set(record.shard_sha256) == set(record.shards)
+    assert verify_merged(cfg).checksums_verified == len(record.shards)
+    untouched = next(name for name in json.loads((out / checkpoint.SAFE_INDEX).read_text())["weight_map"]
+                     if name not in record.merged_tensors and "norm" in name)
+    shard = out / json.loads((out / checkpoint.SAFE_INDEX).read_text())["weight_map"][untouched]
+    tensors = load_file(str(shard))
+    tensors[untouched] = tensors[untouched] * 1.5
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(ContractError, match=rf"shard {shard.name} does not match the sha256"):
+        verify_merged(cfg)

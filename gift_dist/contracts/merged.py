@@ -15,11 +15,11 @@ this file at the final path is a finished merge.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from gift_dist.contracts import ContractError, check_inside
+from gift_dist.contracts import ContractError, check_inside, file_sha256
 
 FORMAT = "gift_dist.merged"
 VERSION = 1
@@ -43,6 +43,9 @@ class MergeRecord:
     shards: list[str]
     format: str = FORMAT
     version: int = VERSION
+    # sha256 of every weight file (shard name -> hex): `verify-merge` recomputes them, so a damaged copy of a merged
+    # model is found without the inputs it was made from. Empty in records written before checksums.
+    shard_sha256: dict[str, str] = field(default_factory=dict)
 
     @property
     def scale(self) -> float:
@@ -86,6 +89,28 @@ def read_merged(path: str | Path) -> Merged:
     for shard in record.shards:
         if not check_inside(path, shard).is_file():
             raise ContractError(f"merged model {path}: shard {shard} named in {RECORD_NAME} is missing")
+    if record.shard_sha256 and set(record.shard_sha256) != set(record.shards):
+        raise ContractError(f"{record_path}: checksums name {sorted(record.shard_sha256)}, shards {record.shards}")
     if not (path / "config.json").is_file():
         raise ContractError(f"merged model {path} has no config.json")
     return Merged(path, record)
+
+
+def shard_checksums(path: str | Path, shards: list[str]) -> dict[str, str]:
+    """sha256 of each named shard of a merged dir (read in parallel: shards are gigabytes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = Path(path)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(shards)))) as pool:
+        return dict(zip(shards, pool.map(lambda name: file_sha256(check_inside(path, name)), shards)))
+
+
+def verify_checksums(merged: "Merged") -> int:
+    """Recompute every recorded shard checksum; a ContractError names the first shard that differs. Returns how
+    many were checked (0 for records without checksums)."""
+    actual = shard_checksums(merged.path, sorted(merged.record.shard_sha256))
+    for name, digest in actual.items():
+        if digest != merged.record.shard_sha256[name]:
+            raise ContractError(f"merged model {merged.path}: shard {name} does not match the sha256 in "
+                                f"{RECORD_NAME}: the file changed or was damaged after the merge; merge again")
+    return len(actual)

@@ -140,7 +140,7 @@ def merge(
     record = merged_contract.MergeRecord(
         base=identity["base"], target=identity["target"], into=opts.into, adapter=identity["adapter"],
         lora_scaling=adapter.scale, strength=opts.scale, dtype=opts.dtype, merged_tensors=sorted(targets.names()),
-        shards=shards,
+        shards=shards, shard_sha256=merged_contract.shard_checksums(work_dir, shards),
     )
     merged_contract.write_record(work_dir, record)
     if opts.verify:

@@ -42,10 +42,12 @@ class VerifyReport:
     logits_compared: bool = False
     # NaN when the model was too large to compare logits.
     max_logit_diff: float = math.nan
+    checksums_verified: int = 0
 
     def summary(self) -> str:
         logits = f"max |logit diff| {self.max_logit_diff:.3e}" if self.logits_compared else "logits not compared"
-        return f"{len(self.checked_tensors)} tensors recomputed (max |diff| {self.max_tensor_diff:.3e}); {logits}"
+        return (f"{self.checksums_verified} shard checksums verified; {len(self.checked_tensors)} tensors recomputed "
+                f"(max |diff| {self.max_tensor_diff:.3e}); {logits}")
 
 
 class Inputs:
@@ -213,6 +215,8 @@ def verify_merged(
     check_tensors(inputs, cfg.merge.verify_sample_tensors, report)
     if checkpoint_bytes(inputs.target_dir) <= cfg.merge.verify_logits_max_gb * 1024**3:
         compare_logits(inputs, report)
+    # Last: the recomputations above name a wrong tensor; this catches damage anywhere else in the files.
+    report.checksums_verified = merged_contract.verify_checksums(merged)
     log.info("verify-merge %s: %s", merged.path, report.summary())
     return report
 
