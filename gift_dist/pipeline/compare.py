@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
@@ -154,19 +153,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gift_dist import dist
     from gift_dist.cli import config_from_args
-    from gift_dist.pipeline.run import Preempted, StageFailed
+    from gift_dist.pipeline.run import exit_status
 
-    try:
+    def work() -> None:
         path = compare(config_from_args(args), [m for m in args.methods.split(",") if m], args.seeds,
                        launch_from_args(args))
-    except StageFailed as failure:
-        print(f"gift-dist compare: {failure}", file=sys.stderr)
-        return 1
-    except Preempted as stopped:
-        print(f"gift-dist compare: PREEMPTED: {stopped}", file=sys.stderr)
-        return dist.PREEMPTED_EXIT_CODE
-    print(path.read_text())
-    print(f"report: {path}")
-    return 0
+        print(path.read_text())
+        print(f"report: {path}")
+
+    return exit_status("compare", work)

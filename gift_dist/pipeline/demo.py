@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from gift_dist import dist
 from gift_dist.bundled import bundled_general_path
 from gift_dist.config import RunConfig, load_config
 from gift_dist.models.tiny import build_demo_pair
-from gift_dist.pipeline.run import Preempted, StageFailed, add_launch_arguments, launch_from_args, run_pipeline
+from gift_dist.pipeline.run import add_launch_arguments, exit_status, launch_from_args, run_pipeline
 
 # One epoch of one-digit arithmetic in chat form (~170 steps of 16 samples): a minute on two CPU ranks, enough
 # for the held-out accuracy to move.
@@ -111,19 +109,14 @@ def run(args: argparse.Namespace) -> int:
     demo_data(output)
     if not (Path(cfg.instruct_model) / "config.json").is_file():
         build_demo_pair(output / "models", arch=args.arch)
-    try:
+    def work() -> None:
         if args.compare:
             from gift_dist.pipeline.compare import DEFAULT_METHODS, compare
 
             path = compare(cfg, list(DEFAULT_METHODS), args.seeds, launch_from_args(args))
             print(path.read_text() + f"\nreport: {path}")
-            return 0
+            return
         run_pipeline(cfg, launch_from_args(args))
-    except StageFailed as failure:
-        print(f"gift-dist demo: {failure}", file=sys.stderr)
-        return 1
-    except Preempted as stopped:
-        print(f"gift-dist demo: PREEMPTED: {stopped}", file=sys.stderr)
-        return dist.PREEMPTED_EXIT_CODE
-    print(report(cfg))
-    return 0
+        print(report(cfg))
+
+    return exit_status("demo", work)

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -333,16 +333,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_launch_arguments(parser)
 
 
+def exit_status(command: str, work: Callable[[], None]) -> int:
+    """Run ``work``; a failed stage or a preemption becomes one line on stderr and its exit code (1, or 75 for a
+    run stopped by a signal after saving), for `gift-dist run`, `demo` and `compare` alike."""
+    try:
+        work()
+    except StageFailed as failure:
+        print(f"gift-dist {command}: {failure}", file=sys.stderr)
+        return 1
+    except Preempted as stopped:
+        print(f"gift-dist {command}: PREEMPTED: {stopped}", file=sys.stderr)
+        return dist.PREEMPTED_EXIT_CODE
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from gift_dist.cli import config_from_args
 
-    try:
+    def work() -> None:
         result = run_pipeline(config_from_args(args), launch_from_args(args))
-    except StageFailed as failure:
-        print(f"gift-dist run: {failure}", file=sys.stderr)
-        return 1
-    except Preempted as stopped:
-        print(f"gift-dist run: PREEMPTED: {stopped}", file=sys.stderr)
-        return dist.PREEMPTED_EXIT_CODE
-    print(f"done: ran {', '.join(result.ran) or 'nothing'}; skipped {', '.join(result.skipped) or 'nothing'}")
-    return 0
+        print(f"done: ran {', '.join(result.ran) or 'nothing'}; skipped {', '.join(result.skipped) or 'nothing'}")
+
+    return exit_status("run", work)
