@@ -21,7 +21,7 @@ COMMANDS = {
     "check": ("gift_dist.models.pair", "check that base and instruct models are a compatible pair"),
     "score": ("gift_dist.score.stage", "write the instruct model's per-token confidence shards"),
     "verify-confidence": ("gift_dist.score.verify", "check confidence shards against manifest and dataset"),
-    "train": ("gift_dist.train.recipe", "ZeRO-3 LoRA training of the base model with the weighted loss"),
+    "train": ("gift_dist.train.recipe", "LoRA training of the base model with the weighted loss (DeepSpeed)"),
     "merge": ("gift_dist.merge.stage", "merge the adapter into the instruct model, shard by shard"),
     "verify-merge": ("gift_dist.merge.verify", "recompute merged tensors and compare logits with peft"),
     "eval": ("gift_dist.evaluate.stage", "task accuracy / CE on held-out data and KL to instruct on general chat"),

@@ -1,14 +1,17 @@
-"""`gift-dist train`: LoRA on the base model under DeepSpeed ZeRO-3 with the per-token weighted loss.
+"""`gift-dist train`: LoRA on the base model with DeepSpeed (base replicated, or ZeRO-3) and the weighted loss.
 
 The recipe, top-down::
 
-    prepared data (+ the scorer's confidence shards, streamed)  ->  TrainBatches: this rank's micro-batches
+    pair check, output folders writable, prepared data (+ the scorer's confidence shards, streamed)
+        ->  TrainBatches: this rank's micro-batches
     for each step:
         weights w_t = f(p_inst)  (constants)      ->  Z = sum of w over the global batch (one all-reduce)
         for each micro-batch: decoder -> hidden   ->  chunked CE through lm_head  ->  sum w CE * GA * ranks / Z
         DeepSpeed averages the gradients over micro-batches and ranks, clips, steps the optimizer and LR schedule
+        metrics summed on the device, read once per step (with the stop flag)
+        every eval_every_steps: held-out CE and weighted CE
         every save_every_steps (and on SIGTERM/SIGINT): an atomic checkpoint
-    gather the LoRA from the ZeRO-3 partitions -> PEFT adapter dir (cfg.paths.adapter)
+    gather the LoRA's fp32 masters from the ranks -> PEFT adapter dir (cfg.paths.adapter)
 
 Run it inside a launched job (``deepspeed`` launcher, ``torchrun``) or as a single process.
 """
