@@ -89,6 +89,15 @@ def init(backend: Optional[str] = None, use_deepspeed: bool = False, timeout_min
         torch_dist.init_process_group(backend=backend, timeout=timeout)
 
 
+def shutdown() -> None:
+    """Tear the process group down before the interpreter exits: left to exit-time destructors, gloo's threads
+    can still be running and the process aborts ("terminate called without an active exception") after a
+    successful run, which a launcher reports as a failure."""
+    if is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
 def barrier() -> None:
     if is_initialized():
         torch_dist.barrier()

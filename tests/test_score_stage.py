@@ -245,7 +245,7 @@ def test_unwritable_output_dir_is_named(prepared_llama, tmp_path):
     # A plain file where confidence/ should be: unwritable for any user, root included.
     cfg = _config(prepared_llama, tmp_path / "run")
     cfg.paths.confidence.write_text("not a directory")
-    with pytest.raises(ContractError, match=f"cannot write the confidence output directory {cfg.paths.confidence}"):
+    with pytest.raises(ContractError, match=f"the confidence directory {cfg.paths.confidence} is not writable"):
         score(cfg)
 
 

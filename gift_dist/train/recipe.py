@@ -381,6 +381,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = train(config_from_args(args), resume=args.resume, resume_if_exists=args.resume_if_exists,
                    grad_dump_dir=args.dump_grads, resume_anyway=args.resume_anyway)
+    dist.shutdown()
     if result.preempted:
         if dist.is_rank0():
             print(f"gift-dist train: PREEMPTED at step {result.steps}/{result.total_steps}; checkpoint "
