@@ -87,8 +87,12 @@ class Sample:
     labels: list[int]
 
 
-def _batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
-    for start in range(0, len(samples), size):
+def _batches(samples: list[Sample], size: int, desc: str = "") -> Iterator[list[Sample]]:
+    """Batches of ``size``, with a progress bar named ``desc`` (shown when the output is a terminal)."""
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(samples), size)
+    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=not desc or None):
         yield samples[start:start + size]
 
 
@@ -118,7 +122,7 @@ def _target_log_probs(model, ids, mask, labels) -> tuple[torch.Tensor, torch.Ten
 def teacher_forced_ce(model, samples: list[Sample], batch_size: int, pad: int) -> tuple[float, int]:
     """Mean CE per target token, and the number of target tokens."""
     total, count = 0.0, 0
-    for batch in _batches(samples, batch_size):
+    for batch in _batches(samples, batch_size, "task CE"):
         ids, labels, mask = _padded(batch, pad, model.device)
         log_probs, targets = _target_log_probs(model, ids, mask, labels)
         total += float(-log_probs.gather(1, targets[:, None]).sum())
@@ -130,7 +134,7 @@ def teacher_forced_ce(model, samples: list[Sample], batch_size: int, pad: int) -
 def ce_and_kl(model, reference, samples: list[Sample], batch_size: int, pad: int) -> tuple[float, float, int]:
     """Mean CE per target token and mean per-token KL(reference || model) over the same targets."""
     ce_total, kl_total, count = 0.0, 0.0, 0
-    for batch in _batches(samples, batch_size):
+    for batch in _batches(samples, batch_size, "general CE / KL"):
         ids, labels, mask = _padded(batch, pad, model.device)
         log_probs, targets = _target_log_probs(model, ids, mask, labels)
         ref_log_probs, _ = _target_log_probs(reference, ids.to(reference.device), mask.to(reference.device),
@@ -156,9 +160,11 @@ def first_reply(sample: Sample) -> tuple[list[int], list[int]]:
 def greedy_replies(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
                    stop_ids: list[int]) -> list[str]:
     """Batched greedy decoding, left-padded; the text of each reply up to its first stop token."""
+    from tqdm.auto import tqdm
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     replies = []
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", leave=False, disable=None):
         batch = prompts[start:start + batch_size]
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=model.device)
