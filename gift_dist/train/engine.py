@@ -20,7 +20,6 @@ path. The LR schedule is the run config's.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -59,12 +58,15 @@ class Layout:
     reason: str
 
 
-def _zero_stage(path: Path) -> int:
+def _read_ds_config(path: Path) -> dict:
     try:
-        config = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from exc
-    stage = config.get("zero_optimization", {}).get("stage", 0)
+
+
+def _zero_stage(path: Path) -> int:
+    stage = _read_ds_config(path).get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage={stage!r} is not 0, 1, 2 or 3")
     return stage
@@ -75,11 +77,12 @@ def choose_layout(cfg: RunConfig, world: int, shape: Optional[ModelShape] = None
     train = cfg.train
     if train.ds_config != "auto":
         path = resolve_ds_config(train.ds_config)
-        implied = "zero3" if _zero_stage(path) == 3 else "replicate"
+        stage = _zero_stage(path)
+        implied = "zero3" if stage == 3 else "replicate"
         if train.sharding not in ("auto", implied):
             raise ConfigError(
                 f"train.sharding={train.sharding} but train.ds_config={train.ds_config} ({path}) is a {implied} "
-                f"config (ZeRO stage {_zero_stage(path)}); set train.ds_config=auto or train.sharding={implied}"
+                f"config (ZeRO stage {stage}); set train.ds_config=auto or train.sharding={implied}"
             )
         return Layout(implied, path, f"train.ds_config={train.ds_config}")
     if train.sharding != "auto":
@@ -140,11 +143,7 @@ def build_ds_config(train: TrainConfig, layout: Layout, world: int, total_steps:
     """Load the layout's ds_config and fill its "auto" values from the run config (and, for ZeRO-3, from the
     model's shape); contradicting numbers are an error."""
     path = layout.ds_config
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from exc
-    config = copy.deepcopy(config)
+    config = _read_ds_config(path)
     conflicts: list[str] = []
     global_batch = train.global_batch(world)
     _fill(config, "train_micro_batch_size_per_gpu", train.micro_batch_size, "train_micro_batch_size_per_gpu",

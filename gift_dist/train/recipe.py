@@ -112,11 +112,11 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
     rank, world = dist.rank(), dist.world_size()
     prepared = load_prepared(cfg.paths.prepared)
     fingerprint = prepared.manifest.fingerprint
-    confidence = None
+    confidence = instruct_identity = None
     if weighting.needs_confidence(cfg.train):
+        instruct_identity = model_identity(cfg.instruct_model)
         confidence = ConfidenceReader(cfg.paths.confidence, prepared, cfg.train.confidence_wait_seconds,
-                                      cfg.train.confidence_poll_seconds,
-                                      instruct_identity=model_identity(cfg.instruct_model))
+                                      cfg.train.confidence_poll_seconds, instruct_identity=instruct_identity)
     batches = TrainBatches(prepared, cfg.train, rank, world, confidence, seed=cfg.train.seed)
     te = build_engine(cfg, world, batches.total_steps)
     identity = model_identity(te.model_path)
@@ -139,12 +139,12 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
     held_out_batches = None
     if held_out is not None:
         held_out_confidence = None
-        if weighting.needs_confidence(cfg.train):
+        if confidence is not None:
             # The scorer scores the held-out split too (confidence/eval), after the training split.
             held_out_confidence = ConfidenceReader(cfg.paths.confidence / conf_contract.EVAL_DIR, held_out,
                                                    cfg.train.confidence_wait_seconds,
                                                    cfg.train.confidence_poll_seconds,
-                                                   instruct_identity=model_identity(cfg.instruct_model))
+                                                   instruct_identity=instruct_identity)
         held_out_batches = HeldOutBatches(held_out, cfg.train, rank, world, held_out_confidence)
     step, final_loss, checkpoint = start_step, None, None
     try:
@@ -226,9 +226,7 @@ def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch],
     for host_mb, w in zip(micro_batches, weights):
         mb = host_mb.to(device)
         ce = te.target_token_ce(mb)
-        if w is None:
-            w = weighting.token_weights(train, None, -ce.detach(), mb.is_eos, host_mb.sample_lengths)
-        w = w.to(device, non_blocking=True)
+        w = weights_on_device(train, w, ce, mb, host_mb)
         weighted = weighted_ce_sum(ce, w)
         loss = micro_batch_loss(train, weighted, normalizer_local(train, w), global_norm, grad_accum, world)
         te.backward(loss)
@@ -244,15 +242,12 @@ def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch],
     if world > 1:
         reduced = dist.all_reduce_sum(reduced)
     norm = te.grad_norm()
-    norm_value = float("nan") if norm is None else norm
-    if isinstance(norm, torch.Tensor):
+    if isinstance(norm, torch.Tensor):  # read with the rest, not on its own
         reduced = torch.cat([reduced, norm.detach().reshape(1).to(reduced)])
-        norm_value = None
     # The one host read of the step.
     values = reduced.tolist()
     objective, weighted_sum, ce_sum, weight_sum, targets, tokens, stop = values[:7]
-    if norm_value is None:
-        norm_value = values[7]
+    norm = values[7] if len(values) > 7 else (None if norm is None else float(norm))
     seconds = time.monotonic() - started
     if not math.isfinite(objective):
         raise FloatingPointError(
@@ -267,7 +262,7 @@ def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch],
         "ce": ce_sum / max(targets, 1.0),
         "mean_weight": weight_sum / max(targets, 1.0),
         "lr": te.learning_rate(),
-        "grad_norm": None if math.isnan(norm_value) else norm_value,
+        "grad_norm": norm,
         "target_tokens": int(targets),
         "tokens_per_second": tokens / max(seconds, 1e-9),
         "seconds": seconds,
@@ -285,12 +280,9 @@ def evaluate(te: TrainEngine, cfg: RunConfig, held_out: HeldOutBatches, world: i
     sums = torch.zeros(4, dtype=torch.float64, device=te.device)
     with torch.no_grad():
         for mb, counts in held_out:
-            w = None if own_weights else batch_weights(train, mb)
             on_device = mb.to(te.device)
             ce = te.target_token_ce(on_device)
-            if w is None:
-                w = weighting.token_weights(train, None, -ce, on_device.is_eos, mb.sample_lengths)
-            w = w.to(te.device, non_blocking=True)
+            w = weights_on_device(train, None if own_weights else batch_weights(train, mb), ce, on_device, mb)
             if counts:
                 sums += torch.stack([ce.sum(), torch.tensor(float(ce.numel()), device=te.device),
                                      weighted_ce_sum(ce, w), w.sum()]).double()
@@ -300,6 +292,15 @@ def evaluate(te: TrainEngine, cfg: RunConfig, held_out: HeldOutBatches, world: i
     ce_sum, targets, weighted_sum, weight_sum = sums.tolist()
     return {"eval_ce": ce_sum / max(targets, 1.0), "eval_weighted_ce": weighted_sum / max(weight_sum, 1e-12),
             "eval_target_tokens": int(targets)}
+
+
+def weights_on_device(train, constant: Optional[torch.Tensor], ce: torch.Tensor, mb: MicroBatch,
+                      host_mb: MicroBatch) -> torch.Tensor:
+    """A micro-batch's weights on the device of its CE: the constant ones (``batch_weights``, computed on the
+    host before the forward), or, for DFT (``constant`` None), the model's own detached probability from ``ce``."""
+    if constant is None:
+        constant = weighting.token_weights(train, None, -ce.detach(), mb.is_eos, host_mb.sample_lengths)
+    return constant.to(ce.device, non_blocking=True)
 
 
 def batch_weights(train, mb: MicroBatch) -> torch.Tensor:
