@@ -137,9 +137,12 @@ def ce_and_kl(model, reference, samples: list[Sample], batch_size: int, pad: int
     for batch in _batches(samples, batch_size, "general CE / KL"):
         ids, labels, mask = _padded(batch, pad, model.device)
         log_probs, targets = _target_log_probs(model, ids, mask, labels)
-        ref_log_probs, _ = _target_log_probs(reference, ids.to(reference.device), mask.to(reference.device),
-                                             labels.to(reference.device))
-        ref_log_probs = ref_log_probs.to(log_probs.device)
+        if reference is model:
+            ref_log_probs = log_probs
+        else:
+            ref_log_probs, _ = _target_log_probs(reference, ids.to(reference.device), mask.to(reference.device),
+                                                 labels.to(reference.device))
+            ref_log_probs = ref_log_probs.to(log_probs.device)
         ce_total += float(-log_probs.gather(1, targets[:, None]).sum())
         kl_total += float((ref_log_probs.exp() * (ref_log_probs - log_probs)).sum())
         count += targets.numel()
@@ -271,11 +274,11 @@ def evaluate_models(cfg: RunConfig, models: dict[str, str]) -> list[ModelScores]
                     for reply, ref in zip(replies, references)]
             accuracy = sum(hits) / len(hits)
         general_ce = kl = None
+        general_tokens = 0
         if general:
-            general_ce, kl, _ = ce_and_kl(model, instruct, general, settings.batch_size, pad)
+            general_ce, kl, general_tokens = ce_and_kl(model, instruct, general, settings.batch_size, pad)
         harness = run_lm_eval(path, settings) if settings.lm_eval_tasks else None
-        results.append(ModelScores(name, path, task_ce, accuracy, len(task), general_ce, kl,
-                                   sum(sum(1 for lab in s.labels[1:] if lab != IGNORE_INDEX) for s in general),
+        results.append(ModelScores(name, path, task_ce, accuracy, len(task), general_ce, kl, general_tokens,
                                    harness))
         if model is not instruct:
             del model
