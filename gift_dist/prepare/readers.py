@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from gift_dist.config import DataConfig
 from gift_dist.contracts import ContractError, file_sha256
@@ -159,6 +159,24 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
+def _turns(turns: Any, column: str, noun: str, speaker_key: str, text_key: str, role_of: Callable[[Any], Any],
+           unknown_hint: str) -> list[dict[str, str]]:
+    """A list of ``{speaker_key, text_key}`` turns as chat messages (OpenAI messages: role/content; ShareGPT:
+    from/value through ``role_of``), each malformed or unknown turn named."""
+    if not isinstance(turns, list) or not turns:
+        raise DropRecord("malformed_record", f"'{column}' must be a non-empty list of {noun}s")
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or speaker_key not in turn or text_key not in turn:
+            raise DropRecord("malformed_record",
+                             f"{noun} {i} must be an object with '{speaker_key}' and '{text_key}'")
+        role = role_of(turn[speaker_key])
+        if role not in ROLES:
+            raise DropRecord("unknown_role", f"{noun} {i} has {speaker_key} {turn[speaker_key]!r}; {unknown_hint}")
+        out.append({"role": role, "content": _text(turn[text_key], f"{noun} {i} {text_key}")})
+    return out
+
+
 def normalize_record(raw: str, cfg: DataConfig) -> list[dict[str, str]]:
     """Turn one record of any supported shape into a validated list of {role, content} messages."""
     try:
@@ -191,30 +209,11 @@ def normalize_record(raw: str, cfg: DataConfig) -> list[dict[str, str]]:
         return record[name]
 
     if shape == "messages":
-        messages = column(cfg.messages_column)
-        if not isinstance(messages, list) or not messages:
-            raise DropRecord("malformed_record", f"'{cfg.messages_column}' must be a non-empty list of messages")
-        out = []
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise DropRecord("malformed_record", f"message {i} must be an object with 'role' and 'content'")
-            role = message["role"]
-            if role not in ROLES:
-                raise DropRecord("unknown_role", f"message {i} has role {role!r}; expected one of {list(ROLES)}")
-            out.append({"role": role, "content": _text(message["content"], f"message {i} content")})
+        out = _turns(column(cfg.messages_column), cfg.messages_column, "message", "role", "content",
+                     lambda role: role, f"expected one of {list(ROLES)}")
     elif shape == "sharegpt":
-        turns = column(cfg.conversations_column)
-        if not isinstance(turns, list) or not turns:
-            raise DropRecord("malformed_record", f"'{cfg.conversations_column}' must be a non-empty list of turns")
-        out = []
-        for i, turn in enumerate(turns):
-            if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-                raise DropRecord("malformed_record", f"turn {i} must be an object with 'from' and 'value'")
-            role = cfg.role_map.get(turn["from"])
-            if role not in ROLES:
-                raise DropRecord("unknown_role", f"turn {i} is from {turn['from']!r}, which data.role_map does not "
-                                                 f"map to one of {list(ROLES)}")
-            out.append({"role": role, "content": _text(turn["value"], f"turn {i} value")})
+        out = _turns(column(cfg.conversations_column), cfg.conversations_column, "turn", "from", "value",
+                     cfg.role_map.get, f"data.role_map does not map it to one of {list(ROLES)}")
         if isinstance(record.get("system"), str) and record["system"] and out[0]["role"] != "system":
             out.insert(0, {"role": "system", "content": record["system"]})
     elif shape == "prompt_response":
