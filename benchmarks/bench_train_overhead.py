@@ -58,8 +58,7 @@ def cli_step_seconds(cfg, threads: int) -> list[float]:
 
 def plain_loop_step_seconds(cfg, steps: int) -> list[float]:
     """peft + torch AdamW + the model's own loss over the prepared rows in order (the single-device limit)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from plain_loop import plain_lora_model
 
     from gift_dist.contracts.prepared import load_prepared
 
@@ -67,17 +66,7 @@ def plain_loop_step_seconds(cfg, steps: int) -> list[float]:
     rows = prepared.dataset.select_columns(["input_ids", "labels"])
     pad = prepared.manifest.pad_token_id
     torch.manual_seed(cfg.train.seed)
-    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)
-    model.config.use_cache = False
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    lora = cfg.train.lora
-    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    model, params, optimizer = plain_lora_model(cfg)
     size = cfg.train.micro_batch_size
     times = []
     for step in range(steps):

@@ -220,29 +220,13 @@ def model_inputs(mb, device, attention: str) -> dict:
 
 
 def plain_times(cfg, steps, device: str, profiler: StepProfiler) -> list[float]:
-    """peft + torch AdamW + the model's own loss: the single-device limit. The adapters stay in the model's dtype
-    (bf16 on GPU, no fp32 master copy): peft's default fp32 adapters make it upcast every LoRA layer's input, which
-    on the 1.33B padded run of 2026-11-26 made such a loop 4x slower than the HF Trainer on the same batches."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    """peft + torch AdamW + the model's own loss: the single-device limit (``plain_loop.plain_lora_model``)."""
+    from plain_loop import plain_lora_model
 
     from gift_dist.train.engine import attention_implementation
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     attention = attention_implementation(cfg.train)
-    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=dtype, device_map={"": device},
-                                                 attn_implementation=attention)
-    model.config.use_cache = False
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    lora = cfg.train.lora
-    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"),
-                           autocast_adapter_dtype=False)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, fused=device == "cuda")
+    model, params, optimizer = plain_lora_model(cfg, device, attention)
     times = []
     for index, mbs in enumerate(steps):
         sync()
