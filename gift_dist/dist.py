@@ -8,6 +8,7 @@ gloo on CPU).
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from typing import Any, Callable, Optional, TypeVar
 
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as torch_dist
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Exit status of a job stopped by SIGTERM/SIGINT after saving its checkpoint (EX_TEMPFAIL: "try again"), so
 # schedulers and scripts can tell a preempted run, to be resumed, from a finished or failed one.
@@ -60,15 +62,13 @@ def share_cpu_threads() -> Optional[int]:
     """One node's cores split between its ranks when the user set no OMP_NUM_THREADS: torchrun sets 1 per rank,
     DeepSpeed's launcher nothing, and every rank then starts one thread per core and they oversubscribe the
     machine (steps stall for seconds). Returns the threads set, or None when the user chose."""
-    import logging
-
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     threads = max(1, (os.cpu_count() or 1) // max(local, 1))
     torch.set_num_threads(threads)
-    logging.getLogger(__name__).info("rank %d: %d CPU thread(s) (%d cores / %d ranks on this node; set "
-                                     "OMP_NUM_THREADS to choose)", env_rank(), threads, os.cpu_count() or 1, local)
+    log.info("rank %d: %d CPU thread(s) (%d cores / %d ranks on this node; set OMP_NUM_THREADS to choose)",
+             env_rank(), threads, os.cpu_count() or 1, local)
     return threads
 
 

@@ -11,6 +11,8 @@ import hashlib
 import math
 import os
 import shutil
+import socket
+import uuid
 from pathlib import Path
 
 import torch
@@ -71,14 +73,18 @@ def require_writable(folder, what: str) -> Path:
 
 def atomic_write_text(path, text: str) -> Path:
     """Write ``text`` to a temporary sibling, fsync it and rename it over ``path``: readers see the old file or
-    the whole new one."""
+    the whole new one. The temporary name is unique per host, process and call, so concurrent writers (workers
+    on other nodes, ranks) never write into each other's file; it is removed if the write fails."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

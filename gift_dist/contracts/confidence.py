@@ -37,7 +37,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from gift_dist.contracts import ContractError, check_inside, file_sha256
+from gift_dist.contracts import ContractError, atomic_write_text, check_inside, file_sha256
 
 FORMAT = "gift_dist.confidence"
 VERSION = 1
@@ -117,18 +117,6 @@ class ConfidenceManifest:
             )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 @contextmanager
 def manifest_lock(conf_dir: Path, timeout: float = 120.0) -> Iterator[None]:
     """An exclusive lock file (O_EXCL works on every shared filesystem, unlike fcntl on some NFS setups)."""
@@ -176,7 +164,7 @@ def init_manifest(conf_dir: str | Path, template: ConfidenceManifest) -> Confide
         with manifest_lock(conf_dir):
             existing = read_manifest(conf_dir)
             if existing is None:
-                _atomic_write_text(conf_dir / MANIFEST_NAME, json.dumps(template.to_json(), indent=2) + "\n")
+                atomic_write_text(conf_dir / MANIFEST_NAME, json.dumps(template.to_json(), indent=2) + "\n")
                 return template
     except OSError as exc:
         raise ContractError(f"cannot write the confidence output directory {conf_dir}: {exc}") from exc
@@ -256,7 +244,7 @@ def write_shard(
             if current is None:
                 raise ContractError(f"{conf_dir / MANIFEST_NAME} disappeared while shard {shard_index} was written")
             current.shards[shard_index] = record
-            _atomic_write_text(conf_dir / MANIFEST_NAME, json.dumps(current.to_json(), indent=2) + "\n")
+            atomic_write_text(conf_dir / MANIFEST_NAME, json.dumps(current.to_json(), indent=2) + "\n")
     except OSError as exc:
         raise ContractError(f"cannot write confidence shard {shard_index} into {conf_dir}: {exc}") from exc
     finally:

@@ -115,7 +115,7 @@ def weight_digests(model_dir: str | Path) -> dict[str, str]:
         cached = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     except (OSError, json.JSONDecodeError):
         cached = {}
-    stamps = {p.name: f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files}
+    stamps = {p.name: f"{stat.st_size}:{stat.st_mtime_ns}" for p in files for stat in [p.stat()]}
     digests = {name: entry["sha256"] for name, entry in cached.items()
                if isinstance(entry, dict) and entry.get("stamp") == stamps.get(name)}
     missing = [p for p in files if p.name not in digests]

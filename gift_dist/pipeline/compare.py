@@ -26,7 +26,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
-from gift_dist.config import METHODS, ConfigError, RunConfig, apply_method
+from gift_dist.config import METHODS, ConfigError, RunConfig, apply_method, dump_config
 from gift_dist.contracts import atomic_write_text
 from gift_dist.pipeline.run import (
     Launch,
@@ -80,8 +80,6 @@ def compare(cfg: RunConfig, methods: list[str], seeds: int, launch: Optional[Lau
     if any(needs_confidence(apply_method(cfg, m).train) for m in methods) and not confidence_is_complete(
             cfg, fingerprint):
         config_file = cfg.paths.logs / "compare_config.yaml"
-        from gift_dist.config import dump_config
-
         dump_config(cfg, config_file)
         score_and_train(cfg, config_file, launch, needs_scoring=True, needs_training=False)
 

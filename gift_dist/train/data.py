@@ -145,7 +145,7 @@ class MicroBatch:
     target_positions: Tensor
     target_ids: Tensor
     # Packed rows only: cumulative sample lengths (int32, [samples + 1]) and the longest sample, what varlen
-    # attention kernels take instead of a mask (``train.attention``).
+    # attention kernels take instead of a mask (``train.attn_implementation``).
     cu_seq_lens: Optional[Tensor] = None
     max_length: Optional[int] = None
 
