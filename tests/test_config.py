@@ -124,3 +124,16 @@ def test_ranks_share_the_cores_when_no_thread_count_is_set(monkeypatch):
         assert dist.share_cpu_threads() is None
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("options, overrides, message", [
+    (["--methods", "gift,nope"], ["prepare.eval_fraction=0.1"], "compare: unknown methods ['nope']"),
+    (["--seeds", "0"], ["prepare.eval_fraction=0.1"], "compare: --seeds must be >= 1, got 0"),
+    ([], [], "compare evaluates on held-out data: set prepare.eval_fraction"),
+])
+def test_compare_refuses_bad_settings_before_any_work(tmp_path, capsys, options, overrides, message):
+    from gift_dist.cli import main
+
+    assert main(["compare", *options, f"output_dir={tmp_path / 'run'}", *overrides]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
