@@ -24,16 +24,20 @@ against --peak-tflops, and peak memory (CUDA allocator, or the process's peak RS
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import math
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -69,6 +73,8 @@ def parse_args(argv=None):
     parser.add_argument("--packing", action="store_true", help="pack each micro-batch into one row, every row")
     parser.add_argument("--attn", default="auto", help="train.attn_implementation for every row")
     parser.add_argument("--no-checkpointing", action="store_true", help="gradient checkpointing off, every row")
+    parser.add_argument("--liger", action="store_true",
+                        help="Liger's RMSNorm/SwiGLU/RoPE kernels in every row (train.liger_kernels; GPU only)")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1)
@@ -76,7 +82,7 @@ def parse_args(argv=None):
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--profile", metavar="DIR",
-                        help="torch-profile one more step after the timed ones (plain and engine rows); tables to DIR")
+                        help="torch-profile one more step after the timed ones (every row); tables to DIR")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -143,6 +149,7 @@ def run_config(root: Path, args, layout: str):
         f"train.lora.alpha={2 * args.lora_r}", f"train.packing={'true' if args.packing else 'false'}",
         f"train.attn_implementation={args.attn}", "train.learning_rate=1e-4",
         f"train.gradient_checkpointing={'false' if args.no_checkpointing else 'true'}",
+        f"train.liger_kernels={'true' if args.liger else 'false'}",
     ])
 
 
@@ -161,10 +168,13 @@ def sync() -> None:
 
 
 class StepProfiler:
-    """The last step under torch.profiler: the ops by device time and by host time, and the host syncs."""
+    """The last step under torch.profiler: the ops by device time and by host time, how long the GPU was busy
+    (the union of its kernels and copies: well below the step time means the host is what the step waits on), and
+    where the host synchronised with the device (torch's sync debug mode, counted by call site)."""
 
     def __init__(self, folder: Optional[str], row: str, last_step: int):
         self.folder, self.row, self.last_step = folder, row, last_step
+        self.gpu_busy_s: Optional[float] = None
 
     def step(self, index: int):
         if self.folder is None or index != self.last_step:
@@ -176,19 +186,56 @@ class StepProfiler:
         return self
 
     def __enter__(self):
+        self.sync_sites: collections.Counter = collections.Counter()
+        if torch.cuda.is_available():
+            self._warnings = warnings.catch_warnings()
+            self._warnings.__enter__()
+            warnings.simplefilter("always")
+            warnings.showwarning = self._record_sync
+            torch.cuda.set_sync_debug_mode("warn")
         self.prof.__enter__()
+
+    def _record_sync(self, message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
+                  and "warnings.py" not in f.filename and "bench_train_throughput" not in f.filename]
+        site = frames[-1] if frames else None
+        self.sync_sites[f"{site.filename}:{site.lineno} {site.name}" if site else f"{filename}:{lineno}"] += 1
 
     def __exit__(self, *exc):
         self.prof.__exit__(*exc)
-        events = self.prof.key_averages()
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode(0)
+            self._warnings.__exit__(*exc)
+        events = self.prof.events()
+        busy = [(e.time_range.start, e.time_range.end) for e in events
+                if e.device_type == torch.autograd.DeviceType.CUDA]
+        self.gpu_busy_s = union_length(busy) / 1e6 if busy else None
+        averages = self.prof.key_averages()
         device_key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-        syncs = sum(e.count for e in events if "Synchronize" in e.key or e.key == "aten::item"
+        syncs = sum(e.count for e in averages if "Synchronize" in e.key or e.key == "aten::item"
                     or e.key == "aten::_local_scalar_dense")
-        text = (f"{self.row}: host syncs (cudaStreamSynchronize/cudaDeviceSynchronize/aten::item) {syncs}\n"
-                + events.table(sort_by=device_key, row_limit=25)
-                + events.table(sort_by="cpu_time_total", row_limit=15))
+        span = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
+        busy_line = (f"GPU busy {self.gpu_busy_s * 1e3:.1f} ms of a {span / 1e3:.1f} ms profiled step"
+                     if self.gpu_busy_s is not None else "no GPU events")
+        sites = "".join(f"  {count:5d}  {site}\n" for site, count in self.sync_sites.most_common(20))
+        text = (f"{self.row}: host syncs (cudaStreamSynchronize/cudaDeviceSynchronize/aten::item) {syncs}; "
+                f"{busy_line}\nsynchronising call sites (torch sync debug mode):\n{sites}"
+                + averages.table(sort_by=device_key, row_limit=25)
+                + averages.table(sort_by="cpu_time_total", row_limit=15))
         Path(self.folder).mkdir(parents=True, exist_ok=True)
         (Path(self.folder) / f"profile-{self.row}.txt").write_text(text)
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by possibly overlapping intervals (concurrent kernels count once)."""
+    total, end = 0.0, -math.inf
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
 
 
 def engine_times(cfg, steps, profiler: StepProfiler) -> list[float]:
@@ -243,13 +290,14 @@ def plain_times(cfg, steps, device: str, profiler: StepProfiler) -> list[float]:
     return times
 
 
-def hf_trainer_times(cfg, steps, layout: str, device: str) -> list[float]:
+def hf_trainer_times(cfg, steps, layout: str, device: str, profiler: StepProfiler) -> list[float]:
     """transformers Trainer + peft + our layout's DeepSpeed config, fed the same micro-batches."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from gift_dist.models.memory import model_shape
-    from gift_dist.train.engine import attention_implementation, build_ds_config, choose_layout
+    from gift_dist.train.engine import (apply_liger_kernels, attention_implementation, build_ds_config,
+                                        choose_layout)
 
     shape = model_shape(cfg.base_model, cfg.train.lora.r, cfg.train.lora.target_modules)
     ds_config = build_ds_config(cfg.train, choose_layout(cfg, 1, shape), 1, len(steps), shape)
@@ -261,15 +309,20 @@ def hf_trainer_times(cfg, steps, layout: str, device: str) -> list[float]:
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *_, **__):
             sync()
+            self.profiling = profiler.step(len(times))
+            self.profiling.__enter__()
             self.started = time.perf_counter()
 
         def on_step_end(self, *_, **__):
             sync()
             times.append(time.perf_counter() - self.started)
+            self.profiling.__exit__(None, None, None)
 
     # Created before the model: under ZeRO-3 it is what makes from_pretrained build the model partitioned.
+    # Sequential: HF step i trains on micro-batch i, as every other row does (its default order is random).
     training_args = TrainingArguments(
         output_dir=str(Path(cfg.output_dir) / f"hf_{layout}"), per_device_train_batch_size=1, max_steps=len(steps),
+        train_sampling_strategy="sequential",
         learning_rate=cfg.train.learning_rate, deepspeed=ds_config, report_to=[], save_strategy="no",
         logging_steps=10**6, gradient_checkpointing=cfg.train.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False,
@@ -280,6 +333,8 @@ def hf_trainer_times(cfg, steps, layout: str, device: str) -> list[float]:
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.bfloat16 if device == "cuda"
                                                  else torch.float32, attn_implementation=attention)
     model.config.use_cache = False
+    if cfg.train.liger_kernels:
+        apply_liger_kernels(model)
     model.enable_input_require_grads()
     lora = cfg.train.lora
     model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -314,14 +369,15 @@ def run_row(args) -> dict:
     elif args.row in ("replicate", "zero3"):
         times = engine_times(cfg, steps, profiler)
     else:
-        times = hf_trainer_times(cfg, steps, layout, args.device)
+        times = hf_trainer_times(cfg, steps, layout, args.device, profiler)
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     tokens = [sum(mb.num_tokens for mb in mbs) for mbs in steps]
     timed = slice(args.warmup, args.warmup + args.steps)
-    return {"row": args.row, "times": times[timed], "tokens": tokens[timed], "peak_gib": peak}
+    return {"row": args.row, "times": times[timed], "tokens": tokens[timed], "peak_gib": peak,
+            "gpu_busy_s": profiler.gpu_busy_s}
 
 
 def count_flop_params(base: Path) -> int:
@@ -339,7 +395,7 @@ def summarise(result: dict, flop_params: int, peak_tflops: float) -> dict:
     tflops = 4 * flop_params * tokens_per_s / 1e12
     return {"row": result["row"], "step_s": step, "tokens_per_step": statistics.mean(result["tokens"]),
             "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": tflops / peak_tflops,
-            "peak_gib": result["peak_gib"]}
+            "peak_gib": result["peak_gib"], "gpu_busy_s": result.get("gpu_busy_s")}
 
 
 def main(argv=None) -> int:
@@ -353,8 +409,18 @@ def main(argv=None) -> int:
         print(f"bench_train_throughput: unknown rows {unknown}; choose from {ROWS}", file=sys.stderr)
         return 2
     root = Path(args.root or tempfile.mkdtemp(prefix="bench_throughput_"))
-    build_model(root, args)
-    build_prepared(root, args)
+    # The model and samples depend on these only: later runs with the same --root (other rows, packing,
+    # attention, kernels) reuse them instead of building a billion-parameter checkpoint again.
+    stamp = json.dumps({key: getattr(args, key) for key in ("device", "hidden", "intermediate", "layers", "heads",
+                                                            "kv_heads", "vocab", "seq", "micro_batch")}
+                       | {"samples": total_steps(args) * args.micro_batch})
+    stamp_file = root / "built.json"
+    if not stamp_file.is_file() or stamp_file.read_text() != stamp:
+        for built in (root / "base", root / "prepared"):
+            shutil.rmtree(built, ignore_errors=True)
+        build_model(root, args)
+        build_prepared(root, args)
+        stamp_file.write_text(stamp)
     flop_params = count_flop_params(root / "base")
     forwarded = list(argv if argv is not None else sys.argv[1:])
     results = []
@@ -373,11 +439,12 @@ def main(argv=None) -> int:
           f"{'packed' if args.packing else 'padded'}, attention {args.attn}; {args.steps} timed steps after "
           f"{args.warmup}; device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'})")
     print(f"{'row':<14}{'step s':>9}{'tokens/step':>13}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}"
-          f"{'vs plain':>10}")
+          f"{'vs plain':>10}{'GPU busy s':>12}")
     for r in results:
         ratio = r["tokens_per_s"] / by_row["plain"]["tokens_per_s"] if "plain" in by_row else math.nan
+        busy = f"{r['gpu_busy_s']:>12.4f}" if r.get("gpu_busy_s") is not None else f"{'-':>12}"
         print(f"{r['row']:<14}{r['step_s']:>9.4f}{r['tokens_per_step']:>13.0f}{r['tokens_per_s']:>11.0f}"
-              f"{r['tflops']:>9.2f}{r['mfu']:>7.1%}{r['peak_gib']:>10.2f}{ratio:>9.2f}x")
+              f"{r['tflops']:>9.2f}{r['mfu']:>7.1%}{r['peak_gib']:>10.2f}{ratio:>9.2f}x{busy}")
     for ours, theirs in (("replicate", "hf_replicate"), ("zero3", "hf_zero3")):
         if ours in by_row and theirs in by_row:
             print(f"{ours} / {theirs} tokens/s: {by_row[ours]['tokens_per_s'] / by_row[theirs]['tokens_per_s']:.2f}x"

@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
-# The GPU figures of benchmarks/RESULTS.md in one go, on one machine: versions, the varlen-attention kernel check,
-# the 1.33B model of issue #10 (padded, every row), the 8B-shaped layers packed (MFU; varlen vs sdpa attention;
-# without gradient checkpointing), profiles of the plain and engine steps. Everything goes to $OUT (default
-# benchmarks/gpu-out): table.log, the rows as JSON, prof*/profile-<row>.txt. Each part has its own time limit.
+# The GPU figures of benchmarks/RESULTS.md in one go, on one machine: versions; the 1.33B model of issue #10 padded
+# (every row fed the same padded micro-batches) and packed (what `gift-dist train` does on a GPU), each row
+# profiled (GPU busy time, synchronising call sites); the 8B-shaped layers packed, with and without gradient
+# checkpointing, with and without Liger's kernels (MFU). Everything goes to $OUT (default benchmarks/gpu-out):
+# table.log, the rows as JSON, prof*/profile-<row>.txt. Each part has its own time limit.
+# SMOKE=1 runs the same parts at a tiny size on the CPU (to check the script before spending GPU time).
 set -uo pipefail
 OUT=${OUT:-benchmarks/gpu-out}
 mkdir -p "$OUT"
-export DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 B=benchmarks/bench_train_throughput.py
-MODEL1B=(--device cuda --hidden 2048 --layers 16 --vocab 128256 --seq 2048 --micro-batch 16)
-LAYER8B=(--device cuda --hidden 4096 --intermediate 14336 --layers 4 --heads 32 --kv-heads 8 --vocab 128256
-         --seq 2048 --micro-batch 16 --packing)
-ROWS1B=${ROWS1B:-plain,replicate,zero3,hf_replicate,hf_zero3}
+WORK=${WORK:-/tmp/gift_bench}
+if [[ ${SMOKE:-0} == 1 ]]; then
+    MODEL1B=(--device cpu --hidden 64 --layers 2 --vocab 512 --seq 64 --micro-batch 4)
+    LAYER8B=(--device cpu --hidden 128 --layers 2 --heads 4 --kv-heads 2 --vocab 512 --seq 64 --micro-batch 4 --packing)
+    LIGER=()
+else
+    export DS_ACCELERATOR=cuda
+    MODEL1B=(--device cuda --hidden 2048 --layers 16 --vocab 128256 --seq 2048 --micro-batch 16)
+    LAYER8B=(--device cuda --hidden 4096 --intermediate 14336 --layers 4 --heads 32 --kv-heads 8 --vocab 128256
+             --seq 2048 --micro-batch 16 --packing)
+    LIGER=(--liger)
+fi
+STEPS=(--warmup 2 --steps 5)
 LOG="$OUT/table.log"
 
 python3 - <<'PY' | tee "$LOG"
 import deepspeed, peft, torch, transformers
-print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+print(f"{name}; torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
       f"transformers {transformers.__version__}, peft {peft.__version__}")
 PY
 part() {  # part SECONDS TITLE COMMAND...: run with a limit, keep the table lines
@@ -26,11 +38,17 @@ part() {  # part SECONDS TITLE COMMAND...: run with a limit, keep the table line
     grep -vE "Warning|warn|^\s*$|it/s\]|examples/s\]" "$OUT/part.log" | tail -12 | tee -a "$LOG"
     echo "exit $code" | tee -a "$LOG"
 }
-part 60 "varlen kernel vs per-sample reference" python3 -m pytest -q -p no:cacheprovider tests/test_attention.py
-part 200 "1.33B, padded" python3 $B "${MODEL1B[@]}" --rows "$ROWS1B" --profile "$OUT/prof1b" --json "$OUT/model1b.json"
-part 100 "8B-shaped layers, packed, attention auto" python3 $B "${LAYER8B[@]}" --rows plain,replicate \
-    --profile "$OUT/prof8b" --json "$OUT/layer8b.json"
-part 50 "8B-shaped layers, packed, sdpa" python3 $B "${LAYER8B[@]}" --rows replicate --attn sdpa
-part 50 "8B-shaped layers, packed, no gradient checkpointing" python3 $B "${LAYER8B[@]}" --rows replicate \
-    --no-checkpointing
+part 170 "1.33B, padded" python3 $B "${MODEL1B[@]}" "${STEPS[@]}" --rows plain,replicate,hf_replicate \
+    --root "$WORK/m1b" --profile "$OUT/prof1b" --json "$OUT/model1b.json"
+part 120 "1.33B, packed (varlen attention where available)" python3 $B "${MODEL1B[@]}" "${STEPS[@]}" --packing \
+    --rows plain,replicate,hf_replicate --root "$WORK/m1b" --profile "$OUT/prof1b_packed" \
+    --json "$OUT/model1b_packed.json"
+part 80 "8B-shaped layers, packed, gradient checkpointing" python3 $B "${LAYER8B[@]}" "${STEPS[@]}" \
+    --rows replicate --root "$WORK/l8b" --json "$OUT/layer8b.json"
+part 60 "8B-shaped layers, packed, no gradient checkpointing" python3 $B "${LAYER8B[@]}" "${STEPS[@]}" \
+    --rows replicate --no-checkpointing --root "$WORK/l8b" --profile "$OUT/prof8b" --json "$OUT/layer8b_nockpt.json"
+part 60 "8B-shaped layers, packed, no gradient checkpointing, Liger" python3 $B "${LAYER8B[@]}" "${STEPS[@]}" \
+    --rows replicate --no-checkpointing "${LIGER[@]}" --root "$WORK/l8b" --json "$OUT/layer8b_nockpt_liger.json"
+part 60 "1.33B, packed, Liger" python3 $B "${MODEL1B[@]}" "${STEPS[@]}" --packing "${LIGER[@]}" --rows replicate \
+    --root "$WORK/m1b" --json "$OUT/model1b_packed_liger.json"
 rm -f "$OUT/part.log"

@@ -25,6 +25,10 @@ def plain_lora_model(cfg, device: str = "cpu", attention: Optional[str] = None):
     extra = {"attn_implementation": attention} if attention else {}
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=dtype, device_map={"": device}, **extra)
     model.config.use_cache = False
+    if cfg.train.liger_kernels:
+        from gift_dist.train.engine import apply_liger_kernels
+
+        apply_liger_kernels(model)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

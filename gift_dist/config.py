@@ -146,6 +146,9 @@ class TrainConfig:
     packing: Union[bool, Literal["auto"]] = "auto"
     # Positions per chunk through the output layer: full-vocab logits of a long sequence never sit in memory.
     ce_chunk_tokens: int = 1024
+    # Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (GPU only; `pip install liger-kernel`). Off by default:
+    # benchmarks/RESULTS.md records where they measured faster. Our chunked weighted CE is kept either way.
+    liger_kernels: bool = False
     save_every_steps: int = field(default=200, metadata=OPERATIONAL)
     keep_checkpoints: int = field(default=2, metadata=OPERATIONAL)
     log_every_steps: int = field(default=1, metadata=OPERATIONAL)

@@ -20,7 +20,8 @@ def test_throughput_benchmark_gives_every_row_finite_figures(tmp_path):
     out = tmp_path / "rows.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_train_throughput.py"), "--steps", "1", "--warmup", "1",
-         "--micro-batch", "2", "--seq", "48", "--json", str(out), "--root", str(tmp_path / "work")],
+         "--micro-batch", "2", "--seq", "48", "--json", str(out), "--root", str(tmp_path / "work"),
+         "--profile", str(tmp_path / "prof")],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -31,3 +32,5 @@ def test_throughput_benchmark_gives_every_row_finite_figures(tmp_path):
             assert math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
         assert row["tokens_per_step"] > 0
     assert "replicate / hf_replicate tokens/s" in proc.stdout and "zero3 / hf_zero3 tokens/s" in proc.stdout
+    for name in rows:  # every row profiled, the HF Trainer's included (through its step callbacks)
+        assert "host syncs" in (tmp_path / "prof" / f"profile-{name}.txt").read_text()

@@ -107,6 +107,17 @@ def test_an_output_dir_that_cannot_be_written_is_named_before_any_work(tmp_path,
     assert not any(p.name.startswith(".gift_dist_write_probe") for p in tmp_path.iterdir())
 
 
+def test_liger_kernels_without_a_gpu_or_the_package_are_refused_before_any_work(tmp_path, capsys):
+    """train.liger_kernels needs liger-kernel and a GPU; either missing is one line naming the setting, exit 2,
+    before the output folders, the process group or the model (base_model does not even exist here)."""
+    from gift_dist.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", f"output_dir={run}", "base_model=nowhere", "train.liger_kernels=true"]) == 2
+    assert "train.liger_kernels=true" in capsys.readouterr().err
+    assert not run.exists()
+
+
 def test_ranks_share_the_cores_when_no_thread_count_is_set(monkeypatch):
     """DeepSpeed's launcher sets no OMP_NUM_THREADS: 2 ranks on a node would each start one thread per core."""
     import os

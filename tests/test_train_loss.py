@@ -59,6 +59,62 @@ def test_target_token_ce_matches_full_logits_with_gradients(chunk_tokens):
     torch.testing.assert_close(head.weight.grad, ref_head.weight.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 1000])
+def test_frozen_head_ce_gives_the_full_logits_gradient_without_rerunning_the_head(chunk_tokens):
+    """LoRA's output layer is frozen: the hidden states' gradient is computed in the forward, and the backward
+    never runs the output layer again (one F.linear per chunk in total, not two)."""
+    hidden, labels = _batch(seed=3)
+    head = torch.nn.Linear(HIDDEN, VOCAB, bias=True).requires_grad_(False)
+    h1 = hidden.clone().requires_grad_(True)
+    h2 = hidden.clone().requires_grad_(True)
+    upstream = torch.linspace(-1.0, 3.0, int((labels[:, 1:] != -100).sum()))
+    calls = []
+    original = F.linear
+
+    def counting_linear(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    positions, target_ids = target_positions(labels)
+    try:
+        F.linear = counting_linear
+        ce = ChunkedTargetCE(head, chunk_tokens)(h1, positions, target_ids)
+        (ce * upstream).sum().backward()
+    finally:
+        F.linear = original
+    assert len(calls) == math.ceil(len(target_ids) / chunk_tokens)
+    ref = _full_logits_ce(h2, head, labels)
+    torch.testing.assert_close(ce, ref, rtol=1e-5, atol=1e-5)
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_head_ce_in_bf16_matches_the_checkpointed_chunks():
+    hidden, labels = _batch(seed=4, batch=4, length=40)
+    head = torch.nn.Linear(HIDDEN, VOCAB, bias=False).to(torch.bfloat16)
+    positions, target_ids = target_positions(labels)
+    upstream = torch.rand(len(target_ids)) * 1e-3  # weights over a large normaliser: small, but no underflow
+    grads = []
+    for trainable in (False, True):
+        head.weight.requires_grad_(trainable)
+        h = hidden.to(torch.bfloat16).requires_grad_(True)
+        ce = ChunkedTargetCE(head, 16)(h, positions, target_ids)
+        (ce * upstream).sum().backward()
+        grads.append(h.grad.float())
+        assert ce.dtype == torch.float32 and torch.isfinite(ce).all()
+    torch.testing.assert_close(grads[0], grads[1], rtol=2e-2, atol=1e-6)
+    assert grads[0].abs().sum() > 0
+
+
+def test_frozen_head_ce_without_gradients_is_the_plain_ce():
+    hidden, labels = _batch(seed=5)
+    head = torch.nn.Linear(HIDDEN, VOCAB, bias=False).requires_grad_(False)
+    positions, target_ids = target_positions(labels)
+    with torch.no_grad():
+        ce = ChunkedTargetCE(head, 4)(hidden.requires_grad_(True), positions, target_ids)
+    torch.testing.assert_close(ce, _full_logits_ce(hidden.detach(), head, labels), rtol=1e-5, atol=1e-5)
+
+
 def test_chunked_ce_reads_the_head_weight_in_one_module_call_per_micro_batch():
     """Under ZeRO-3 the CE head is a leaf module: one call gathers the lm_head once however many chunks there are,
     so the lm_head module itself must never be called (its own hooks would gather it again, chunk by chunk)."""

@@ -362,6 +362,32 @@ def attention_implementation(train: TrainConfig) -> str:
     return name
 
 
+def check_liger_kernels(train: TrainConfig) -> None:
+    """``train.liger_kernels`` needs the package and a GPU: refused before any model is loaded."""
+    if not train.liger_kernels:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("train.liger_kernels=true but liger-kernel is not installed; pip install liger-kernel, "
+                          "or set train.liger_kernels=false")
+    if not on_gpu():
+        raise ConfigError("train.liger_kernels=true needs a GPU (Liger's kernels are Triton); set "
+                          "train.liger_kernels=false on CPU")
+
+
+def apply_liger_kernels(model: torch.nn.Module) -> None:
+    """Liger's RMSNorm, SwiGLU and RoPE kernels on this model (its loss kernels stay off: ``loss.ChunkedTargetCE``
+    is the loss). Applied before peft wraps the projections; the patched MLP still calls them as modules, so the
+    LoRA layers run as they would without Liger."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    model_type = getattr(model.config, "model_type", None)
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    log.info("Liger kernels (RMSNorm, SwiGLU, RoPE) applied to the %s model", model_type)
+
+
 def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
     """Load the model in the chosen layout, add LoRA with peft, and build the DeepSpeed engine."""
     import deepspeed
@@ -372,6 +398,7 @@ def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
 
     from gift_dist.train.loss import ChunkedTargetCE
 
+    check_liger_kernels(cfg.train)
     model_path = training_model_path(cfg)
     shape = model_shape(model_path, cfg.train.lora.r, cfg.train.lora.target_modules, cfg.trust_remote_code)
     layout = choose_layout(cfg, world, shape)
@@ -391,6 +418,8 @@ def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
         device_map = {"": torch.cuda.current_device()} if on_gpu() else None
         model = AutoModelForCausalLM.from_pretrained(model_path, device_map=device_map, **load)
     model.config.use_cache = False
+    if cfg.train.liger_kernels:
+        apply_liger_kernels(model)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # With frozen embeddings nothing upstream requires grad; checkpointed blocks still need a grad path.

@@ -42,14 +42,57 @@ def target_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
     return rows * length + cols, target_ids
 
 
+class _FrozenHeadTargetCE(torch.autograd.Function):
+    """CE of the target tokens through a frozen output layer, with d CE_t / d hidden_t computed in the forward.
+
+    For one token, CE_t = logsumexp(z_t) - z_t[y_t] with z_t = W h_t (+ b), so
+
+        d CE_t / d h_t = W^T (softmax(z_t) - onehot(y_t)),
+
+    which depends on neither the weighting nor the normalisation. The loss is sum_t c_t CE_t with c_t the detached
+    weight over the normaliser (whatever the weighting, DFT included: its weights are detached too), so backward
+    only scales row t of the stored gradient by the incoming c_t. Computing it while the chunk's logits are at hand
+    costs one [chunk, V] x [V, H] product per chunk and saves re-running the output layer in backward (what a
+    checkpointed chunk does): a third fewer output-layer FLOPs and no logits recomputed. The weight must be frozen
+    (its own gradient is not computed here); ``ChunkedTargetCE`` checks.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                chunk_tokens: int) -> Tensor:
+        ce = torch.empty(targets.numel(), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        for start in range(0, targets.numel(), chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            logits = F.linear(hidden[rows], weight, bias).float()
+            chunk_targets = targets[rows]
+            log_z = torch.logsumexp(logits, dim=-1)
+            ce[rows] = log_z - logits.gather(1, chunk_targets.unsqueeze(1)).squeeze(1)
+            # softmax - onehot, in place in the logits buffer: one [chunk, V] fp32 buffer per chunk.
+            probs = logits.sub_(log_z.unsqueeze(1)).exp_()
+            probs.scatter_add_(1, chunk_targets.unsqueeze(1), probs.new_full((probs.shape[0], 1), -1.0))
+            grad_hidden[rows] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        return ce
+
+    @staticmethod
+    def backward(ctx, grad_ce: Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        scaled = (grad_hidden.float() * grad_ce.unsqueeze(1)).to(grad_hidden.dtype)
+        return scaled, None, None, None, None
+
+
 class ChunkedTargetCE(torch.nn.Module):
     """CE [N] (fp32, differentiable) of the target tokens, through the output layer ``chunk_tokens`` rows at a time.
 
     One module call per micro-batch: under ZeRO-3 it is registered as a leaf module, so the partitioned lm_head
     weight is gathered once for the forward and once for the backward, however many chunks there are (calling the
     lm_head module per chunk would all-gather it per chunk, and ranks with different token counts would then have
-    to agree on a chunk count). Each chunk is checkpointed: only one chunk's logits live at a time, in forward and
-    in backward.
+    to agree on a chunk count). Only one chunk's logits live at a time, in forward and in backward.
+
+    A frozen output layer (LoRA never trains it) takes ``_FrozenHeadTargetCE``, which computes the hidden states'
+    gradient in the forward; a trainable one (or a forward without gradients) goes through checkpointed chunks.
+    transformers' loss and Liger's fused linear cross-entropy take no per-token weights, hence this module.
     """
 
     def __init__(self, lm_head: torch.nn.Module, chunk_tokens: int):
@@ -68,6 +111,10 @@ class ChunkedTargetCE(torch.nn.Module):
 
     def forward(self, hidden: Tensor, positions: Tensor, target_ids: Tensor) -> Tensor:
         target_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        weight, bias = self.lm_head.weight, getattr(self.lm_head, "bias", None)
+        head_frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+        if head_frozen and target_hidden.requires_grad and torch.is_grad_enabled():
+            return _FrozenHeadTargetCE.apply(target_hidden, weight, bias, target_ids, self.chunk_tokens)
         num_chunks = max(1, math.ceil(target_ids.numel() / self.chunk_tokens))
         pieces = []
         for index in range(num_chunks):

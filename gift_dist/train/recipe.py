@@ -46,7 +46,7 @@ from gift_dist.train.data import (
     MicroBatch,
     TrainBatches,
 )
-from gift_dist.train.engine import TrainEngine, build_engine
+from gift_dist.train.engine import TrainEngine, build_engine, check_liger_kernels
 from gift_dist.train.loss import micro_batch_loss, normalizer_local, weighted_ce_sum
 from gift_dist.train.metrics import MetricsLogger
 
@@ -102,6 +102,7 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
     """Train the LoRA and write the adapter; ``grad_dump_dir`` saves each step's full LoRA gradients (debugging).
     ``resume_anyway``: resume although max_steps/epochs changed since the checkpoint."""
     weighting.validate(cfg.train)
+    check_liger_kernels(cfg.train)
     for folder in (cfg.paths.checkpoints, cfg.paths.logs, cfg.paths.adapter.parent):
         require_writable(folder, "the training output directory")
     if cfg.base_model and cfg.instruct_model:
