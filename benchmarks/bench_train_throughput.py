@@ -56,6 +56,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROWS = ("plain", "replicate", "zero3", "hf_replicate", "hf_zero3")
+MIN_SAMPLE_TOKENS = 16
 ENGINE_LAYOUT = {"replicate": "replicate", "zero3": "zero3", "hf_replicate": "replicate", "hf_zero3": "zero3"}
 
 
@@ -72,7 +73,10 @@ def parse_args(argv=None):
     parser.add_argument("--micro-batch", type=int, default=4, help="samples per micro-batch")
     parser.add_argument("--packing", action="store_true", help="pack each micro-batch into one row, every row")
     parser.add_argument("--attn", default="auto", help="train.attn_implementation for every row")
-    parser.add_argument("--no-checkpointing", action="store_true", help="gradient checkpointing off, every row")
+    parser.add_argument("--checkpointing", default="true", choices=("true", "false", "auto"),
+                        help="train.gradient_checkpointing for every row (auto: as our engine resolves it)")
+    parser.add_argument("--micro-batch-tokens", type=int, default=0,
+                        help="train.micro_batch_tokens: micro-batches filled up to this many tokens, every row")
     parser.add_argument("--liger", action="store_true",
                         help="Liger's RMSNorm/SwiGLU/RoPE kernels in every row (train.liger_kernels; GPU only)")
     parser.add_argument("--lora-r", type=int, default=16)
@@ -106,15 +110,21 @@ def build_model(root: Path, args) -> Path:
     return root / "base"
 
 
+def sample_count(args) -> int:
+    """Enough samples for every step: a token budget holds at most budget / 16 samples (the shortest is 16)."""
+    per_micro_batch = max(args.micro_batch, args.micro_batch_tokens // MIN_SAMPLE_TOKENS + 1)
+    return total_steps(args) * per_micro_batch
+
+
 def build_prepared(root: Path, args) -> Path:
     """Length-skewed samples (most short, a few long; labels on the reply half) through the prepared contract."""
     from datasets import Dataset
 
     from gift_dist.contracts import prepared as contract
 
-    samples = total_steps(args) * args.micro_batch
+    samples = sample_count(args)
     rng = np.random.default_rng(0)
-    lengths = np.clip(rng.lognormal(np.log(args.seq / 6), 0.8, samples), 16, args.seq).astype(int)
+    lengths = np.clip(rng.lognormal(np.log(args.seq / 6), 0.8, samples), MIN_SAMPLE_TOKENS, args.seq).astype(int)
     rows = {"input_ids": [], "labels": [], "record_index": [], "num_tokens": [], "num_target_tokens": []}
     for i, n in enumerate(lengths):
         ids = rng.integers(10, args.vocab, n).tolist()
@@ -148,7 +158,8 @@ def run_config(root: Path, args, layout: str):
         f"train.max_steps={total_steps(args)}", f"train.sharding={layout}", f"train.lora.r={args.lora_r}",
         f"train.lora.alpha={2 * args.lora_r}", f"train.packing={'true' if args.packing else 'false'}",
         f"train.attn_implementation={args.attn}", "train.learning_rate=1e-4",
-        f"train.gradient_checkpointing={'false' if args.no_checkpointing else 'true'}",
+        f"train.gradient_checkpointing={args.checkpointing}", f"prepare.max_length={args.seq}",
+        f"train.micro_batch_tokens={args.micro_batch_tokens}",
         f"train.liger_kernels={'true' if args.liger else 'false'}",
     ])
 
@@ -350,6 +361,14 @@ def hf_trainer_times(cfg, steps, layout: str, device: str, profiler: StepProfile
     return times
 
 
+def resolved_checkpointing(cfg) -> bool:
+    from gift_dist.models.memory import model_shape
+    from gift_dist.train.engine import choose_checkpointing, choose_layout
+
+    shape = model_shape(cfg.base_model, cfg.train.lora.r, cfg.train.lora.target_modules)
+    return choose_checkpointing(cfg, choose_layout(cfg, 1, shape), 1, shape)[0]
+
+
 def run_row(args) -> dict:
     root = Path(args.root)
     layout = ENGINE_LAYOUT.get(args.row, "replicate")
@@ -361,6 +380,9 @@ def run_row(args) -> dict:
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     dist.init(use_deepspeed=True)
     steps = micro_batches(cfg, root / "prepared", total_steps(args))
+    checkpointing = resolved_checkpointing(cfg)
+    if args.row not in ("replicate", "zero3"):
+        cfg.train.gradient_checkpointing = checkpointing  # "auto" made the same choice as our engine's
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     profiler = StepProfiler(args.profile, args.row, args.warmup + args.steps)
@@ -377,7 +399,7 @@ def run_row(args) -> dict:
     tokens = [sum(mb.num_tokens for mb in mbs) for mbs in steps]
     timed = slice(args.warmup, args.warmup + args.steps)
     return {"row": args.row, "times": times[timed], "tokens": tokens[timed], "peak_gib": peak,
-            "gpu_busy_s": profiler.gpu_busy_s}
+            "gpu_busy_s": profiler.gpu_busy_s, "checkpointing": checkpointing}
 
 
 def count_flop_params(base: Path) -> int:
@@ -395,7 +417,8 @@ def summarise(result: dict, flop_params: int, peak_tflops: float) -> dict:
     tflops = 4 * flop_params * tokens_per_s / 1e12
     return {"row": result["row"], "step_s": step, "tokens_per_step": statistics.mean(result["tokens"]),
             "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": tflops / peak_tflops,
-            "peak_gib": result["peak_gib"], "gpu_busy_s": result.get("gpu_busy_s")}
+            "peak_gib": result["peak_gib"], "gpu_busy_s": result.get("gpu_busy_s"), "step_times": result["times"],
+            "step_tokens": result["tokens"], "checkpointing": result["checkpointing"]}
 
 
 def main(argv=None) -> int:
@@ -413,7 +436,7 @@ def main(argv=None) -> int:
     # attention, kernels) reuse them instead of building a billion-parameter checkpoint again.
     stamp = json.dumps({key: getattr(args, key) for key in ("device", "hidden", "intermediate", "layers", "heads",
                                                             "kv_heads", "vocab", "seq", "micro_batch")}
-                       | {"samples": total_steps(args) * args.micro_batch})
+                       | {"samples": sample_count(args)})
     stamp_file = root / "built.json"
     if not stamp_file.is_file() or stamp_file.read_text() != stamp:
         for built in (root / "base", root / "prepared"):
@@ -435,16 +458,19 @@ def main(argv=None) -> int:
         results.append(summarise(json.loads(line[4:]), flop_params, args.peak_tflops))
     by_row = {r["row"]: r for r in results}
     print(f"\nLlama hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}, N = {flop_params / 1e6:.1f}M "
-          f"(4N FLOPs/token); micro-batch of {args.micro_batch} samples up to {args.seq} tokens, "
-          f"{'packed' if args.packing else 'padded'}, attention {args.attn}; {args.steps} timed steps after "
+          f"(4N FLOPs/token); micro-batch of "
+          f"{f'up to {args.micro_batch_tokens} tokens' if args.micro_batch_tokens else f'{args.micro_batch} samples'}"
+          f" of up to {args.seq} tokens, {'packed' if args.packing else 'padded'}, attention {args.attn}, "
+          f"gradient checkpointing {args.checkpointing}; {args.steps} timed steps after "
           f"{args.warmup}; device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'})")
     print(f"{'row':<14}{'step s':>9}{'tokens/step':>13}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}"
-          f"{'vs plain':>10}{'GPU busy s':>12}")
+          f"{'vs plain':>10}{'GPU busy s':>12}{'recompute':>11}")
     for r in results:
         ratio = r["tokens_per_s"] / by_row["plain"]["tokens_per_s"] if "plain" in by_row else math.nan
         busy = f"{r['gpu_busy_s']:>12.4f}" if r.get("gpu_busy_s") is not None else f"{'-':>12}"
         print(f"{r['row']:<14}{r['step_s']:>9.4f}{r['tokens_per_step']:>13.0f}{r['tokens_per_s']:>11.0f}"
-              f"{r['tflops']:>9.2f}{r['mfu']:>7.1%}{r['peak_gib']:>10.2f}{ratio:>9.2f}x{busy}")
+              f"{r['tflops']:>9.2f}{r['mfu']:>7.1%}{r['peak_gib']:>10.2f}{ratio:>9.2f}x{busy}"
+              f"{'on' if r['checkpointing'] else 'off':>11}")
     for ours, theirs in (("replicate", "hf_replicate"), ("zero3", "hf_zero3")):
         if ours in by_row and theirs in by_row:
             print(f"{ours} / {theirs} tokens/s: {by_row[ours]['tokens_per_s'] / by_row[theirs]['tokens_per_s']:.2f}x"

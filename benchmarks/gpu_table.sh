@@ -15,12 +15,14 @@ if [[ ${SMOKE:-0} == 1 ]]; then
     MODEL1B=(--device cpu --hidden 64 --layers 2 --vocab 512 --seq 64 --micro-batch 4)
     LAYER8B=(--device cpu --hidden 128 --layers 2 --heads 4 --kv-heads 2 --vocab 512 --seq 64 --micro-batch 4 --packing)
     LIGER=()
+    BUDGET=400
 else
     export DS_ACCELERATOR=cuda
     MODEL1B=(--device cuda --hidden 2048 --layers 16 --vocab 128256 --seq 2048 --micro-batch 16)
     LAYER8B=(--device cuda --hidden 4096 --intermediate 14336 --layers 4 --heads 32 --kv-heads 8 --vocab 128256
              --seq 2048 --micro-batch 16 --packing)
     LIGER=(--liger)
+    BUDGET=8192
 fi
 STEPS=(--warmup 2 --steps 5)
 LOG="$OUT/table.log"
@@ -31,24 +33,32 @@ name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 print(f"{name}; torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
       f"transformers {transformers.__version__}, peft {peft.__version__}")
 PY
-part() {  # part SECONDS TITLE COMMAND...: run with a limit, keep the table lines
-    local limit=$1 title=$2; shift 2
+PARTS=${PARTS:-padded,packed,budget,layer8b,liger}  # a subset to rerun only those
+part() {  # part KEY SECONDS TITLE COMMAND...: run with a limit, keep the table lines
+    local key=$1 limit=$2 title=$3; shift 3
+    [[ ",$PARTS," == *",$key,"* ]] || return 0
     echo "== $title" | tee -a "$LOG"
     timeout "$limit" "$@" > "$OUT/part.log" 2>&1; local code=$?
     grep -vE "Warning|warn|^\s*$|it/s\]|examples/s\]" "$OUT/part.log" | tail -12 | tee -a "$LOG"
     echo "exit $code" | tee -a "$LOG"
 }
-part 170 "1.33B, padded" python3 $B "${MODEL1B[@]}" "${STEPS[@]}" --rows plain,replicate,hf_replicate \
+part padded 170 "1.33B, padded" python3 $B "${MODEL1B[@]}" "${STEPS[@]}" --rows plain,replicate,hf_replicate \
     --root "$WORK/m1b" --profile "$OUT/prof1b" --json "$OUT/model1b.json"
-part 120 "1.33B, packed (varlen attention where available)" python3 $B "${MODEL1B[@]}" "${STEPS[@]}" --packing \
+part packed 120 "1.33B, packed (varlen attention where available)" python3 $B "${MODEL1B[@]}" "${STEPS[@]}" --packing \
     --rows plain,replicate,hf_replicate --root "$WORK/m1b" --profile "$OUT/prof1b_packed" \
     --json "$OUT/model1b_packed.json"
-part 80 "8B-shaped layers, packed, gradient checkpointing" python3 $B "${LAYER8B[@]}" "${STEPS[@]}" \
+part budget 150 "1.33B, packed, micro-batches of up to 8192 tokens, recompute as auto decides" python3 $B \
+    "${MODEL1B[@]}" "${STEPS[@]}" --packing --micro-batch-tokens "$BUDGET" --checkpointing auto \
+    --rows plain,replicate,hf_replicate --root "$WORK/m1b_budget" --json "$OUT/model1b_budget_auto.json"
+part budget 80 "1.33B, packed, micro-batches of up to 8192 tokens, recompute on" python3 $B "${MODEL1B[@]}" \
+    "${STEPS[@]}" --packing --micro-batch-tokens "$BUDGET" --checkpointing true --rows replicate,hf_replicate \
+    --root "$WORK/m1b_budget" --json "$OUT/model1b_budget_recompute.json"
+part layer8b 80 "8B-shaped layers, packed, gradient checkpointing" python3 $B "${LAYER8B[@]}" "${STEPS[@]}" \
     --rows replicate --root "$WORK/l8b" --json "$OUT/layer8b.json"
-part 60 "8B-shaped layers, packed, no gradient checkpointing" python3 $B "${LAYER8B[@]}" "${STEPS[@]}" \
-    --rows replicate --no-checkpointing --root "$WORK/l8b" --profile "$OUT/prof8b" --json "$OUT/layer8b_nockpt.json"
-part 60 "8B-shaped layers, packed, no gradient checkpointing, Liger" python3 $B "${LAYER8B[@]}" "${STEPS[@]}" \
-    --rows replicate --no-checkpointing "${LIGER[@]}" --root "$WORK/l8b" --json "$OUT/layer8b_nockpt_liger.json"
-part 60 "1.33B, packed, Liger" python3 $B "${MODEL1B[@]}" "${STEPS[@]}" --packing "${LIGER[@]}" --rows replicate \
+part layer8b 60 "8B-shaped layers, packed, no gradient checkpointing" python3 $B "${LAYER8B[@]}" "${STEPS[@]}" \
+    --rows replicate --checkpointing false --root "$WORK/l8b" --profile "$OUT/prof8b" --json "$OUT/layer8b_nockpt.json"
+part liger 60 "8B-shaped layers, packed, no gradient checkpointing, Liger" python3 $B "${LAYER8B[@]}" "${STEPS[@]}" \
+    --rows replicate --checkpointing false "${LIGER[@]}" --root "$WORK/l8b" --json "$OUT/layer8b_nockpt_liger.json"
+part liger 60 "1.33B, packed, Liger" python3 $B "${MODEL1B[@]}" "${STEPS[@]}" --packing "${LIGER[@]}" --rows replicate \
     --root "$WORK/m1b" --json "$OUT/model1b_packed_liger.json"
 rm -f "$OUT/part.log"

@@ -32,6 +32,9 @@ def test_8b_plan_replicates_the_base_on_80gib_gpus(capsys):
     llama_8b = Path(__file__).resolve().parents[1] / "examples/llama3-8b-config.json"
     out = _plan_of(capsys, llama_8b, "--gpus-per-node", "8")
     assert "fits 80 GiB GPUs / 1024 GiB nodes: ds_configs/replicate.json (train.sharding: auto -> replicate)" in out
+    assert "gradient checkpointing (train.gradient_checkpointing: auto): off" in out  # 1 x 4096 tokens fit
+    out = _plan_of(capsys, llama_8b, "--gpus-per-node", "8", "--micro-batch-size", "4")
+    assert "gradient checkpointing (train.gradient_checkpointing: auto): on" in out
     out = _plan_of(capsys, LLAMA_70B, "--gpus-per-node", "8", "--nodes", "2")
     assert "(train.sharding: auto -> zero3)" in out
 

@@ -387,3 +387,43 @@ def test_packed_micro_batch_gives_the_same_per_token_loss_as_one_by_one(prepared
         out = model.model(input_ids=packed.input_ids, position_ids=leaky, use_cache=False, **boundaries)
         leaky_ce = target_token_ce(out.last_hidden_state, model.lm_head, packed.labels, chunk_tokens=7)
     assert not torch.allclose(leaky_ce, one_by_one, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_token_budget_fills_each_micro_batch_with_consecutive_samples_up_to_the_budget(prepared, scored, packing):
+    """train.micro_batch_tokens: packed rows hold at most the budget in tokens, padded ones samples x longest; each
+    micro-batch stops only where the next sample would break the budget; epoch 0 keeps the prepared order."""
+    budget = 26
+    data = batches(prepared, scored, micro_batch_tokens=budget, packing=packing, epochs=2)
+    lengths = prepared.dataset["num_tokens"]
+
+    def cost(indices):
+        return sum(lengths[i] for i in indices) if packing else len(indices) * max(lengths[i] for i in indices)
+
+    walked = []
+    for step in range(data.steps_per_epoch):
+        (mb,) = data.micro_batches(step)
+        assert cost(mb.sample_indices) <= budget
+        assert mb.input_ids.numel() == cost(mb.sample_indices)  # what the budget bounds, padding included
+        following = mb.sample_indices[-1] + 1
+        assert following == len(lengths) or cost(mb.sample_indices + [following]) > budget
+        walked += mb.sample_indices
+    assert walked == list(range(len(walked))) and len(walked) > len(lengths) - 4
+    sizes = {len(data.micro_batches(step)[0].sample_indices) for step in range(data.total_steps)}
+    assert len(sizes) > 1  # the sample count follows the lengths
+    assert data.total_steps > data.steps_per_epoch  # epoch 1 (permuted) planned too
+
+
+def test_token_budget_splits_a_step_the_same_way_for_any_ranks_and_accumulation(prepared, scored):
+    one = batches(prepared, scored, 0, 1, micro_batch_tokens=30, gradient_accumulation_steps=2, epochs=2)
+    for step in range(one.total_steps):
+        alone = [set(mb.sample_indices) for mb in one.micro_batches(step)]
+        split = rank_sets(prepared, scored, step, 2, micro_batch_tokens=30, gradient_accumulation_steps=1, epochs=2)
+        assert alone == split[0] + split[1]
+
+
+def test_token_budget_below_the_longest_sample_names_it(prepared, scored):
+    longest = max(range(len(prepared)), key=lambda i: prepared.dataset["num_tokens"][i])
+    with pytest.raises(ConfigError, match=rf"sample {longest} of .* has 10 tokens, more than "
+                                          r"train.micro_batch_tokens=9; raise the budget to at least 10"):
+        batches(prepared, scored, micro_batch_tokens=9)

@@ -7,6 +7,7 @@ resume tests; the bad-input tests run the recipe in-process on one rank.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -373,6 +374,28 @@ def test_dft_trains_without_a_confidence_folder(setup, tmp_path, single_rank):
     assert [row["step"] for row in rows] == [1, 2]
     assert all(0.0 < row["mean_weight"] < 1.0 for row in rows)  # the model's own p, not 1
     assert read_adapter(result.adapter).provenance["weighting"]["weighting"] == "dft"
+
+
+def test_a_token_budget_per_micro_batch_trains_and_is_recorded(setup, tmp_path, single_rank):
+    """train.micro_batch_tokens: micro-batches are filled up to the budget (their sample counts vary) and the
+    budget is a result setting, so a resume with another one is refused."""
+    from gift_dist.train.recipe import train
+
+    budget = 2 * max(setup.prepared.dataset["num_tokens"])
+    cfg = run_config(setup, tmp_path / "run", weighting="uniform", max_steps=3, micro_batch_tokens=budget,
+                     gradient_accumulation_steps=2, save_every_steps=3)
+    result = train(cfg)
+    assert result.steps == 3 and not result.preempted
+    assert read_adapter(result.adapter).provenance["train_config"]["micro_batch_tokens"] == budget
+    rows = read_metrics(cfg.paths.logs / METRICS_NAME)
+    assert all(math.isfinite(row["loss"]) and row["target_tokens"] > 0 for row in rows)
+    changed = run_config(setup, tmp_path / "run2", weighting="uniform", max_steps=3, micro_batch_tokens=budget + 1,
+                         gradient_accumulation_steps=2)
+    import shutil
+
+    shutil.copytree(cfg.paths.checkpoints, changed.paths.checkpoints)
+    with pytest.raises(ContractError, match=rf"train.micro_batch_tokens: {budget} -> {budget + 1}"):
+        train(changed, resume=True)
 
 
 def test_held_out_ce_is_logged_and_equals_an_independent_computation(setup, tmp_path, single_rank):

@@ -107,6 +107,26 @@ def test_layout_follows_sharding_and_refuses_a_contradicting_ds_config():
         choose_layout(_run_cfg(sharding="replicate", ds_config="zero3"), 1)
 
 
+def test_checkpointing_auto_recomputes_only_when_the_activations_would_not_fit(monkeypatch):
+    """On an 80 GiB GPU, an 8B base with micro-batches of 2k tokens keeps its activations (no recompute); with
+    16k tokens they would need ~150 GiB, so it recomputes. Explicit settings win; off a GPU it stays on."""
+    from gift_dist.train import engine
+
+    def resolve(*overrides):
+        cfg = load_config(None, ["train.sharding=replicate", *overrides])
+        return engine.choose_checkpointing(cfg, choose_layout(cfg, 1, _shape()), 1, _shape())
+
+    assert resolve("train.micro_batch_size=1", "prepare.max_length=2048") == (True, "auto: not on a GPU")
+    monkeypatch.setattr(engine, "on_gpu", lambda: True)
+    monkeypatch.setattr(engine, "gpu_memory_gib", lambda: 80.0)
+    off, reason = resolve("train.micro_batch_size=1", "prepare.max_length=2048")
+    assert not off and "up to 2048 tokens" in reason and "within a 80 GiB GPU" in reason
+    on, reason = resolve("train.micro_batch_size=4", "prepare.max_length=4096")
+    assert on and "up to 16384 tokens" in reason and "more than 90%" in reason
+    assert resolve("train.micro_batch_size=1", "prepare.max_length=2048", "train.gradient_checkpointing=true")[0]
+    assert not resolve("train.micro_batch_size=4", "train.gradient_checkpointing=false")[0]
+
+
 def test_ds_config_by_path_and_unknown_name(tmp_path):
     own = tmp_path / "mine.json"
     own.write_text((REPO / "ds_configs" / "zero3.json").read_text())

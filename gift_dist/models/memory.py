@@ -82,24 +82,34 @@ def model_shape(model: str, lora_r: int, target_modules: list[str], trust_remote
     )
 
 
-def activation_bytes(shape: ModelShape, tokens: int, ce_chunk_tokens: int) -> int:
-    """Gradient checkpointing keeps one hidden state per layer, plus one layer's working set during recompute,
-    plus the chunked output layer (fp32 logits and their gradient for one chunk)."""
+def activation_bytes(shape: ModelShape, tokens: int, ce_chunk_tokens: int, checkpointing: bool = True) -> int:
+    """Activation memory of one micro-batch of ``tokens`` tokens, plus the chunked output layer (fp32 logits and
+    their gradient for one chunk).
+
+    With gradient checkpointing: one hidden state per layer, plus one layer's working set during recompute.
+    Without: every layer keeps what its backward reads, ~2 * (16 H + 5 I) bytes per token (the norms' fp32 inputs,
+    q/k/v and the attention output, the LoRA layers' dropped-out inputs, the MLP's gate, up and product). The
+    coefficients were fitted to one measurement: 8B-shaped layers (H 4096, I 14336), 8,233 packed tokens, peak
+    memory 15.55 GiB without and 7.30 GiB with checkpointing (H100, benchmarks/RESULTS.md, 2026-11-26).
+    """
+    head = 2 * 4 * min(ce_chunk_tokens, tokens) * shape.vocab_size
+    if not checkpointing:
+        return BF16 * tokens * (16 * shape.hidden_size + 5 * shape.intermediate_size) * shape.num_layers + head
     return (
         BF16 * tokens * shape.hidden_size * shape.num_layers
         + BF16 * tokens * (4 * shape.hidden_size + 3 * shape.intermediate_size)
-        + 2 * 4 * min(ce_chunk_tokens, tokens) * shape.vocab_size
+        + head
     )
 
 
 def training_plan(shape: ModelShape, gpus_per_node: int, nodes: int, tokens_per_micro_batch: int,
-                  ce_chunk_tokens: int) -> dict[str, dict[str, float]]:
+                  ce_chunk_tokens: int, checkpointing: bool = True) -> dict[str, dict[str, float]]:
     """Per-GPU and per-node GiB for each shipped layout: ``replicate`` (frozen base whole on every GPU, LoRA states
-    partitioned by ZeRO stage 1) and the three ZeRO-3 configs."""
+    partitioned by ZeRO stage 1) and the three ZeRO-3 configs, with or without gradient checkpointing."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     world = gpus_per_node * nodes
-    activations = activation_bytes(shape, tokens_per_micro_batch, ce_chunk_tokens)
+    activations = activation_bytes(shape, tokens_per_micro_batch, ce_chunk_tokens, checkpointing)
     # LoRA under ZeRO-1: bf16 weights and gradients everywhere, fp32 master + Adam moments (12 bytes) partitioned.
     lora_replicated = (2 + 2) * shape.lora_params + 12 * shape.lora_params / world
     plans = {"replicate": {"gpu_gib": (BF16 * shape.total_params + lora_replicated + activations) / GIB,

@@ -12,6 +12,7 @@ import math
 from gift_dist.models.memory import (
     BF16,
     GIB,
+    USABLE_FRACTION,
     ModelShape,
     first_fitting,
     model_shape,
@@ -68,6 +69,12 @@ def run(args: argparse.Namespace) -> int:
         sharding = "replicate" if fits == "replicate" else "zero3"
         choice = f"ds_configs/{fits}.json (train.sharding: auto -> {sharding})"
     print(f"  fits {args.gpu_memory_gb:g} GiB GPUs / {args.cpu_memory_gb:g} GiB nodes: {choice}")
+    if fits:
+        without = training_plan(shape, args.gpus_per_node, args.nodes, args.micro_batch_size * args.seq_len,
+                                args.ce_chunk_tokens, checkpointing=False)[fits]["gpu_gib"]
+        recompute = "off" if without <= USABLE_FRACTION * args.gpu_memory_gb else "on"
+        print(f"  gradient checkpointing (train.gradient_checkpointing: auto): {recompute}; without recompute "
+              f"{fits} needs {without:.1f} GiB per GPU")
     print(f"scoring replica (bf16): weights {score['weights_gib']:.1f} GiB + working set {score['working_gib']:.1f} "
           f"GiB -> {score['gpus_per_replica']} GPU(s) per replica (score.gpus_per_replica)")
     print(f"merge: peak ~{merge['peak_gib']:.1f} GiB RAM (largest shard {merge['largest_shard_gib']:.1f} GiB "

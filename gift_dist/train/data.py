@@ -219,28 +219,47 @@ class TrainBatches:
         self.packing = cfg.packs(on_gpu=torch.cuda.is_available())
         self._rows = prepared.dataset.select_columns(["input_ids", "labels", "num_target_tokens"])
 
+        self._order_epoch: Optional[int] = None
+        self._order: Optional[np.ndarray] = None
         num_samples = len(prepared)
         self.micro_batch_size = cfg.micro_batch_size
         self.grad_accum = cfg.gradient_accumulation_steps
-        self.global_batch = cfg.global_batch(world)
-        if num_samples < self.global_batch:
-            raise ConfigError(
-                f"the prepared dataset {prepared.path} has {num_samples} samples, fewer than one global batch of "
-                f"{self.global_batch} (train.micro_batch_size {cfg.micro_batch_size} x "
-                f"train.gradient_accumulation_steps {cfg.gradient_accumulation_steps} x world {world}); lower them"
-            )
-        self.steps_per_epoch = num_samples // self.global_batch
-        dropped = num_samples - self.steps_per_epoch * self.global_batch
+        self.per_step = cfg.micro_batches_per_step(world)
+        self.global_batch = cfg.global_batch(world)  # samples per step (nominal under a token budget)
+        self.token_budget = cfg.micro_batch_tokens
+        if self.token_budget:
+            self._lengths = [int(n) for n in prepared.dataset["num_tokens"]]
+            longest = max(range(num_samples), key=self._lengths.__getitem__)
+            if self._lengths[longest] > self.token_budget:
+                raise ConfigError(
+                    f"sample {longest} of {prepared.path} has {self._lengths[longest]} tokens, more than "
+                    f"train.micro_batch_tokens={self.token_budget}; raise the budget to at least "
+                    f"{self._lengths[longest]} or prepare with a lower prepare.max_length"
+                )
+            self._epoch_steps = [len(self._token_budget_plan(self.epoch_order(e))) // self.per_step
+                                 for e in range(cfg.epochs)]
+            unit = (f"global batch of {self.per_step} micro-batches of at most {self.token_budget} tokens "
+                    f"(train.gradient_accumulation_steps {cfg.gradient_accumulation_steps} x world {world})")
+        else:
+            self._epoch_steps = [num_samples // (self.per_step * self.micro_batch_size)] * cfg.epochs
+            unit = (f"global batch of {self.per_step * self.micro_batch_size} (train.micro_batch_size "
+                    f"{cfg.micro_batch_size} x train.gradient_accumulation_steps {cfg.gradient_accumulation_steps} x "
+                    f"world {world})")
+        if self._epoch_steps[0] == 0:
+            raise ConfigError(f"the prepared dataset {prepared.path} has {num_samples} samples, fewer than one "
+                              f"{unit}; lower them")
+        self.steps_per_epoch = self._epoch_steps[0]
+        used = self.samples_used(self.epoch_order(0), self.steps_per_epoch)
+        dropped = num_samples - used
         if dropped:
-            log.info(
-                "%d samples per epoch fall in a last partial global batch of %d and are skipped "
-                "(a different subset each epoch after the first)", dropped, self.global_batch,
-            )
-        self.total_steps = self.steps_per_epoch * cfg.epochs
+            log.info("%d samples per epoch fall in a last partial step and are skipped (a different subset each "
+                     "epoch after the first)", dropped)
+        self._epoch_starts = np.cumsum([0] + self._epoch_steps)
+        self.total_steps = int(self._epoch_starts[-1])
         if cfg.max_steps > 0:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        self._order_epoch: Optional[int] = None
-        self._order: Optional[np.ndarray] = None
+        self._plan_epoch: Optional[int] = None
+        self._plan: list[np.ndarray] = []
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Sample indices in the order epoch ``epoch`` visits them."""
@@ -253,21 +272,55 @@ class TrainBatches:
             self._order_epoch = epoch
         return self._order
 
-    def global_batch_indices(self, step: int) -> np.ndarray:
-        """All ranks' samples of optimizer step ``step``."""
+    def _token_budget_plan(self, order: np.ndarray) -> list[np.ndarray]:
+        """Micro-batches of consecutive samples of ``order`` within ``train.micro_batch_tokens``: summed lengths
+        when packed, samples x the longest when padded."""
+        plan, start, count, longest, total = [], 0, 0, 0, 0
+        for position, index in enumerate(order.tolist()):
+            length = self._lengths[index]
+            over = (total + length if self.packing else (count + 1) * max(longest, length)) > self.token_budget
+            if count and over:
+                plan.append(order[start:position])
+                start, count, longest, total = position, 0, 0, 0
+            count, longest, total = count + 1, max(longest, length), total + length
+        if count:
+            plan.append(order[start:])
+        return plan
+
+    def epoch_micro_batches(self, epoch: int) -> list[np.ndarray]:
+        """Every micro-batch of epoch ``epoch`` (sample indices), in order; a step takes the next ``per_step``."""
+        if self._plan_epoch != epoch:
+            order = self.epoch_order(epoch)
+            if self.token_budget:
+                self._plan = self._token_budget_plan(order)
+            else:
+                size = self.micro_batch_size
+                self._plan = [order[i : i + size] for i in range(0, self._epoch_steps[epoch] * self.per_step * size,
+                                                                 size)]
+            self._plan_epoch = epoch
+        return self._plan
+
+    def samples_used(self, order: np.ndarray, steps: int) -> int:
+        """How many samples of ``order`` the first ``steps`` steps use."""
+        if not self.token_budget:
+            return steps * self.per_step * self.micro_batch_size
+        return sum(len(mb) for mb in self._token_budget_plan(order)[: steps * self.per_step])
+
+    def _step_micro_batches(self, step: int) -> list[np.ndarray]:
         if not 0 <= step < self.total_steps:
             raise IndexError(f"step {step} outside the run's 0..{self.total_steps - 1}")
-        epoch, within = divmod(step, self.steps_per_epoch)
-        return self.epoch_order(epoch)[within * self.global_batch : (within + 1) * self.global_batch]
+        epoch = int(np.searchsorted(self._epoch_starts, step, side="right")) - 1
+        within = step - int(self._epoch_starts[epoch])
+        return self.epoch_micro_batches(epoch)[within * self.per_step : (within + 1) * self.per_step]
+
+    def global_batch_indices(self, step: int) -> np.ndarray:
+        """All ranks' samples of optimizer step ``step``."""
+        return np.concatenate(self._step_micro_batches(step))
 
     def rank_indices(self, step: int) -> list[list[int]]:
-        """This rank's micro-batches of step ``step``: a contiguous slice of the global batch, split in order."""
-        per_rank = self.micro_batch_size * self.grad_accum
-        mine = self.global_batch_indices(step)[self.rank * per_rank : (self.rank + 1) * per_rank]
-        return [
-            [int(i) for i in mine[g * self.micro_batch_size : (g + 1) * self.micro_batch_size]]
-            for g in range(self.grad_accum)
-        ]
+        """This rank's micro-batches of step ``step``: a contiguous slice of the step's micro-batches, in order."""
+        mine = self._step_micro_batches(step)[self.rank * self.grad_accum : (self.rank + 1) * self.grad_accum]
+        return [[int(i) for i in mb] for mb in mine]
 
     def micro_batches(self, step: int) -> list[MicroBatch]:
         """This rank's ``gradient_accumulation_steps`` micro-batches of optimizer step ``step``."""
@@ -340,7 +393,8 @@ class HeldOutBatches:
     def __init__(self, held_out: Prepared, cfg: TrainConfig, rank: int, world: int,
                  confidence: Optional[ConfidenceReader] = None):
         size = min(cfg.micro_batch_size, len(held_out))
-        build_cfg = replace(cfg, micro_batch_size=size, gradient_accumulation_steps=1, epochs=1, max_steps=-1)
+        build_cfg = replace(cfg, micro_batch_size=size, micro_batch_tokens=0, gradient_accumulation_steps=1, epochs=1,
+                            max_steps=-1)
         self._batches = TrainBatches(held_out, build_cfg, 0, 1, confidence, seed=0)
         groups = [list(range(start, min(start + size, len(held_out)))) for start in range(0, len(held_out), size)]
         per_rank = -(-len(groups) // world)

@@ -92,17 +92,53 @@ def choose_layout(cfg: RunConfig, world: int, shape: Optional[ModelShape] = None
         return Layout("replicate", resolve_ds_config("replicate"), "auto: no GPU, the model is in host memory")
     shape = shape or model_shape(training_model_path(cfg), train.lora.r, train.lora.target_modules,
                                  cfg.trust_remote_code)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    gpu_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
-    tokens = train.micro_batch_size * cfg.prepare.max_length
-    need = training_plan(shape, local, max(world // max(local, 1), 1), tokens, train.ce_chunk_tokens)
-    replicated = need["replicate"]["gpu_gib"]
+    replicated = planned_gpu_gib(cfg, world, shape, checkpointing=True)["replicate"]
+    gpu_gib = gpu_memory_gib()
     if replicated <= USABLE_FRACTION * gpu_gib:
         return Layout("replicate", resolve_ds_config("replicate"),
                       f"auto: the whole base needs ~{replicated:.1f} GiB of a {gpu_gib:.0f} GiB GPU")
     return Layout("zero3", resolve_ds_config("zero3"),
                   f"auto: the whole base needs ~{replicated:.1f} GiB, more than {USABLE_FRACTION:.0%} of a "
                   f"{gpu_gib:.0f} GiB GPU; partitioning it over {world} rank(s)")
+
+
+def gpu_memory_gib() -> float:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+
+
+def micro_batch_token_bound(cfg: RunConfig) -> int:
+    """The most tokens one micro-batch can hold (padding included): what activation memory is planned for."""
+    if cfg.train.micro_batch_tokens:
+        return cfg.train.micro_batch_tokens
+    return cfg.train.micro_batch_size * cfg.prepare.max_length
+
+
+def planned_gpu_gib(cfg: RunConfig, world: int, shape: ModelShape, checkpointing: bool) -> dict[str, float]:
+    """GiB per GPU of each layout (``models.memory.training_plan``) for this run's largest micro-batch."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    plans = training_plan(shape, local, max(world // max(local, 1), 1), micro_batch_token_bound(cfg),
+                          cfg.train.ce_chunk_tokens, checkpointing)
+    return {name: plan["gpu_gib"] for name, plan in plans.items()}
+
+
+def choose_checkpointing(cfg: RunConfig, layout: Layout, world: int, shape: Optional[ModelShape]) -> tuple[bool, str]:
+    """Resolve ``train.gradient_checkpointing``: ``auto`` recomputes only when the activations of the largest
+    micro-batch would not fit beside the layout's weights (recomputing costs a third more forward work)."""
+    setting = cfg.train.gradient_checkpointing
+    if setting != "auto":
+        return bool(setting), f"train.gradient_checkpointing={str(setting).lower()}"
+    if not on_gpu() or shape is None:
+        return True, "auto: not on a GPU"
+    plan_name = layout.ds_config.stem if layout.ds_config.parent == REPO_DS_CONFIGS else layout.sharding
+    without = planned_gpu_gib(cfg, world, shape, checkpointing=False)
+    need = without.get(plan_name, without[layout.sharding])
+    gpu_gib = gpu_memory_gib()
+    tokens = micro_batch_token_bound(cfg)
+    if need <= USABLE_FRACTION * gpu_gib:
+        return False, (f"auto: micro-batches of up to {tokens} tokens need ~{need:.1f} GiB without recompute, "
+                       f"within a {gpu_gib:.0f} GiB GPU")
+    return True, (f"auto: micro-batches of up to {tokens} tokens would need ~{need:.1f} GiB without recompute, more "
+                  f"than {USABLE_FRACTION:.0%} of a {gpu_gib:.0f} GiB GPU")
 
 
 def resolve_ds_config(name_or_path: str) -> Path:
@@ -302,6 +338,7 @@ class TrainEngine:
     model_path: str
     layout: Layout
     attention: str
+    checkpointing: bool
 
     @property
     def peft_model(self) -> torch.nn.Module:
@@ -405,8 +442,9 @@ def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
     ds_config = build_ds_config(cfg.train, layout, world, total_steps, shape)
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     attention_name = attention_implementation(cfg.train)
-    log.info("layout %s (%s), ds_config %s, %s attention", layout.sharding, layout.reason, layout.ds_config,
-             attention_name)
+    checkpointing, checkpointing_reason = choose_checkpointing(cfg, layout, world, shape)
+    log.info("layout %s (%s), ds_config %s, %s attention, gradient checkpointing %s (%s)", layout.sharding,
+             layout.reason, layout.ds_config, attention_name, "on" if checkpointing else "off", checkpointing_reason)
     load = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "attn_implementation": attention_name}
     if layout.sharding == "zero3":
         # Must stay referenced while from_pretrained runs: it is how transformers knows to build under zero.Init.
@@ -420,7 +458,7 @@ def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
     model.config.use_cache = False
     if cfg.train.liger_kernels:
         apply_liger_kernels(model)
-    if cfg.train.gradient_checkpointing:
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # With frozen embeddings nothing upstream requires grad; checkpointed blocks still need a grad path.
         model.enable_input_require_grads()
@@ -447,4 +485,4 @@ def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
                                            lr_scheduler=schedule)
     engine.train()
     return TrainEngine(engine=engine, peft_config=peft_config, ds_config=ds_config, model_path=model_path,
-                       layout=layout, attention=attention_name)
+                       layout=layout, attention=attention_name, checkpointing=checkpointing)
