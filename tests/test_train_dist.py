@@ -398,6 +398,41 @@ def test_a_token_budget_per_micro_batch_trains_and_is_recorded(setup, tmp_path, 
         train(changed, resume=True)
 
 
+def test_checkpoints_hold_no_frozen_weights_and_a_corrupt_file_is_refused_on_resume(setup, tmp_path, single_rank):
+    """A replicated run's checkpoint holds the LoRA (weights and optimizer), not the frozen base; every file's
+    sha256 is recorded, so a flipped byte is named on resume before DeepSpeed unpickles anything; an intact copy
+    resumes and trains on."""
+    import shutil
+
+    from gift_dist.train.checkpoint import RECORD_NAME, tag_for
+    from gift_dist.train.recipe import train
+
+    cfg = run_config(setup, tmp_path / "run", weighting="uniform", max_steps=2, save_every_steps=2,
+                     sharding="replicate")
+    train(cfg)
+    folder = cfg.paths.checkpoints / tag_for(2)
+    model_states = next(folder.glob("mp_rank_*_model_states.pt"))
+    saved = torch.load(model_states, map_location="cpu", weights_only=False)["module"]  # written by this test
+    assert saved and all("lora_" in name for name in saved), sorted(saved)[:5]
+    recorded = json.loads((folder / RECORD_NAME).read_text())["file_sha256"]
+    assert model_states.name in recorded and "adapter/adapter_model.safetensors" in recorded
+
+    intact = run_config(setup, tmp_path / "intact", weighting="uniform", max_steps=3, save_every_steps=2,
+                        sharding="replicate")
+    shutil.copytree(cfg.paths.checkpoints, intact.paths.checkpoints)
+    corrupt = run_config(setup, tmp_path / "corrupt", weighting="uniform", max_steps=2, save_every_steps=2,
+                         sharding="replicate")
+    shutil.copytree(cfg.paths.checkpoints, corrupt.paths.checkpoints)
+    optimizer = next((corrupt.paths.checkpoints / tag_for(2)).glob("*optim_states.pt"))
+    data = bytearray(optimizer.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    optimizer.write_bytes(bytes(data))
+    with pytest.raises(ContractError, match=rf"{optimizer.name} does not match its recorded sha256"):
+        train(corrupt, resume=True)
+    result = train(intact, resume_anyway=True)
+    assert result.steps == 3 and torch.isfinite(torch.tensor(result.final_loss))
+
+
 def test_held_out_ce_is_logged_and_equals_an_independent_computation(setup, tmp_path, single_rank):
     """The trainer's held-out CE and GIFT-weighted CE at the last step equal peft's model with the saved adapter
     (full logits) weighted by the scorer's held-out confidence (confidence/eval)."""

@@ -14,12 +14,14 @@ Row ``i`` of ``data/`` is *sample index* ``i``: the key the confidence shards us
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from gift_dist.contracts import ContractError, staged_directory
+from gift_dist.config import DataConfig, PrepareConfig, config_to_dict, operational_keys
+from gift_dist.contracts import ContractError, file_sha256, staged_directory
 
 FORMAT = "gift_dist.prepared"
 VERSION = 1
@@ -148,6 +150,74 @@ def read_manifest(prepared_dir: str | Path) -> PreparedManifest:
     manifest = PreparedManifest.from_json(data, str(path))
     manifest.validate(str(path))
     return manifest
+
+
+# The fingerprint: what the prepared rows are a function of. Its parts are kept in the manifest, so a reader that
+# has the config and the tokenizer at hand can recompute them and say which one changed.
+
+# Settings that cannot change the prepared output are left out (marked on the config fields).
+NON_OUTPUT_SETTINGS = operational_keys(PrepareConfig)
+
+
+def _sha(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tokenizer_description(tokenizer, model: str) -> dict[str, Any]:
+    return {
+        "name_or_path": model,
+        "size": len(tokenizer),
+        "vocab_sha256": _sha(tokenizer.get_vocab()),
+        "chat_template_sha256": _sha(tokenizer.chat_template),
+        "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+    }
+
+
+def fingerprint_settings(data: DataConfig, prep: PrepareConfig) -> dict[str, Any]:
+    data_settings = {k: v for k, v in config_to_dict(data).items() if k != "files"}
+    prep_settings = {k: v for k, v in config_to_dict(prep).items() if k not in NON_OUTPUT_SETTINGS}
+    return {"data": data_settings, "prepare": prep_settings}
+
+
+def source_descriptions(data: DataConfig) -> list[dict[str, Any]]:
+    """What the data is: file names with content hashes, or the hub id (files must exist)."""
+    if data.hub_id:
+        return [{"hub_id": data.hub_id, "split": data.hub_split, "revision": data.hub_revision}]
+    if not data.files:
+        raise ContractError("no training data configured: set data.files (local files) or data.hub_id")
+    return [{"file": Path(name).name, "sha256": file_sha256(name)} for name in data.files]
+
+
+def compute_fingerprint(sources: list[dict], tokenizer_desc: dict, settings: dict) -> str:
+    tokenizer_part = {k: v for k, v in tokenizer_desc.items() if k != "name_or_path"}
+    return _sha({"version": VERSION, "sources": sources, "tokenizer": tokenizer_part, "settings": settings})[:32]
+
+
+def _changed_keys(then: Any, now: Any, prefix: str = "") -> list[str]:
+    if isinstance(then, dict) and isinstance(now, dict):
+        return [key for k in sorted(set(then) | set(now)) for key in _changed_keys(then.get(k), now.get(k),
+                                                                                    f"{prefix}{k}.")]
+    return [] if then == now else [f"{prefix.rstrip('.')}: {then!r} -> {now!r}"]
+
+
+def check_prepared_identity(manifest: PreparedManifest, where: str, tokenizer_desc: dict, settings: dict,
+                            sources: Optional[list[dict]]) -> None:
+    """Refuse prepared data whose recorded tokenizer, settings or (when given) sources differ from what this
+    config would prepare, naming what changed: the fix is to rerun prepare, or to restore what changed."""
+    changes = []
+    then_tokenizer = {k: v for k, v in manifest.tokenizer.items() if k != "name_or_path"}
+    now_tokenizer = {k: v for k, v in tokenizer_desc.items() if k != "name_or_path"}
+    if then_tokenizer != now_tokenizer:
+        changes.append(f"the tokenizer ({manifest.tokenizer.get('name_or_path')} then, "
+                       f"{tokenizer_desc.get('name_or_path')} now: "
+                       + ", ".join(_changed_keys(then_tokenizer, now_tokenizer)) + ")")
+    changes += [f"setting {key}" for key in _changed_keys(manifest.settings, settings)]
+    if sources is not None and sources != manifest.sources:
+        changes.append(f"the data: {manifest.sources} then, {sources} now")
+    if changes:
+        raise ContractError(f"prepared dataset {where} was made from other inputs than this config's: "
+                            + "; ".join(changes) + ". Rerun `gift-dist prepare` (then score) for this config, or "
+                            "restore the config it was made with")
 
 
 @dataclass

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from gift_dist.config import DataConfig
-from gift_dist.contracts import ContractError, file_sha256
+from gift_dist.contracts import ContractError
+from gift_dist.contracts.prepared import source_descriptions
 
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 ROLES = ("system", "user", "assistant")
@@ -96,11 +97,9 @@ def _csv_text_features(path: Path):
 
 def describe_sources(cfg: DataConfig) -> list[dict[str, Any]]:
     """What the data is, for the manifest and the fingerprint: file names with content hashes, or the hub id."""
-    if cfg.hub_id:
-        return [{"hub_id": cfg.hub_id, "split": cfg.hub_split, "revision": cfg.hub_revision}]
-    if not cfg.files:
-        raise ContractError("no training data configured: set data.files (local files) or data.hub_id")
-    return [{"file": path.name, "sha256": file_sha256(path)} for path, _ in _check_files(cfg.files)]
+    if not cfg.hub_id and cfg.files:
+        _check_files(cfg.files)
+    return source_descriptions(cfg)
 
 
 def load_raw_records(cfg: DataConfig, sources: list[dict[str, Any]]):

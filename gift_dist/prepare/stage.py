@@ -11,16 +11,14 @@ Reads like the algorithm:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 from collections import Counter
-from typing import Any
 
 import numpy as np
 
 from gift_dist import __version__
-from gift_dist.config import DataConfig, PrepareConfig, RunConfig, config_to_dict, operational_keys, require
+from gift_dist.config import DataConfig, PrepareConfig, RunConfig, require
 from gift_dist.contracts import ContractError, require_writable
 from gift_dist.contracts import prepared as contract
 from gift_dist.models.pair import check_pair, load_tokenizer
@@ -29,41 +27,11 @@ from gift_dist.models.render import TemplateError, render_conversation, require_
 
 log = logging.getLogger(__name__)
 
-# Settings that cannot change the prepared output are left out of the fingerprint (marked on the config fields).
-NON_OUTPUT_SETTINGS = operational_keys(PrepareConfig)
-
-
-def _sha(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def tokenizer_description(tokenizer, model: str) -> dict[str, Any]:
-    return {
-        "name_or_path": model,
-        "size": len(tokenizer),
-        "vocab_sha256": _sha(tokenizer.get_vocab()),
-        "chat_template_sha256": _sha(tokenizer.chat_template),
-        "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-    }
-
-
-def settings_for_fingerprint(data: DataConfig, prep: PrepareConfig) -> dict[str, Any]:
-    data_settings = {k: v for k, v in config_to_dict(data).items() if k != "files"}
-    prep_settings = {k: v for k, v in config_to_dict(prep).items() if k not in NON_OUTPUT_SETTINGS}
-    return {"data": data_settings, "prepare": prep_settings}
-
-
-def compute_fingerprint(sources: list[dict], tokenizer_desc: dict, settings: dict) -> str:
-    tokenizer_part = {k: v for k, v in tokenizer_desc.items() if k != "name_or_path"}
-    return _sha({"version": contract.VERSION, "sources": sources, "tokenizer": tokenizer_part,
-                 "settings": settings})[:32]
-
-
 def _identify(cfg: RunConfig, tokenizer) -> tuple[list[dict], dict, dict, str]:
     sources = describe_sources(cfg.data)
-    tok_desc = tokenizer_description(tokenizer, cfg.instruct_model)
-    settings = settings_for_fingerprint(cfg.data, cfg.prepare)
-    return sources, tok_desc, settings, compute_fingerprint(sources, tok_desc, settings)
+    tok_desc = contract.tokenizer_description(tokenizer, cfg.instruct_model)
+    settings = contract.fingerprint_settings(cfg.data, cfg.prepare)
+    return sources, tok_desc, settings, contract.compute_fingerprint(sources, tok_desc, settings)
 
 
 def expected_fingerprint(cfg: RunConfig) -> str:

@@ -21,12 +21,12 @@ import logging
 import os
 import shutil
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
 from gift_dist import dist
-from gift_dist.contracts import ContractError
+from gift_dist.contracts import ContractError, file_sha256
 from gift_dist.train import adapter_io
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,9 @@ class CheckpointRecord:
     version: int = VERSION
     # The train settings that shape the result (every key not marked operational); compared on resume.
     train_settings: dict = field(default_factory=dict)
+    # sha256 of every file of the checkpoint but this record, by path relative to the checkpoint folder; checked
+    # before anything is loaded (DeepSpeed's files are torch pickles: only files this run wrote are unpickled).
+    file_sha256: dict = field(default_factory=dict)
 
 
 # Result-changing settings a resumed run may still change, with --resume-anyway: how long it trains.
@@ -69,6 +72,32 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+def checkpoint_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` but the record, by relative path."""
+    return {str(path.relative_to(folder)): file_sha256(path) for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name != RECORD_NAME}
+
+
+def verify_checkpoint_files(folder: Path, record: CheckpointRecord) -> None:
+    """Every file the record lists is there with its checksum, and no other file is (checkpoints written before
+    checksums were recorded have none to check)."""
+    if not record.file_sha256:
+        log.warning("checkpoint %s records no file checksums (written by an older version): not verified", folder)
+        return
+    found = checkpoint_digests(folder)
+    for name, expected in sorted(record.file_sha256.items()):
+        if name not in found:
+            raise ContractError(f"checkpoint {folder}: {name} is missing; resume from an earlier checkpoint (point "
+                                f"{folder.parent / LATEST_NAME} at it) or train afresh")
+        if found[name] != expected:
+            raise ContractError(f"checkpoint {folder}: {name} does not match its recorded sha256 (corrupt or "
+                                f"modified); resume from an earlier checkpoint (point {folder.parent / LATEST_NAME} "
+                                f"at it) or train afresh")
+    extra = sorted(set(found) - set(record.file_sha256))
+    if extra:
+        raise ContractError(f"checkpoint {folder}: files not written by the checkpoint: {extra}; remove them")
+
 
 def tag_for(step: int) -> str:
     return f"step-{step:08d}"
@@ -106,7 +135,10 @@ class Checkpoints:
         tag = tag_for(record.step)
         tmp_root = self.root / TMP_DIR
         dist.rank0_call(self._clear_tmp, tmp_root / tag)
-        engine.save_checkpoint(str(tmp_root), tag=tag, client_state={"step": record.step}, save_latest=False)
+        # The frozen base is not saved: it is the model on disk (its identity is in the record), and writing it
+        # would put a whole model's weights into every checkpoint of a replicated run.
+        engine.save_checkpoint(str(tmp_root), tag=tag, client_state={"step": record.step}, save_latest=False,
+                               exclude_frozen_parameters=True)
         tensors = adapter_io.gather_lora(peft_model)
         dist.barrier()
         config = adapter_io.adapter_config(peft_model, peft_config)
@@ -125,6 +157,7 @@ class Checkpoints:
         from gift_dist.contracts.adapter import write_adapter
 
         write_adapter(tmp / ADAPTER_DIR, peft_config, tensors, provenance)
+        record = replace(record, file_sha256=checkpoint_digests(tmp))
         (tmp / RECORD_NAME).write_text(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
         final = self.root / tag
         if final.exists():
@@ -157,8 +190,10 @@ class Checkpoints:
             )
         folder, record = found
         self._check(folder, record, expected, anyway)
+        verify_checkpoint_files(folder, record)
         if record.world_size == expected.world_size:
-            path, client_state = engine.load_checkpoint(str(self.root), tag=folder.name)
+            # Not strict: the checkpoint holds the trainable (LoRA) weights only; the frozen base is loaded already.
+            path, client_state = engine.load_checkpoint(str(self.root), tag=folder.name, load_module_strict=False)
             if path is None:
                 raise ContractError(f"DeepSpeed could not load checkpoint {folder}")
             step = int((client_state or {}).get("step", record.step))

@@ -82,6 +82,13 @@ class _FrozenHeadTargetCE(torch.autograd.Function):
         return scaled, None, None, None, None
 
 
+def _drop_aliased_head(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """The head is the model's own lm_head, saved under the model's name: its alias here would put a second copy
+    of the output layer (a vocabulary x hidden matrix) into every state dict, and so into every checkpoint."""
+    for key in [k for k in state_dict if k.startswith(prefix + "lm_head.")]:
+        del state_dict[key]
+
+
 class ChunkedTargetCE(torch.nn.Module):
     """CE [N] (fp32, differentiable) of the target tokens, through the output layer ``chunk_tokens`` rows at a time.
 
@@ -101,6 +108,7 @@ class ChunkedTargetCE(torch.nn.Module):
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         self.lm_head = lm_head
         self.chunk_tokens = chunk_tokens
+        self.register_state_dict_post_hook(_drop_aliased_head)
 
     def _chunk_ce(self, hidden: Tensor, targets: Tensor) -> Tensor:
         # The weight is read, not the module called: the lm_head's own ZeRO-3 hooks would gather it again.
