@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from gift_dist.bundled import write_jsonl
 from gift_dist.cli import main
 from gift_dist.contracts import ContractError
+from gift_dist.contracts import prepared as contract
 from gift_dist.contracts.prepared import IGNORE_INDEX, load_prepared, read_manifest
 from gift_dist.models.pair import PairMismatch
 from gift_dist.prepare.stage import prepare
@@ -262,3 +263,23 @@ def test_unreadable_data_files_are_named_with_exit_2(tiny_llama, tmp_path, capsy
     assert main(["prepare", "--config", str(tmp_path / "run.yaml")]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not cfg.paths.prepared.exists()
+
+
+def test_a_modified_prepared_data_file_is_refused_on_load(tiny_llama, tmp_path):
+    """prepared.json records every data/ file's sha256; a flipped byte or a stray file is named when any stage
+    opens the dataset."""
+    cfg = make_run_config(tiny_llama, tmp_path / "run", **{"prepare.max_length": 256})
+    prepared = prepare(cfg)
+    data_dir = cfg.paths.prepared / contract.DATA_DIR
+    assert set(prepared.manifest.data_sha256) == {p.name for p in data_dir.iterdir()}
+    arrow = next(data_dir.glob("*.arrow"))
+    raw = bytearray(arrow.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    arrow.write_bytes(bytes(raw))
+    with pytest.raises(ContractError, match=rf"{arrow.name} does not match its recorded sha256.*gift-dist prepare"):
+        contract.load_prepared(cfg.paths.prepared)
+    raw[len(raw) // 2] ^= 0x01
+    arrow.write_bytes(bytes(raw))
+    (data_dir / "extra.arrow").write_bytes(b"x")
+    with pytest.raises(ContractError, match=r"files prepare did not write: \['extra.arrow'\]"):
+        contract.load_prepared(cfg.paths.prepared)

@@ -283,3 +283,79 @@ def test_an_empty_lease_is_taken_over_after_a_short_grace_not_the_lease_time(tmp
     os.utime(lease_path(tmp_path, 0), (old, old))
     taken = pool.claim(finished=[])
     assert taken.shard_index == 0 and json.loads(lease_path(tmp_path, 0).read_text())["worker"] == "w"
+
+
+def test_prepared_data_from_other_inputs_is_refused_naming_what_changed(prepared_llama, tmp_path, caplog):
+    """score recomputes the prepared fingerprint's parts from its config and the instruct tokenizer: another
+    setting, a changed data file, or a manifest claiming another tokenizer is named, before any model loads."""
+    cfg = _config(prepared_llama, tmp_path / "run")
+    cfg.prepare.max_length = 128
+    with pytest.raises(ContractError, match=r"setting prepare.max_length: 256 -> 128\. Rerun `gift-dist prepare`"):
+        score(cfg)
+
+    changed_data = tmp_path / "data.jsonl"
+    shutil.copy(cfg.data.files[0], changed_data)
+    with open(changed_data, "a") as fh:
+        fh.write(json.dumps({"messages": [{"role": "user", "content": "1+1?"},
+                                          {"role": "assistant", "content": "2"}]}) + "\n")
+    cfg = _config(prepared_llama, tmp_path / "run")
+    cfg.data.files = [str(changed_data)]
+    with pytest.raises(ContractError, match=r"the data: .*sha256.* then, .* now"):
+        score(cfg)
+
+    cfg = _config(prepared_llama, tmp_path / "run")
+    manifest_path = cfg.paths.prepared / prepared_contract.MANIFEST_NAME
+    original = manifest_path.read_text()
+    data = json.loads(original)
+    data["tokenizer"]["chat_template_sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(data))
+    with pytest.raises(ContractError, match=r"the tokenizer \(.*chat_template_sha256: '0000"):
+        score(cfg)
+    assert not cfg.paths.confidence.exists()
+
+    manifest_path.write_text(original)
+    cfg.data.files = [str(tmp_path / "moved-away.jsonl")]
+    with caplog.at_level("WARNING", logger="gift_dist.models.prepared_inputs"):
+        assert score(cfg).complete  # raw data gone after prepare: tokenizer and settings still checked
+    assert "moved-away.jsonl" in caplog.text and "tokenizer and settings only" in caplog.text
+
+
+def test_rescore_corrupt_scores_damaged_and_missing_shards_again_byte_for_byte(scored, tmp_path, capsys):
+    """The recovery path after the trainer names a corrupt shard: without the flag score refuses the folder; with
+    --rescore-corrupt it re-scores the flipped and the deleted shard (identical bytes: scoring is deterministic),
+    leaves the good ones alone, and verify-confidence then passes."""
+    from gift_dist.config import dump_config
+
+    cfg, _ = scored
+    run = _config(cfg, tmp_path / "run")
+    shutil.copytree(cfg.paths.confidence, run.paths.confidence)
+    flipped, deleted, kept = (run.paths.confidence / contract.shard_filename(i) for i in (1, 3, 0))
+    originals = {p.name: p.read_bytes() for p in (flipped, deleted, kept)}
+    kept_mtime = kept.stat().st_mtime_ns
+    raw = bytearray(flipped.read_bytes())
+    raw[-5] ^= 0x10
+    flipped.write_bytes(bytes(raw))
+    deleted.unlink()
+    config_file = tmp_path / "run.yaml"
+    dump_config(run, config_file)
+    with pytest.raises(ContractError):
+        score(run)
+    assert cli_main(["score", "--config", str(config_file), "--rescore-corrupt"]) == 0
+    assert {p.name: p.read_bytes() for p in (flipped, deleted, kept)} == originals
+    assert kept.stat().st_mtime_ns == kept_mtime
+    assert verify_confidence(run.paths.confidence, run.paths.prepared).ok
+    capsys.readouterr()
+
+
+def test_a_worker_waiting_on_shards_held_elsewhere_says_which_and_by_whom(prepared_llama, tmp_path, caplog):
+    """Every shard leased by a live worker on another host: this worker logs what it waits for (shard -> holder),
+    then takes the shards over once their leases go stale, and finishes."""
+    cfg = _config(prepared_llama, tmp_path / "run", lease_seconds=2.0)
+    num_shards = len(prepared_contract.read_manifest(cfg.paths.prepared).shards)
+    for index in range(num_shards):
+        path = lease_path(cfg.paths.confidence, index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"worker": "gpu-node-7:4242:0", "host": "gpu-node-7", "pid": 4242}))
+    with caplog.at_level("INFO", logger="gift_dist.score.stage"):
+        assert score(cfg).complete
+    assert "waiting for confidence shards held by other workers: {0: 'gpu-node-7:4242:0'" in caplog.text

@@ -252,6 +252,23 @@ def write_shard(
     return record
 
 
+def forget_shards(conf_dir: str | Path, indices: list[int]) -> None:
+    """Take shards out of the manifest (under its lock) and delete their files, so they are scored again."""
+    conf_dir = Path(conf_dir)
+    try:
+        with manifest_lock(conf_dir):
+            current = read_manifest(conf_dir)
+            if current is None:
+                return
+            for index in indices:
+                record = current.shards.pop(index, None)
+                if record is not None:
+                    (conf_dir / record.file).unlink(missing_ok=True)
+            atomic_write_text(conf_dir / MANIFEST_NAME, json.dumps(current.to_json(), indent=2) + "\n")
+    except OSError as exc:
+        raise ContractError(f"cannot update the confidence manifest in {conf_dir}: {exc}") from exc
+
+
 def _check_layout(tensors: dict[str, torch.Tensor], where: str) -> None:
     sample_index, offsets, logprobs = tensors["sample_index"], tensors["offsets"], tensors["logprobs"]
     if sample_index.dim() != 1 or offsets.dim() != 1 or logprobs.dim() != 1:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -63,6 +63,8 @@ class PreparedManifest:
     created_with: dict[str, str] = field(default_factory=dict)
     # "train", or "eval" for the held-out split in eval/ (same fingerprint: one prepare made both, disjointly).
     split: str = "train"
+    # sha256 of every file of data/ by name, checked on load (empty in manifests written before it was recorded).
+    data_sha256: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -131,9 +133,28 @@ def write_prepared(out_dir: str | Path, dataset: Any, manifest: PreparedManifest
     with staged_directory(out_dir) as tmp:
         for folder, data, part_manifest in parts:
             data.save_to_disk(str(tmp / folder / DATA_DIR), num_proc=num_proc if num_proc > 1 else None)
+            part_manifest = replace(part_manifest, data_sha256=data_digests(tmp / folder / DATA_DIR))
             (tmp / folder / MANIFEST_NAME).write_text(
                 json.dumps(part_manifest.to_json(), indent=2, sort_keys=True) + "\n")
     return out_dir
+
+
+def data_digests(data_dir: Path) -> dict[str, str]:
+    return {path.name: file_sha256(path) for path in sorted(data_dir.iterdir()) if path.is_file()}
+
+
+def verify_data_files(data_dir: Path, manifest: PreparedManifest) -> None:
+    """The Arrow files are the ones prepare wrote: same names, same sha256."""
+    if not manifest.data_sha256:
+        return
+    found = data_digests(data_dir)
+    for name, digest in sorted(manifest.data_sha256.items()):
+        if found.get(name) != digest:
+            state = "is missing" if name not in found else "does not match its recorded sha256 (corrupt or modified)"
+            raise ContractError(f"prepared data file {data_dir / name} {state}; rerun `gift-dist prepare`")
+    extra = sorted(set(found) - set(manifest.data_sha256))
+    if extra:
+        raise ContractError(f"prepared data folder {data_dir} holds files prepare did not write: {extra}; remove them")
 
 
 def read_manifest(prepared_dir: str | Path) -> PreparedManifest:
@@ -245,6 +266,7 @@ def load_prepared(prepared_dir: str | Path, expected_fingerprint: Optional[str] 
     data_dir = prepared_dir / DATA_DIR
     if not data_dir.is_dir():
         raise ContractError(f"prepared dataset {prepared_dir} lacks its {DATA_DIR}/ folder")
+    verify_data_files(data_dir, manifest)
     try:
         dataset = load_from_disk(str(data_dir))
     except Exception as exc:  # datasets raises several types for a damaged dir

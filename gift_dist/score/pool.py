@@ -135,6 +135,17 @@ class ShardPool:
             json.dump(owner, fh)
         return ShardLease(shard_index, path, self.worker)
 
+    def holders(self, finished: Iterable[int]) -> dict[int, str]:
+        """Who holds each unfinished shard's lease (worker name, or "unknown" while its owner is unreadable)."""
+        done = set(finished)
+        held = {}
+        for index in range(self.num_shards):
+            path = lease_path(self.conf_dir, index)
+            if index not in done and path.exists():
+                owner = _read_owner(path)
+                held[index] = owner.get("worker", "unknown") if owner else "unknown"
+        return held
+
     def claim(self, finished: Iterable[int]) -> Optional[ShardLease]:
         """The lease of the lowest unfinished shard nobody live holds, or None when all are taken."""
         done = set(finished)

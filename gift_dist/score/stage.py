@@ -27,14 +27,17 @@ from gift_dist import dist
 from gift_dist.config import RunConfig, ScoreConfig, require
 from gift_dist.contracts import ContractError, require_writable
 from gift_dist.contracts import confidence as contract
-from gift_dist.contracts.prepared import IGNORE_INDEX, Prepared, ShardSpec, load_eval_split, load_prepared
+from gift_dist.contracts.prepared import EVAL_DIR, IGNORE_INDEX, Prepared, ShardSpec, load_eval_split, load_prepared
 from gift_dist.models.checkpoint import model_identity
 from gift_dist.models.pair import check_pair, load_tokenizer
+from gift_dist.models.prepared_inputs import check_prepared_inputs
 from gift_dist.score.logprobs import collate, length_batches, target_logprobs
 from gift_dist.score.pool import LeaseLost, ShardLease, ShardPool
 from gift_dist.score.report import ScoreSummary, summarize, write_report, write_token_view
 
 log = logging.getLogger(__name__)
+# While every unfinished shard is held by other workers, say which at most this often.
+WAIT_LOG_SECONDS = 60.0
 
 
 class NonFiniteLogprob(ContractError):
@@ -192,18 +195,25 @@ def score_shard(
     return offsets, logprobs, entropy
 
 
-def score(cfg: RunConfig) -> ScoreSummary:
+def score(cfg: RunConfig, rescore_corrupt: bool = False) -> ScoreSummary:
     """Score every prepared sample (as one worker among any number); returns when all shards are finished.
 
     The training split goes to ``confidence/``; a held-out split (``prepared/eval``), when prepare made one, to
     ``confidence/eval/`` under the same contract, so the trainer can report its held-out loss with the very
-    weights it trains with."""
+    weights it trains with. ``rescore_corrupt``: first verify every finished shard and score again those that fail
+    (a flipped byte, a deleted file), instead of refusing the folder."""
     require(cfg, "instruct_model")
     require_writable(cfg.paths.confidence, "the confidence directory")
     if cfg.base_model:
         check_pair(cfg.base_model, cfg.instruct_model, cfg.trust_remote_code)
     identity = model_identity(cfg.instruct_model)
     prepared = load_prepared(cfg.paths.prepared)
+    check_prepared_inputs(cfg, prepared.manifest, str(cfg.paths.prepared))
+    held_out = load_eval_split(cfg.paths.prepared)
+    if rescore_corrupt:
+        forget_corrupt_shards(cfg.paths.confidence, cfg.paths.prepared)
+        if held_out is not None:
+            forget_corrupt_shards(cfg.paths.confidence / contract.EVAL_DIR, cfg.paths.prepared / EVAL_DIR)
     scorer = _Scorer(cfg)
     summary = scorer.score_split(prepared, cfg.paths.confidence, identity)
     try:
@@ -213,10 +223,24 @@ def score(cfg: RunConfig) -> ScoreSummary:
                              cfg.train.prob_floor)
     except OSError as exc:
         raise ContractError(f"cannot write the token view into {cfg.paths.confidence}: {exc}") from exc
-    held_out = load_eval_split(cfg.paths.prepared)
     if held_out is not None:
         scorer.score_split(held_out, cfg.paths.confidence / contract.EVAL_DIR, identity)
     return summary
+
+
+def forget_corrupt_shards(conf_dir: Path, prepared_dir: Path) -> None:
+    """Verify the finished shards of ``conf_dir`` and take those that fail out of the manifest (logged, with why),
+    so this run scores them again. Nothing to do before the first shard exists."""
+    from gift_dist.score.verify import verify_confidence
+
+    if contract.read_manifest(conf_dir) is None:
+        return
+    report = verify_confidence(conf_dir, prepared_dir)
+    for problem in report.problems:
+        log.warning("--rescore-corrupt: %s", problem)
+    if report.bad_shards:
+        contract.forget_shards(conf_dir, report.bad_shards)
+        log.warning("--rescore-corrupt: shards %s of %s will be scored again", report.bad_shards, conf_dir)
 
 
 class _Scorer:
@@ -239,6 +263,7 @@ class _Scorer:
 
         progress = None
         mine = {"shards": 0, "tokens": 0, "seconds": 0.0}
+        next_wait_log = time.monotonic()
         try:
             while True:
                 manifest = contract.read_manifest(conf_dir)
@@ -246,6 +271,10 @@ class _Scorer:
                     break
                 lease = pool.claim(manifest.shards)
                 if lease is None:  # every unfinished shard is held by a live worker: wait for it or its lease
+                    if time.monotonic() >= next_wait_log:
+                        log.info("%s: waiting for %s shards held by other workers: %s", pool.worker, conf_dir.name,
+                                 pool.holders(manifest.shards))
+                        next_wait_log = time.monotonic() + WAIT_LOG_SECONDS
                     time.sleep(poll_seconds)
                     continue
                 try:
@@ -292,6 +321,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_config_arguments(parser)
     parser.add_argument(
+        "--rescore-corrupt", action="store_true",
+        help="verify the finished shards first and score again those that fail (corrupt or missing files), "
+             "instead of refusing the folder; then train with --resume",
+    )
+    parser.add_argument(
         "--throttle-seconds", type=float, default=None,
         help="debugging/testing only: make every batch take at least this long (sets score.throttle_seconds)",
     )
@@ -303,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.throttle_seconds is not None:
         cfg.score.throttle_seconds = args.throttle_seconds
-    summary = score(cfg)
+    summary = score(cfg, rescore_corrupt=args.rescore_corrupt)
     print(
         f"score: {summary.shards_finished}/{summary.shards_total} shards, {summary.tokens} target tokens, "
         f"{summary.tokens_per_second:.0f} tokens/s per replica, mean confidence {summary.mean_confidence:.4f}, "

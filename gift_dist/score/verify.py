@@ -23,6 +23,8 @@ class VerifyReport:
     shards_ok: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     unfinished: list[int] = field(default_factory=list)
+    # The finished shards that failed a check (``problems`` says why), for `score --rescore-corrupt`.
+    bad_shards: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -51,6 +53,7 @@ def verify_confidence(conf_dir: str | Path, prepared_dir: str | Path) -> VerifyR
             contract.check_shard_against_plan(shard, spec.start, spec.end, target_counts[spec.start:spec.end], where)
         except ContractError as exc:
             report.problems.append(str(exc))
+            report.bad_shards.append(spec.index)
         else:
             report.shards_ok.append(spec.index)
     return report

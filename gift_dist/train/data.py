@@ -109,14 +109,18 @@ class ConfidenceReader:
         if manifest is None or shard_index not in manifest.shards:
             manifest = self._wait_for(shard_index)
         spec = self.prepared.manifest.shards[shard_index]
-        shard = conf_contract.read_shard(self.conf_dir, manifest, shard_index)
-        conf_contract.check_shard_against_plan(
-            shard,
-            spec.start,
-            spec.end,
-            self._target_counts[spec.start : spec.end].tolist(),
-            f"confidence shard {self.conf_dir / conf_contract.shard_filename(shard_index)}",
-        )
+        try:
+            shard = conf_contract.read_shard(self.conf_dir, manifest, shard_index)
+            conf_contract.check_shard_against_plan(
+                shard,
+                spec.start,
+                spec.end,
+                self._target_counts[spec.start : spec.end].tolist(),
+                f"confidence shard {self.conf_dir / conf_contract.shard_filename(shard_index)}",
+            )
+        except ContractError as exc:
+            raise ContractError(f"{exc}. To recover: `gift-dist score --rescore-corrupt` with this run's config "
+                                f"scores it again, then `gift-dist train --resume` continues") from exc
         self._cache[shard_index] = shard
         while len(self._cache) > SHARD_CACHE_SIZE:
             self._cache.popitem(last=False)

@@ -38,6 +38,7 @@ from gift_dist.contracts import confidence as conf_contract
 from gift_dist.contracts.prepared import load_eval_split, load_prepared
 from gift_dist.models.checkpoint import model_identity
 from gift_dist.models.pair import check_pair
+from gift_dist.models.prepared_inputs import check_prepared_inputs
 from gift_dist.train import adapter_io, weighting
 from gift_dist.train.checkpoint import CheckpointRecord, Checkpoints
 from gift_dist.train.data import (
@@ -112,6 +113,7 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
     dist.init(use_deepspeed=True)
     rank, world = dist.rank(), dist.world_size()
     prepared = load_prepared(cfg.paths.prepared)
+    check_prepared_inputs(cfg, prepared.manifest, str(cfg.paths.prepared))
     fingerprint = prepared.manifest.fingerprint
     confidence = instruct_identity = None
     if weighting.needs_confidence(cfg.train):
