@@ -59,9 +59,9 @@ def test_every_method_gets_a_row_without_extra_overrides(tiny_llama, tmp_path):
         assert (row["kl_to_instruct"] > 0) == (name != "instruct")
     provenance = {m: read_adapter(tmp_path / "run" / "compare" / m / "seed-0" / "adapter").provenance
                   for m in ("dft", "direct")}
-    assert provenance["dft"]["weighting"]["weighting"] == "dft"
-    assert provenance["dft"]["weighting"]["normalizer"] == "token_count"
-    assert provenance["direct"]["train_model"] == "instruct"
+    assert provenance["dft"].weighting["weighting"] == "dft"
+    assert provenance["dft"].weighting["normalizer"] == "token_count"
+    assert provenance["direct"].train_model == "instruct"
     assert (tmp_path / "run" / "compare" / "tradeoff.png").is_file()
 
 

@@ -14,7 +14,8 @@ from tests.merge_helpers import logits, make_adapter, merge_config, peft_merged,
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from gift_dist.contracts import ContractError
+from gift_dist.contracts import ContractError, file_sha256
+from gift_dist.contracts.adapter import AdapterProvenance, read_adapter
 from gift_dist.contracts.merged import read_merged
 from gift_dist.merge.stage import merge
 from gift_dist.merge.verify import verify_merged
@@ -216,13 +217,39 @@ def test_adapter_key_matching_no_tensor(pairs, adapters, tmp_path):
         merge(merge_config(tmp_path, pairs["llama"]), adapter_dir=str(broken))
 
 
+def _provenance(**changes) -> AdapterProvenance:
+    """A valid provenance record for adapters these tests write by hand."""
+    identity = {"name": "m", "hash": "0123456789abcdef"}
+    values = dict(train_model="base", model_identity=identity, base_model=identity, instruct_model=None,
+                  prepared_fingerprint="p", weighting={}, lora={}, train_config={}, steps=1, world_size=1,
+                  global_batch_size=1, complete=True)
+    return AdapterProvenance(**{**values, **changes})
+
+
 def test_adapter_identity_mismatch(pairs, adapters, tmp_path):
     tagged = tmp_path / "adapter"
     shutil.copytree(adapters["llama"], tagged)
-    record = {"format": "gift_dist.adapter", "version": 1, "base_model": {"name": "other", "hash": "0123456789abcdef"}}
-    (tagged / "gift_adapter.json").write_text(json.dumps(record))
+    other = {"name": "other", "hash": "0123456789abcdef"}
+    record = _provenance(model_identity=other, base_model=other,
+                         weights_sha256=file_sha256(tagged / "adapter_model.safetensors"))
+    (tagged / "gift_adapter.json").write_text(json.dumps(record.to_json()))
     with pytest.raises(ContractError, match="trained on other .hash 0123456789abcdef"):
         merge(merge_config(tmp_path, pairs["llama"]), adapter_dir=str(tagged))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"steps": -1}, "steps must be an integer >= 0"),
+    ({"train_model": "both"}, "train_model must be base or instruct"),
+    ({"base_model": {"name": "x"}}, "base_model must be a model identity with a hash"),
+    ({"surprise": 1}, r"unknown keys \['surprise'\]"),
+])
+def test_malformed_adapter_provenance_is_named(pairs, adapters, tmp_path, change, message):
+    tagged = tmp_path / "adapter"
+    shutil.copytree(adapters["llama"], tagged)
+    record = _provenance(weights_sha256=file_sha256(tagged / "adapter_model.safetensors"))
+    (tagged / "gift_adapter.json").write_text(json.dumps({**record.to_json(), **change}))
+    with pytest.raises(ContractError, match=message):
+        read_adapter(tagged)
 
 
 def test_target_with_missing_shard(pairs, adapters, tmp_path):
@@ -294,7 +321,7 @@ def _checksummed_copy(adapter_dir: Path, out: Path) -> Path:
     from gift_dist.contracts.adapter import read_adapter, write_adapter
 
     source = read_adapter(adapter_dir)
-    return write_adapter(out, LoraConfig.from_pretrained(str(adapter_dir)), source.tensors, {"steps": 1})
+    return write_adapter(out, LoraConfig.from_pretrained(str(adapter_dir)), source.tensors, _provenance())
 
 
 def test_flipped_byte_in_the_adapter_is_refused_before_merging(pairs, adapters, tmp_path):

@@ -78,7 +78,7 @@ def test_two_nodes_equal_one_node_two_ranks(prepared_llama, tmp_path):
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
     # training moved the LoRA B matrices away from their zero init, so the comparison is not vacuous
     assert any(t.abs().max() > 0 for k, t in one.items() if "lora_B" in k)
-    assert read_adapter(two_cfg.paths.adapter).provenance["world_size"] == 2
+    assert read_adapter(two_cfg.paths.adapter).provenance.world_size == 2
 
 
 def test_sigterm_to_the_launch_script_alone_saves_a_checkpoint_and_ends_with_75(prepared_llama, tmp_path):
@@ -149,4 +149,4 @@ def test_two_nodes_through_the_deepspeed_launch_script_equal_one_node_two_ranks(
     assert one.keys() == two.keys() and one
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
-    assert read_adapter(two_cfg.paths.adapter).provenance["world_size"] == 2
+    assert read_adapter(two_cfg.paths.adapter).provenance.world_size == 2

@@ -45,6 +45,8 @@ class Setup:
     pair: object
     prepared_dir: Path
     prepared: Prepared
+    # What prepare was run with: a run config must say the same (train recomputes the prepared inputs).
+    prepare_overrides: list[str]
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +59,11 @@ def setup(tmp_path_factory) -> Setup:
     root = tmp_path_factory.mktemp("train_dist")
     pair = build_tiny_pair(root / "pair", arch="llama", seed=0, base_steps=2, instruct_steps=2)
     data = write_jsonl(read_jsonl(bundled_data_path())[:64], root / "data.jsonl")
+    overrides = ["prepare.max_length=128", f"prepare.samples_per_shard={SAMPLES_PER_SHARD}", f"data.files=[{data}]"]
     cfg = load_config(None, [f"base_model={pair.base}", f"instruct_model={pair.instruct}",
-                             f"output_dir={root / 'prep'}", "prepare.max_length=128",
-                             f"prepare.samples_per_shard={SAMPLES_PER_SHARD}"])
-    cfg.data.files = [str(data)]
+                             f"output_dir={root / 'prep'}", *overrides])
     prepare(cfg)
-    return Setup(pair, cfg.paths.prepared, load_prepared(cfg.paths.prepared))
+    return Setup(pair, cfg.paths.prepared, load_prepared(cfg.paths.prepared), overrides)
 
 
 def run_config(setup: Setup, out: Path, confidence: Path | None = None, **train) -> RunConfig:
@@ -78,7 +79,8 @@ def run_config(setup: Setup, out: Path, confidence: Path | None = None, **train)
                 # Small chunks: ranks then need different numbers of lm_head calls and must agree on one.
                 "ce_chunk_tokens": 16, **train}
     return load_config(None, [f"base_model={setup.pair.base}", f"instruct_model={setup.pair.instruct}",
-                              f"output_dir={out}", *[f"train.{k}={v}" for k, v in settings.items()]])
+                              f"output_dir={out}", *setup.prepare_overrides,
+                              *[f"train.{k}={v}" for k, v in settings.items()]])
 
 
 def confidence_manifest(setup: Setup, fingerprint: str | None = None) -> conf.ConfidenceManifest:
@@ -206,10 +208,10 @@ def test_adapter_equals_deepspeed_consolidation_and_loads_with_peft(reference, s
 
     cfg = reference[0]
     adapter = read_adapter(cfg.paths.adapter)
-    assert adapter.provenance["complete"] is True
-    assert adapter.provenance["steps"] == STEPS and adapter.provenance["world_size"] == 2
-    assert adapter.provenance["prepared_fingerprint"] == setup.prepared.manifest.fingerprint
-    assert adapter.provenance["weighting"]["weighting"] == "gift"
+    assert adapter.provenance.complete is True
+    assert adapter.provenance.steps == STEPS and adapter.provenance.world_size == 2
+    assert adapter.provenance.prepared_fingerprint == setup.prepared.manifest.fingerprint
+    assert adapter.provenance.weighting["weighting"] == "gift"
     final_tag = tag_for(STEPS)
     assert (cfg.paths.checkpoints / LATEST_NAME).read_text().strip() == final_tag
     assert sorted(p.name for p in cfg.paths.checkpoints.glob("step-*")) == [tag_for(SAVE_EVERY), final_tag]
@@ -247,7 +249,7 @@ def test_sigterm_saves_and_resume_reproduces_the_loss_curve(reference, setup, tm
     assert (cfg.paths.checkpoints / LATEST_NAME).read_text().strip() == tag_for(stopped_at)
     record = json.loads((cfg.paths.checkpoints / tag_for(stopped_at) / RECORD_NAME).read_text())
     assert record["step"] == stopped_at and record["world_size"] == 2
-    assert not read_adapter(cfg.paths.checkpoints / tag_for(stopped_at) / "adapter").provenance["complete"]
+    assert not read_adapter(cfg.paths.checkpoints / tag_for(stopped_at) / "adapter").provenance.complete
     assert not cfg.paths.adapter.exists()
 
     launch(cfg, 2, "--resume")
@@ -362,6 +364,30 @@ def test_train_refuses_a_base_whose_tokenizer_does_not_pair_with_the_instruct_mo
 
 # ---- in-process single-rank runs ----
 
+def test_train_refuses_prepared_data_whose_manifest_was_edited_or_made_otherwise(setup, tmp_path, single_rank):
+    """A hand-edited prepared.json (here: claiming another max_length) and a config whose prepare settings differ
+    from the data's are both named before any model loads, uniform weighting included (no confidence involved)."""
+    import shutil
+
+    from gift_dist.contracts.prepared import MANIFEST_NAME
+    from gift_dist.train.recipe import train
+
+    cfg = run_config(setup, tmp_path / "run", weighting="uniform", max_steps=1)
+    (cfg.paths.prepared).unlink()
+    shutil.copytree(setup.prepared_dir, cfg.paths.prepared)
+    manifest = cfg.paths.prepared / MANIFEST_NAME
+    data = json.loads(manifest.read_text())
+    data["settings"]["prepare"]["max_length"] = 64
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ContractError, match=r"setting prepare.max_length: 64 -> 128"):
+        train(cfg)
+    other = run_config(setup, tmp_path / "other", weighting="uniform", max_steps=1)
+    other.prepare.train_on = "last_assistant"
+    with pytest.raises(ContractError, match=r"setting prepare.train_on: 'all_assistant' -> 'last_assistant'"):
+        train(other)
+    assert not cfg.paths.checkpoints.exists() and not other.paths.adapter.exists()
+
+
 def test_dft_trains_without_a_confidence_folder(setup, tmp_path, single_rank):
     from gift_dist.train.recipe import train
 
@@ -373,7 +399,7 @@ def test_dft_trains_without_a_confidence_folder(setup, tmp_path, single_rank):
     rows = read_metrics(cfg.paths.logs / METRICS_NAME)
     assert [row["step"] for row in rows] == [1, 2]
     assert all(0.0 < row["mean_weight"] < 1.0 for row in rows)  # the model's own p, not 1
-    assert read_adapter(result.adapter).provenance["weighting"]["weighting"] == "dft"
+    assert read_adapter(result.adapter).provenance.weighting["weighting"] == "dft"
 
 
 def test_a_token_budget_per_micro_batch_trains_and_is_recorded(setup, tmp_path, single_rank):
@@ -386,7 +412,7 @@ def test_a_token_budget_per_micro_batch_trains_and_is_recorded(setup, tmp_path, 
                      gradient_accumulation_steps=2, save_every_steps=3)
     result = train(cfg)
     assert result.steps == 3 and not result.preempted
-    assert read_adapter(result.adapter).provenance["train_config"]["micro_batch_tokens"] == budget
+    assert read_adapter(result.adapter).provenance.train_config["micro_batch_tokens"] == budget
     rows = read_metrics(cfg.paths.logs / METRICS_NAME)
     assert all(math.isfinite(row["loss"]) and row["target_tokens"] > 0 for row in rows)
     changed = run_config(setup, tmp_path / "run2", weighting="uniform", max_steps=3, micro_batch_tokens=budget + 1,
@@ -538,7 +564,7 @@ def test_resume_on_another_number_of_ranks_loads_the_gathered_lora(reference, se
     result = train(cfg, resume=True)
     assert result.steps == STEPS
     resumed, saved = read_adapter(result.adapter), read_adapter(ref.paths.checkpoints / tag_for(STEPS) / "adapter")
-    assert resumed.provenance["world_size"] == 1 and resumed.provenance["complete"]
+    assert resumed.provenance.world_size == 1 and resumed.provenance.complete
     for name, tensor in saved.tensors.items():
         assert torch.equal(resumed.tensors[name], tensor), name
 

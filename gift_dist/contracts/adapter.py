@@ -15,7 +15,7 @@ The directory is written to a temporary sibling and renamed, so a half-written a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,11 +31,72 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 @dataclass
+class AdapterProvenance:
+    """``gift_adapter.json``: how an adapter was made. Written by train, read by merge and ``gift-dist run``."""
+
+    # "base" (GIFT, Shadow-FT, DFT) or "instruct" (direct fine-tuning): the model the LoRA was trained on.
+    train_model: str
+    # Content identity (``models.checkpoint.model_identity``) of the model the LoRA was trained on.
+    model_identity: dict[str, Any]
+    # Identity of the base model of the pair (the same as ``model_identity`` unless train_model is instruct).
+    base_model: dict[str, Any]
+    # Identity of the instruct model, when the run named one.
+    instruct_model: Optional[dict[str, Any]]
+    # The prepared dataset the adapter was trained on.
+    prepared_fingerprint: str
+    # The weighting settings (weighting, gamma, floor, clipping, EOS weight, normaliser), for reports.
+    weighting: dict[str, Any]
+    # LoRA settings (r, alpha, dropout, target modules, rsLoRA).
+    lora: dict[str, Any]
+    # Every train setting, as configured.
+    train_config: dict[str, Any]
+    # Optimizer steps done, world size and global batch (samples per step) of the run.
+    steps: int
+    world_size: int
+    global_batch_size: int
+    # False for a checkpoint's adapter (training went on), True for the final one.
+    complete: bool
+    # sha256 of adapter_model.safetensors, filled by ``write_adapter`` and checked by every reader.
+    weights_sha256: str = ""
+    format: str = FORMAT
+    version: int = VERSION
+
+    def __post_init__(self) -> None:
+        if self.train_model not in ("base", "instruct"):
+            raise ContractError(f"adapter provenance: train_model must be base or instruct, got {self.train_model!r}")
+        for key in ("model_identity", "base_model"):
+            if not isinstance(getattr(self, key), dict) or "hash" not in getattr(self, key):
+                raise ContractError(f"adapter provenance: {key} must be a model identity with a hash")
+        for key in ("steps", "world_size", "global_batch_size"):
+            value = getattr(self, key)
+            least = 0 if key == "steps" else 1
+            if not isinstance(value, int) or value < least:
+                raise ContractError(f"adapter provenance: {key} must be an integer >= {least}, got {value!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> "AdapterProvenance":
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise ContractError(f"{where}: unsupported format/version {data.get('format')}/{data.get('version')}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ContractError(f"{where}: unknown keys {unknown} (written by a newer gift_dist?)")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ContractError(f"{where}: malformed adapter provenance: {exc}") from exc
+
+
+@dataclass
 class Adapter:
     path: Path
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor]
-    provenance: Optional[dict[str, Any]]
+    # None for an adapter made elsewhere (plain peft), which merge still accepts.
+    provenance: Optional[AdapterProvenance]
 
     @property
     def scale(self) -> float:
@@ -49,7 +110,7 @@ def adapter_hash(path: str | Path) -> str:
 
 
 def write_adapter(
-    out_dir: str | Path, peft_config: Any, tensors: dict[str, torch.Tensor], provenance: dict[str, Any]
+    out_dir: str | Path, peft_config: Any, tensors: dict[str, torch.Tensor], provenance: AdapterProvenance
 ) -> Path:
     """Write a PEFT adapter dir from gathered full LoRA tensors (peft state-dict names), atomically."""
     from safetensors.torch import save_file
@@ -69,9 +130,8 @@ def write_adapter(
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME),
                   metadata={"format": "pt"})
         # Checked by every reader: a flipped byte in the weights is an error, never a merged model.
-        record = {"format": FORMAT, "version": VERSION, **provenance,
-                  "weights_sha256": file_sha256(tmp / WEIGHTS_NAME)}
-        (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        record = replace(provenance, weights_sha256=file_sha256(tmp / WEIGHTS_NAME))
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n")
     return out_dir
 
 
@@ -88,13 +148,11 @@ def read_adapter(path: str | Path) -> Adapter:
     provenance = None
     if (path / PROVENANCE_NAME).is_file():
         try:
-            provenance = json.loads((path / PROVENANCE_NAME).read_text())
+            data = json.loads((path / PROVENANCE_NAME).read_text())
         except json.JSONDecodeError as exc:
             raise ContractError(f"{path / PROVENANCE_NAME} is not valid JSON: {exc}") from exc
-        if provenance.get("format") != FORMAT or provenance.get("version") != VERSION:
-            raise ContractError(f"{path / PROVENANCE_NAME}: unsupported format/version {provenance.get('version')}")
-        recorded = provenance.get("weights_sha256")
-        if recorded is not None and file_sha256(path / WEIGHTS_NAME) != recorded:
+        provenance = AdapterProvenance.from_json(data, str(path / PROVENANCE_NAME))
+        if file_sha256(path / WEIGHTS_NAME) != provenance.weights_sha256:
             raise ContractError(
                 f"adapter weights {path / WEIGHTS_NAME} do not match the sha256 recorded in {PROVENANCE_NAME}: the "
                 f"file was changed or damaged after training; restore it or train again"

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 WORK_SUFFIX = ".merging"
 OLD_SUFFIX = ".replaced"
 # Keys of gift_adapter.json that hold the {"name", "hash"} identity of the model the adapter was trained on.
-IDENTITY_KEYS = ("base_model", "model_identity")
 
 
 def merge_paths(
@@ -66,9 +65,8 @@ def check_adapter_fits(adapter: adapter_contract.Adapter, target: Path, base: Op
                     f"adapter {adapter.path} was trained on {trained_on} ({key}={trained_config[key]!r}) but the "
                     f"merge target {target} has {key}={target_config[key]!r}"
                 )
-    provenance = adapter.provenance or {}
-    recorded = next((provenance[k] for k in IDENTITY_KEYS if isinstance(provenance.get(k), dict)), None)
-    if recorded and recorded.get("hash") and base is not None:
+    recorded = adapter.provenance.base_model if adapter.provenance is not None else None
+    if recorded and base is not None:
         actual = checkpoint.model_identity(str(base))
         if actual["hash"] != recorded["hash"]:
             raise ContractError(

@@ -97,16 +97,18 @@ def adapter_is_complete(cfg: RunConfig, fingerprint: str) -> bool:
         adapter = adapter_contract.read_adapter(cfg.paths.adapter)
     except ContractError:
         return False
-    provenance = adapter.provenance or {}
-    same_data = provenance.get("prepared_fingerprint") == fingerprint
-    same_settings = _training_settings(provenance.get("train_config", {})) == _training_settings(
-        config_to_dict(cfg.train))
+    provenance = adapter.provenance
+    if provenance is None:
+        raise ConfigError(f"{cfg.paths.adapter} has no {adapter_contract.PROVENANCE_NAME}: it was not trained by "
+                          f"this run; use a fresh output_dir, or delete it to retrain")
+    same_data = provenance.prepared_fingerprint == fingerprint
+    same_settings = _training_settings(provenance.train_config) == _training_settings(config_to_dict(cfg.train))
     if not (same_data and same_settings):
         raise ConfigError(
             f"{cfg.paths.adapter} was trained on other data or with other train settings than this config; "
             f"use a fresh output_dir, or delete {cfg.paths.adapter} and {cfg.paths.checkpoints} to retrain"
         )
-    return bool(provenance.get("complete", False))
+    return provenance.complete
 
 
 def merged_is_complete(cfg: RunConfig) -> bool:

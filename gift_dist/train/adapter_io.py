@@ -16,7 +16,7 @@ import torch
 
 from gift_dist import dist
 from gift_dist.contracts import ContractError
-from gift_dist.contracts.adapter import read_adapter, write_adapter
+from gift_dist.contracts.adapter import AdapterProvenance, read_adapter, write_adapter
 
 
 def expected_lora_shapes(peft_model: torch.nn.Module) -> dict[str, tuple[int, int]]:
@@ -56,7 +56,8 @@ def gather_lora(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(peft_model: torch.nn.Module, peft_config: Any, out_dir: str | Path, provenance: dict) -> Path:
+def save_adapter(peft_model: torch.nn.Module, peft_config: Any, out_dir: str | Path,
+                 provenance: AdapterProvenance) -> Path:
     """Gather on all ranks, then rank 0 writes a standard PEFT adapter dir (atomically) via the adapter contract."""
     tensors = gather_lora(peft_model)
     config = adapter_config(peft_model, peft_config)

@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 from gift_dist import dist
 from gift_dist.contracts import ContractError, file_sha256
+from gift_dist.contracts.adapter import AdapterProvenance
 from gift_dist.train import adapter_io
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ class Checkpoints:
         return folder, record
 
     def save(self, engine: Any, peft_model: Any, peft_config: Any, record: CheckpointRecord,
-             adapter_provenance: dict) -> Path:
+             adapter_provenance: AdapterProvenance) -> Path:
         """Write a checkpoint on all ranks (a collective), then publish it atomically from rank 0."""
         tag = tag_for(record.step)
         tmp_root = self.root / TMP_DIR
@@ -153,7 +154,7 @@ class Checkpoints:
         folder.parent.mkdir(parents=True, exist_ok=True)
 
     def _publish(self, tmp: Path, tag: str, record: CheckpointRecord, peft_config: Any, tensors: dict,
-                 provenance: dict) -> str:
+                 provenance: AdapterProvenance) -> str:
         from gift_dist.contracts.adapter import write_adapter
 
         write_adapter(tmp / ADAPTER_DIR, peft_config, tensors, provenance)

@@ -35,6 +35,7 @@ from gift_dist import dist
 from gift_dist.config import RunConfig, TrainConfig, config_to_dict, operational_keys
 from gift_dist.contracts import ContractError, require_writable
 from gift_dist.contracts import confidence as conf_contract
+from gift_dist.contracts.adapter import AdapterProvenance
 from gift_dist.contracts.prepared import load_eval_split, load_prepared
 from gift_dist.models.checkpoint import model_identity
 from gift_dist.models.pair import check_pair
@@ -173,7 +174,7 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
         stop.uninstall()
         metrics.close()
     adapter = adapter_io.save_adapter(te.peft_model, te.peft_config, cfg.paths.adapter,
-                                      provenance(cfg, te, identity, fingerprint, step, world, complete=True))
+                                      provenance(cfg, identity, fingerprint, step, world, complete=True))
     log.info("wrote adapter %s after %d steps", adapter, step)
     return TrainResult(Path(adapter), step, batches.total_steps, final_loss, False, checkpoint)
 
@@ -334,25 +335,25 @@ def dump_gradients(te: TrainEngine, folder: Path, step: int) -> None:
     dist.rank0_call(write)
 
 
-def provenance(cfg: RunConfig, te: TrainEngine, identity: dict, fingerprint: str, step: int, world: int,
-               complete: bool) -> dict:
+def provenance(cfg: RunConfig, identity: dict, fingerprint: str, step: int, world: int,
+               complete: bool) -> AdapterProvenance:
     """What the adapter records about how it was made (merge and the pipeline read it)."""
     train = config_to_dict(cfg.train)
-    return {
-        "train_model": cfg.train.train_model,
-        "model_identity": identity,
-        "base_model": model_identity(cfg.base_model) if cfg.train.train_model == "instruct" else identity,
-        "instruct_model": model_identity(cfg.instruct_model) if cfg.instruct_model else None,
-        "prepared_fingerprint": fingerprint,
-        "weighting": {key: train[key] for key in ("weighting", "gamma", "prob_floor", "weight_min", "weight_max",
-                                                  "eos_weight", "normalizer", "normalize_over")},
-        "lora": train["lora"],
-        "train_config": train,
-        "steps": step,
-        "world_size": world,
-        "global_batch_size": cfg.train.global_batch(world),
-        "complete": complete,
-    }
+    return AdapterProvenance(
+        train_model=cfg.train.train_model,
+        model_identity=identity,
+        base_model=model_identity(cfg.base_model) if cfg.train.train_model == "instruct" else identity,
+        instruct_model=model_identity(cfg.instruct_model) if cfg.instruct_model else None,
+        prepared_fingerprint=fingerprint,
+        weighting={key: train[key] for key in ("weighting", "gamma", "prob_floor", "weight_min", "weight_max",
+                                               "eos_weight", "normalizer", "normalize_over")},
+        lora=train["lora"],
+        train_config=train,
+        steps=step,
+        world_size=world,
+        global_batch_size=cfg.train.global_batch(world),
+        complete=complete,
+    )
 
 
 def save_checkpoint(te: TrainEngine, checkpoints: Checkpoints, record: CheckpointRecord, step: int,
@@ -360,7 +361,7 @@ def save_checkpoint(te: TrainEngine, checkpoints: Checkpoints, record: Checkpoin
     at_step = replace(record, step=step)
     return checkpoints.save(
         te.engine, te.peft_model, te.peft_config, at_step,
-        provenance(cfg, te, record.model_identity, record.prepared_fingerprint, step, record.world_size,
+        provenance(cfg, record.model_identity, record.prepared_fingerprint, step, record.world_size,
                    complete=False),
     )
 
