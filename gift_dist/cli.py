@@ -12,8 +12,7 @@ import logging
 import sys
 from typing import Optional
 
-from gift_dist.config import ConfigError, RunConfig, load_config
-from gift_dist.contracts import ContractError
+from gift_dist.errors import UserError
 
 # command -> (module defining add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
@@ -32,18 +31,6 @@ COMMANDS = {
     "plan": ("gift_dist.pipeline.plan", "memory plan for training, scoring and merging a model"),
     "make-tiny": ("gift_dist.models.tiny", "write a tiny offline base/instruct pair and the bundled data"),
 }
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments every stage shares: a run config and ``section.key=value`` overrides."""
-    parser.add_argument("--config", help="run config YAML (see examples/ and gift_dist/config.py for defaults)")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="section.key=value", help="override config keys, e.g. train.lora.r=8"
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    return load_config(args.config, args.overrides)
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
@@ -70,7 +57,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
-    except (ConfigError, ContractError) as exc:
+    except UserError as exc:
         print(f"gift-dist {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,8 @@ overrides of the form ``section.key=value`` (the value parsed as YAML, so ``trai
 
 from __future__ import annotations
 
+import argparse
+
 import dataclasses
 import difflib
 import types
@@ -17,9 +19,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A run config (file or override) is invalid; the message names the offending key."""
+from gift_dist.errors import ConfigError
 
 
 # Field metadata of settings that change how a run is operated (logging, checkpoint cadence, waiting), never what
@@ -517,3 +517,16 @@ def require(cfg: RunConfig, *keys: str) -> None:
             node = getattr(node, part)
         if node in ("", None, []):
             raise ConfigError(f"config key '{key}' is required for this command but is empty")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every stage's command shares: a run config and ``section.key=value`` overrides."""
+    parser.add_argument("--config", help="run config YAML (see examples/ and gift_dist/config.py for defaults)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="override config keys, e.g. train.lora.r=8"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run config of a command line parsed with ``add_config_arguments``."""
+    return load_config(args.config, args.overrides)

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from gift_dist.contracts import ContractError
-from gift_dist.models.shardio import SAFE_DTYPE_OF, ShardWriter, TensorSlot
+from gift_dist.contracts.shardio import SAFE_DTYPE_OF, ShardWriter, TensorSlot
 
 
 def slot(name: str, tensor: torch.Tensor) -> TensorSlot:
@@ -48,7 +48,7 @@ def test_out_of_plan_tensor_is_refused(tmp_path):
 def test_copy_and_read_by_byte_range(tmp_path):
     from safetensors.torch import save_file
 
-    from gift_dist.models.shardio import read_tensor, tensor_ranges
+    from gift_dist.contracts.shardio import read_tensor, tensor_ranges
     from gift_dist.models.checkpoint import read_header
 
     source = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(7, dtype=torch.int32), "c": torch.randn(4)}

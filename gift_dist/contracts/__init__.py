@@ -17,9 +17,7 @@ from pathlib import Path
 
 import torch
 
-
-class ContractError(ValueError):
-    """An on-disk artifact is missing, of another version, or does not match what it claims to be."""
+from gift_dist.errors import ContractError  # noqa: F401  (re-exported: the contracts' error)
 
 
 def file_sha256(path) -> str:

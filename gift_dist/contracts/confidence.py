@@ -38,6 +38,7 @@ from typing import Iterator, Optional
 import torch
 
 from gift_dist.contracts import ContractError, atomic_write_text, check_inside, file_sha256
+from gift_dist.contracts.shardio import SAFE_DTYPE_OF, ShardWriter, TensorSlot
 
 FORMAT = "gift_dist.confidence"
 VERSION = 1
@@ -179,8 +180,6 @@ def init_manifest(conf_dir: str | Path, template: ConfidenceManifest) -> Confide
 
 def save_safetensors_deterministic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
     """Write a safetensors file whose bytes depend only on the tensors and metadata (both in sorted order)."""
-    from gift_dist.models.shardio import SAFE_DTYPE_OF, ShardWriter, TensorSlot
-
     ordered = {name: tensors[name].detach().to("cpu").contiguous() for name in sorted(tensors)}
     slots = [TensorSlot(name, SAFE_DTYPE_OF[t.dtype], tuple(t.shape)) for name, t in ordered.items()]
     with ShardWriter(path, slots, dict(sorted(metadata.items()))) as writer:

@@ -31,7 +31,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from gift_dist.config import ConfigError, EvalConfig, RunConfig
+from gift_dist.config import ConfigError, EvalConfig, RunConfig, add_config_arguments, config_from_args
 from gift_dist.contracts import ContractError, atomic_write_text
 from gift_dist.contracts.prepared import IGNORE_INDEX, load_eval_split
 
@@ -368,8 +368,6 @@ def write_report(results: list[ModelScores], out_dir: Path) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gift_dist.cli import add_config_arguments
-
     add_config_arguments(parser)
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                         help="another model to evaluate (repeatable); instruct and the run's merged/ always are")
@@ -380,8 +378,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gift_dist.cli import config_from_args
-
     cfg = config_from_args(args)
     if args.lm_eval:
         cfg.eval.lm_eval_tasks = [task for task in args.lm_eval.split(",") if task]

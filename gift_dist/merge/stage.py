@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from gift_dist.config import ConfigError, RunConfig
+from gift_dist.config import ConfigError, RunConfig, add_config_arguments, config_from_args
 from gift_dist.contracts import ContractError, require_writable
 from gift_dist.contracts import adapter as adapter_contract
 from gift_dist.contracts import merged as merged_contract
@@ -154,8 +154,6 @@ def merge(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gift_dist.cli import add_config_arguments
-
     add_config_arguments(parser)
     parser.add_argument("--adapter", help="adapter dir (default: the run's adapter/)")
     parser.add_argument("--target", help="model dir to merge into (default: instruct_model, or base_model with "
@@ -184,8 +182,6 @@ def apply_arguments(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gift_dist.cli import config_from_args
-
     cfg = apply_arguments(config_from_args(args), args)
     output = merge(cfg, args.adapter, args.target, args.output, args.base, args.throttle_seconds)
     print(f"merged model: {output}")

@@ -30,7 +30,7 @@ import torch
 from gift_dist.config import ConfigError
 from gift_dist.contracts import ContractError, check_finite
 from gift_dist.merge.names import MergeTargets, lora_factors
-from gift_dist.models.shardio import (
+from gift_dist.contracts.shardio import (
     SAFE_DTYPE_OF, TORCH_DTYPE_OF, ShardWriter, TensorRange, TensorSlot, read_tensor, tensor_ranges,
 )
 from gift_dist.models import checkpoint

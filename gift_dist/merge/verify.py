@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from gift_dist.config import RunConfig
+from gift_dist.config import RunConfig, add_config_arguments, config_from_args
 from gift_dist.contracts import ContractError, check_finite, max_abs_diff
 from gift_dist.contracts import adapter as adapter_contract
 from gift_dist.contracts import merged as merged_contract
@@ -227,8 +227,6 @@ def verify_merged(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gift_dist.cli import add_config_arguments
-
     add_config_arguments(parser)
     parser.add_argument("--merged", help="merged model dir (default: the run's merged/)")
     parser.add_argument("--adapter", help="adapter dir (default: the one recorded in gift_merge.json)")
@@ -237,8 +235,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gift_dist.cli import config_from_args
-
     report = verify_merged(config_from_args(args), args.merged, args.adapter, args.target, args.base)
     print(f"ok: {report.summary()}")
     return 0

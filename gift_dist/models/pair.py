@@ -11,6 +11,7 @@ import argparse
 import logging
 from dataclasses import dataclass
 
+from gift_dist.config import add_config_arguments, config_from_args
 from gift_dist.contracts import ContractError
 from gift_dist.models import checkpoint
 
@@ -149,15 +150,12 @@ def relative_weight_difference(base: str, instruct: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gift_dist.cli import add_config_arguments
-
     add_config_arguments(parser)
     parser.add_argument("--no-weight-diff", action="store_true",
                         help="skip reading every weight for the relative base/instruct difference")
 
 
 def run(args: argparse.Namespace) -> int:
-    from gift_dist.cli import config_from_args
     from gift_dist.config import require
 
     cfg = config_from_args(args)

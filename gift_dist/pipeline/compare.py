@@ -26,7 +26,15 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
-from gift_dist.config import METHODS, ConfigError, RunConfig, apply_method, dump_config
+from gift_dist.config import (
+    METHODS,
+    ConfigError,
+    RunConfig,
+    add_config_arguments,
+    apply_method,
+    config_from_args,
+    dump_config,
+)
 from gift_dist.contracts import atomic_write_text
 from gift_dist.pipeline.run import (
     Launch,
@@ -141,8 +149,6 @@ def report(summary: dict, seeds: int, per_model: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gift_dist.cli import add_config_arguments
-
     add_config_arguments(parser)
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated, from {sorted(METHODS)} (default: all)")
@@ -151,7 +157,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gift_dist.cli import config_from_args
     from gift_dist.pipeline.run import exit_status
 
     def work() -> None:

@@ -28,6 +28,8 @@ from gift_dist.config import (
     ConfigError,
     RunConfig,
     TrainConfig,
+    add_config_arguments,
+    config_from_args,
     config_to_dict,
     dump_config,
     operational_keys,
@@ -329,8 +331,6 @@ def launch_from_args(args: argparse.Namespace) -> Launch:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gift_dist.cli import add_config_arguments
-
     add_config_arguments(parser)
     add_launch_arguments(parser)
 
@@ -350,8 +350,6 @@ def exit_status(command: str, work: Callable[[], None]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gift_dist.cli import config_from_args
-
     def work() -> None:
         result = run_pipeline(config_from_args(args), launch_from_args(args))
         print(f"done: ran {', '.join(result.ran) or 'nothing'}; skipped {', '.join(result.skipped) or 'nothing'}")

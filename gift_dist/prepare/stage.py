@@ -18,7 +18,7 @@ from collections import Counter
 import numpy as np
 
 from gift_dist import __version__
-from gift_dist.config import DataConfig, PrepareConfig, RunConfig, require
+from gift_dist.config import DataConfig, PrepareConfig, RunConfig, add_config_arguments, config_from_args, require
 from gift_dist.contracts import ContractError, require_writable
 from gift_dist.contracts import prepared as contract
 from gift_dist.models.pair import check_pair, load_tokenizer
@@ -181,15 +181,11 @@ def eval_count(kept: int, prep: PrepareConfig) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gift_dist.cli import add_config_arguments
-
     add_config_arguments(parser)
     parser.add_argument("--strict", action="store_true", help="fail on the first unusable record instead of dropping")
 
 
 def run(args: argparse.Namespace) -> int:
-    from gift_dist.cli import config_from_args
-
     cfg = config_from_args(args)
     if args.strict:
         cfg.prepare.strict = True

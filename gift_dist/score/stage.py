@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from gift_dist import dist
-from gift_dist.config import RunConfig, ScoreConfig, require
+from gift_dist.config import RunConfig, ScoreConfig, add_config_arguments, config_from_args, require
 from gift_dist.contracts import ContractError, require_writable
 from gift_dist.contracts import confidence as contract
 from gift_dist.contracts.prepared import EVAL_DIR, IGNORE_INDEX, Prepared, ShardSpec, load_eval_split, load_prepared
@@ -317,8 +317,6 @@ class _Scorer:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gift_dist.cli import add_config_arguments
-
     add_config_arguments(parser)
     parser.add_argument(
         "--rescore-corrupt", action="store_true",
@@ -332,8 +330,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gift_dist.cli import config_from_args
-
     cfg = config_from_args(args)
     if args.throttle_seconds is not None:
         cfg.score.throttle_seconds = args.throttle_seconds

@@ -32,7 +32,14 @@ from typing import Optional
 import torch
 
 from gift_dist import dist
-from gift_dist.config import RunConfig, TrainConfig, config_to_dict, operational_keys
+from gift_dist.config import (
+    RunConfig,
+    TrainConfig,
+    add_config_arguments,
+    config_from_args,
+    config_to_dict,
+    operational_keys,
+)
 from gift_dist.contracts import ContractError, require_writable
 from gift_dist.contracts import confidence as conf_contract
 from gift_dist.contracts.adapter import AdapterProvenance
@@ -367,8 +374,6 @@ def save_checkpoint(te: TrainEngine, checkpoints: Checkpoints, record: Checkpoin
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from gift_dist.cli import add_config_arguments
-
     add_config_arguments(parser)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true",
@@ -382,8 +387,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gift_dist.cli import config_from_args
-
     result = train(config_from_args(args), resume=args.resume, resume_if_exists=args.resume_if_exists,
                    grad_dump_dir=args.dump_grads, resume_anyway=args.resume_anyway)
     dist.shutdown()
