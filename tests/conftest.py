@@ -18,13 +18,29 @@ from gift_dist.models.tiny import build_tiny_pair  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory):
-    return build_tiny_pair(tmp_path_factory.mktemp("tiny_llama"), arch="llama", seed=0)
+def tiny_pair(tmp_path_factory):
+    """The one tiny-pair factory of the test run: ``tiny_pair(**build_tiny_pair_kwargs)`` builds each distinct
+    pair once per session and hands every later caller the same one (tests must not modify its files)."""
+    built = {}
+    root = tmp_path_factory.mktemp("tiny_pairs")
+
+    def make(**kwargs):
+        key = tuple(sorted(kwargs.items()))
+        if key not in built:
+            built[key] = build_tiny_pair(root / f"pair-{len(built)}", **kwargs)
+        return built[key]
+
+    return make
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2(tmp_path_factory):
-    return build_tiny_pair(tmp_path_factory.mktemp("tiny_qwen2"), arch="qwen2", seed=1)
+def tiny_llama(tiny_pair):
+    return tiny_pair(arch="llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tiny_pair):
+    return tiny_pair(arch="qwen2", seed=1)
 
 
 def make_run_config(pair, output_dir: Path, data_files=None, **overrides):

@@ -20,13 +20,11 @@ from gift_dist.contracts.merged import read_merged
 from gift_dist.merge.stage import merge
 from gift_dist.merge.verify import verify_merged
 from gift_dist.models import checkpoint
-from gift_dist.models.tiny import build_tiny_pair
 
 
 @pytest.fixture(scope="session")
-def pairs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("merge_pairs")
-    return {arch: build_tiny_pair(root / arch, arch=arch, base_steps=2, instruct_steps=2, max_shard_size="200KB")
+def pairs(tiny_pair):
+    return {arch: tiny_pair(arch=arch, base_steps=2, instruct_steps=2, max_shard_size="200KB")
             for arch in ("llama", "qwen2")}
 
 

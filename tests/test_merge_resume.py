@@ -17,15 +17,14 @@ from gift_dist.contracts import ContractError
 from gift_dist.contracts.merged import read_merged
 from gift_dist.merge.stage import WORK_SUFFIX, merge
 from gift_dist.models import checkpoint
-from gift_dist.models.tiny import build_tiny_pair
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def pair_and_adapter(tmp_path_factory):
+def pair_and_adapter(tiny_pair, tmp_path_factory):
     root = tmp_path_factory.mktemp("merge_resume")
-    pair = build_tiny_pair(root / "pair", base_steps=2, instruct_steps=2, max_shard_size="100KB")
+    pair = tiny_pair(base_steps=2, instruct_steps=2, max_shard_size="100KB")
     return pair, make_adapter(pair.base, root / "adapter", seed=5)
 
 

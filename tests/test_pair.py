@@ -6,7 +6,6 @@ from transformers import AutoModelForCausalLM
 
 from gift_dist.cli import main
 from gift_dist.models.pair import PairMismatch, check_pair
-from gift_dist.models.tiny import build_tiny_pair
 
 
 def test_tiny_pairs_load_and_pass(tiny_llama, tiny_qwen2):
@@ -30,8 +29,8 @@ def test_architecture_mismatch_is_named(tiny_llama, tiny_qwen2):
         check_pair(str(tiny_llama.base), str(tiny_qwen2.instruct))
 
 
-def test_shape_mismatch_is_named(tiny_llama, tmp_path):
-    wide = build_tiny_pair(tmp_path / "wide", arch="llama", hidden_size=96, base_steps=1, instruct_steps=1)
+def test_shape_mismatch_is_named(tiny_llama, tiny_pair):
+    wide = tiny_pair(arch="llama", hidden_size=96, base_steps=1, instruct_steps=1)
     with pytest.raises(PairMismatch, match="hidden_size: base=64 instruct=96"):
         check_pair(str(tiny_llama.base), str(wide.instruct))
 

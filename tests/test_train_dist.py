@@ -50,14 +50,13 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> Setup:
+def setup(tiny_pair, tmp_path_factory) -> Setup:
     """A tiny pair (few pre-training steps: quality is irrelevant here) and a 64-sample prepared dataset."""
     from gift_dist.bundled import bundled_data_path, read_jsonl, write_jsonl
-    from gift_dist.models.tiny import build_tiny_pair
     from gift_dist.prepare.stage import prepare
 
     root = tmp_path_factory.mktemp("train_dist")
-    pair = build_tiny_pair(root / "pair", arch="llama", seed=0, base_steps=2, instruct_steps=2)
+    pair = tiny_pair(arch="llama", seed=0, base_steps=2, instruct_steps=2)
     data = write_jsonl(read_jsonl(bundled_data_path())[:64], root / "data.jsonl")
     overrides = ["prepare.max_length=128", f"prepare.samples_per_shard={SAMPLES_PER_SHARD}", f"data.files=[{data}]"]
     cfg = load_config(None, [f"base_model={pair.base}", f"instruct_model={pair.instruct}",
