@@ -69,21 +69,25 @@ def require_writable(folder, what: str) -> Path:
     return folder
 
 
-def atomic_write_text(path, text: str) -> Path:
-    """Write ``text`` to a temporary sibling, fsync it and rename it over ``path``: readers see the old file or
-    the whole new one. The temporary name is unique per host, process and call, so concurrent writers (workers
-    on other nodes, ranks) never write into each other's file; it is removed if the write fails."""
+def atomic_write(path, write) -> Path:
+    """Have ``write(tmp)`` write a temporary sibling, fsync it and rename it over ``path``: readers see the old
+    file or the whole new one. The temporary name is unique per host, process and call, so concurrent writers
+    (workers on other nodes, ranks) never write into each other's file; it is removed if the write fails."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
+        write(tmp)
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """``atomic_write`` of a UTF-8 text."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from gift_dist.contracts import ContractError, check_inside, file_sha256
+from gift_dist.contracts import ContractError, atomic_write_text, check_inside, file_sha256
 
 FORMAT = "gift_dist.merged"
 VERSION = 1
@@ -61,8 +61,7 @@ class Merged:
 
 def write_record(out_dir: str | Path, record: MergeRecord) -> Path:
     path = Path(out_dir) / RECORD_NAME
-    path.write_text(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
-    return path
+    return atomic_write_text(path, json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
 
 
 def read_merged(path: str | Path) -> Merged:

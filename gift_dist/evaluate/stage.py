@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from gift_dist.config import ConfigError, EvalConfig, RunConfig, add_config_arguments, config_from_args
-from gift_dist.contracts import ContractError, atomic_write_text
+from gift_dist.contracts import ContractError, atomic_write, atomic_write_text
 from gift_dist.contracts.prepared import IGNORE_INDEX, load_eval_split
 
 log = logging.getLogger(__name__)
@@ -344,7 +344,7 @@ def tradeoff_plot(points: list[tuple[str, float, float]], out_path: Path, xlabel
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    atomic_write(out_path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return out_path
 

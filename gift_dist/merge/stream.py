@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from gift_dist.config import ConfigError
-from gift_dist.contracts import ContractError, check_finite
+from gift_dist.contracts import ContractError, atomic_write_text, check_finite
 from gift_dist.merge.names import MergeTargets, lora_factors
 from gift_dist.contracts.shardio import (
     SAFE_DTYPE_OF, TORCH_DTYPE_OF, ShardWriter, TensorRange, TensorSlot, read_tensor, tensor_ranges,
@@ -241,7 +241,7 @@ def prepare_work_dir(work_dir: Path, fingerprint: dict) -> set[str]:
             shutil.rmtree(work_dir)
     if not work_dir.exists():
         work_dir.mkdir(parents=True)
-        plan_path.write_text(json.dumps(fingerprint, sort_keys=True))
+        atomic_write_text(plan_path, json.dumps(fingerprint, sort_keys=True))
         return set()
     done = set()
     shard_names = {s["name"] for s in fingerprint["shards"]}

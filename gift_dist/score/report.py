@@ -7,13 +7,12 @@ writes the same content.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from gift_dist.contracts import atomic_write, atomic_write_text
 from gift_dist.contracts import confidence as contract
 
 SUMMARY_NAME = "summary.json"
@@ -81,15 +80,6 @@ def summarize(conf_dir: str | Path, manifest: contract.ConfidenceManifest) -> Sc
     )
 
 
-def _replace_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_report(conf_dir: str | Path, summary: ScoreSummary) -> tuple[Path, Path]:
     """summary.json and the histogram PNG, each replaced whole."""
     import matplotlib
@@ -100,7 +90,7 @@ def write_report(conf_dir: str | Path, summary: ScoreSummary) -> tuple[Path, Pat
     conf_dir = Path(conf_dir)
     summary_path, histogram_path = conf_dir / SUMMARY_NAME, conf_dir / HISTOGRAM_NAME
     text = json.dumps(summary.to_json(), indent=2) + "\n"
-    _replace_atomically(summary_path, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write_text(summary_path, text)
 
     width = 1.0 / HISTOGRAM_BINS
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -112,7 +102,7 @@ def write_report(conf_dir: str | Path, summary: ScoreSummary) -> tuple[Path, Pat
     ax.set_title(f"{summary.tokens} target tokens, mean confidence {summary.mean_confidence:.3f}")
     ax.legend()
     fig.tight_layout()
-    _replace_atomically(histogram_path, lambda p: fig.savefig(p, format="png", dpi=100))
+    atomic_write(histogram_path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
     return summary_path, histogram_path
 
@@ -170,5 +160,5 @@ def write_token_view(conf_dir: str | Path, manifest: contract.ConfidenceManifest
             f"weight); red: it is not (weight near {prob_floor:g}<sup>{gamma:g}</sup>). Weight = max(p, {prob_floor:g})"
             f"<sup>{gamma:g}</sup>. Grey: prompt tokens, not trained on.</p>" + "".join(rows))
     path = conf_dir / TOKEN_VIEW_NAME
-    _replace_atomically(path, lambda p: p.write_text(page, encoding="utf-8"))
+    atomic_write_text(path, page)
     return path

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gift_dist import dist
-from gift_dist.contracts import ContractError, file_sha256
+from gift_dist.contracts import ContractError, atomic_write_text, file_sha256
 from gift_dist.contracts.adapter import AdapterProvenance
 from gift_dist.train import adapter_io
 
@@ -164,9 +164,7 @@ class Checkpoints:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        pointer_tmp = self.root / f".{LATEST_NAME}.tmp"
-        pointer_tmp.write_text(tag + "\n")
-        os.replace(pointer_tmp, self.root / LATEST_NAME)
+        atomic_write_text(self.root / LATEST_NAME, tag + "\n")
         self._prune(keep_tag=tag)
         return str(final)
 

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from gift_dist.contracts import atomic_write, atomic_write_text
+
 log = logging.getLogger(__name__)
 
 METRICS_NAME = "train_metrics.jsonl"
@@ -47,7 +49,7 @@ class MetricsLogger:
             return
         rows = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(row + "\n" for row in rows))
+        atomic_write_text(self.path, "".join(row + "\n" for row in rows))
 
     def log(self, step: int, values: dict) -> None:
         """Record ``values`` for ``step`` (1-based: the number of optimizer steps done)."""
@@ -120,6 +122,6 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> Optional[Path]:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    atomic_write(out_path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return out_path
