@@ -129,11 +129,8 @@ def merge(
     work_dir = output.with_name(output.name + WORK_SUFFIX)
     log.info("merging %d LoRA tensors and %d full tensors of %s into %s -> %s", len(targets.lora),
              len(targets.full), adapter_path, target, output)
-    shards = stream.stream_merge(
-        target, work_dir, targets, opts.scale, opts.dtype, opts.max_shard_size, opts.threads,
-        opts.memory_budget_gb, identity, base_dir=base if opts.into == "instruct" else None,
-        progress=opts.progress, throttle_seconds=throttle_seconds,
-    )
+    shards = stream.stream_merge(target, work_dir, targets, opts, identity,
+                                 base_dir=base if opts.into == "instruct" else None, throttle_seconds=throttle_seconds)
     stream.copy_model_files(target, work_dir, opts.dtype)
     record = merged_contract.MergeRecord(
         base=identity["base"], target=identity["target"], into=opts.into, adapter=identity["adapter"],

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from gift_dist.config import ConfigError
+from gift_dist.config import ConfigError, MergeConfig
 from gift_dist.contracts import ContractError, atomic_write_text, check_finite
 from gift_dist.merge.names import MergeTargets, lora_factors
 from gift_dist.contracts.shardio import (
@@ -295,20 +295,17 @@ def stream_merge(
     source_dir: Path,
     work_dir: Path,
     targets: MergeTargets,
-    strength: float,
-    dtype: str,
-    max_shard_size: Optional[str],
-    threads: int,
-    memory_budget_gb: float,
+    opts: MergeConfig,
     identity: dict,
     base_dir: Optional[Path] = None,
-    progress: bool = True,
     throttle_seconds: float = 0.0,
 ) -> list[str]:
     """Write every merged shard (and the index) of ``source_dir`` into ``work_dir``; returns the shard names.
 
+    ``opts``: strength (``scale``), dtype, shard size, threads, memory budget and progress of the merge.
     ``throttle_seconds`` sleeps after each shard: a debugging aid to interrupt a merge midway on purpose.
     """
+    strength, dtype, max_shard_size = opts.scale, opts.dtype, opts.max_shard_size
     from tqdm.auto import tqdm
     from transformers.utils.hub import convert_file_size_to_int
 
@@ -322,9 +319,9 @@ def stream_merge(
     done = prepare_work_dir(work_dir, plan_fingerprint(plans, {**identity, "strength": strength, "dtype": dtype}))
     todo = [p for p in plans if p.name not in done]
     base = BaseReader(base_dir) if targets.full and base_dir is not None else None
-    budget = ByteBudget(max(1, int(memory_budget_gb * 1024**3)))
+    budget = ByteBudget(max(1, int(opts.memory_budget_gb * 1024**3)))
     bar = tqdm(total=sum(p.nbytes for p in plans), initial=sum(p.nbytes for p in plans if p.name in done),
-               unit="B", unit_scale=True, unit_divisor=1024, desc="merge", disable=not progress)
+               unit="B", unit_scale=True, unit_divisor=1024, desc="merge", disable=not opts.progress)
 
     def run(plan: ShardPlan) -> None:
         held = budget.acquire(working_bytes(plan, targets))
@@ -337,7 +334,7 @@ def stream_merge(
             time.sleep(throttle_seconds)
 
     started = time.perf_counter()
-    with torch_single_threaded(), ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="merge") as pool:
+    with torch_single_threaded(), ThreadPoolExecutor(max_workers=max(1, opts.threads), thread_name_prefix="merge") as pool:
         for future in [pool.submit(run, plan) for plan in todo]:
             future.result()
     bar.close()

@@ -20,6 +20,7 @@ path. The LR schedule is the run config's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -375,6 +376,15 @@ class TrainEngine:
 
     def learning_rate(self) -> float:
         return float(self.engine.get_lr()[0])
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Eval mode (no dropout) for the block, training mode after it."""
+        self.engine.eval()
+        try:
+            yield
+        finally:
+            self.engine.train()
 
 
 def attention_implementation(train: TrainConfig) -> str:

@@ -204,6 +204,13 @@ def set_single_process_env() -> None:
         os.environ.setdefault(key, value)
 
 
+# The step's totals, in the order of the one tensor that carries them to the host: summed on the device per
+# micro-batch (the loss objective, sum w CE, sum CE, sum w), then counted on the host (target and real tokens, the
+# stop flag), all summed over ranks by one all-reduce.
+DEVICE_SUMS = ("objective", "weighted_ce", "ce", "weight")
+STEP_TOTALS = DEVICE_SUMS + ("targets", "tokens", "stop")
+
+
 def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch], world: int,
                grad_dump_dir: Optional[str | Path], step: int, stop_requested: bool = False) -> dict:
     """One optimizer step over this rank's micro-batches; returns the step's metrics (summed over ranks) and
@@ -231,8 +238,7 @@ def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch],
         if world > 1:
             # On the accelerator (NCCL reduces device tensors only); not read back.
             global_norm = dist.all_reduce_sum(global_norm.to(device, torch.float64)).float()
-    # Summed over this rank's micro-batches, on the device: loss objective, weighted CE, CE, weights.
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    sums = torch.zeros(len(DEVICE_SUMS), dtype=torch.float64, device=device)
     targets = tokens = 0
     for host_mb, w in zip(micro_batches, weights):
         mb = host_mb.to(device)
@@ -257,27 +263,27 @@ def train_step(te: TrainEngine, cfg: RunConfig, micro_batches: list[MicroBatch],
         reduced = torch.cat([reduced, norm.detach().reshape(1).to(reduced)])
     # The one host read of the step.
     values = reduced.tolist()
-    objective, weighted_sum, ce_sum, weight_sum, targets, tokens, stop = values[:7]
-    norm = values[7] if len(values) > 7 else (None if norm is None else float(norm))
+    t = dict(zip(STEP_TOTALS, values))
+    norm = values[len(STEP_TOTALS)] if len(values) > len(STEP_TOTALS) else (None if norm is None else float(norm))
     seconds = time.monotonic() - started
-    if not math.isfinite(objective):
+    if not math.isfinite(t["objective"]):
         raise FloatingPointError(
-            f"step {step}: the loss is {objective} (weighted CE {weighted_sum}, CE {ce_sum}); training diverged. "
-            f"Lower train.learning_rate or resume from an earlier checkpoint"
+            f"step {step}: the loss is {t['objective']} (weighted CE {t['weighted_ce']}, CE {t['ce']}); training "
+            f"diverged. Lower train.learning_rate or resume from an earlier checkpoint"
         )
-    if train.normalize_over == "global_batch" and train.normalizer == "sum_weights" and weight_sum <= 0:
-        raise ValueError(f"step {step}: the global batch's normaliser is {weight_sum}: it holds no weighted target")
+    if train.normalize_over == "global_batch" and train.normalizer == "sum_weights" and t["weight"] <= 0:
+        raise ValueError(f"step {step}: the global batch's normaliser is {t['weight']}: it holds no weighted target")
     return {
-        "loss": objective,
-        "weighted_ce": weighted_sum / max(weight_sum, 1e-12),
-        "ce": ce_sum / max(targets, 1.0),
-        "mean_weight": weight_sum / max(targets, 1.0),
+        "loss": t["objective"],
+        "weighted_ce": t["weighted_ce"] / max(t["weight"], 1e-12),
+        "ce": t["ce"] / max(t["targets"], 1.0),
+        "mean_weight": t["weight"] / max(t["targets"], 1.0),
         "lr": te.learning_rate(),
         "grad_norm": norm,
-        "target_tokens": int(targets),
-        "tokens_per_second": tokens / max(seconds, 1e-9),
+        "target_tokens": int(t["targets"]),
+        "tokens_per_second": t["tokens"] / max(seconds, 1e-9),
         "seconds": seconds,
-        "stop": stop > 0,
+        "stop": t["stop"] > 0,
     }
 
 
@@ -287,9 +293,8 @@ def evaluate(te: TrainEngine, cfg: RunConfig, held_out: HeldOutBatches, world: i
     evaluates its share, one all-reduce, one host read."""
     train = cfg.train
     own_weights = weighting.needs_own_logprobs(train)
-    te.engine.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=te.device)
-    with torch.no_grad():
+    with te.evaluating(), torch.no_grad():
         for mb, counts in held_out:
             on_device = mb.to(te.device)
             ce = te.target_token_ce(on_device)
@@ -297,7 +302,6 @@ def evaluate(te: TrainEngine, cfg: RunConfig, held_out: HeldOutBatches, world: i
             if counts:
                 sums += torch.stack([ce.sum(), torch.tensor(float(ce.numel()), device=te.device),
                                      weighted_ce_sum(ce, w), w.sum()]).double()
-    te.engine.train()
     if world > 1:
         sums = dist.all_reduce_sum(sums)
     ce_sum, targets, weighted_sum, weight_sum = sums.tolist()
