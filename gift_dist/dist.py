@@ -10,6 +10,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
+import threading
+import time
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
@@ -70,6 +73,68 @@ def share_cpu_threads() -> Optional[int]:
     log.info("rank %d: %d CPU thread(s) (%d cores / %d ranks on this node; set OMP_NUM_THREADS to choose)",
              env_rank(), threads, os.cpu_count() or 1, local)
     return threads
+
+
+def _proc_stat(pid: int) -> Optional[tuple[int, int]]:
+    """(parent pid, start time) of a live process from /proc, or None when it is gone (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            # The command name, field 2, is in parentheses and may hold spaces: split after its closing one.
+            fields = fh.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), int(fields[19])
+
+
+def _is_deepspeed_launcher(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    return any("deepspeed.launcher" in arg or os.path.basename(arg) in ("deepspeed", "ds") for arg in argv[:3])
+
+
+def deepspeed_launcher_ancestors() -> list[tuple[int, int]]:
+    """(pid, start time) of the DeepSpeed launcher processes above this one: the per-node ``launch.py`` and, on
+    the node that ran it, the ``deepspeed`` runner."""
+    found, pid = [], os.getppid()
+    while pid > 1:
+        stat = _proc_stat(pid)
+        if stat is None:
+            break
+        if _is_deepspeed_launcher(pid):
+            found.append((pid, stat[1]))
+        pid = stat[0]
+    return found
+
+
+def stop_when_launcher_exits(poll_seconds: float = 1.0) -> Optional[threading.Thread]:
+    """Under DeepSpeed's launcher, SIGTERM this process when a launcher process above it exits.
+
+    A SIGTERM sent to the ``deepspeed`` runner alone (what ``docker stop`` does to PID 1, or a user's ``kill``)
+    ends the runner at once, without passing the signal on: its workers would train on, orphaned, and be killed
+    without a checkpoint when the container goes. With this watch they stop like any signalled rank: checkpoint at
+    the next step boundary, exit 75 (which the per-node ``launch.py`` then reports). torchrun handles the signal
+    itself, so nothing is watched there."""
+    watched = deepspeed_launcher_ancestors()
+    if not watched:
+        return None
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_seconds)
+            for pid, started in watched:
+                stat = _proc_stat(pid)
+                if stat is None or stat[1] != started:
+                    log.warning("rank %d: DeepSpeed's launcher (pid %d) exited: stopping at the next step boundary "
+                                "with a checkpoint", env_rank(), pid)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+
+    thread = threading.Thread(target=watch, name="launcher-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def init(backend: Optional[str] = None, use_deepspeed: bool = False, timeout_minutes: float = 60.0) -> None:

@@ -21,21 +21,26 @@ require_file() {
 # run_trainer LAUNCHER ARGS...: run torchrun / deepspeed and end with 75 when the workers saved a checkpoint
 # because of a signal. The launchers themselves exit 1 when signalled (torchrun raises SignalException), so a
 # scheduler would see a failure; the trainer's rank 0 writes $GIFT_PREEMPT_MARKER once its checkpoint is saved.
-# A SIGTERM/SIGINT sent to this script (PID 1 of a container, or the job step) is forwarded to the launcher.
+# The launcher runs in a process group of its own, and a SIGTERM/SIGINT sent to this script (PID 1 of a
+# container, or the job step) goes to that whole group: DeepSpeed's `deepspeed` runner would die of it without
+# passing it on to its workers. The script returns only once every process of the group is gone.
 run_trainer() {
   local marker code
   marker="$(mktemp -u "${TMPDIR:-/tmp}/gift_preempted.XXXXXX")"
   export GIFT_PREEMPT_MARKER="$marker"
-  "$@" &
+  setsid "$@" &
   local launcher=$!
-  trap 'kill -TERM "$launcher" 2>/dev/null || true' TERM INT
+  trap 'kill -TERM -- "-$launcher" 2>/dev/null || true' TERM INT
   set +e
   wait "$launcher"
   code=$?
-  # A trapped signal ends the first wait early: wait for the launcher's real exit.
+  # A trapped signal ends the first wait early: wait for the launcher's real exit, then for its group.
   while kill -0 "$launcher" 2>/dev/null; do
     wait "$launcher"
     code=$?
+  done
+  while kill -0 -- "-$launcher" 2>/dev/null; do
+    sleep 1
   done
   set -e
   trap - TERM INT

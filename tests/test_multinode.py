@@ -150,3 +150,98 @@ def test_two_nodes_through_the_deepspeed_launch_script_equal_one_node_two_ranks(
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
     assert read_adapter(two_cfg.paths.adapter).provenance.world_size == 2
+
+
+def _deepspeed_env(**extra) -> dict:
+    env = dict(_env(), PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]), **extra)
+    env.pop("OMP_NUM_THREADS", None)  # the DeepSpeed launcher sets none: our ranks share the cores themselves
+    return env
+
+
+def _deepspeed_cmd(config, port: int) -> list[str]:
+    return [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
+            str(port), "--no_local_rank", "--module", "gift_dist.cli", "train", "--config", str(config)]
+
+
+def _wait_for_first_step(cfg, proc) -> None:
+    import time
+
+    from gift_dist.train.metrics import METRICS_NAME, read_metrics
+
+    deadline = time.monotonic() + TIMEOUT
+    while not read_metrics(cfg.paths.logs / METRICS_NAME) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
+
+
+def _wait_until_nothing_mentions(marker: str, timeout: float = TIMEOUT) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not [p for p in os.listdir("/proc") if p.isdigit() and _mentions(p, marker)]:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"processes running with {marker} did not stop within {timeout:.0f}s")
+
+
+def test_deepspeed_launcher_on_one_node_trains_two_ranks(prepared_llama, tmp_path):
+    """`deepspeed --num_gpus 2 --no_local_rank --module gift_dist.cli train`: the launcher users run on one node."""
+    cfg, path = _config(prepared_llama, tmp_path, "ds_one_node")
+    proc = subprocess.run(_deepspeed_cmd(path, _free_port()), env=_deepspeed_env(), capture_output=True,
+                          timeout=TIMEOUT)
+    output = (proc.stdout + proc.stderr).decode(errors="replace")
+    assert proc.returncode == 0, output[-3000:]
+    assert "CPU thread(s)" in output  # the ranks split the cores (DeepSpeed's launcher sets no OMP_NUM_THREADS)
+    adapter = read_adapter(cfg.paths.adapter)
+    assert adapter.provenance.world_size == 2 and adapter.provenance.complete
+
+
+def test_sigterm_to_the_deepspeed_runner_alone_checkpoints_and_leaves_nothing_running(prepared_llama, tmp_path):
+    """SIGTERM to the top `deepspeed` process only (what a container runtime does to PID 1): it dies without
+    passing the signal on; its workers notice, save a checkpoint at the next step boundary and stop (they used to
+    train on, orphaned, until killed without one)."""
+    import signal
+
+    from gift_dist.train.metrics import METRICS_NAME, read_metrics
+
+    cfg, path = _config(prepared_llama, tmp_path, "ds_runner_stopped")
+    cfg.train.max_steps = 400
+    dump_config(cfg, path)
+    marker = tmp_path / "preempted"
+    proc = subprocess.Popen(_deepspeed_cmd(path, _free_port()), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=_deepspeed_env(GIFT_PREEMPT_MARKER=str(marker)), start_new_session=True)
+    _wait_for_first_step(cfg, proc)
+    proc.send_signal(signal.SIGTERM)  # the runner only, not its group
+    proc.wait(timeout=TIMEOUT)
+    _wait_until_nothing_mentions(str(path))
+    stopped_at = read_metrics(cfg.paths.logs / METRICS_NAME)[-1]["step"]
+    assert stopped_at < 400 and marker.is_file()  # rank 0 writes the marker after its checkpoint is saved
+    assert (cfg.paths.checkpoints / "latest").read_text().strip().endswith(f"{stopped_at:08d}")
+
+
+def test_sigterm_to_the_deepspeed_launch_script_alone_ends_with_75(prepared_llama, tmp_path):
+    """launch/deepspeed_hostfile.sh (ssh-less, one node of two ranks) signalled alone: it passes the signal to the
+    launcher's whole process group, the ranks save, nothing is left running, and the script ends with 75."""
+    import signal
+
+    from gift_dist.train.metrics import METRICS_NAME, read_metrics
+
+    cfg, path = _config(prepared_llama, tmp_path, "ds_script_stopped")
+    cfg.train.max_steps = 400
+    dump_config(cfg, path)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    env = _deepspeed_env(CONFIG=str(path), HOSTFILE=str(hostfile), NO_SSH="1", NODE_RANK="0",
+                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    proc = subprocess.Popen(["bash", os.path.join(os.getcwd(), "launch", "deepspeed_hostfile.sh")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_for_first_step(cfg, proc)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=TIMEOUT)[0].decode(errors="replace")
+    assert proc.returncode == 75, output[-3000:]
+    assert "PREEMPTED" in output
+    leftover = [p for p in os.listdir("/proc") if p.isdigit() and _mentions(p, str(path))]
+    assert not leftover, f"processes still running: {leftover}"
+    stopped_at = read_metrics(cfg.paths.logs / METRICS_NAME)[-1]["step"]
+    assert (cfg.paths.checkpoints / "latest").read_text().strip().endswith(f"{stopped_at:08d}")

@@ -143,6 +143,7 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
     metrics = MetricsLogger(cfg.paths.logs, batches.total_steps, start_step, enabled=dist.is_rank0(),
                             progress=cfg.train.progress, log_every=cfg.train.log_every_steps)
     stop = StopRequest().install()
+    dist.stop_when_launcher_exits()
     log.info("training %s (%s weighting) for steps %d..%d on %d rank(s), global batch %d samples",
              te.model_path, cfg.train.weighting, start_step + 1, batches.total_steps, world,
              record.global_batch_size)
