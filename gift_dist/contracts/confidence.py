@@ -43,6 +43,8 @@ from gift_dist.contracts.shardio import SAFE_DTYPE_OF, ShardWriter, TensorSlot
 FORMAT = "gift_dist.confidence"
 VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# The scorer's totals over all finished shards (written by score, read by train's trackers).
+SUMMARY_NAME = "summary.json"
 # The held-out split's confidence, under the same contract, in this subfolder of confidence/.
 EVAL_DIR = "eval"
 LOCK_NAME = "manifest.lock"

@@ -15,7 +15,7 @@ import torch
 from gift_dist.contracts import atomic_write, atomic_write_text
 from gift_dist.contracts import confidence as contract
 
-SUMMARY_NAME = "summary.json"
+SUMMARY_NAME = contract.SUMMARY_NAME
 HISTOGRAM_NAME = "confidence_histogram.png"
 HISTOGRAM_BINS = 50
 LOW_CONFIDENCE = 0.1

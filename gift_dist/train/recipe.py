@@ -19,6 +19,7 @@ Run it inside a launched job (``deepspeed`` launcher, ``torchrun``) or as a sing
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -57,7 +58,7 @@ from gift_dist.train.data import (
 )
 from gift_dist.train.engine import TrainEngine, build_engine, check_liger_kernels
 from gift_dist.train.loss import micro_batch_loss, normalizer_local, weighted_ce_sum
-from gift_dist.train.metrics import MetricsLogger
+from gift_dist.train.metrics import MetricsLogger, check_trackers, open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
     ``resume_anyway``: resume although max_steps/epochs changed since the checkpoint."""
     weighting.validate(cfg.train)
     check_liger_kernels(cfg.train)
+    check_trackers(cfg.train)
     for folder in (cfg.paths.checkpoints, cfg.paths.logs, cfg.paths.adapter.parent):
         require_writable(folder, "the training output directory")
     if cfg.base_model and cfg.instruct_model:
@@ -141,7 +143,8 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
     if resume or resume_anyway or (resume_if_exists and checkpoints.latest() is not None):
         start_step = checkpoints.resume(te.engine, te.peft_model, record, anyway=resume_anyway)
     metrics = MetricsLogger(cfg.paths.logs, batches.total_steps, start_step, enabled=dist.is_rank0(),
-                            progress=cfg.train.progress, log_every=cfg.train.log_every_steps)
+                            progress=cfg.train.progress, log_every=cfg.train.log_every_steps,
+                            trackers=open_trackers(cfg) if dist.is_rank0() else [])
     stop = StopRequest().install()
     dist.stop_when_launcher_exits()
     log.info("training %s (%s weighting) for steps %d..%d on %d rank(s), global batch %d samples",
@@ -180,11 +183,25 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
                 return TrainResult(None, step, batches.total_steps, final_loss, True, checkpoint)
     finally:
         stop.uninstall()
-        metrics.close()
+        metrics.close(summary=confidence_summary(cfg))
     adapter = adapter_io.save_adapter(te.peft_model, te.peft_config, cfg.paths.adapter,
                                       provenance(cfg, identity, fingerprint, step, world, complete=True))
     log.info("wrote adapter %s after %d steps", adapter, step)
     return TrainResult(Path(adapter), step, batches.total_steps, final_loss, False, checkpoint)
+
+
+def confidence_summary(cfg: RunConfig) -> Optional[dict]:
+    """The scorer's totals (mean confidence, share below 0.1, tokens) for the trackers, when scoring is done."""
+    path = cfg.paths.confidence / conf_contract.SUMMARY_NAME
+    if not weighting.needs_confidence(cfg.train) or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("cannot read the confidence summary %s for the trackers: %s", path, exc)
+        return None
+    return {f"confidence/{key}": data[key] for key in ("mean_confidence", "low_confidence_share", "tokens", "samples")
+            if key in data}
 
 
 def result_settings(train: TrainConfig) -> dict:
