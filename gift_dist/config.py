@@ -47,9 +47,12 @@ class DataConfig:
     # ShareGPT (LLaMA-Factory, axolotl): a list of {"from": ..., "value": ...} turns; `role_map` maps its speaker
     # names to chat roles (the defaults cover human/gpt/system, and user/assistant as they are).
     conversations_column: str = "conversations"
+    # Tool use: `function_call` turns (a JSON call) become the assistant's tool_calls, `observation` turns tool
+    # results; a record's `tools` (a list or its JSON string) reaches the chat template.
     role_map: dict[str, str] = field(default_factory=lambda: {
         "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-        "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"})
+        "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system",
+        "function_call": "assistant", "observation": "tool", "tool": "tool"})
     prompt_column: str = "prompt"
     response_column: str = "response"
     system_column: Optional[str] = None

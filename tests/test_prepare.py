@@ -283,3 +283,82 @@ def test_a_modified_prepared_data_file_is_refused_on_load(tiny_llama, tmp_path):
     (data_dir / "extra.arrow").write_bytes(b"x")
     with pytest.raises(ContractError, match=r"files prepare did not write: \['extra.arrow'\]"):
         contract.load_prepared(cfg.paths.prepared)
+
+
+# A ChatML template that renders tools the way Qwen2.5's does (schemas in the system turn, calls in <tool_call>,
+# results as <tool_response> user turns): the tiny models' own template knows no tools.
+TOOL_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0].role == 'system' %}{{ messages[0].content }}\n{% endif %}"
+    "# Tools\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}<|im_end|>\n"
+    "{%- elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'tool' %}<|im_start|>user\n<tool_response>{{ message.content }}</tool_response>"
+    "<|im_end|>\n"
+    "{%- elif message.role != 'system' %}<|im_start|>{{ message.role }}\n{{ message.content }}"
+    "{%- for call in message.tool_calls or [] %}<tool_call>{{ call.function | tojson }}</tool_call>{%- endfor %}"
+    "<|im_end|>\n{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                                 "parameters": {"type": "object",
+                                                                "properties": {"city": {"type": "string"}}}}}
+
+
+def _labelled_text(tok, rendered):
+    return tok.decode([t for t, label in zip(rendered.input_ids, rendered.labels) if label != IGNORE_INDEX])
+
+
+def test_tool_turns_of_openai_and_sharegpt_records_train_on_the_calls_not_the_results(tiny_llama):
+    """OpenAI messages (system, tool_calls, tool results, `tools`) and the same conversation in LLaMA-Factory's
+    ShareGPT form (function_call / observation turns, `tools` as a JSON string) render identically; the
+    assistant's tool call and final answer are labelled, the tool schemas and the tool's result are not."""
+    from gift_dist.config import DataConfig
+    from gift_dist.models.render import render_conversation
+    from gift_dist.prepare.readers import normalize_record
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama.instruct)
+    tok.chat_template = TOOL_TEMPLATE
+    openai = {"tools": [WEATHER_TOOL], "messages": [
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "rain, 4 degrees"},
+        {"role": "assistant", "content": "Rainy and 4 degrees."}]}
+    sharegpt = {"tools": json.dumps([WEATHER_TOOL]), "system": "Use tools.", "conversations": [
+        {"from": "human", "value": "Weather in Oslo?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Oslo"}})},
+        {"from": "observation", "value": "rain, 4 degrees"},
+        {"from": "gpt", "value": "Rainy and 4 degrees."}]}
+    rendered = [render_conversation(tok, c.messages, "all_assistant", c.tools)
+                for c in (normalize_record(json.dumps(r), DataConfig()) for r in (openai, sharegpt))]
+    assert rendered[0].input_ids == rendered[1].input_ids and rendered[0].labels == rendered[1].labels
+    full, labelled = tok.decode(rendered[0].input_ids), _labelled_text(tok, rendered[0])
+    assert "# Tools" in full and "get_weather" in full and "rain, 4 degrees" in full
+    assert '"name": "get_weather"' in labelled and "Oslo" in labelled and "Rainy and 4 degrees." in labelled
+    assert "rain, 4 degrees" not in labelled and "# Tools" not in labelled and "Use tools." not in labelled
+
+
+def test_tool_use_with_a_template_that_cannot_render_it_is_refused(tiny_llama, tmp_path, capsys):
+    """The tiny models' template prints only `content`: a tool call would train on an empty reply, so prepare
+    refuses the template (exit 2, naming it) instead of dropping every tool record silently; a malformed call is
+    one dropped record."""
+    records = [{"messages": [{"role": "user", "content": "Oslo?"},
+                             {"role": "assistant", "tool_calls": [{"function": {"name": "get_weather",
+                                                                               "arguments": "{\"city\": 1"}}]},
+                             {"role": "assistant", "content": "ok"}]},
+               {"messages": [{"role": "user", "content": "Oslo?"},
+                             {"role": "assistant", "tool_calls": [{"function": {"name": "get_weather",
+                                                                               "arguments": {"city": "Oslo"}}}]},
+                             {"role": "tool", "content": "rain"}, {"role": "assistant", "content": "Rain."}]}]
+    path = write_jsonl(records, tmp_path / "tools.jsonl")
+    cfg = make_run_config(tiny_llama, tmp_path / "run", [path])
+    from gift_dist.config import dump_config
+
+    dump_config(cfg, tmp_path / "run.yaml")
+    assert main(["prepare", "--config", str(tmp_path / "run.yaml")]) == 2
+    assert "the chat template drops tool calls (turn 1 calls 'get_weather'" in capsys.readouterr().err
+    plain = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path = write_jsonl([records[0], plain], tmp_path / "malformed_call.jsonl")
+    prepared = prepare(make_run_config(tiny_llama, tmp_path / "run2", [path]))
+    assert prepared.manifest.counts["dropped"] == {"malformed_tool_call": 1}

@@ -11,6 +11,7 @@ boundary cannot shift the labels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Optional
 
 from gift_dist.contracts import ContractError
 from gift_dist.contracts.prepared import IGNORE_INDEX
@@ -38,25 +39,37 @@ def require_chat_template(tokenizer, model: str) -> None:
         raise TemplateError(f"the tokenizer of {model} is not a fast tokenizer; offsets are needed to place labels")
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
+            tools: Optional[list[dict]] = None) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
 
 
-def render_conversation(tokenizer, messages: list[dict[str, str]], train_on: str) -> Rendered:
-    """Token ids of the whole conversation and labels on the assistant replies (all, or only the last)."""
-    full = _render(tokenizer, messages)
+def render_conversation(tokenizer, messages: list[dict[str, Any]], train_on: str,
+                        tools: Optional[list[dict]] = None) -> Rendered:
+    """Token ids of the whole conversation and labels on the assistant replies (all, or only the last); a reply
+    that calls tools is labelled as the template renders the calls, tool results are inputs."""
+    full = _render(tokenizer, messages, tools=tools)
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if train_on == "last_assistant":
         assistant_turns = assistant_turns[-1:]
     spans = []
     for i in assistant_turns:
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1])
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+        through = _render(tokenizer, messages[: i + 1], tools=tools)
         if not (through.startswith(before) and full.startswith(through)):
             raise TemplateError(
                 f"the chat template does not render conversations prefix by prefix (turn {i} changes earlier "
                 f"text), so assistant replies cannot be located; this template is not supported"
             )
+        reply = through[len(before):]
+        for call in messages[i].get("tool_calls") or []:
+            if call["function"]["name"] not in reply:
+                raise TemplateError(
+                    f"the chat template drops tool calls (turn {i} calls {call['function']['name']!r}, which its "
+                    f"rendering does not show): records with tool use need an instruct model whose template "
+                    f"renders tool_calls"
+                )
         # Trailing whitespace after the end-of-turn token belongs to the template, not to the reply.
         spans.append((len(before), len(through.rstrip())))
 

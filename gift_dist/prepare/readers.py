@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
 
 from gift_dist.config import DataConfig
 from gift_dist.contracts import ContractError
 from gift_dist.contracts.prepared import source_descriptions
 
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT speakers whose value is a tool call (JSON) to render as an assistant message's tool_calls.
+SHAREGPT_TOOL_CALL = "function_call"
 
 
 class DropRecord(Exception):
@@ -158,26 +161,95 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
+def _tool_calls(value: Any, what: str) -> list[dict[str, Any]]:
+    """Tool calls as chat templates take them: ``[{"type": "function", "function": {"name", "arguments": {...}}}]``,
+    from OpenAI ``tool_calls`` (arguments a JSON string or an object) or a ShareGPT function_call value (JSON of one
+    call ``{"name", "arguments"}`` or a list of them)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DropRecord("malformed_tool_call", f"{what} is not JSON: {exc}") from None
+    calls = value if isinstance(value, list) else [value]
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise DropRecord("malformed_tool_call", f"{what} call {j} needs a function name")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise DropRecord("malformed_tool_call", f"{what} call {j} arguments are not JSON: {exc}") from None
+        if not isinstance(arguments, dict):
+            raise DropRecord("malformed_tool_call", f"{what} call {j} arguments must be an object")
+        out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+    return out
+
+
 def _turns(turns: Any, column: str, noun: str, speaker_key: str, text_key: str, role_of: Callable[[Any], Any],
-           unknown_hint: str) -> list[dict[str, str]]:
+           unknown_hint: str) -> list[dict[str, Any]]:
     """A list of ``{speaker_key, text_key}`` turns as chat messages (OpenAI messages: role/content; ShareGPT:
-    from/value through ``role_of``), each malformed or unknown turn named."""
+    from/value through ``role_of``), each malformed or unknown turn named. Tool use is kept: an assistant turn's
+    tool calls (OpenAI ``tool_calls``, or a ShareGPT ``function_call`` turn) and tool results (role ``tool``,
+    ShareGPT ``observation``), for templates that render them."""
     if not isinstance(turns, list) or not turns:
         raise DropRecord("malformed_record", f"'{column}' must be a non-empty list of {noun}s")
     out = []
     for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or speaker_key not in turn or text_key not in turn:
+        calls = None
+        if isinstance(turn, dict) and turn.get("tool_calls") and speaker_key == "role":
+            calls = _tool_calls(turn["tool_calls"], f"{noun} {i} tool_calls")
+        if not isinstance(turn, dict) or speaker_key not in turn or (text_key not in turn and calls is None):
             raise DropRecord("malformed_record",
                              f"{noun} {i} must be an object with '{speaker_key}' and '{text_key}'")
         role = role_of(turn[speaker_key])
         if role not in ROLES:
             raise DropRecord("unknown_role", f"{noun} {i} has {speaker_key} {turn[speaker_key]!r}; {unknown_hint}")
-        out.append({"role": role, "content": _text(turn[text_key], f"{noun} {i} {text_key}")})
+        if turn[speaker_key] == SHAREGPT_TOOL_CALL and speaker_key == "from":
+            calls = _tool_calls(turn[text_key], f"{noun} {i} {text_key}")
+            message = {"role": role, "content": ""}
+        elif calls is not None and turn.get(text_key) is None:
+            message = {"role": role, "content": ""}
+        else:
+            message = {"role": role, "content": _text(turn[text_key], f"{noun} {i} {text_key}")}
+        if calls is not None:
+            if role != "assistant":
+                raise DropRecord("malformed_tool_call", f"{noun} {i}: only assistant turns call tools, not {role}")
+            message["tool_calls"] = calls
+        for key in ("tool_call_id", "name"):
+            if role == "tool" and isinstance(turn.get(key), str):
+                message[key] = turn[key]
+        out.append(message)
     return out
 
 
-def normalize_record(raw: str, cfg: DataConfig) -> list[dict[str, str]]:
-    """Turn one record of any supported shape into a validated list of {role, content} messages."""
+def _tools(record: dict) -> Optional[list[dict[str, Any]]]:
+    """The record's tool (function) schemas, a list or its JSON string (LLaMA-Factory stores a string)."""
+    tools = record.get("tools")
+    if tools in (None, "", []):
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise DropRecord("malformed_record", f"'tools' is not JSON: {exc}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DropRecord("malformed_record", "'tools' must be a list of tool schemas")
+    return tools
+
+
+@dataclass
+class Conversation:
+    """A validated record: chat messages, and the tool schemas the template should show (None without tools)."""
+
+    messages: list[dict[str, Any]]
+    tools: Optional[list[dict[str, Any]]] = None
+
+
+def normalize_record(raw: str, cfg: DataConfig) -> Conversation:
+    """Turn one record of any supported shape into a validated conversation of {role, content} messages."""
     try:
         record = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -236,6 +308,6 @@ def normalize_record(raw: str, cfg: DataConfig) -> list[dict[str, str]]:
     if not assistant:
         raise DropRecord("no_assistant_turn", "the record has no assistant message to train on")
     for i, message in enumerate(out):
-        if message["role"] == "assistant" and not message["content"].strip():
+        if message["role"] == "assistant" and not message["content"].strip() and not message.get("tool_calls"):
             raise DropRecord("empty_response", f"assistant message {i} is empty or whitespace")
-    return out
+    return Conversation(out, _tools(record) if shape in ("messages", "sharegpt") else None)

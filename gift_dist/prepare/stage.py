@@ -48,7 +48,8 @@ def _tokenize_batch(batch: dict, tokenizer, data_cfg: DataConfig, prep_cfg: Prep
         eot: list[int] = []
         reason = detail = ""
         try:
-            rendered = render_conversation(tokenizer, normalize_record(raw, data_cfg), prep_cfg.train_on)
+            conversation = normalize_record(raw, data_cfg)
+            rendered = render_conversation(tokenizer, conversation.messages, prep_cfg.train_on, conversation.tools)
             ids, labels, eot = rendered.input_ids, rendered.labels, rendered.end_of_turn_ids
             if len(ids) > prep_cfg.max_length:
                 if prep_cfg.overlength == "drop":
