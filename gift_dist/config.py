@@ -32,12 +32,49 @@ def operational_keys(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("operational"))
 
 
+RECORD_FORMATS = ("auto", "messages", "sharegpt", "prompt_response", "alpaca")
+
+
+@dataclass
+class DataSource:
+    """One dataset of a mix (``data.sources``)."""
+
+    # A local file (jsonl, json, parquet, csv; relative to the config file) or a datasets hub id.
+    path: Optional[str] = None
+    hub_id: Optional[str] = None
+    split: str = "train"
+    revision: Optional[str] = None
+    # This source's record shape (default: data.format).
+    format: Optional[Literal["auto", "messages", "sharegpt", "prompt_response", "alpaca"]] = None
+    # How much of it the mix takes, from its usable records: `weight`, its share of the weighted sources' total
+    # (down- or up-sampled, seeded), or `samples`, an exact count (repeated when above what it has). Neither: all.
+    weight: Optional[float] = None
+    samples: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.hub_id is None):
+            raise ConfigError(f"a data.sources entry needs exactly one of path and hub_id, got {self}")
+        if self.weight is not None and self.samples is not None:
+            raise ConfigError(f"data.sources entry {self.name}: give weight or samples, not both")
+        if self.weight is not None and not (0 < self.weight < float("inf")):
+            raise ConfigError(f"data.sources entry {self.name}: weight must be a finite number > 0, got {self.weight}")
+        if self.samples is not None and self.samples < 1:
+            raise ConfigError(f"data.sources entry {self.name}: samples must be >= 1, got {self.samples}")
+
+    @property
+    def name(self) -> str:
+        return self.path if self.path is not None else f"{self.hub_id}:{self.split}"
+
+
 @dataclass
 class DataConfig:
     """Where the training records come from and which columns hold what."""
 
     # Local files (jsonl, json, parquet, csv) or one datasets hub id. Relative paths resolve against the config file.
     files: list[str] = field(default_factory=list)
+    # Instead of files/hub_id: several datasets mixed by weight or sample count (see DataSource); each source's
+    # counts and drops are reported in prepared.json.
+    sources: list[DataSource] = field(default_factory=list)
     hub_id: Optional[str] = None
     hub_split: str = "train"
     hub_revision: Optional[str] = None
@@ -61,6 +98,18 @@ class DataConfig:
     output_column: str = "output"
     # Added as the first (system) turn of every record that has none.
     system_prompt: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.sources and (self.files or self.hub_id):
+            raise ConfigError("data.sources replaces data.files and data.hub_id: list every dataset in data.sources")
+
+    def all_sources(self) -> list[DataSource]:
+        """The datasets to read, in order: data.sources, or one source per data.files entry, or data.hub_id."""
+        if self.sources:
+            return list(self.sources)
+        if self.hub_id:
+            return [DataSource(hub_id=self.hub_id, split=self.hub_split, revision=self.hub_revision)]
+        return [DataSource(path=name) for name in self.files]
 
 
 @dataclass
@@ -458,6 +507,9 @@ def _resolve_relative(cfg: RunConfig, root: Path) -> None:
         return str(candidate) if not Path(p).is_absolute() and candidate.exists() else p
 
     cfg.data.files = [str(root / f) if not Path(f).is_absolute() else f for f in cfg.data.files]
+    for source in cfg.data.sources:
+        if source.path is not None and not Path(source.path).is_absolute():
+            source.path = str(root / source.path)
     cfg.eval.general_files = [str(root / f) if not Path(f).is_absolute() else f for f in cfg.eval.general_files]
     cfg.base_model = resolve(cfg.base_model) if cfg.base_model else cfg.base_model
     cfg.instruct_model = resolve(cfg.instruct_model) if cfg.instruct_model else cfg.instruct_model

@@ -195,18 +195,22 @@ def tokenizer_description(tokenizer, model: str) -> dict[str, Any]:
 
 
 def fingerprint_settings(data: DataConfig, prep: PrepareConfig) -> dict[str, Any]:
-    data_settings = {k: v for k, v in config_to_dict(data).items() if k != "files"}
+    # File locations are left out (their contents are in the sources' hashes): moving the data keeps the fingerprint.
+    data_settings = {k: v for k, v in config_to_dict(data).items() if k not in ("files", "sources")}
+    if data.sources:
+        data_settings["sources"] = [{k: v for k, v in source.items() if k != "path"}
+                                    for source in config_to_dict(data)["sources"]]
     prep_settings = {k: v for k, v in config_to_dict(prep).items() if k not in NON_OUTPUT_SETTINGS}
     return {"data": data_settings, "prepare": prep_settings}
 
 
 def source_descriptions(data: DataConfig) -> list[dict[str, Any]]:
-    """What the data is: file names with content hashes, or the hub id (files must exist)."""
-    if data.hub_id:
-        return [{"hub_id": data.hub_id, "split": data.hub_split, "revision": data.hub_revision}]
-    if not data.files:
-        raise ContractError("no training data configured: set data.files (local files) or data.hub_id")
-    return [{"file": Path(name).name, "sha256": file_sha256(name)} for name in data.files]
+    """What the data is, source by source: file names with content hashes, or hub ids (files must exist)."""
+    sources = data.all_sources()
+    if not sources:
+        raise ContractError("no training data configured: set data.files (local files), data.hub_id or data.sources")
+    return [{"hub_id": s.hub_id, "split": s.split, "revision": s.revision} if s.hub_id is not None
+            else {"file": Path(s.path).name, "sha256": file_sha256(s.path)} for s in sources]
 
 
 def compute_fingerprint(sources: list[dict], tokenizer_desc: dict, settings: dict) -> str:

@@ -29,9 +29,10 @@ def check_prepared_inputs(cfg: RunConfig, manifest: contract.PreparedManifest, w
         tokenizer = contract.tokenizer_description(load_tokenizer(cfg.instruct_model, cfg.trust_remote_code),
                                                    cfg.instruct_model)
     settings = contract.fingerprint_settings(cfg.data, cfg.prepare)
-    missing = [name for name in cfg.data.files if not Path(name).is_file()]
+    local = [source.path for source in cfg.data.all_sources() if source.path is not None]
+    missing = [name for name in local if not Path(name).is_file()]
     sources = None
-    if cfg.data.hub_id or (cfg.data.files and not missing):
+    if cfg.data.all_sources() and not missing:
         sources = contract.source_descriptions(cfg.data)
     else:
         log.warning("data files %s not found: %s is checked against this config's tokenizer and settings only",

@@ -99,15 +99,15 @@ def _csv_text_features(path: Path):
 
 
 def describe_sources(cfg: DataConfig) -> list[dict[str, Any]]:
-    """What the data is, for the manifest and the fingerprint: file names with content hashes, or the hub id."""
-    if not cfg.hub_id and cfg.files:
-        _check_files(cfg.files)
+    """What the data is, for the manifest and the fingerprint: file names with content hashes, or hub ids."""
+    _check_files([s.path for s in cfg.all_sources() if s.path is not None])
     return source_descriptions(cfg)
 
 
 def load_raw_records(cfg: DataConfig, sources: list[dict[str, Any]]):
-    """One `datasets.Dataset` with columns source, row, record (JSON text), in source order."""
-    from datasets import Dataset, concatenate_datasets, load_dataset
+    """One `datasets.Dataset` with columns source, source_index (position in ``cfg.all_sources()``), row and
+    record (JSON text), in source order."""
+    from datasets import concatenate_datasets, load_dataset
 
     def as_records(ds, source: str):
         columns = ds.column_names
@@ -125,34 +125,39 @@ def load_raw_records(cfg: DataConfig, sources: list[dict[str, Any]]):
             remove_columns=columns,
         )
 
-    if cfg.hub_id:
-        ds = load_dataset(cfg.hub_id, split=cfg.hub_split, revision=cfg.hub_revision)
-        return as_records(ds, cfg.hub_id)
     parts = []
-    for (path, kind), source in zip(_check_files(cfg.files), sources):
-        if kind in ("jsonl", "json"):
-            reader = _json_lines if kind == "jsonl" else _json_array
-            if next(reader(str(path), source["sha256"]), None) is None:
-                raise ContractError(f"data file {path} holds no records (only blank lines, or an empty list)")
-            try:
-                part = Dataset.from_generator(reader, gen_kwargs={"path": str(path), "digest": source["sha256"]})
-            except ContractError:
-                raise
-            except Exception as exc:  # datasets wraps the generator's errors (DatasetGenerationError, ...)
-                cause = exc.__cause__ if isinstance(exc.__cause__, ContractError) else None
-                if cause is not None:
-                    raise cause from None
-                raise ContractError(f"cannot read data file {path}: {exc}") from exc
-            parts.append(part)
+    for index, (source, description) in enumerate(zip(cfg.all_sources(), sources)):
+        if source.hub_id is not None:
+            part = as_records(load_dataset(source.hub_id, split=source.split, revision=source.revision), source.name)
         else:
-            try:
-                # CSV cells stay text: type inference would turn a reply like "3." into the float 3.0.
-                extra = {"features": _csv_text_features(path)} if kind == "csv" else {}
-                ds = load_dataset(kind, data_files=str(path), split="train", **extra)
-            except Exception as exc:  # pyarrow/pandas raise many types for malformed files
-                raise ContractError(f"cannot read data file {path}: {exc}") from exc
-            parts.append(as_records(ds, str(path)))
+            part = _read_file(*_check_files([source.path])[0], description["sha256"], as_records)
+        parts.append(part.add_column("source_index", [index] * len(part)))
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def _read_file(path: Path, kind: str, digest: str, as_records: Callable):
+    from datasets import Dataset, load_dataset
+
+    if kind in ("jsonl", "json"):
+        reader = _json_lines if kind == "jsonl" else _json_array
+        if next(reader(str(path), digest), None) is None:
+            raise ContractError(f"data file {path} holds no records (only blank lines, or an empty list)")
+        try:
+            return Dataset.from_generator(reader, gen_kwargs={"path": str(path), "digest": digest})
+        except ContractError:
+            raise
+        except Exception as exc:  # datasets wraps the generator's errors (DatasetGenerationError, ...)
+            cause = exc.__cause__ if isinstance(exc.__cause__, ContractError) else None
+            if cause is not None:
+                raise cause from None
+            raise ContractError(f"cannot read data file {path}: {exc}") from exc
+    try:
+        # CSV cells stay text: type inference would turn a reply like "3." into the float 3.0.
+        extra = {"features": _csv_text_features(path)} if kind == "csv" else {}
+        ds = load_dataset(kind, data_files=str(path), split="train", **extra)
+    except Exception as exc:  # pyarrow/pandas raise many types for malformed files
+        raise ContractError(f"cannot read data file {path}: {exc}") from exc
+    return as_records(ds, str(path))
 
 
 def _text(value: Any, what: str) -> str:
@@ -248,15 +253,16 @@ class Conversation:
     tools: Optional[list[dict[str, Any]]] = None
 
 
-def normalize_record(raw: str, cfg: DataConfig) -> Conversation:
-    """Turn one record of any supported shape into a validated conversation of {role, content} messages."""
+def normalize_record(raw: str, cfg: DataConfig, shape: Optional[str] = None) -> Conversation:
+    """Turn one record of any supported shape (``shape``, default ``cfg.format``) into a validated conversation of
+    {role, content} messages."""
     try:
         record = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise DropRecord("malformed_json", str(exc)) from exc
     if not isinstance(record, dict):
         raise DropRecord("malformed_record", f"expected an object, got {type(record).__name__}")
-    shape = cfg.format
+    shape = shape or cfg.format
     if shape == "auto":
         if cfg.messages_column in record:
             shape = "messages"

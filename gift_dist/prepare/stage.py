@@ -14,11 +14,20 @@ import argparse
 import json
 import logging
 from collections import Counter
+from typing import Optional
 
 import numpy as np
 
 from gift_dist import __version__
-from gift_dist.config import DataConfig, PrepareConfig, RunConfig, add_config_arguments, config_from_args, require
+from gift_dist.config import (
+    DataConfig,
+    DataSource,
+    PrepareConfig,
+    RunConfig,
+    add_config_arguments,
+    config_from_args,
+    require,
+)
 from gift_dist.contracts import ContractError, require_writable
 from gift_dist.contracts import prepared as contract
 from gift_dist.models.pair import check_pair, load_tokenizer
@@ -26,6 +35,9 @@ from gift_dist.prepare.readers import DropRecord, describe_sources, load_raw_rec
 from gift_dist.models.render import TemplateError, render_conversation, require_chat_template
 
 log = logging.getLogger(__name__)
+# Part of the datasets cache keys of the intermediate tables: the data fingerprint says what the rows are made
+# from, not which columns this code gives them, so a change of those columns must change this too.
+TABLE_LAYOUT = "sources-1"
 
 def _identify(cfg: RunConfig, tokenizer) -> tuple[list[dict], dict, dict, str]:
     sources = describe_sources(cfg.data)
@@ -39,16 +51,18 @@ def expected_fingerprint(cfg: RunConfig) -> str:
     return _identify(cfg, load_tokenizer(cfg.instruct_model, cfg.trust_remote_code))[3]
 
 
-def _tokenize_batch(batch: dict, tokenizer, data_cfg: DataConfig, prep_cfg: PrepareConfig) -> dict:
-    """datasets.map worker: one output row per input record, with an empty drop_reason when it is kept."""
+def _tokenize_batch(batch: dict, tokenizer, data_cfg: DataConfig, prep_cfg: PrepareConfig,
+                    formats: list[Optional[str]]) -> dict:
+    """datasets.map worker: one output row per input record, with an empty drop_reason when it is kept;
+    ``formats``: each source's record shape (None: data.format)."""
     out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "end_of_turn_ids", "drop_reason", "drop_detail")}
-    for raw in batch["record"]:
+    for raw, source_index in zip(batch["record"], batch["source_index"]):
         ids: list[int] = []
         labels: list[int] = []
         eot: list[int] = []
         reason = detail = ""
         try:
-            conversation = normalize_record(raw, data_cfg)
+            conversation = normalize_record(raw, data_cfg, formats[source_index])
             rendered = render_conversation(tokenizer, conversation.messages, prep_cfg.train_on, conversation.tools)
             ids, labels, eot = rendered.input_ids, rendered.labels, rendered.end_of_turn_ids
             if len(ids) > prep_cfg.max_length:
@@ -85,7 +99,7 @@ def prepare(cfg: RunConfig) -> contract.Prepared:
 
     raw = load_raw_records(cfg.data, sources)
     features = Features({
-        "source": Value("string"), "row": Value("int64"), "record": Value("string"),
+        "source": Value("string"), "row": Value("int64"), "record": Value("string"), "source_index": Value("int64"),
         "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
         "end_of_turn_ids": Sequence(Value("int32")), "drop_reason": Value("string"),
         "drop_detail": Value("string"), "num_tokens": Value("int32"), "num_target_tokens": Value("int32"),
@@ -96,9 +110,10 @@ def prepare(cfg: RunConfig) -> contract.Prepared:
             batched=True,
             batch_size=256,
             num_proc=cfg.prepare.num_proc if cfg.prepare.num_proc > 1 else None,
-            fn_kwargs={"tokenizer": tokenizer, "data_cfg": cfg.data, "prep_cfg": cfg.prepare},
+            fn_kwargs={"tokenizer": tokenizer, "data_cfg": cfg.data, "prep_cfg": cfg.prepare,
+                       "formats": [source.format for source in cfg.data.all_sources()]},
             features=features,
-            new_fingerprint=f"{fingerprint}-tokenized",
+            new_fingerprint=f"{fingerprint}-tokenized-{TABLE_LAYOUT}",
             desc="tokenize",
         )
     except TemplateError:
@@ -125,22 +140,28 @@ def prepare(cfg: RunConfig) -> contract.Prepared:
 
     order = kept_rows[np.random.default_rng(cfg.prepare.seed).permutation(len(kept_rows))]
     held_out = eval_count(len(order), cfg.prepare)
-    # The held-out samples are the end of the seeded order: disjoint from training, the same on every run.
+    # The held-out samples are the end of the seeded order: disjoint from training, the same on every run (and
+    # taken before the mix, so an up-sampled record never lands on both sides).
     order, eval_order = order[: len(order) - held_out], order[len(order) - held_out:]
+    source_of = np.asarray(tokenized["source_index"])
+    order = mix_sources(order, source_of, cfg.data.all_sources(), cfg.prepare.seed)
+    per_source = source_counts(cfg.data.all_sources(), source_of, reasons, order, eval_order)
     eos_ids = sorted({int(i) for ids in tokenized.select(kept_rows)["end_of_turn_ids"] for i in ids}
                      | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
     def split(rows: np.ndarray, name: str):
         samples = (
-            tokenized.select(rows, new_fingerprint=f"{fingerprint}-{name}-ordered")
+            tokenized.select(rows, new_fingerprint=f"{fingerprint}-{name}-ordered-{TABLE_LAYOUT}")
             .map(lambda row: {"record_index": row}, input_columns="row",
-                 new_fingerprint=f"{fingerprint}-{name}-indexed")
-            .remove_columns(["source", "row", "record", "end_of_turn_ids", "drop_reason", "drop_detail"])
-            .flatten_indices(new_fingerprint=f"{fingerprint}-{name}-flat")
+                 new_fingerprint=f"{fingerprint}-{name}-indexed-{TABLE_LAYOUT}")
+            .remove_columns(["source", "source_index", "row", "record", "end_of_turn_ids", "drop_reason",
+                             "drop_detail"])
+            .flatten_indices(new_fingerprint=f"{fingerprint}-{name}-flat-{TABLE_LAYOUT}")
         )
         num_tokens, num_targets = samples["num_tokens"], samples["num_target_tokens"]
         counts = {"records_read": len(reasons), "kept": len(rows), "dropped": dict(sorted(dropped.items()))}
         if name == "train":
             counts["held_out"] = held_out
+            counts["sources"] = per_source
         return samples, contract.PreparedManifest(
             fingerprint=fingerprint,
             tokenizer=tok_desc,
@@ -165,6 +186,50 @@ def prepare(cfg: RunConfig) -> contract.Prepared:
         cfg.paths.prepared,
     )
     return contract.load_prepared(cfg.paths.prepared, expected_fingerprint=fingerprint)
+
+
+def mix_sources(order: np.ndarray, source_of: np.ndarray, sources: list[DataSource], seed: int) -> np.ndarray:
+    """The training rows of the mix, in a seeded order: each source's rows of ``order`` taken whole, at its weight's
+    share of the weighted sources' total, or at its sample count, down-sampled without replacement or up-sampled
+    by whole repeats plus a random remainder. Without any weight or count the order is returned unchanged."""
+    if all(s.weight is None and s.samples is None for s in sources):
+        return order
+    rng = np.random.default_rng([seed, 1])
+    rows = [order[source_of[order] == index] for index in range(len(sources))]
+    weighted = [i for i, s in enumerate(sources) if s.weight is not None]
+    pool = sum(len(rows[i]) for i in weighted)
+    total_weight = sum(sources[i].weight for i in weighted)
+    picked = []
+    for index, source in enumerate(sources):
+        have = rows[index]
+        if source.samples is not None:
+            want = source.samples
+        elif source.weight is not None:
+            want = round(pool * source.weight / total_weight)
+        else:
+            want = len(have)
+        if want and not len(have):
+            raise ContractError(f"data source {source.name} has no usable record to take {want} from")
+        repeats, remainder = divmod(want, max(len(have), 1))
+        picked += [np.tile(have, repeats), rng.choice(have, remainder, replace=False) if remainder else have[:0]]
+    mixed = np.concatenate(picked)
+    return mixed[rng.permutation(len(mixed))]
+
+
+def source_counts(sources: list[DataSource], source_of: np.ndarray, reasons: list[str], train_rows: np.ndarray,
+                  eval_rows: np.ndarray) -> list[dict]:
+    """Per source: records read, kept, dropped by reason, held out, and samples in the training mix."""
+    counts = []
+    for index, source in enumerate(sources):
+        mine = np.flatnonzero(source_of == index)
+        dropped = Counter(reasons[i] for i in mine if reasons[i])
+        counts.append({
+            "source": source.name, "weight": source.weight, "samples": source.samples,
+            "records_read": int(len(mine)), "kept": int(len(mine) - sum(dropped.values())),
+            "dropped": dict(sorted(dropped.items())), "held_out": int((source_of[eval_rows] == index).sum()),
+            "trained": int((source_of[train_rows] == index).sum()),
+        })
+    return counts
 
 
 def eval_count(kept: int, prep: PrepareConfig) -> int:
