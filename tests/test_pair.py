@@ -99,3 +99,14 @@ def test_check_reports_how_far_instruct_is_from_base(tiny_llama, capsys):
     difference = relative_weight_difference(str(tiny_llama.base), str(tiny_llama.instruct))
     assert 0 < difference < 10
     assert f"instruct differs from base by {difference:.1%}" in capsys.readouterr().out
+
+
+def test_a_model_path_that_does_not_exist_is_named_not_taken_for_a_hub_id(tiny_llama, tmp_path, capsys):
+    """`train` with a mistyped base_model: one line naming the folder, exit 2 (transformers alone answers with an
+    error about repository ids)."""
+    from gift_dist.cli import main
+
+    missing = tmp_path / "no-such-model"
+    assert main(["train", f"base_model={missing}", f"instruct_model={tiny_llama.instruct}",
+                 f"output_dir={tmp_path / 'run'}"]) == 2
+    assert f"model directory {missing} does not exist" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from gift_dist.config import add_config_arguments, config_from_args
 from gift_dist.contracts import ContractError
@@ -43,9 +44,18 @@ class PairReport:
     num_tensors: int
 
 
+def require_local_model(model: str) -> None:
+    """A model named by a filesystem path (absolute, or starting with ./ or ../) must exist: transformers would
+    take it for a hub id and answer with an error about repository names."""
+    if (model.startswith(("/", "./", "../", "~")) or "\\" in model) and not Path(model).expanduser().exists():
+        raise ContractError(f"model directory {model} does not exist; check base_model / instruct_model (a hub id "
+                            f"looks like org/name)")
+
+
 def load_tokenizer(model: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    require_local_model(model)
     try:
         return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     except Exception as exc:  # tokenizers raises a bare Exception for a damaged tokenizer.json
@@ -55,6 +65,7 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
 def load_config(model: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
+    require_local_model(model)
     try:
         return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
