@@ -11,6 +11,7 @@ import argparse
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -126,6 +127,12 @@ class PrepareConfig:
     eval_fraction: float = 0.0
     eval_max_samples: int = 2000
 
+    def __post_init__(self) -> None:
+        for key in ("max_length", "samples_per_shard", "num_proc", "eval_max_samples"):
+            _at_least(f"prepare.{key}", getattr(self, key), 1)
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"config key 'prepare.eval_fraction' must lie in [0, 1), got {self.eval_fraction}")
+
 
 @dataclass
 class ScoreConfig:
@@ -144,6 +151,13 @@ class ScoreConfig:
     # Debugging/testing only: every batch takes at least this long (to observe leases, kills and restarts).
     throttle_seconds: float = 0.0
 
+    def __post_init__(self) -> None:
+        for key in ("max_batch_tokens", "max_batch_size", "logprob_chunk_tokens", "gpus_per_replica"):
+            _at_least(f"score.{key}", getattr(self, key), 1)
+        if not self.lease_seconds > 0 or not self.throttle_seconds >= 0:
+            raise ConfigError(f"config keys 'score.lease_seconds' must be > 0 and 'score.throttle_seconds' >= 0, got "
+                              f"{self.lease_seconds} and {self.throttle_seconds}")
+
 
 @dataclass
 class LoraConfig:
@@ -155,6 +169,14 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        _at_least("train.lora.r", self.r, 1)
+        if not (self.alpha > 0 and math.isfinite(self.alpha)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"config keys 'train.lora.alpha' must be a finite number > 0 and 'train.lora.dropout' in "
+                              f"[0, 1), got {self.alpha} and {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("config key 'train.lora.target_modules' is empty: name the layers LoRA adapts")
 
 
 # Experiment trackers `train.report_to` may name.
@@ -310,6 +332,15 @@ class MergeConfig:
     verify_sample_tensors: int = 8
     verify_logits_max_gb: float = 2.0
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        _at_least("merge.threads", self.threads, 1)
+        _at_least("merge.verify_sample_tensors", self.verify_sample_tensors, 0)
+        if not math.isfinite(self.scale):
+            raise ConfigError(f"config key 'merge.scale' must be a finite number, got {self.scale}")
+        if not self.memory_budget_gb > 0 or not self.verify_logits_max_gb >= 0:
+            raise ConfigError(f"config keys 'merge.memory_budget_gb' must be > 0 and 'merge.verify_logits_max_gb' >= 0, "
+                              f"got {self.memory_budget_gb} and {self.verify_logits_max_gb}")
 
 
 def _at_least(key: str, value: int, minimum: int) -> None:

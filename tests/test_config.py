@@ -75,6 +75,24 @@ def test_train_ranges_are_refused_when_the_config_loads(override, message, capsy
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, override, message", [
+    ("prepare", "prepare.max_length=0", "'prepare.max_length' must be >= 1, got 0"),
+    ("prepare", "prepare.eval_fraction=1", "'prepare.eval_fraction' must lie in [0, 1), got 1.0"),
+    ("score", "score.max_batch_tokens=0", "'score.max_batch_tokens' must be >= 1, got 0"),
+    ("score", "score.lease_seconds=0", "'score.lease_seconds' must be > 0"),
+    ("train", "train.lora.r=0", "'train.lora.r' must be >= 1, got 0"),
+    ("train", "train.lora.dropout=1.5", "'train.lora.dropout' in [0, 1)"),
+    ("merge", "merge.threads=0", "'merge.threads' must be >= 1, got 0"),
+    ("merge", "merge.scale=nan", "'merge.scale' must be a finite number"),
+])
+def test_every_sections_ranges_are_refused_when_the_config_loads(command, override, message, capsys):
+    """One place per section (its __post_init__), before any file, model or process is touched."""
+    from gift_dist.cli import main
+
+    assert main([command, override]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method, expected", [
     ("gift", {"train_model": "base", "weighting": "gift"}),
     ("shadow-ft", {"train_model": "base", "weighting": "uniform"}),
@@ -148,3 +166,23 @@ def test_compare_refuses_bad_settings_before_any_work(tmp_path, capsys, options,
     assert main(["compare", *options, f"output_dir={tmp_path / 'run'}", *overrides]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_config_command_prints_the_resolved_config_with_every_documented_key(tmp_path, capsys):
+    """`gift-dist config` shows what the stages will see, each key preceded by the comment that documents it in
+    config.py; the output is a config file that loads back to the same settings."""
+    import dataclasses
+
+    from gift_dist.cli import main
+    from gift_dist.config import TrainConfig, config_to_dict
+    from gift_dist.pipeline.show_config import field_docs
+
+    assert main(["config", "train.lora.r=8", "method=dft"]) == 0
+    out = capsys.readouterr().out
+    saved = tmp_path / "run.yaml"
+    saved.write_text(out)
+    assert config_to_dict(load_config(saved)) == config_to_dict(load_config(None, ["train.lora.r=8", "method=dft"]))
+    docs = field_docs(TrainConfig)
+    assert {"micro_batch_tokens", "gradient_checkpointing", "report_to", "sharding"} <= set(docs)
+    assert set(docs) <= {f.name for f in dataclasses.fields(TrainConfig)}
+    assert "# A token budget per micro-batch instead of a sample count" in out
