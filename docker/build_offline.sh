@@ -4,7 +4,8 @@
 # come from the package index, plus a local wheel folder when WHEELS is set (e.g. a CPU torch of the pinned
 # version, as on the project's CI machines). Needs root, podman and debootstrap (Debian packages).
 #
-#   WHEELS=/opt/wheels docker/build_offline.sh          # TAG, WORK, MIRROR and SUITE may be set too
+#   WHEELS=/opt/wheels CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt docker/build_offline.sh
+#   (TAG, WORK, MIRROR and SUITE may be set too)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/gift_image}
@@ -21,11 +22,19 @@ if ! podman image exists "$BASE_TAG"; then
   rm -rf "$WORK/rootfs"
 fi
 
+# pip inside the build: a local wheel folder (WHEELS) and the CA bundle of an intercepting proxy (CA_BUNDLE),
+# when the machine has them; mounted for the build only, nothing of them stays in the image.
 mounts=()
+printf '[global]\n' > "$WORK/pip.conf"
 if [[ -n "${WHEELS:-}" ]]; then
-  printf '[global]\nfind-links = %s\n' "$WHEELS" > "$WORK/pip.conf"
-  mounts=(--volume "$WHEELS:$WHEELS:ro" --volume "$WORK/pip.conf:/etc/pip.conf:ro")
+  printf 'find-links = %s\n' "$WHEELS" >> "$WORK/pip.conf"
+  mounts+=(--volume "$WHEELS:$WHEELS:ro")
 fi
+if [[ -n "${CA_BUNDLE:-}" ]]; then
+  printf 'cert = /etc/pip-ca.crt\n' >> "$WORK/pip.conf"
+  mounts+=(--volume "$CA_BUNDLE:/etc/pip-ca.crt:ro")
+fi
+mounts+=(--volume "$WORK/pip.conf:/etc/pip.conf:ro")
 # chroot isolation: RUN steps need no OCI runtime, so the build also works inside a sandbox whose cgroups or
 # capabilities an OCI runtime refuses (a CI VM, a container).
 podman build --isolation chroot --network host -f docker/Dockerfile --build-arg BASE_IMAGE="$BASE_TAG" \
@@ -38,8 +47,10 @@ else
   echo "podman run is not possible here: running the image's files with chroot instead" >&2
   root=$(podman image mount "$TAG")
   trap 'podman image unmount "$TAG" >/dev/null' EXIT
+  # The image's files are read-only here: a scratch /tmp for the demo's output and caches.
   mount --bind /proc "$root/proc"
-  trap 'umount "$root/proc"; podman image unmount "$TAG" >/dev/null' EXIT
+  mount -t tmpfs tmpfs "$root/tmp"
+  trap 'umount "$root/tmp" "$root/proc"; podman image unmount "$TAG" >/dev/null' EXIT
   chroot "$root" /usr/bin/tini -g -- /opt/venv/bin/gift-dist --help
   chroot "$root" /usr/bin/env DS_ACCELERATOR=cpu HOME=/tmp /usr/bin/tini -g -- /opt/venv/bin/gift-dist demo \
     --output /tmp/demo

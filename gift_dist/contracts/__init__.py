@@ -29,15 +29,35 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+def first_non_finite(tensor: "torch.Tensor") -> "tuple[int, ...] | None":
+    """The index of the first NaN/inf value of ``tensor`` (row-major), or None when every value is finite: the one
+    scan every non-finite check shares; each check words its error for what the values are."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return None
+    bad = ~torch.isfinite(tensor)
+    if not bool(bad.any()):
+        return None
+    return tuple(int(i) for i in bad.nonzero()[0].tolist())
+
+
 def check_finite(tensor: "torch.Tensor", what: str) -> None:
     """A ContractError naming ``what`` and the first non-finite value's position when ``tensor`` holds NaN/inf."""
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return
-    bad = ~torch.isfinite(tensor)
-    if bool(bad.any()):
-        position = tuple(int(i) for i in bad.nonzero()[0].tolist())
+    position = first_non_finite(tensor)
+    if position is not None:
+        count = int((~torch.isfinite(tensor)).sum())
         raise ContractError(f"{what} holds a non-finite value ({tensor[position].item()} at index {position}) "
-                            f"among {int(bad.sum())} non-finite of {tensor.numel()}")
+                            f"among {count} non-finite of {tensor.numel()}")
+
+
+def check_header(data: dict, fmt: str, version: int, where: str, fix: str) -> None:
+    """An on-disk record's format and version are the ones this code reads, or a ContractError naming the file,
+    what it holds and ``fix``. (The one header check of every contract.)"""
+    kind = fmt.rsplit(".", 1)[-1]
+    if data.get("format") != fmt:
+        raise ContractError(f"{where}: not a gift_dist {kind} record (format={data.get('format')!r}); {fix}")
+    if str(data.get("version")) != str(version):
+        raise ContractError(f"{where}: {kind} format version {data.get('version')} is not supported (this gift_dist "
+                            f"reads version {version}); {fix}")
 
 
 def max_abs_diff(actual: "torch.Tensor", expected: "torch.Tensor") -> float:

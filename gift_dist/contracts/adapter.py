@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from gift_dist.contracts import ContractError, check_finite, file_sha256, staged_directory
+from gift_dist.contracts import ContractError, check_finite, check_header, file_sha256, staged_directory
 
 FORMAT = "gift_dist.adapter"
 VERSION = 1
@@ -78,8 +78,7 @@ class AdapterProvenance:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> "AdapterProvenance":
-        if data.get("format") != FORMAT or data.get("version") != VERSION:
-            raise ContractError(f"{where}: unsupported format/version {data.get('format')}/{data.get('version')}")
+        check_header(data, FORMAT, VERSION, where, "train the adapter again with this gift_dist")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

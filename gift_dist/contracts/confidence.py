@@ -37,7 +37,14 @@ from typing import Iterator, Optional
 
 import torch
 
-from gift_dist.contracts import ContractError, atomic_write_text, check_inside, file_sha256
+from gift_dist.contracts import (
+    ContractError,
+    atomic_write_text,
+    check_header,
+    check_inside,
+    file_sha256,
+    first_non_finite,
+)
 from gift_dist.contracts.shardio import SAFE_DTYPE_OF, ShardWriter, TensorSlot
 
 FORMAT = "gift_dist.confidence"
@@ -87,13 +94,7 @@ class ConfidenceManifest:
 
     @classmethod
     def from_json(cls, data: dict, where: str) -> "ConfidenceManifest":
-        if data.get("format") != FORMAT:
-            raise ContractError(f"{where}: not a gift_dist confidence manifest (format={data.get('format')!r})")
-        if data.get("version") != VERSION:
-            raise ContractError(
-                f"{where}: confidence format version {data.get('version')} is not supported (this gift_dist reads "
-                f"version {VERSION}); re-run `gift-dist score` into a fresh directory"
-            )
+        check_header(data, FORMAT, VERSION, where, "re-run `gift-dist score` into a fresh directory")
         try:
             shards = {int(k): ShardRecord(**v) for k, v in data.get("shards", {}).items()}
             return cls(**{**data, "shards": shards})
@@ -282,9 +283,9 @@ def _check_layout(tensors: dict[str, torch.Tensor], where: str) -> None:
         raise ContractError(f"{where}: offsets are not non-decreasing")
     if "entropy" in tensors and tensors["entropy"].shape != logprobs.shape:
         raise ContractError(f"{where}: entropy shape {tuple(tensors['entropy'].shape)} != logprobs shape")
-    bad = ~torch.isfinite(logprobs.float())
-    if bool(bad.any()):
-        position = int(bad.nonzero()[0, 0])
+    bad = first_non_finite(logprobs.float())
+    if bad is not None:
+        position = bad[0]
         sample = int(torch.searchsorted(offsets, torch.tensor(position), right=True)) - 1
         raise ContractError(
             f"{where}: non-finite logprob for sample {int(sample_index[sample])} at target position "
@@ -329,8 +330,8 @@ def read_shard(
             tensors = {name: fh.get_tensor(name) for name in fh.keys()}
     except Exception as exc:  # safetensors raises SafetensorError / OSError for damaged files
         raise ContractError(f"confidence shard {path} cannot be read: {exc}") from exc
-    if metadata.get("format") != FORMAT or metadata.get("version") != str(VERSION):
-        raise ContractError(f"confidence shard {path}: unexpected format/version in metadata {metadata}")
+    check_header(metadata, FORMAT, VERSION, f"confidence shard {path}",
+                 "score it again (`gift-dist score --rescore-corrupt`)")
     if metadata.get("prepared_fingerprint") != manifest.prepared_fingerprint:
         raise ContractError(
             f"confidence shard {path} belongs to prepared fingerprint {metadata.get('prepared_fingerprint')}, "

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from gift_dist.contracts import ContractError, atomic_write_text, check_inside, file_sha256
+from gift_dist.contracts import ContractError, atomic_write_text, check_header, check_inside, file_sha256
 
 FORMAT = "gift_dist.merged"
 VERSION = 1
@@ -76,11 +76,7 @@ def read_merged(path: str | Path) -> Merged:
         values: dict[str, Any] = json.loads(record_path.read_text())
     except json.JSONDecodeError as exc:
         raise ContractError(f"{record_path} is not valid JSON: {exc}") from exc
-    if values.get("format") != FORMAT or values.get("version") != VERSION:
-        raise ContractError(
-            f"{record_path}: unsupported format/version {values.get('format')}/{values.get('version')} "
-            f"(expected {FORMAT}/{VERSION})"
-        )
+    check_header(values, FORMAT, VERSION, str(record_path), "merge again with this gift_dist")
     try:
         record = MergeRecord(**values)
     except TypeError as exc:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gift_dist.config import DataConfig, PrepareConfig, config_to_dict, operational_keys
-from gift_dist.contracts import ContractError, file_sha256, staged_directory
+from gift_dist.contracts import ContractError, check_header, file_sha256, staged_directory
 
 FORMAT = "gift_dist.prepared"
 VERSION = 1
@@ -82,13 +82,7 @@ class PreparedManifest:
 
     @classmethod
     def from_json(cls, data: dict, where: str) -> "PreparedManifest":
-        if data.get("format") != FORMAT:
-            raise ContractError(f"{where}: not a gift_dist prepared manifest (format={data.get('format')!r})")
-        if data.get("version") != VERSION:
-            raise ContractError(
-                f"{where}: prepared format version {data.get('version')} is not supported (this gift_dist reads "
-                f"version {VERSION}); re-run `gift-dist prepare`"
-            )
+        check_header(data, FORMAT, VERSION, where, "re-run `gift-dist prepare`")
         try:
             shards = [ShardSpec(**s) for s in data["shards"]]
             return cls(**{**data, "shards": shards})

@@ -25,7 +25,7 @@ import torch
 
 from gift_dist import dist
 from gift_dist.config import RunConfig, ScoreConfig, add_config_arguments, config_from_args, require
-from gift_dist.contracts import ContractError, require_writable
+from gift_dist.contracts import ContractError, first_non_finite, require_writable
 from gift_dist.contracts import confidence as contract
 from gift_dist.contracts.prepared import EVAL_DIR, IGNORE_INDEX, Prepared, ShardSpec, load_eval_split, load_prepared
 from gift_dist.models.checkpoint import model_identity
@@ -119,10 +119,10 @@ def open_confidence_dir(cfg: RunConfig, prepared: Prepared, instruct_identity: d
 
 def check_finite(values: torch.Tensor, counts: list[int], sample_indices: list[int], shard: int, what: str) -> None:
     """Fail naming the sample and target position of the first NaN/inf value of a batch."""
-    bad = ~torch.isfinite(values)
-    if not bool(bad.any()):
+    bad = first_non_finite(values)
+    if bad is None:
         return
-    position = int(bad.nonzero()[0, 0])
+    position = bad[0]
     value = float(values[position])
     for sample, count in zip(sample_indices, counts):
         if position < count:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gift_dist import dist
-from gift_dist.contracts import ContractError, atomic_write_text, file_sha256
+from gift_dist.contracts import ContractError, atomic_write_text, check_header, file_sha256
 from gift_dist.contracts.adapter import AdapterProvenance
 from gift_dist.train import adapter_io
 
@@ -123,11 +123,13 @@ class Checkpoints:
             raise ContractError(f"{pointer} names checkpoint {tag}, but {record_path} is missing")
         try:
             data = json.loads(record_path.read_text())
-            record = CheckpointRecord(**data)
-        except (json.JSONDecodeError, TypeError) as exc:
+        except json.JSONDecodeError as exc:
             raise ContractError(f"{record_path} is not a valid checkpoint record: {exc}") from exc
-        if record.format != FORMAT or record.version != VERSION:
-            raise ContractError(f"{record_path}: unsupported checkpoint format/version {record.version}")
+        check_header(data, FORMAT, VERSION, str(record_path), "train afresh in another output_dir")
+        try:
+            record = CheckpointRecord(**data)
+        except TypeError as exc:
+            raise ContractError(f"{record_path} is not a valid checkpoint record: {exc}") from exc
         return folder, record
 
     def save(self, engine: Any, peft_model: Any, peft_config: Any, record: CheckpointRecord,

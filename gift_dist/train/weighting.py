@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from gift_dist.contracts import first_non_finite
 from gift_dist.config import ConfigError, TrainConfig
 
 
@@ -126,10 +127,9 @@ def _check_finite(name: str, values: Tensor) -> None:
     back mid-step: a non-finite value there makes the step's loss non-finite, which the recipe refuses."""
     if values.device.type != "cpu":
         return
-    bad = ~torch.isfinite(values)
-    if bool(bad.any()):
-        position = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name} has a non-finite value {values[position].item()} at target position {position}")
+    position = first_non_finite(values)
+    if position is not None:
+        raise ValueError(f"{name} has a non-finite value {values[position].item()} at target position {position[0]}")
 
 
 def token_weights(
