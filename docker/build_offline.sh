@@ -47,10 +47,13 @@ else
   echo "podman run is not possible here: running the image's files with chroot instead" >&2
   root=$(podman image mount "$TAG")
   trap 'podman image unmount "$TAG" >/dev/null' EXIT
-  # The image's files are read-only here: a scratch /tmp for the demo's output and caches.
+  # What a container runtime would provide: /proc, /dev, a hosts file (torchrun's rendezvous resolves
+  # localhost), and, the image's files being read-only here, a scratch /tmp for the demo's output and caches.
   mount --bind /proc "$root/proc"
+  mount --rbind /dev "$root/dev"
+  mount --bind /etc/hosts "$root/etc/hosts"
   mount -t tmpfs tmpfs "$root/tmp"
-  trap 'umount "$root/tmp" "$root/proc"; podman image unmount "$TAG" >/dev/null' EXIT
+  trap 'umount "$root/tmp" "$root/etc/hosts" "$root/proc"; umount -R "$root/dev"; podman image unmount "$TAG" >/dev/null' EXIT
   chroot "$root" /usr/bin/tini -g -- /opt/venv/bin/gift-dist --help
   chroot "$root" /usr/bin/env DS_ACCELERATOR=cpu HOME=/tmp /usr/bin/tini -g -- /opt/venv/bin/gift-dist demo \
     --output /tmp/demo
