@@ -95,12 +95,25 @@ def reader(conf_dir, prepared, wait=5.0, poll=0.05):
 # ---------------------------------------------------------------------------------------------- ConfidenceReader
 
 
-def test_reader_returns_each_samples_logprobs_and_caches_few_shards(prepared, scored):
+def test_reader_returns_each_samples_logprobs_and_caches_few_shards(prepared, scored, monkeypatch):
+    """Every sample's values, each shard read from disk once while the samples come in order; only the last few
+    shards stay decoded (going back to the first one reads it again)."""
+    from gift_dist.train import data as train_data
+
+    reads = []
+    original = train_data.conf_contract.read_shard
+    monkeypatch.setattr(train_data.conf_contract, "read_shard",
+                        lambda conf_dir, manifest, index: reads.append(index) or original(conf_dir, manifest, index))
     confidence = reader(scored, prepared)
     counts = prepared.dataset["num_target_tokens"]
     for sample in range(len(prepared)):
         torch.testing.assert_close(confidence.logprobs(sample), sample_logprobs(sample, counts[sample]))
-    assert len(confidence._cache) <= 4
+    num_shards = len(prepared.manifest.shards)
+    assert reads == list(range(num_shards)) and num_shards > train_data.SHARD_CACHE_SIZE
+    confidence.logprobs(len(prepared) - 1)  # still decoded
+    assert len(reads) == num_shards
+    confidence.logprobs(0)  # evicted long ago
+    assert reads[-1] == 0 and len(reads) == num_shards + 1
 
 
 def test_reader_waits_for_a_shard_written_by_a_slow_writer(prepared, tmp_path, caplog):
