@@ -124,6 +124,7 @@ def test_eval_without_a_held_out_split_says_how_to_make_one(tiny_llama, tmp_path
     assert "prepare.eval_fraction > 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # lm-evaluation-harness end to end
 def test_lm_eval_runs_a_local_task_on_every_model(held_out_run, tiny_llama, tmp_path):
     """lm-evaluation-harness through its Python API, on a task YAML with a local dataset (no hub)."""
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is in the test extra; install gift-dist[test]")

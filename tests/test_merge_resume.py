@@ -34,6 +34,7 @@ def merge_command(pair, adapter: Path, output: Path, *extra: str) -> list[str]:
             f"instruct_model={pair.instruct}", "merge.progress=false", *extra]
 
 
+@pytest.mark.slow  # a merge process killed mid-way, then rerun
 def test_killed_merge_leaves_nothing_finished_and_rerun_completes(pair_and_adapter, tmp_path):
     pair, adapter = pair_and_adapter
     shards = [p.name for p in checkpoint.weight_files(pair.instruct)]
