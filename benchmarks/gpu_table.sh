@@ -33,7 +33,7 @@ name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 print(f"{name}; torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
       f"transformers {transformers.__version__}, peft {peft.__version__}")
 PY
-PARTS=${PARTS:-padded,packed,budget,layer8b,liger}  # a subset to rerun only those
+PARTS=${PARTS:-padded,packed,budget,zero3,layer8b,liger}  # a subset to rerun only those
 part() {  # part KEY SECONDS TITLE COMMAND...: run with a limit, keep the table lines
     local key=$1 limit=$2 title=$3; shift 3
     [[ ",$PARTS," == *",$key,"* ]] || return 0
@@ -53,12 +53,18 @@ part budget 150 "1.33B, packed, micro-batches of up to 8192 tokens, recompute as
 part budget 80 "1.33B, packed, micro-batches of up to 8192 tokens, recompute on" python3 $B "${MODEL1B[@]}" \
     "${STEPS[@]}" --packing --micro-batch-tokens "$BUDGET" --checkpointing true --rows replicate,hf_replicate \
     --root "$WORK/m1b_budget" --json "$OUT/model1b_budget_recompute.json"
+part zero3 150 "1.33B, padded, forced zero3 against the plain loop (target >= 0.7x)" python3 $B "${MODEL1B[@]}" \
+    "${STEPS[@]}" --rows plain,zero3 --root "$WORK/m1b" --json "$OUT/model1b_zero3.json"
 part layer8b 80 "8B-shaped layers, packed, gradient checkpointing" python3 $B "${LAYER8B[@]}" "${STEPS[@]}" \
     --rows replicate --root "$WORK/l8b" --json "$OUT/layer8b.json"
 part layer8b 60 "8B-shaped layers, packed, no gradient checkpointing" python3 $B "${LAYER8B[@]}" "${STEPS[@]}" \
     --rows replicate --checkpointing false --root "$WORK/l8b" --profile "$OUT/prof8b" --json "$OUT/layer8b_nockpt.json"
-part liger 60 "8B-shaped layers, packed, no gradient checkpointing, Liger" python3 $B "${LAYER8B[@]}" "${STEPS[@]}" \
-    --rows replicate --checkpointing false "${LIGER[@]}" --root "$WORK/l8b" --json "$OUT/layer8b_nockpt_liger.json"
-part liger 60 "1.33B, packed, Liger" python3 $B "${MODEL1B[@]}" "${STEPS[@]}" --packing "${LIGER[@]}" --rows replicate \
-    --root "$WORK/m1b" --json "$OUT/model1b_packed_liger.json"
+# Liger against the same rows without it, after 6 warm-up steps (Triton compiles for the first row lengths).
+for liger in "" "${LIGER[@]}"; do
+  part liger 90 "8B-shaped layers, packed, no gradient checkpointing, ${liger:-no Liger}" python3 $B "${LAYER8B[@]}" \
+      --warmup 6 --steps 5 --rows replicate --checkpointing false ${liger:+"$liger"} --root "$WORK/l8b_w6" \
+      --json "$OUT/layer8b_nockpt${liger:+_liger}_w6.json"
+  part liger 90 "1.33B, packed, ${liger:-no Liger}" python3 $B "${MODEL1B[@]}" --warmup 6 --steps 5 --packing \
+      ${liger:+"$liger"} --rows replicate --root "$WORK/m1b_w6" --json "$OUT/model1b_packed${liger:+_liger}_w6.json"
+done
 rm -f "$OUT/part.log"
