@@ -339,8 +339,8 @@ class MergeConfig:
         if not math.isfinite(self.scale):
             raise ConfigError(f"config key 'merge.scale' must be a finite number, got {self.scale}")
         if not self.memory_budget_gb > 0 or not self.verify_logits_max_gb >= 0:
-            raise ConfigError(f"config keys 'merge.memory_budget_gb' must be > 0 and 'merge.verify_logits_max_gb' >= 0, "
-                              f"got {self.memory_budget_gb} and {self.verify_logits_max_gb}")
+            raise ConfigError(f"config keys 'merge.memory_budget_gb' must be > 0 and 'merge.verify_logits_max_gb' "
+                              f">= 0, got {self.memory_budget_gb} and {self.verify_logits_max_gb}")
 
 
 def _at_least(key: str, value: int, minimum: int) -> None:

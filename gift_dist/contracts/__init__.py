@@ -14,6 +14,7 @@ import shutil
 import socket
 import uuid
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -58,6 +59,46 @@ def check_header(data: dict, fmt: str, version: int, where: str, fix: str) -> No
     if str(data.get("version")) != str(version):
         raise ContractError(f"{where}: {kind} format version {data.get('version')} is not supported (this gift_dist "
                             f"reads version {version}); {fix}")
+
+
+def folder_digests(folder, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (but those named in ``skip``), by path relative to it."""
+    folder = Path(folder)
+    return {str(path.relative_to(folder)): file_sha256(path) for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name not in skip}
+
+
+def verify_folder_digests(folder, recorded: dict[str, str], what: str, writer: str, fix: str,
+                          skip: tuple[str, ...] = ()) -> None:
+    """The files under ``folder`` are exactly those ``recorded`` (``folder_digests`` when ``writer`` wrote them),
+    each with its sha256; else a ContractError naming the file, or the stray files, and ``fix``."""
+    folder = Path(folder)
+    found = folder_digests(folder, skip)
+    for name, digest in sorted(recorded.items()):
+        if found.get(name) != digest:
+            state = "is missing" if name not in found else "does not match its recorded sha256 (corrupt or modified)"
+            raise ContractError(f"{what} file {folder / name} {state}; {fix}")
+    extra = sorted(set(found) - set(recorded))
+    if extra:
+        raise ContractError(f"{what} folder {folder} holds files {writer} did not write: {extra}; remove them")
+
+
+def changed_settings(then: dict, now: dict) -> dict[str, tuple[Any, Any]]:
+    """The settings that differ between two nested records, by dotted key -> (then, now); sub-mappings are compared
+    key by key, so the change is named where it is (``lora.r``, not ``lora``)."""
+    flat_then, flat_now = _flatten(then), _flatten(now)
+    return {key: (flat_then.get(key), flat_now.get(key)) for key in sorted(set(flat_then) | set(flat_now))
+            if flat_then.get(key) != flat_now.get(key)}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def max_abs_diff(actual: "torch.Tensor", expected: "torch.Tensor") -> float:

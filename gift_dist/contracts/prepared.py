@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gift_dist.config import DataConfig, PrepareConfig, config_to_dict, operational_keys
-from gift_dist.contracts import ContractError, check_header, file_sha256, staged_directory
+from gift_dist.contracts import (
+    ContractError,
+    changed_settings,
+    check_header,
+    file_sha256,
+    folder_digests,
+    staged_directory,
+    verify_folder_digests,
+)
 
 FORMAT = "gift_dist.prepared"
 VERSION = 1
@@ -127,28 +135,16 @@ def write_prepared(out_dir: str | Path, dataset: Any, manifest: PreparedManifest
     with staged_directory(out_dir) as tmp:
         for folder, data, part_manifest in parts:
             data.save_to_disk(str(tmp / folder / DATA_DIR), num_proc=num_proc if num_proc > 1 else None)
-            part_manifest = replace(part_manifest, data_sha256=data_digests(tmp / folder / DATA_DIR))
+            part_manifest = replace(part_manifest, data_sha256=folder_digests(tmp / folder / DATA_DIR))
             (tmp / folder / MANIFEST_NAME).write_text(
                 json.dumps(part_manifest.to_json(), indent=2, sort_keys=True) + "\n")
     return out_dir
 
 
-def data_digests(data_dir: Path) -> dict[str, str]:
-    return {path.name: file_sha256(path) for path in sorted(data_dir.iterdir()) if path.is_file()}
-
-
 def verify_data_files(data_dir: Path, manifest: PreparedManifest) -> None:
     """The Arrow files are the ones prepare wrote: same names, same sha256."""
-    if not manifest.data_sha256:
-        return
-    found = data_digests(data_dir)
-    for name, digest in sorted(manifest.data_sha256.items()):
-        if found.get(name) != digest:
-            state = "is missing" if name not in found else "does not match its recorded sha256 (corrupt or modified)"
-            raise ContractError(f"prepared data file {data_dir / name} {state}; rerun `gift-dist prepare`")
-    extra = sorted(set(found) - set(manifest.data_sha256))
-    if extra:
-        raise ContractError(f"prepared data folder {data_dir} holds files prepare did not write: {extra}; remove them")
+    if manifest.data_sha256:
+        verify_folder_digests(data_dir, manifest.data_sha256, "prepared data", "prepare", "rerun `gift-dist prepare`")
 
 
 def read_manifest(prepared_dir: str | Path) -> PreparedManifest:
@@ -212,11 +208,8 @@ def compute_fingerprint(sources: list[dict], tokenizer_desc: dict, settings: dic
     return _sha({"version": VERSION, "sources": sources, "tokenizer": tokenizer_part, "settings": settings})[:32]
 
 
-def _changed_keys(then: Any, now: Any, prefix: str = "") -> list[str]:
-    if isinstance(then, dict) and isinstance(now, dict):
-        return [key for k in sorted(set(then) | set(now)) for key in _changed_keys(then.get(k), now.get(k),
-                                                                                    f"{prefix}{k}.")]
-    return [] if then == now else [f"{prefix.rstrip('.')}: {then!r} -> {now!r}"]
+def _listed(changes: dict) -> list[str]:
+    return [f"{key}: {then!r} -> {now!r}" for key, (then, now) in changes.items()]
 
 
 def check_prepared_identity(manifest: PreparedManifest, where: str, tokenizer_desc: dict, settings: dict,
@@ -229,8 +222,8 @@ def check_prepared_identity(manifest: PreparedManifest, where: str, tokenizer_de
     if then_tokenizer != now_tokenizer:
         changes.append(f"the tokenizer ({manifest.tokenizer.get('name_or_path')} then, "
                        f"{tokenizer_desc.get('name_or_path')} now: "
-                       + ", ".join(_changed_keys(then_tokenizer, now_tokenizer)) + ")")
-    changes += [f"setting {key}" for key in _changed_keys(manifest.settings, settings)]
+                       + ", ".join(_listed(changed_settings(then_tokenizer, now_tokenizer))) + ")")
+    changes += [f"setting {change}" for change in _listed(changed_settings(manifest.settings, settings))]
     if sources is not None and sources != manifest.sources:
         changes.append(f"the data: {manifest.sources} then, {sources} now")
     if changes:

@@ -334,7 +334,8 @@ def stream_merge(
             time.sleep(throttle_seconds)
 
     started = time.perf_counter()
-    with torch_single_threaded(), ThreadPoolExecutor(max_workers=max(1, opts.threads), thread_name_prefix="merge") as pool:
+    workers = ThreadPoolExecutor(max_workers=max(1, opts.threads), thread_name_prefix="merge")
+    with torch_single_threaded(), workers as pool:
         for future in [pool.submit(run, plan) for plan in todo]:
             future.result()
     bar.close()

@@ -24,15 +24,15 @@ def check_prepared_inputs(cfg: RunConfig, manifest: contract.PreparedManifest, w
     The data files are rehashed when they are all still there; a run whose raw data was removed after prepare
     (common when only ``prepared/`` is shipped to the cluster) checks the tokenizer and the settings only.
     """
-    tokenizer = {k: v for k, v in manifest.tokenizer.items()}
+    tokenizer = manifest.tokenizer  # nothing to recompute it from without an instruct model
     if cfg.instruct_model:
         tokenizer = contract.tokenizer_description(load_tokenizer(cfg.instruct_model, cfg.trust_remote_code),
                                                    cfg.instruct_model)
     settings = contract.fingerprint_settings(cfg.data, cfg.prepare)
-    local = [source.path for source in cfg.data.all_sources() if source.path is not None]
-    missing = [name for name in local if not Path(name).is_file()]
+    all_sources = cfg.data.all_sources()
+    missing = [s.path for s in all_sources if s.path is not None and not Path(s.path).is_file()]
     sources = None
-    if cfg.data.all_sources() and not missing:
+    if all_sources and not missing:
         sources = contract.source_descriptions(cfg.data)
     else:
         log.warning("data files %s not found: %s is checked against this config's tokenizer and settings only",

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import inspect
 import re
+import textwrap
 from typing import Any
 
 import yaml
@@ -44,7 +45,7 @@ def explain(cfg: Any, indent: int = 0) -> str:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if f.name in docs:
-            lines += [f"{pad}# {text}" for text in _wrap(docs[f.name], 116 - indent)]
+            lines += [f"{pad}# {text}" for text in textwrap.wrap(docs[f.name], 116 - indent)]
         if dataclasses.is_dataclass(value):
             lines.append(f"{pad}{f.name}:")
             lines.append(explain(value, indent + 2))
@@ -59,17 +60,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [config_to_dict(v) if dataclasses.is_dataclass(v) else v for v in value]
     return value
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + ([line] if line else [])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

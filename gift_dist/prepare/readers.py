@@ -106,7 +106,7 @@ def describe_sources(cfg: DataConfig) -> list[dict[str, Any]]:
 
 def load_raw_records(cfg: DataConfig, sources: list[dict[str, Any]]):
     """One `datasets.Dataset` with columns source, source_index (position in ``cfg.all_sources()``), row and
-    record (JSON text), in source order."""
+    record (JSON text), in source order; ``sources`` is ``describe_sources(cfg)``, which checked the files."""
     from datasets import concatenate_datasets, load_dataset
 
     def as_records(ds, source: str):
@@ -130,7 +130,8 @@ def load_raw_records(cfg: DataConfig, sources: list[dict[str, Any]]):
         if source.hub_id is not None:
             part = as_records(load_dataset(source.hub_id, split=source.split, revision=source.revision), source.name)
         else:
-            part = _read_file(*_check_files([source.path])[0], description["sha256"], as_records)
+            path = Path(source.path)
+            part = _read_file(path, EXTENSIONS[path.suffix.lower()], description["sha256"], as_records)
         parts.append(part.add_column("source_index", [index] * len(part)))
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 

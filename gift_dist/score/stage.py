@@ -27,7 +27,7 @@ from gift_dist import dist
 from gift_dist.config import RunConfig, ScoreConfig, add_config_arguments, config_from_args, require
 from gift_dist.contracts import ContractError, first_non_finite, require_writable
 from gift_dist.contracts import confidence as contract
-from gift_dist.contracts.prepared import EVAL_DIR, IGNORE_INDEX, Prepared, ShardSpec, load_eval_split, load_prepared
+from gift_dist.contracts.prepared import IGNORE_INDEX, Prepared, ShardSpec, load_eval_split, load_prepared
 from gift_dist.models.checkpoint import model_identity
 from gift_dist.models.pair import check_pair, load_tokenizer
 from gift_dist.models.prepared_inputs import check_prepared_inputs
@@ -211,9 +211,9 @@ def score(cfg: RunConfig, rescore_corrupt: bool = False) -> ScoreSummary:
     check_prepared_inputs(cfg, prepared.manifest, str(cfg.paths.prepared))
     held_out = load_eval_split(cfg.paths.prepared)
     if rescore_corrupt:
-        forget_corrupt_shards(cfg.paths.confidence, cfg.paths.prepared)
+        forget_corrupt_shards(cfg.paths.confidence, prepared)
         if held_out is not None:
-            forget_corrupt_shards(cfg.paths.confidence / contract.EVAL_DIR, cfg.paths.prepared / EVAL_DIR)
+            forget_corrupt_shards(cfg.paths.confidence / contract.EVAL_DIR, held_out)
     scorer = _Scorer(cfg)
     summary = scorer.score_split(prepared, cfg.paths.confidence, identity)
     try:
@@ -228,14 +228,14 @@ def score(cfg: RunConfig, rescore_corrupt: bool = False) -> ScoreSummary:
     return summary
 
 
-def forget_corrupt_shards(conf_dir: Path, prepared_dir: Path) -> None:
+def forget_corrupt_shards(conf_dir: Path, prepared: Prepared) -> None:
     """Verify the finished shards of ``conf_dir`` and take those that fail out of the manifest (logged, with why),
     so this run scores them again. Nothing to do before the first shard exists."""
     from gift_dist.score.verify import verify_confidence
 
     if contract.read_manifest(conf_dir) is None:
         return
-    report = verify_confidence(conf_dir, prepared_dir)
+    report = verify_confidence(conf_dir, prepared.path, prepared)
     for problem in report.problems:
         log.warning("--rescore-corrupt: %s", problem)
     if report.bad_shards:

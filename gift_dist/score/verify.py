@@ -14,7 +14,7 @@ from typing import Optional
 
 from gift_dist.contracts import ContractError
 from gift_dist.contracts import confidence as contract
-from gift_dist.contracts.prepared import load_prepared
+from gift_dist.contracts.prepared import Prepared, load_prepared
 
 
 @dataclass
@@ -31,12 +31,14 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_confidence(conf_dir: str | Path, prepared_dir: str | Path) -> VerifyReport:
+def verify_confidence(conf_dir: str | Path, prepared_dir: str | Path,
+                      prepared: Optional[Prepared] = None) -> VerifyReport:
+    """``prepared``: the dataset at ``prepared_dir`` when the caller has it open already (not read again)."""
     conf_dir = Path(conf_dir)
     manifest = contract.read_manifest(conf_dir)
     if manifest is None:
         raise ContractError(f"no confidence manifest in {conf_dir}; run `gift-dist score` first")
-    prepared = load_prepared(prepared_dir)
+    prepared = prepared or load_prepared(prepared_dir)
     manifest.check_matches(prepared.manifest.fingerprint, None, str(conf_dir))
     plan = prepared.manifest.shards
     if manifest.num_shards != len(plan):

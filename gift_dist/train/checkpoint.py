@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gift_dist import dist
-from gift_dist.contracts import ContractError, atomic_write_text, check_header, file_sha256
+from gift_dist.contracts import (
+    ContractError,
+    atomic_write_text,
+    changed_settings,
+    check_header,
+    folder_digests,
+    verify_folder_digests,
+)
 from gift_dist.contracts.adapter import AdapterProvenance
 from gift_dist.train import adapter_io
 
@@ -65,39 +72,15 @@ RESUME_ANYWAY_KEYS = ("max_steps", "epochs")
 BATCH_SPLIT_KEYS = ("micro_batch_size", "gradient_accumulation_steps")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-def checkpoint_digests(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` but the record, by relative path."""
-    return {str(path.relative_to(folder)): file_sha256(path) for path in sorted(folder.rglob("*"))
-            if path.is_file() and path.name != RECORD_NAME}
-
-
 def verify_checkpoint_files(folder: Path, record: CheckpointRecord) -> None:
     """Every file the record lists is there with its checksum, and no other file is (checkpoints written before
     checksums were recorded have none to check)."""
     if not record.file_sha256:
         log.warning("checkpoint %s records no file checksums (written by an older version): not verified", folder)
         return
-    found = checkpoint_digests(folder)
-    for name, expected in sorted(record.file_sha256.items()):
-        if name not in found:
-            raise ContractError(f"checkpoint {folder}: {name} is missing; resume from an earlier checkpoint (point "
-                                f"{folder.parent / LATEST_NAME} at it) or train afresh")
-        if found[name] != expected:
-            raise ContractError(f"checkpoint {folder}: {name} does not match its recorded sha256 (corrupt or "
-                                f"modified); resume from an earlier checkpoint (point {folder.parent / LATEST_NAME} "
-                                f"at it) or train afresh")
-    extra = sorted(set(found) - set(record.file_sha256))
-    if extra:
-        raise ContractError(f"checkpoint {folder}: files not written by the checkpoint: {extra}; remove them")
+    verify_folder_digests(folder, record.file_sha256, "checkpoint", "the checkpoint",
+                          f"resume from an earlier checkpoint (point {folder.parent / LATEST_NAME} at it) or train "
+                          f"afresh", skip=(RECORD_NAME,))
 
 
 def tag_for(step: int) -> str:
@@ -160,7 +143,7 @@ class Checkpoints:
         from gift_dist.contracts.adapter import write_adapter
 
         write_adapter(tmp / ADAPTER_DIR, peft_config, tensors, provenance)
-        record = replace(record, file_sha256=checkpoint_digests(tmp))
+        record = replace(record, file_sha256=folder_digests(tmp, skip=(RECORD_NAME,)))
         (tmp / RECORD_NAME).write_text(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
         final = self.root / tag
         if final.exists():
@@ -218,12 +201,11 @@ class Checkpoints:
     def _check(folder: Path, record: CheckpointRecord, expected: CheckpointRecord, anyway: bool = False) -> None:
         where = folder / RECORD_NAME
         if record.train_settings:  # checkpoints written before settings were recorded have none
-            then, now = _flatten(record.train_settings), _flatten(expected.train_settings)
-            changed = sorted(key for key in set(then) | set(now)
-                             if then.get(key) != now.get(key) and key not in BATCH_SPLIT_KEYS)
-            refused = [key for key in changed if not (anyway and key in RESUME_ANYWAY_KEYS)]
+            changes = changed_settings(record.train_settings, expected.train_settings)
+            refused = [key for key in changes
+                       if key not in BATCH_SPLIT_KEYS and not (anyway and key in RESUME_ANYWAY_KEYS)]
             if refused:
-                listed = ", ".join(f"train.{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in refused)
+                listed = ", ".join(f"train.{key}: {changes[key][0]!r} -> {changes[key][1]!r}" for key in refused)
                 hint = (" --resume-anyway accepts a change of " + "/".join(RESUME_ANYWAY_KEYS) + " only."
                         if all(key in RESUME_ANYWAY_KEYS for key in refused) else "")
                 raise ContractError(

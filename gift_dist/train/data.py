@@ -225,6 +225,8 @@ class TrainBatches:
 
         self._order_epoch: Optional[int] = None
         self._order: Optional[np.ndarray] = None
+        self._plan_epoch: Optional[int] = None
+        self._plan: list[np.ndarray] = []
         num_samples = len(prepared)
         self.micro_batch_size = cfg.micro_batch_size
         self.grad_accum = cfg.gradient_accumulation_steps
@@ -240,8 +242,7 @@ class TrainBatches:
                     f"train.micro_batch_tokens={self.token_budget}; raise the budget to at least "
                     f"{self._lengths[longest]} or prepare with a lower prepare.max_length"
                 )
-            self._epoch_steps = [len(self._token_budget_plan(self.epoch_order(e))) // self.per_step
-                                 for e in range(cfg.epochs)]
+            self._epoch_steps = [len(self.epoch_micro_batches(e)) // self.per_step for e in range(cfg.epochs)]
             unit = (f"global batch of {self.per_step} micro-batches of at most {self.token_budget} tokens "
                     f"(train.gradient_accumulation_steps {cfg.gradient_accumulation_steps} x world {world})")
         else:
@@ -253,8 +254,8 @@ class TrainBatches:
             raise ConfigError(f"the prepared dataset {prepared.path} has {num_samples} samples, fewer than one "
                               f"{unit}; lower them")
         self.steps_per_epoch = self._epoch_steps[0]
-        used = self.samples_used(self.epoch_order(0), self.steps_per_epoch)
-        dropped = num_samples - used
+        used = self.epoch_micro_batches(0)[: self.steps_per_epoch * self.per_step]
+        dropped = num_samples - sum(len(mb) for mb in used)
         if dropped:
             log.info("%d samples per epoch fall in a last partial step and are skipped (a different subset each "
                      "epoch after the first)", dropped)
@@ -262,8 +263,6 @@ class TrainBatches:
         self.total_steps = int(self._epoch_starts[-1])
         if cfg.max_steps > 0:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        self._plan_epoch: Optional[int] = None
-        self._plan: list[np.ndarray] = []
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Sample indices in the order epoch ``epoch`` visits them."""
@@ -303,12 +302,6 @@ class TrainBatches:
                                                                  size)]
             self._plan_epoch = epoch
         return self._plan
-
-    def samples_used(self, order: np.ndarray, steps: int) -> int:
-        """How many samples of ``order`` the first ``steps`` steps use."""
-        if not self.token_budget:
-            return steps * self.per_step * self.micro_batch_size
-        return sum(len(mb) for mb in self._token_budget_plan(order)[: steps * self.per_step])
 
     def _step_micro_batches(self, step: int) -> list[np.ndarray]:
         if not 0 <= step < self.total_steps:

@@ -66,7 +66,8 @@ PREEMPTED_EXIT_CODE = dist.PREEMPTED_EXIT_CODE
 
 
 def mark_preempted(step: int, checkpoint: Optional[Path]) -> None:
-    """Each node's local rank 0 writes the marker named by $GIFT_PREEMPT_MARKER (if set) once the checkpoint is saved."""
+    """Each node's local rank 0 writes the marker named by $GIFT_PREEMPT_MARKER (if set) once the checkpoint is
+    saved."""
     marker = os.environ.get(dist.PREEMPT_MARKER_ENV)
     if marker and dist.env_local_rank() == 0:
         Path(marker).parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +184,7 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
                 return TrainResult(None, step, batches.total_steps, final_loss, True, checkpoint)
     finally:
         stop.uninstall()
-        metrics.close(summary=confidence_summary(cfg))
+        metrics.close(summary=confidence_summary(cfg) if dist.is_rank0() else None)
     adapter = adapter_io.save_adapter(te.peft_model, te.peft_config, cfg.paths.adapter,
                                       provenance(cfg, identity, fingerprint, step, world, complete=True))
     log.info("wrote adapter %s after %d steps", adapter, step)
