@@ -186,3 +186,21 @@ def test_config_command_prints_the_resolved_config_with_every_documented_key(tmp
     assert {"micro_batch_tokens", "gradient_checkpointing", "report_to", "sharding"} <= set(docs)
     assert set(docs) <= {f.name for f in dataclasses.fields(TrainConfig)}
     assert "# A token budget per micro-batch instead of a sample count" in out
+
+
+def test_trackers_that_are_unknown_or_not_installed_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """train.report_to: a name that is no tracker is refused when the config loads; wandb named but not installed
+    is one line naming the setting and the fix, exit 2, before the output folders or the model."""
+    import importlib.util
+
+    from gift_dist.cli import main
+
+    with pytest.raises(ConfigError, match=r"unknown tracker\(s\) \['mlflow'\]"):
+        load_config(None, ["train.report_to=[mlflow]"])
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else
+                        real_find_spec(name, *a))
+    run = tmp_path / "run"
+    assert main(["train", f"output_dir={run}", "base_model=nowhere", "train.report_to=[wandb]"]) == 2
+    assert "train.report_to names wandb but it is not installed; pip install wandb" in capsys.readouterr().err
+    assert not run.exists()
