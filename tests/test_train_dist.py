@@ -257,6 +257,24 @@ def test_sigterm_saves_and_resume_reproduces_the_loss_curve(reference, setup, tm
     assert resumed == pytest.approx(uninterrupted, rel=1e-5)
 
 
+def test_resume_of_a_run_at_its_last_step_says_it_is_complete(setup, tmp_path, single_rank):
+    """`train --resume` on a run whose latest checkpoint is its last step trains nothing, writes the adapter from
+    that checkpoint and says so (exit 0), instead of failing to format the loss of a step that never ran."""
+    from gift_dist.train.recipe import train
+
+    cfg = run_config(setup, tmp_path / "run", weighting="uniform", max_steps=2, save_every_steps=2,
+                     sharding="replicate")
+    first = train(cfg)
+    trained = read_adapter(first.adapter).tensors
+    output = launch(cfg, 1, "--resume")
+    assert "already complete at step 2/2, nothing to train" in output and "TypeError" not in output
+    resumed = read_adapter(cfg.paths.adapter)
+    assert resumed.provenance.complete and resumed.provenance.steps == 2
+    for name, tensor in trained.items():
+        assert torch.equal(resumed.tensors[name], tensor), name
+    assert [row["step"] for row in read_metrics(cfg.paths.logs / METRICS_NAME)] == [1, 2]
+
+
 # ---- bad input: the recipe in-process on one rank, errors must be clean ContractErrors naming the culprit ----
 
 @pytest.fixture

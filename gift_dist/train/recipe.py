@@ -79,7 +79,7 @@ class TrainResult:
     adapter: Optional[Path]  # None when the run was preempted before finishing
     steps: int  # optimizer steps done, resumed ones included
     total_steps: int
-    final_loss: Optional[float]
+    final_loss: Optional[float]  # None when no step ran (resumed from a checkpoint of the last step)
     preempted: bool
     checkpoint: Optional[Path]
 
@@ -419,6 +419,11 @@ def run(args: argparse.Namespace) -> int:
                   f"{result.checkpoint}; rerun with --resume to continue")
         return PREEMPTED_EXIT_CODE
     if dist.is_rank0():
-        print(f"gift-dist train: done, {result.steps} steps, final loss {result.final_loss:.4f}, adapter "
-              f"{result.adapter}")
+        if result.final_loss is None:
+            # Resumed from a checkpoint of the last step: no step ran, the adapter was written from it.
+            print(f"gift-dist train: already complete at step {result.steps}/{result.total_steps}, nothing to "
+                  f"train; adapter {result.adapter}")
+        else:
+            print(f"gift-dist train: done, {result.steps} steps, final loss {result.final_loss:.4f}, adapter "
+                  f"{result.adapter}")
     return 0
