@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,6 +81,30 @@ def test_pipeline_end_to_end_with_overlapping_scorer(tiny_llama, tmp_path):
     with pytest.raises(ConfigError, match="with other train settings"):
         run_pipeline(other_training, Launch(train_procs=2, score_workers=1))
 
+
+
+@pytest.mark.parametrize("setting, value, named", [
+    ("dtype", "bfloat16", "merge.dtype: 'auto' -> 'bfloat16'"),
+    ("scale", 0.5, "merge.scale: 1.0 -> 0.5"),
+    ("into", "base", "merge.into: 'instruct' -> 'base'; target model: "),
+])
+def test_a_merge_made_with_other_settings_is_not_skipped(tiny_llama, tmp_path, setting, value, named):
+    """`run` skips the merge only when merged/ holds the same merge: a change of any setting gift_merge.json
+    records (merge.dtype included) is refused naming it, and merged again with merge.overwrite=true."""
+    from gift_dist.merge.stage import merge
+    from gift_dist.pipeline.run import merged_is_complete
+    from tests.merge_helpers import make_adapter, merge_config
+
+    cfg = merge_config(tmp_path, tiny_llama)
+    make_adapter(tiny_llama.base, cfg.paths.adapter, target_modules=["q_proj"])
+    merge(cfg)
+    assert merged_is_complete(cfg)
+    changed = copy.deepcopy(cfg)
+    setattr(changed.merge, setting, value)
+    with pytest.raises(ConfigError, match=r"holds another merge \(.*" + re.escape(named)):
+        merged_is_complete(changed)
+    changed.merge.overwrite = True
+    assert not merged_is_complete(changed)
 
 def _wait_until_no_process_mentions(marker: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout

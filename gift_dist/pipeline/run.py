@@ -35,7 +35,7 @@ from gift_dist.config import (
     operational_keys,
     require,
 )
-from gift_dist.contracts import ContractError
+from gift_dist.contracts import ContractError, changed_settings
 from gift_dist.contracts import adapter as adapter_contract
 from gift_dist.contracts import confidence as confidence_contract
 from gift_dist.contracts import prepared as prepared_contract
@@ -114,19 +114,45 @@ def adapter_is_complete(cfg: RunConfig, fingerprint: str) -> bool:
 
 
 def merged_is_complete(cfg: RunConfig) -> bool:
-    """True when merged/ holds this adapter merged with these settings; another merge there is refused."""
+    """True when merged/ holds this adapter merged with these settings; another merge there is refused, naming
+    what differs. Compared: everything gift_merge.json records that shapes the merged weights (the adapter's
+    weights and LoRA scaling, the target model and which of the pair it is, the base model, the blend strength
+    ``merge.scale`` and ``merge.dtype``). ``merge.max_shard_size`` is not: the record does not hold it, and it
+    only splits the same weights into other files."""
     from gift_dist.contracts import merged as merged_contract
+    from gift_dist.merge.stage import merge_paths
+    from gift_dist.models.checkpoint import model_identity
 
     try:
         record = merged_contract.read_merged(cfg.paths.merged).record
     except ContractError:
         return False
-    same = (record.adapter.get("hash") == adapter_contract.adapter_hash(cfg.paths.adapter)
-            and record.into == cfg.merge.into and record.strength == cfg.merge.scale)
-    if same or cfg.merge.overwrite:
-        return same
+    _, target, _, base = merge_paths(cfg, None, None, None, None)
+    adapter = adapter_contract.read_adapter(cfg.paths.adapter)
+    now = {
+        "adapter": adapter_contract.adapter_hash(cfg.paths.adapter),
+        "LoRA scaling": adapter.scale,
+        "merge.into": cfg.merge.into,
+        "target model": model_identity(str(target))["hash"],
+        "base model": model_identity(str(base))["hash"] if base is not None else None,
+        "merge.scale": cfg.merge.scale,
+        "merge.dtype": cfg.merge.dtype,
+    }
+    then = {
+        "adapter": record.adapter.get("hash"),
+        "LoRA scaling": record.lora_scaling,
+        "merge.into": record.into,
+        "target model": record.target.get("hash"),
+        "base model": record.base.get("hash") if record.base else None,
+        "merge.scale": record.strength,
+        "merge.dtype": record.dtype,
+    }
+    changed = changed_settings(then, now)
+    if not changed or cfg.merge.overwrite:
+        return not changed
+    differences = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
     raise ConfigError(
-        f"{cfg.paths.merged} holds another merge (other adapter, target or scale); delete it or set "
+        f"{cfg.paths.merged} holds another merge (recorded there -> this config: {differences}); delete it or set "
         f"merge.overwrite=true to merge again"
     )
 
