@@ -244,6 +244,53 @@ def test_latest_pointing_at_a_missing_checkpoint_is_an_error(tmp_path):
         Checkpoints(root, keep=2).latest()
 
 
+
+def test_a_staged_folder_replacing_another_is_never_lost_by_a_crash(tmp_path, monkeypatch):
+    """staged_directory (how an adapter or a prepared dataset is replaced): a crash after the old folder is moved
+    aside but before the new one is renamed in loses neither; the next write puts the old one back first (so
+    even a write that then fails keeps it), and a crash before the aside copy is deleted leaves nothing once the
+    next write finishes."""
+    import os
+    import shutil
+
+    from gift_dist.contracts import staged_directory
+
+    out = tmp_path / "adapter"
+
+    def write(text: str) -> None:
+        with staged_directory(out) as folder:
+            (folder / "weights").write_text(text)
+
+    write("v1")
+    real_replace = os.replace
+
+    def crash_on_the_rename_in(src, dst):
+        if Path(dst) == out:
+            raise KeyboardInterrupt("killed between the renames")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_the_rename_in)
+    with pytest.raises(KeyboardInterrupt):
+        write("v2")
+    monkeypatch.setattr(os, "replace", real_replace)
+    with pytest.raises(RuntimeError, match="the next write fails"):
+        with staged_directory(out):
+            raise RuntimeError("the next write fails")
+    assert (out / "weights").read_text() == "v1"
+    write("v2")
+
+    def crash_while_deleting(path, *args, **kwargs):
+        raise KeyboardInterrupt("killed while deleting the old folder")
+
+    monkeypatch.setattr(shutil, "rmtree", crash_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        write("v3")
+    monkeypatch.undo()
+    assert (out / "weights").read_text() == "v3"
+    write("v4")
+    assert (out / "weights").read_text() == "v4"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
 def test_metrics_jsonl_curve_and_resume_truncation(tmp_path):
     logger = MetricsLogger(tmp_path, total_steps=4, start_step=0, enabled=True, progress=False)
     for step in range(1, 5):

@@ -151,19 +151,35 @@ def atomic_write_text(path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+STAGED_SUFFIX = ".tmp"
+ASIDE_SUFFIX = ".replaced"
+
+
 @contextlib.contextmanager
 def staged_directory(out_dir):
-    """Yield an empty temporary sibling of ``out_dir`` that replaces it in one rename once the block succeeds,
-    so a reader sees the old artifact or the complete new one, never a half-written one."""
+    """Yield an empty temporary sibling of ``out_dir`` that replaces it once the block succeeds: a reader finds the
+    old artifact or the complete new one (or, for the instant between two renames, none), never a half-written one.
+
+    The old folder is renamed aside (``<name>.replaced``), the new one renamed in, and only then is the old one
+    deleted: at every instant one complete folder exists under the final name or aside. A crash between the two
+    renames leaves only the aside copy; the next call puts it back before anything else (a crash after the second
+    rename leaves an aside copy beside the new folder, which the next call deletes)."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp = out_dir.with_name(out_dir.name + STAGED_SUFFIX)
+    aside = out_dir.with_name(out_dir.name + ASIDE_SUFFIX)
+    if aside.exists():
+        if out_dir.exists():
+            shutil.rmtree(aside)
+        else:
+            os.replace(aside, out_dir)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     yield tmp
     if out_dir.exists():
-        shutil.rmtree(out_dir)
+        os.replace(out_dir, aside)
     os.replace(tmp, out_dir)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def check_inside(folder, relative: str):
