@@ -268,6 +268,16 @@ class TrainConfig:
             raise ConfigError(f"config key 'train.learning_rate' must be a finite number > 0, got {self.learning_rate}")
         if not self.max_grad_norm >= 0:
             raise ConfigError(f"config key 'train.max_grad_norm' must be >= 0, got {self.max_grad_norm}")
+        # The weight formula's settings: `score` uses them too (its token view), so they are refused here, not
+        # when training starts.
+        if not (self.gamma > 0 and math.isfinite(self.gamma)):
+            raise ConfigError(f"config key 'train.gamma' must be a finite number > 0, got {self.gamma}")
+        if not 0.0 < self.prob_floor < 1.0:
+            raise ConfigError(f"config key 'train.prob_floor' must lie in (0, 1), got {self.prob_floor}")
+        if self.eos_weight != "scored" and (isinstance(self.eos_weight, bool) or not (
+                math.isfinite(self.eos_weight) and self.eos_weight >= 0)):
+            raise ConfigError(f"config key 'train.eos_weight' must be 'scored' or a finite number >= 0, got "
+                              f"{self.eos_weight}")
         unknown = sorted(set(self.report_to) - set(TRACKERS))
         if unknown:
             raise ConfigError(f"config key 'train.report_to': unknown tracker(s) {unknown}; choose from {TRACKERS}")

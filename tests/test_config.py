@@ -64,6 +64,13 @@ def test_example_configs_load():
     ("train.ce_chunk_tokens=0", "'train.ce_chunk_tokens' must be >= 1, got 0"),
     ("train.learning_rate=-1", "'train.learning_rate' must be a finite number > 0"),
     ("train.max_steps=0", "'train.max_steps' must be -1 (no cap) or >= 1"),
+    ("train.gamma=0", "'train.gamma' must be a finite number > 0, got 0.0"),
+    ("train.gamma=-1", "'train.gamma' must be a finite number > 0, got -1.0"),
+    ("train.gamma=.inf", "'train.gamma' must be a finite number > 0, got inf"),
+    ("train.prob_floor=0", "'train.prob_floor' must lie in (0, 1), got 0.0"),
+    ("train.prob_floor=1", "'train.prob_floor' must lie in (0, 1), got 1.0"),
+    ("train.eos_weight=-1", "'train.eos_weight' must be 'scored' or a finite number >= 0, got -1.0"),
+    ("train.eos_weight=.nan", "'train.eos_weight' must be 'scored' or a finite number >= 0, got nan"),
 ])
 def test_train_ranges_are_refused_when_the_config_loads(override, message, capsys):
     """Before any process group, model or data is touched (save_every_steps=0 used to fail after step 1)."""
@@ -80,6 +87,9 @@ def test_train_ranges_are_refused_when_the_config_loads(override, message, capsy
     ("prepare", "prepare.eval_fraction=1", "'prepare.eval_fraction' must lie in [0, 1), got 1.0"),
     ("score", "score.max_batch_tokens=0", "'score.max_batch_tokens' must be >= 1, got 0"),
     ("score", "score.lease_seconds=0", "'score.lease_seconds' must be > 0"),
+    # score uses the weight formula's settings too (its token view): refused there before any model is read.
+    ("score", "train.prob_floor=0", "'train.prob_floor' must lie in (0, 1), got 0.0"),
+    ("score", "train.gamma=0", "'train.gamma' must be a finite number > 0, got 0.0"),
     ("train", "train.lora.r=0", "'train.lora.r' must be >= 1, got 0"),
     ("train", "train.lora.dropout=1.5", "'train.lora.dropout' in [0, 1)"),
     ("merge", "merge.threads=0", "'merge.threads' must be >= 1, got 0"),

@@ -8,7 +8,6 @@ probabilities and therefore only exist after the forward.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -93,12 +92,9 @@ def needs_own_logprobs(cfg: TrainConfig) -> bool:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Refuse inconsistent weighting / normalisation settings before any model is loaded."""
+    """Refuse inconsistent weighting / normalisation settings before any model is loaded (the ranges of gamma,
+    prob_floor and eos_weight are checked when the config loads: TrainConfig.__post_init__)."""
     weighting = _registered(cfg)
-    if not cfg.gamma > 0 or not math.isfinite(cfg.gamma):
-        raise ConfigError(f"config key 'train.gamma' must be a finite number > 0, got {cfg.gamma}")
-    if not 0.0 < cfg.prob_floor < 1.0:
-        raise ConfigError(f"config key 'train.prob_floor' must lie in (0, 1), got {cfg.prob_floor}")
     if cfg.weight_min > cfg.weight_max:
         raise ConfigError(
             f"config keys 'train.weight_min' ({cfg.weight_min}) > 'train.weight_max' ({cfg.weight_max})"
@@ -107,12 +103,6 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"weighting 'clipped' needs 0 <= train.weight_min <= train.weight_max and weight_max > 0, got "
             f"[{cfg.weight_min}, {cfg.weight_max}]"
-        )
-    if cfg.eos_weight != "scored" and (
-        isinstance(cfg.eos_weight, bool) or not math.isfinite(cfg.eos_weight) or cfg.eos_weight < 0
-    ):
-        raise ConfigError(
-            f"config key 'train.eos_weight' must be 'scored' or a finite number >= 0, got {cfg.eos_weight}"
         )
     if weighting.needs_own_logprobs and cfg.normalizer == "sum_weights" and cfg.normalize_over == "global_batch":
         raise ConfigError(
