@@ -34,6 +34,8 @@ def operational_keys(cls: type) -> tuple[str, ...]:
 
 
 RECORD_FORMATS = ("auto", "messages", "sharegpt", "prompt_response", "alpaca")
+# How prepare groups records into prompts before it holds some out (prepare.split_key).
+SPLIT_KEYS = ("user_turns", "first_user_turn", "none")
 
 
 @dataclass
@@ -126,12 +128,21 @@ class PrepareConfig:
     # at most `eval_max_samples` of them. 0: no held-out split.
     eval_fraction: float = 0.0
     eval_max_samples: int = 2000
+    # What makes two records "the same prompt" for the held-out split: records with the same key go whole to one
+    # side, so no held-out prompt is trained on. `user_turns` (default): the text of all user turns, whitespace
+    # collapsed and lower-cased; `first_user_turn`: the first user turn only (coarser: conversations that open with
+    # the same question stay on one side even when their later turns differ); `none`: record by record (the same
+    # prompt may then be on both sides). prepared.json reports the held-out prompts found in training either way.
+    split_key: Literal["user_turns", "first_user_turn", "none"] = "user_turns"
 
     def __post_init__(self) -> None:
         for key in ("max_length", "samples_per_shard", "num_proc", "eval_max_samples"):
             _at_least(f"prepare.{key}", getattr(self, key), 1)
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"config key 'prepare.eval_fraction' must lie in [0, 1), got {self.eval_fraction}")
+        if self.split_key not in SPLIT_KEYS:
+            raise ConfigError(f"config key 'prepare.split_key' must be one of {list(SPLIT_KEYS)}, got "
+                              f"{self.split_key!r}")
 
 
 @dataclass
@@ -309,6 +320,8 @@ class EvalConfig:
 
     # Chat records (jsonl with `messages`) the models should still handle like the instruct model; their last
     # assistant replies are scored (CE, and KL to the instruct model). Relative paths resolve like data.files.
+    # `prepare` counts their prompts (user turns, as prepare.split_key `user_turns` compares them) that also appear
+    # in the training data: a warning, and `eval_files` in prepared.json (measured on the files named then).
     general_files: list[str] = field(default_factory=list)
     # How to find the answer in a reply: answer_is ("The answer is N"), gsm8k ("#### N"), boxed (\boxed{..}),
     # last_number, or a regex whose first group is the answer.

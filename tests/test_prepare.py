@@ -4,6 +4,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from transformers import AutoTokenizer
@@ -52,7 +53,7 @@ def test_bundled_manifest_and_determinism(tiny_llama, tmp_path):
     cfg = make_run_config(tiny_llama, tmp_path / "a", **{"prepare.max_length": 512, "prepare.samples_per_shard": 500})
     first = prepare(cfg)
     m = first.manifest
-    assert m.format == "gift_dist.prepared" and m.version == 1
+    assert m.format == "gift_dist.prepared" and m.version == 2
     assert m.counts["records_read"] == 3000 and m.counts["kept"] == len(first.dataset) == 3000
     assert m.counts["dropped"] == {}
     assert [s.num_samples for s in m.shards] == [500] * 6
@@ -405,3 +406,128 @@ def test_contradictory_sources_are_refused_when_the_config_loads(overrides, mess
 
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+# ------------------------------------------------------------------------------------ held-out split by prompt
+
+def _chat(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def _planted_records() -> tuple[list[dict], dict[int, int]]:
+    """30 unique questions and 10 planted ones asked three times each (differing in case and whitespace, with
+    other replies); returns the records and, for each planted record's row, its question number."""
+    records, planted = [], {}
+    for i in range(30):
+        records.append(_chat(f"What is {i} plus {i + 1}?", f"{2 * i + 1}."))
+    for j in range(10):
+        for variant in (f"How many legs do {j + 2} spiders have?", f"how many legs do {j + 2}  spiders HAVE?",
+                        f"  How many legs\ndo {j + 2} spiders have? "):
+            planted[len(records)] = j
+            records.append(_chat(variant, f"{8 * (j + 2)} legs, reply {len(records)}."))
+    return records, planted
+
+
+def _sides(prepared_dir: Path) -> tuple[set[int], set[int]]:
+    held_out = contract.load_eval_split(prepared_dir)
+    return set(load_prepared(prepared_dir).dataset["record_index"]), set(held_out.dataset["record_index"])
+
+
+def test_planted_duplicate_prompts_end_up_on_one_side_only(tiny_llama, tmp_path, caplog):
+    """prepare.split_key user_turns (default): each planted question's three records (same words, other case and
+    spacing) are all trained on or all held out, on every run; prepared.json reports no held-out prompt in
+    training. Split record by record (split_key none) the same data has held-out prompts that are trained on:
+    counted and warned about."""
+    records, planted = _planted_records()
+    data = write_jsonl(records, tmp_path / "d.jsonl")
+    settings = {"prepare.eval_fraction": 0.25, "prepare.max_length": 128}
+    prepared = prepare(make_run_config(tiny_llama, tmp_path / "a", [data], **settings))
+    trained, held = _sides(prepared.path)
+    assert not trained & held and len(trained | held) == 60 and len(held) == 15
+    planted_held = {q for row, q in planted.items() if row in held}
+    planted_trained = {q for row, q in planted.items() if row in trained}
+    assert planted_held and not planted_held & planted_trained  # some question held out, each on one side only
+    overlap = prepared.manifest.prompt_overlap
+    assert overlap["key"] == "user_turns" and overlap["split_key"] == "user_turns"
+    assert overlap["held_out"] == 15 and overlap["held_out_prompts_in_training"] == 0
+    again = prepare(make_run_config(tiny_llama, tmp_path / "b", [data], **settings))
+    assert _sides(again.path) == (trained, held)
+
+    with caplog.at_level("WARNING", logger="gift_dist.prepare.stage"):
+        by_record = prepare(make_run_config(tiny_llama, tmp_path / "c", [data],
+                                            **{**settings, "prepare.split_key": "none"}))
+    trained, held = _sides(by_record.path)
+    shared = [row for row in held if row in planted and any(
+        other in trained for other, q in planted.items() if q == planted[row])]
+    assert shared  # this data split record by record puts a planted question on both sides
+    assert by_record.manifest.prompt_overlap["held_out_prompts_in_training"] == len(shared)
+    assert f"{len(shared)} of 15 held-out samples have a prompt that is also trained on" in caplog.text
+    assert by_record.manifest.fingerprint != prepared.manifest.fingerprint
+
+
+def test_split_key_first_user_turn_groups_conversations_that_open_alike(tiny_llama, tmp_path):
+    def two_turns(i: int, follow_up: str) -> dict:
+        return {"messages": [{"role": "user", "content": "Count with me."}, {"role": "assistant", "content": "1."},
+                             {"role": "user", "content": follow_up}, {"role": "assistant", "content": f"{i}."}]}
+
+    records = [two_turns(i, f"And {i}?") for i in range(6)] + [_chat(f"Say {i}.", f"{i}.") for i in range(14)]
+    data = write_jsonl(records, tmp_path / "d.jsonl")
+    settings = {"prepare.eval_fraction": 0.3, "prepare.max_length": 128}
+    opening = prepare(make_run_config(tiny_llama, tmp_path / "a", [data],
+                                      **{**settings, "prepare.split_key": "first_user_turn"}))
+    trained, held = _sides(opening.path)
+    assert set(range(6)) <= trained or set(range(6)) <= held
+    assert len(held) == 6 and opening.manifest.prompt_overlap["held_out_prompts_in_training"] == 0
+
+
+def test_a_prompt_group_larger_than_the_held_out_split_is_never_split():
+    from gift_dist.config import PrepareConfig
+    from gift_dist.prepare.stage import split_held_out
+
+    order = np.array([3, 0, 4, 1, 2, 5])
+    groups = ["a", "b", "a", "", "", "a"]  # rows 0, 2, 5 share a prompt; rows 3 and 4 have no user text
+    train, held = split_held_out(order, groups, 2, PrepareConfig(eval_fraction=0.3))
+    # from the end of the order: row 5's group (3 rows) does not fit, row 2 is in it, row 1 ("b") and row 4 fit
+    assert held.tolist() == [4, 1] and train.tolist() == [3, 0, 2, 5]
+    assert split_held_out(order, None, 2, PrepareConfig())[1].tolist() == [2, 5]  # record by record: the tail
+    with pytest.raises(ContractError, match="every prompt group .* is larger"):
+        split_held_out(np.array([0, 1, 2]), ["a", "a", "a"], 1, PrepareConfig(eval_fraction=0.3))
+
+
+def test_prompt_keys_collapse_whitespace_and_case_and_ignore_replies():
+    from gift_dist.prepare.readers import prompt_keys
+
+    one = prompt_keys(_chat("What  is\n2+2?", "4")["messages"])
+    assert one == prompt_keys(_chat("what is 2+2? ", "four")["messages"])
+    assert one != prompt_keys(_chat("what is 2+3?", "5")["messages"])
+    assert prompt_keys([{"role": "assistant", "content": "hi"}]) == {"user_turns": "", "first_user_turn": ""}
+
+
+def test_an_eval_file_overlapping_training_is_counted_and_warned_about(tiny_llama, tmp_path, caplog):
+    records = [_chat(f"What is {i} times 3?", f"{3 * i}.") for i in range(20)]
+    data = write_jsonl(records, tmp_path / "d.jsonl")
+    general = write_jsonl([_chat("WHAT is 4 times  3?", "12"), _chat("What is 7 times 3?", "21"),
+                           _chat("Spell 'cat'.", "c-a-t"), {"messages": [{"role": "user", "content": "no reply"}]}],
+                          tmp_path / "general.jsonl")
+    cfg = make_run_config(tiny_llama, tmp_path / "run", [data], **{"prepare.max_length": 128})
+    cfg.eval.general_files = [str(general)]
+    with caplog.at_level("WARNING", logger="gift_dist.prepare.stage"):
+        prepared = prepare(cfg)
+    (counted,) = prepared.manifest.prompt_overlap["eval_files"]
+    assert counted["file"] == "general.jsonl" and counted["sha256"] == hashlib.sha256(general.read_bytes()).hexdigest()
+    assert (counted["records"], counted["prompts"], counted["prompts_in_training"]) == (4, 3, 2)
+    assert "2 of 4 records of eval file" in caplog.text and "also in the training data" in caplog.text
+    manifest = json.loads((prepared.path / "prepared.json").read_text())
+    assert manifest["prompt_overlap"]["eval_files"][0]["prompts_in_training"] == 2
+
+
+def test_a_manifest_with_an_inconsistent_overlap_report_is_refused(tiny_llama, tmp_path):
+    data = write_jsonl([_chat(f"Say {i}.", f"{i}.") for i in range(10)], tmp_path / "d.jsonl")
+    prepared = prepare(make_run_config(tiny_llama, tmp_path / "run", [data],
+                                       **{"prepare.eval_fraction": 0.2, "prepare.max_length": 128}))
+    path = prepared.path / "prepared.json"
+    manifest = json.loads(path.read_text())
+    manifest["prompt_overlap"]["held_out_prompts_in_training"] = 3
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ContractError, match="prompt_overlap is inconsistent"):
+        read_manifest(prepared.path)

@@ -5,7 +5,8 @@ Layout of a prepared directory::
     prepared/
       prepared.json      # this module's manifest (format, version, fingerprint, counts, shard plan)
       data/              # a `datasets` Arrow dataset (save_to_disk), rows in epoch-0 order
-      eval/              # optional held-out split (prepare.eval_fraction): the same layout, split "eval"
+      eval/              # optional held-out split (prepare.eval_fraction): the same layout, split "eval"; whole
+                         # prompt groups (prepare.split_key), so no held-out prompt is in data/
 
 Columns: ``input_ids`` (int32 list), ``labels`` (int32 list, -100 on every non-target token),
 ``record_index`` (int64: row of the source data), ``num_tokens`` and ``num_target_tokens`` (int32).
@@ -32,7 +33,9 @@ from gift_dist.contracts import (
 )
 
 FORMAT = "gift_dist.prepared"
-VERSION = 1
+# 2: the held-out split is taken by prompt (prepare.split_key) and the training manifest reports
+#    ``prompt_overlap``; a version-1 split may share prompts with training, so it is refused (rerun prepare).
+VERSION = 2
 MANIFEST_NAME = "prepared.json"
 DATA_DIR = "data"
 EVAL_DIR = "eval"
@@ -73,6 +76,10 @@ class PreparedManifest:
     split: str = "train"
     # sha256 of every file of data/ by name, checked on load (empty in manifests written before it was recorded).
     data_sha256: dict[str, str] = field(default_factory=dict)
+    # Training split only: prompts (the ``user_turns`` key) seen in training, as prepare measured them:
+    # {"key", "split_key", "held_out", "held_out_prompts_in_training", "eval_files": [{"file", "sha256", "records",
+    # "prompts", "prompts_in_training"}]} (eval.general_files at prepare time). Empty for the eval split.
+    prompt_overlap: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -107,6 +114,16 @@ class PreparedManifest:
             raise ContractError(
                 f"{where}: counts.kept={self.counts.get('kept')} but the shard plan covers {self.num_samples} samples"
             )
+        overlap = self.prompt_overlap
+        if overlap:
+            held_out, in_training = overlap.get("held_out"), overlap.get("held_out_prompts_in_training")
+            files = overlap.get("eval_files")
+            if (not isinstance(held_out, int) or not isinstance(in_training, int) or not 0 <= in_training <= held_out
+                    or held_out != self.counts.get("held_out", 0) or not isinstance(files, list)
+                    or not all(isinstance(f, dict) and 0 <= f.get("prompts_in_training", -1) <= f.get("prompts", -1)
+                               for f in files)):
+                raise ContractError(f"{where}: prompt_overlap is inconsistent (held out {self.counts.get('held_out')} "
+                                    f"samples): {overlap}")
 
 
 def plan_shards(num_tokens: list[int], num_target_tokens: list[int], samples_per_shard: int) -> list[ShardSpec]:

@@ -8,6 +8,7 @@ we want exactly that record dropped and counted, naming its file and row.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from dataclasses import dataclass
@@ -318,3 +319,21 @@ def normalize_record(raw: str, cfg: DataConfig, shape: Optional[str] = None) -> 
         if message["role"] == "assistant" and not message["content"].strip() and not message.get("tool_calls"):
             raise DropRecord("empty_response", f"assistant message {i} is empty or whitespace")
     return Conversation(out, _tools(record) if shape in ("messages", "sharegpt") else None)
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def prompt_keys(messages: list[dict[str, Any]]) -> dict[str, str]:
+    """A record's prompt keys by ``prepare.split_key``: ``user_turns`` (every user turn's text, whitespace collapsed
+    and lower-cased, in order) and ``first_user_turn``, each as a sha256 hex digest; "" when the record has no user
+    text (such a record is a group of its own)."""
+    users = [_normalised(m["content"]) for m in messages
+             if m.get("role") == "user" and isinstance(m.get("content"), str)]
+    users = [text for text in users if text]
+
+    def digest(parts: list[str]) -> str:
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32] if parts else ""
+
+    return {"user_turns": digest(users), "first_user_turn": digest(users[:1])}

@@ -5,7 +5,9 @@ Reads like the algorithm:
   2. fingerprint data + tokenizer + settings;
   3. read every record, normalise it to messages, render and label it (datasets.map, num_proc workers);
   4. count drops by reason (or fail on the first with --strict), apply the max-length policy;
-  5. fix a seeded epoch-0 order, plan the shards, write the prepared contract.
+  5. fix a seeded epoch-0 order, hold out whole prompt groups (``prepare.split_key``) from its end, measure the
+     prompt overlap of the held-out split and of eval.general_files with training, plan the shards, write the
+     prepared contract.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import argparse
 import json
 import logging
 from collections import Counter
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 
@@ -31,13 +34,19 @@ from gift_dist.config import (
 from gift_dist.contracts import ContractError, require_writable
 from gift_dist.contracts import prepared as contract
 from gift_dist.models.pair import check_pair, load_tokenizer
-from gift_dist.prepare.readers import DropRecord, describe_sources, load_raw_records, normalize_record
+from gift_dist.prepare.readers import (
+    DropRecord,
+    describe_sources,
+    load_raw_records,
+    normalize_record,
+    prompt_keys,
+)
 from gift_dist.models.render import TemplateError, render_conversation, require_chat_template
 
 log = logging.getLogger(__name__)
 # Part of the datasets cache keys of the intermediate tables: the data fingerprint says what the rows are made
 # from, not which columns this code gives them, so a change of those columns must change this too.
-TABLE_LAYOUT = "sources-1"
+TABLE_LAYOUT = "sources-2"
 
 def _identify(cfg: RunConfig, tokenizer) -> tuple[list[dict], dict, dict, str]:
     sources = describe_sources(cfg.data)
@@ -55,14 +64,17 @@ def _tokenize_batch(batch: dict, tokenizer, data_cfg: DataConfig, prep_cfg: Prep
                     formats: list[Optional[str]]) -> dict:
     """datasets.map worker: one output row per input record, with an empty drop_reason when it is kept;
     ``formats``: each source's record shape (None: data.format)."""
-    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "end_of_turn_ids", "drop_reason", "drop_detail")}
+    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "end_of_turn_ids", "drop_reason", "drop_detail",
+                                            "prompt_key", "first_prompt_key")}
     for raw, source_index in zip(batch["record"], batch["source_index"]):
         ids: list[int] = []
         labels: list[int] = []
         eot: list[int] = []
         reason = detail = ""
+        keys = {"user_turns": "", "first_user_turn": ""}
         try:
             conversation = normalize_record(raw, data_cfg, formats[source_index])
+            keys = prompt_keys(conversation.messages)
             rendered = render_conversation(tokenizer, conversation.messages, prep_cfg.train_on, conversation.tools)
             ids, labels, eot = rendered.input_ids, rendered.labels, rendered.end_of_turn_ids
             if len(ids) > prep_cfg.max_length:
@@ -73,11 +85,14 @@ def _tokenize_batch(batch: dict, tokenizer, data_cfg: DataConfig, prep_cfg: Prep
                 raise DropRecord("no_target_tokens", "no assistant token left (truncated away by max_length)")
         except DropRecord as drop:
             ids, labels, eot, reason, detail = [], [], [], drop.reason, drop.detail
+            keys = {"user_turns": "", "first_user_turn": ""}
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["end_of_turn_ids"].append(sorted(set(eot)))
         out["drop_reason"].append(reason)
         out["drop_detail"].append(detail)
+        out["prompt_key"].append(keys["user_turns"])
+        out["first_prompt_key"].append(keys["first_user_turn"])
     out["num_tokens"] = [len(x) for x in out["input_ids"]]
     out["num_target_tokens"] = [sum(1 for v in x if v != contract.IGNORE_INDEX) for x in out["labels"]]
     return out
@@ -103,6 +118,7 @@ def prepare(cfg: RunConfig) -> contract.Prepared:
         "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
         "end_of_turn_ids": Sequence(Value("int32")), "drop_reason": Value("string"),
         "drop_detail": Value("string"), "num_tokens": Value("int32"), "num_target_tokens": Value("int32"),
+        "prompt_key": Value("string"), "first_prompt_key": Value("string"),
     })
     try:
         tokenized = raw.map(
@@ -139,13 +155,20 @@ def prepare(cfg: RunConfig) -> contract.Prepared:
         log.warning("prepare: dropped %d records: %s", count, reason)
 
     order = kept_rows[np.random.default_rng(cfg.prepare.seed).permutation(len(kept_rows))]
-    held_out = eval_count(len(order), cfg.prepare)
-    # The held-out samples are the end of the seeded order: disjoint from training, the same on every run (and
-    # taken before the mix, so an up-sampled record never lands on both sides).
-    order, eval_order = order[: len(order) - held_out], order[len(order) - held_out:]
+    # The held-out samples are whole prompt groups taken from the end of the seeded order: disjoint from training
+    # by content (prepare.split_key), the same on every run (and taken before the mix, so an up-sampled record
+    # never lands on both sides).
+    prompt_of = list(tokenized["prompt_key"])
+    group_of = {"user_turns": prompt_of, "none": None}.get(cfg.prepare.split_key)
+    if cfg.prepare.split_key == "first_user_turn":
+        group_of = list(tokenized["first_prompt_key"])
+    order, eval_order = split_held_out(order, group_of, eval_count(len(order), cfg.prepare), cfg.prepare)
+    held_out = len(eval_order)
     source_of = np.asarray(tokenized["source_index"])
     order = mix_sources(order, source_of, cfg.data.all_sources(), cfg.prepare.seed)
     per_source = source_counts(cfg.data.all_sources(), source_of, reasons, order, eval_order)
+    trained_prompts = {prompt_of[row] for row in order.tolist()} - {""}
+    overlap = prompt_overlap(cfg, prompt_of, trained_prompts, eval_order)
     eos_ids = sorted({int(i) for ids in tokenized.select(kept_rows)["end_of_turn_ids"] for i in ids}
                      | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
     def split(rows: np.ndarray, name: str):
@@ -154,7 +177,7 @@ def prepare(cfg: RunConfig) -> contract.Prepared:
             .map(lambda row: {"record_index": row}, input_columns="row",
                  new_fingerprint=f"{fingerprint}-{name}-indexed-{TABLE_LAYOUT}")
             .remove_columns(["source", "source_index", "row", "record", "end_of_turn_ids", "drop_reason",
-                             "drop_detail"])
+                             "drop_detail", "prompt_key", "first_prompt_key"])
             .flatten_indices(new_fingerprint=f"{fingerprint}-{name}-flat-{TABLE_LAYOUT}")
         )
         num_tokens, num_targets = samples["num_tokens"], samples["num_target_tokens"]
@@ -175,6 +198,7 @@ def prepare(cfg: RunConfig) -> contract.Prepared:
             shards=contract.plan_shards(num_tokens, num_targets, cfg.prepare.samples_per_shard),
             created_with={"gift_dist": __version__},
             split=name,
+            prompt_overlap=overlap if name == "train" else {},
         )
 
     samples, manifest = split(order, "train")
@@ -186,6 +210,90 @@ def prepare(cfg: RunConfig) -> contract.Prepared:
         cfg.paths.prepared,
     )
     return contract.load_prepared(cfg.paths.prepared, expected_fingerprint=fingerprint)
+
+
+def split_held_out(order: np.ndarray, group_of: Optional[list[str]], count: int,
+                   prep: PrepareConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``order`` split into (training rows, held-out rows), both in ``order``'s order: walking the seeded order
+    from its end, each record's whole group (rows sharing a non-empty ``group_of[row]``; every row its own group
+    when ``group_of`` is None or the key is empty) is held out while it fits in ``count``. Record by record this is
+    the last ``count`` rows; with groups it is ``count`` rows unless only groups too large for the rest are left."""
+    if count == 0:
+        return order, order[:0]
+    positions: dict[Any, list[int]] = {}
+    for position, row in enumerate(order.tolist()):
+        key = group_of[row] if group_of is not None and group_of[row] else ("row", row)
+        positions.setdefault(key, []).append(position)
+    held = np.zeros(len(order), dtype=bool)
+    taken, seen = 0, set()
+    for position in range(len(order) - 1, -1, -1):
+        if taken == count:
+            break
+        row = int(order[position])
+        key = group_of[row] if group_of is not None and group_of[row] else ("row", row)
+        if key in seen:
+            continue
+        seen.add(key)
+        if taken + len(positions[key]) <= count:
+            held[positions[key]] = True
+            taken += len(positions[key])
+    if taken == 0:
+        raise ContractError(
+            f"prepare.eval_fraction={prep.eval_fraction} asks for {count} held-out records but every prompt group "
+            f"(records with the same prepare.split_key={prep.split_key}) is larger: no prompt can be held out "
+            f"without training on it. Raise prepare.eval_fraction, or set prepare.split_key=none to split record by "
+            f"record")
+    if taken < count:
+        log.warning("prepare: held out %d records instead of %d (whole prompt groups only, prepare.split_key=%s)",
+                    taken, count, prep.split_key)
+    return order[~held], order[held]
+
+
+def prompt_overlap(cfg: RunConfig, prompt_of: list[str], trained: set[str], eval_rows: np.ndarray) -> dict:
+    """What prepare.json reports of prompts seen in training (by the ``user_turns`` key): held-out samples whose
+    prompt is trained on (0 by construction unless prepare.split_key is none), and per eval.general_files file its
+    records whose prompt is; each non-zero count is logged as a warning."""
+    in_training = sum(1 for row in eval_rows.tolist() if prompt_of[row] in trained)
+    report: dict[str, Any] = {"key": "user_turns", "split_key": cfg.prepare.split_key,
+                              "held_out": int(len(eval_rows)), "held_out_prompts_in_training": int(in_training),
+                              "eval_files": []}
+    if in_training:
+        log.warning("prepare: %d of %d held-out samples have a prompt that is also trained on "
+                    "(prepare.split_key=%s)", in_training, len(eval_rows), cfg.prepare.split_key)
+    for name in cfg.eval.general_files:
+        counted = eval_file_overlap(Path(name), trained)
+        if counted is None:
+            log.warning("prepare: eval.general_files %s not found: its overlap with training is not measured", name)
+            continue
+        report["eval_files"].append(counted)
+        if counted["prompts_in_training"]:
+            log.warning("prepare: %d of %d records of eval file %s have a prompt that is also in the training data",
+                        counted["prompts_in_training"], counted["records"], name)
+    return report
+
+
+def eval_file_overlap(path: Path, trained: set[str]) -> Optional[dict]:
+    """A user's evaluation file (chat records with ``messages``, jsonl) against the training prompts: records read,
+    records with a usable prompt, and those whose prompt is trained on; None when the file does not exist."""
+    from gift_dist.contracts import file_sha256
+
+    if not path.is_file():
+        return None
+    records = prompts = in_training = 0
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            records += 1
+            try:
+                key = prompt_keys(normalize_record(line, DataConfig(), "messages").messages)["user_turns"]
+            except DropRecord:
+                continue
+            if key:
+                prompts += 1
+                in_training += key in trained
+    return {"file": path.name, "sha256": file_sha256(path), "records": records, "prompts": prompts,
+            "prompts_in_training": in_training}
 
 
 def mix_sources(order: np.ndarray, source_of: np.ndarray, sources: list[DataSource], seed: int) -> np.ndarray:
