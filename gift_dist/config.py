@@ -263,7 +263,9 @@ class TrainConfig:
     # The W&B project; the run is named after output_dir and resumes with it.
     wandb_project: str = field(default="gift-dist", metadata=OPERATIONAL)
     # Seeds the LoRA initialisation (identical on every rank), the per-step dropout masks (so a resumed run
-    # repeats them) and the data order of epochs after the first.
+    # repeats them) and the data order of every epoch: epoch 0 shuffled within each scorer shard (the shards keep
+    # prepare's order, so training still streams them as the scorer finishes them), later epochs whole. The order
+    # is a function of (seed, epoch) only, so a resumed run continues it exactly; `compare`'s seeds differ in it.
     seed: int = 42
 
     def __post_init__(self) -> None:

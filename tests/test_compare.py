@@ -1,8 +1,10 @@
-"""`gift-dist compare`: every method's row from one config, and a killed comparison that resumes."""
+"""`gift-dist compare`: every method's row from one config, a killed comparison that resumes, and the summary
+(mean ± std over seeds, standard errors, differences within noise) on hand-made results."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,9 +17,9 @@ import pytest
 from gift_dist.bundled import bundled_data_path, bundled_general_path, read_jsonl, write_jsonl
 from gift_dist.config import dump_config
 from gift_dist.contracts.adapter import read_adapter
+from gift_dist.evaluate.stage import ModelScores
+from gift_dist.pipeline.compare import report, summarise
 from tests.conftest import make_run_config
-
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"prepare.max_length": 256, "prepare.eval_fraction": 0.2, "prepare.samples_per_shard": 64,
@@ -48,6 +50,7 @@ def _compare(config_file: Path, methods: str, wait: bool = True):
     return output
 
 
+@pytest.mark.slow
 def test_every_method_gets_a_row_without_extra_overrides(tiny_llama, tmp_path):
     output = _compare(_config_file(tiny_llama, tmp_path), "gift,shadow-ft,dft,direct")
     report = (tmp_path / "run" / "compare" / "report.md").read_text()
@@ -65,6 +68,7 @@ def test_every_method_gets_a_row_without_extra_overrides(tiny_llama, tmp_path):
     assert (tmp_path / "run" / "compare" / "tradeoff.png").is_file()
 
 
+@pytest.mark.slow
 def test_a_killed_comparison_resumes_without_redoing_finished_variants(tiny_llama, tmp_path):
     config_file = _config_file(tiny_llama, tmp_path)
     first_merged = tmp_path / "run" / "compare" / "dft" / "seed-0" / "merged" / "gift_merge.json"
@@ -79,3 +83,66 @@ def test_a_killed_comparison_resumes_without_redoing_finished_variants(tiny_llam
     output = _compare(config_file, "dft,direct")
     assert first_merged.stat().st_mtime == finished_at
     assert "| dft |" in output and "| direct |" in output
+
+
+# ------------------------------------------------------------------------------------ the summary, hand-made results
+
+def _scores(name: str, accuracy, task_samples: int = 100, task_ce: float = 1.0, kl=0.1) -> ModelScores:
+    return ModelScores(name=name, path=f"/m/{name}", task_ce=task_ce, task_accuracy=accuracy,
+                       task_samples=task_samples, general_ce=2.0, kl_to_instruct=kl, general_tokens=50)
+
+
+HAND_MADE = [
+    _scores("instruct", 0.50, kl=0.0),
+    _scores("gift/seed-0", 0.55, task_ce=0.8), _scores("gift/seed-1", 0.57, task_ce=0.9),
+    _scores("shadow-ft/seed-0", 0.80), _scores("shadow-ft/seed-1", 0.82),
+    _scores("dft/seed-0", 0.60), _scores("dft/seed-1", 0.58),
+]
+
+
+def test_summary_gives_mean_std_over_seeds_and_the_standard_error_over_prompts():
+    summary = summarise(HAND_MADE, ["gift", "shadow-ft", "dft"])
+    assert list(summary) == ["instruct", "gift", "shadow-ft", "dft"]
+    mean, std = summary["gift"]["task_accuracy"]
+    assert mean == pytest.approx(0.56) and std == pytest.approx(math.sqrt(2) * 0.01)
+    assert summary["gift"]["task_ce"] == (pytest.approx(0.85), pytest.approx(math.sqrt(0.005)))
+    assert summary["instruct"]["task_accuracy"] == (0.5, 0.0)
+    assert summary["instruct"]["task_accuracy_n"] == summary["gift"]["task_accuracy_n"] == 100
+    assert summary["instruct"]["task_accuracy_se"] == pytest.approx(0.05)  # sqrt(.5 * .5 / 100)
+    assert summary["gift"]["task_accuracy_se"] == pytest.approx(math.sqrt(0.56 * 0.44 / 100))
+    # replies are generated for at most eval.max_generate_samples of the held-out samples: that is n
+    capped = summarise(HAND_MADE, ["gift"], max_generate_samples=25)
+    assert capped["instruct"]["task_accuracy_n"] == 25 and capped["instruct"]["task_accuracy_se"] == pytest.approx(0.1)
+
+
+def test_differences_within_two_standard_errors_are_marked_within_noise():
+    summary = summarise(HAND_MADE, ["gift", "shadow-ft", "dft"])
+    gift, shadow, dft = summary["gift"], summary["shadow-ft"], summary["dft"]
+    # gift vs instruct: +0.06, 2 SE = 2 * sqrt(.0496^2 + .05^2) = 0.141: noise
+    assert gift["vs_instruct"]["diff"] == pytest.approx(0.06)
+    assert gift["vs_instruct"]["se"] == pytest.approx(math.hypot(gift["task_accuracy_se"], 0.05))
+    assert gift["vs_instruct"]["within_noise"] and "vs_gift" not in gift
+    # shadow-ft: +0.31 over instruct and +0.25 over gift, both beyond 2 SE (~0.13)
+    assert not shadow["vs_instruct"]["within_noise"] and not shadow["vs_gift"]["within_noise"]
+    assert shadow["vs_gift"]["diff"] == pytest.approx(0.25)
+    # dft: +0.03 over gift and +0.09 over instruct, both within 2 SE (~0.14)
+    assert dft["vs_gift"]["within_noise"] and dft["vs_instruct"]["within_noise"]
+    assert "vs_instruct" not in summary["instruct"]
+    table = report(summary, 2, "(per model)")
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert "| 0.560 ± 0.014 | 0.050 (n=100) | +0.060 (within noise: 2 SE = 0.141) | — |" in rows["gift"]
+    assert "+0.310 (2 SE = 0.127)" in rows["shadow-ft"] and "+0.250 (2 SE = 0.127)" in rows["shadow-ft"]
+    assert "within noise" not in rows["shadow-ft"]
+    assert rows["dft"].count("within noise") == 2
+    assert "| instruct | 0.500 ± 0.000 | 0.050 (n=100) | — | — |" in rows["instruct"]
+    assert "sqrt(p(1-p)/n)" in table and "(per model)" in table
+
+
+def test_summary_without_generated_answers_reports_no_accuracy_or_noise():
+    results = [_scores("instruct", None, kl=0.0), _scores("gift/seed-0", None), _scores("direct/seed-0", None)]
+    summary = summarise(results, ["gift", "direct"], max_generate_samples=0)
+    assert summary["gift"]["task_accuracy"] == (None, None) and summary["gift"]["task_accuracy_se"] is None
+    assert summary["direct"]["vs_gift"] is None and summary["direct"]["vs_instruct"] is None
+    table = report(summary, 1, "")
+    assert "| direct | n/a | n/a | — | — | 1.0000 ± 0.0000 |" in table
+    json.dumps(summary)  # written as compare/summary.json

@@ -94,6 +94,53 @@ def test_token_view_shades_each_target_token_by_its_probability_and_weight(score
     assert page.count("<h3>sample ") == 40 and html.escape("<") not in page.split("<h1>")[0]
 
 
+
+@pytest.mark.parametrize("train", [
+    {"weighting": "gift", "gamma": 2.0, "eos_weight": 0.3},
+    {"weighting": "clipped", "weight_min": 0.2, "weight_max": 0.5},
+    {"weighting": "mean_normalized", "gamma": 0.5, "prob_floor": 0.05},
+    {"weighting": "uniform"},
+    {"weighting": "dft", "normalizer": "token_count"},
+], ids=lambda train: train["weighting"])
+def test_token_view_shows_the_weights_of_the_configured_weighting(scored, tmp_path, train):
+    """The weight row is what the trainer weighs each token by under train.weighting (its formula, end-of-sequence
+    override included); uniform and dft have no instruct-confidence weights: the view says so, with no weight
+    row, instead of shading GIFT's."""
+    import re
+
+    from gift_dist.config import TrainConfig
+    from gift_dist.contracts.prepared import IGNORE_INDEX, load_prepared
+    from gift_dist.models.pair import load_tokenizer
+    from gift_dist.score.report import write_token_view
+    from gift_dist.train.weighting import needs_confidence, token_weights
+
+    cfg, _ = scored
+    conf_dir = tmp_path / "confidence"
+    shutil.copytree(cfg.paths.confidence, conf_dir)
+    settings = TrainConfig(**train)
+    manifest = contract.read_manifest(conf_dir)
+    prepared = load_prepared(cfg.paths.prepared)
+    page = write_token_view(conf_dir, manifest, prepared, load_tokenizer(cfg.instruct_model),
+                            train=settings, num_samples=3).read_text()
+    shard = contract.read_shard(conf_dir, manifest, 0)
+    logprobs = shard.values(0)
+    first_sample = page.split("<h3>sample ")[1]
+    if not needs_confidence(settings):
+        assert "w=" not in page and "<b>weight</b>" not in page and page.count("<h3>sample ") == 3
+        assert f"train.weighting: {train['weighting']}</code>" in page and "no instruct-confidence weights" in page
+        tips = re.findall(r'title="p=([0-9.]+)"', first_sample)
+        assert [float(p) for p in tips] == pytest.approx(logprobs.exp().tolist(), abs=5e-4)
+        return
+    labels = prepared.dataset[int(shard.sample_index[0])]["labels"]
+    targets = torch.tensor([label for label in labels[1:] if label != IGNORE_INDEX])
+    is_eos = torch.isin(targets, torch.tensor(prepared.manifest.eos_token_ids))
+    assert is_eos.any()  # the end-of-sequence override is exercised
+    expected = token_weights(settings, logprobs, None, is_eos, torch.tensor([logprobs.numel()]))
+    tips = re.findall(r'title="p=([0-9.]+) w=([0-9.]+)"', first_sample)
+    assert len(tips) == 2 * logprobs.numel()
+    assert [float(w) for _, w in tips[: logprobs.numel()]] == pytest.approx(expected.tolist(), abs=5e-4)
+    assert f"train.weighting: {train['weighting']}</code>" in page
+
 def test_rerun_skips_finished_shards(scored):
     cfg, _ = scored
     shard0 = cfg.paths.confidence / contract.shard_filename(0)

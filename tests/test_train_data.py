@@ -257,15 +257,37 @@ def test_any_rank_and_accumulation_split_gives_the_same_samples_per_step(prepare
         assert by_ranks == by_accumulation
 
 
-def test_epoch_zero_follows_prepared_order_and_later_epochs_are_seeded_permutations(prepared, scored):
+def test_epoch_zero_keeps_the_shard_order_and_later_epochs_are_seeded_permutations(prepared, scored):
+    """Epoch 0 visits the scorer's shards in prepared order (so it can stream them), each shard's samples
+    shuffled by the seed; later epochs are seeded permutations of everything."""
     data = batches(prepared, scored, micro_batch_size=4, epochs=3)
     epoch0 = [i for step in range(data.steps_per_epoch) for mb in data.micro_batches(step) for i in mb.sample_indices]
-    assert epoch0 == list(range(len(prepared)))
+    assert epoch0 == data.epoch_order(0).tolist() != list(range(len(prepared)))
+    for shard in prepared.manifest.shards:
+        assert sorted(epoch0[shard.start : shard.end]) == list(range(shard.start, shard.end))
     epoch1 = data.epoch_order(1).tolist()
     epoch2 = data.epoch_order(2).tolist()
     assert sorted(epoch1) == list(range(len(prepared))) and epoch1 != epoch0 and epoch1 != epoch2
     assert batches(prepared, scored, micro_batch_size=4, epochs=3).epoch_order(1).tolist() == epoch1
     assert batches(prepared, scored, seed=8, micro_batch_size=4, epochs=3).epoch_order(1).tolist() != epoch1
+
+
+def test_two_seeds_give_different_epoch_orders_and_each_seed_repeats_its_own(prepared, scored):
+    """train.seed shuffles every epoch, the first included: with one epoch two seeds train on other batches; the
+    same seed gives the same order in a new process-like instance (resume rebuilds it from nothing)."""
+    def orders(seed):
+        data = batches(prepared, scored, seed=seed, micro_batch_size=4, epochs=2)
+        return [data.epoch_order(epoch).tolist() for epoch in (0, 1)], [
+            data.global_batch_indices(step).tolist() for step in range(data.total_steps)]
+
+    (seed7, steps7), (seed8, steps8) = orders(7), orders(8)
+    assert seed7[0] != seed8[0] and seed7[1] != seed8[1]
+    assert steps7[0] != steps8[0]  # the very first batch differs
+    assert orders(7) == (seed7, steps7) and orders(8) == (seed8, steps8)
+    budget = [batches(prepared, scored, seed=seed, micro_batch_tokens=30, epochs=1).epoch_micro_batches(0)
+              for seed in (7, 7, 8)]
+    as_lists = [[mb.tolist() for mb in plan] for plan in budget]
+    assert as_lists[0] == as_lists[1] != as_lists[2]  # the token-budget plan follows the seeded order
 
 
 def test_resume_is_calling_micro_batches_at_the_step(prepared, scored):
@@ -373,7 +395,8 @@ def test_packed_micro_batch_gives_the_same_per_token_loss_as_one_by_one(prepared
                           use_cache=False, **(mb.attention_kwargs() if attn == "gift_varlen" else {}))
         return target_token_ce(out.last_hidden_state, model.lm_head, mb.labels, chunk_tokens=7)
 
-    packed = batches(prepared, scored, micro_batch_size=4, packing=True).micro_batches(1)[0]
+    packed_data = batches(prepared, scored, micro_batch_size=4, packing=True)
+    packed = packed_data.micro_batches(1)[0]
     padded = batches(prepared, scored, micro_batch_size=4, packing=False).micro_batches(1)[0]
     single = batches(prepared, scored, micro_batch_size=1, packing=False)
     assert packed.input_ids.shape[0] == 1 and packed.attention_mask is None
@@ -382,10 +405,10 @@ def test_packed_micro_batch_gives_the_same_per_token_loss_as_one_by_one(prepared
     torch.testing.assert_close(packed.inst_logprobs, padded.inst_logprobs)
     assert packed.is_eos.tolist() == padded.is_eos.tolist()
     with torch.no_grad():
-        one_by_one = torch.cat([per_token_ce(single.micro_batches(step)[0]) for step in range(4, 8)])
+        one_by_one = torch.cat([per_token_ce(single.build([i])) for i in packed.sample_indices])
         packed_ce = per_token_ce(packed)
         padded_ce = per_token_ce(padded)
-    assert packed.sample_indices == list(range(4, 8))
+    assert packed.sample_indices == padded.sample_indices == packed_data.epoch_order(0)[4:8].tolist()
     torch.testing.assert_close(packed_ce, one_by_one, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(padded_ce, one_by_one, rtol=1e-4, atol=1e-5)
     # Without per-sample positions (or, for varlen, sample boundaries) the samples attend to each other: the
@@ -405,7 +428,7 @@ def test_packed_micro_batch_gives_the_same_per_token_loss_as_one_by_one(prepared
 @pytest.mark.parametrize("packing", [True, False])
 def test_token_budget_fills_each_micro_batch_with_consecutive_samples_up_to_the_budget(prepared, scored, packing):
     """train.micro_batch_tokens: packed rows hold at most the budget in tokens, padded ones samples x longest; each
-    micro-batch stops only where the next sample would break the budget; epoch 0 keeps the prepared order."""
+    micro-batch stops only where the next sample would break the budget; epoch 0 keeps the seeded epoch-0 order."""
     budget = 26
     data = batches(prepared, scored, micro_batch_tokens=budget, packing=packing, epochs=2)
     lengths = prepared.dataset["num_tokens"]
@@ -413,15 +436,16 @@ def test_token_budget_fills_each_micro_batch_with_consecutive_samples_up_to_the_
     def cost(indices):
         return sum(lengths[i] for i in indices) if packing else len(indices) * max(lengths[i] for i in indices)
 
+    order = data.epoch_order(0).tolist()
     walked = []
     for step in range(data.steps_per_epoch):
         (mb,) = data.micro_batches(step)
         assert cost(mb.sample_indices) <= budget
         assert mb.input_ids.numel() == cost(mb.sample_indices)  # what the budget bounds, padding included
-        following = mb.sample_indices[-1] + 1
-        assert following == len(lengths) or cost(mb.sample_indices + [following]) > budget
+        position = len(walked) + len(mb.sample_indices)
+        assert position == len(order) or cost(mb.sample_indices + [order[position]]) > budget
         walked += mb.sample_indices
-    assert walked == list(range(len(walked))) and len(walked) > len(lengths) - 4
+    assert walked == order[: len(walked)] and len(walked) > len(lengths) - 4
     sizes = {len(data.micro_batches(step)[0].sample_indices) for step in range(data.total_steps)}
     assert len(sizes) > 1  # the sample count follows the lengths
     assert data.total_steps > data.steps_per_epoch  # epoch 1 (permuted) planned too
@@ -440,3 +464,22 @@ def test_token_budget_below_the_longest_sample_names_it(prepared, scored):
     with pytest.raises(ConfigError, match=rf"sample {longest} of .* has 10 tokens, more than "
                                           r"train.micro_batch_tokens=9; raise the budget to at least 10"):
         batches(prepared, scored, micro_batch_tokens=9)
+
+
+def test_a_checkpoint_from_before_seeded_epoch_zero_orders_is_not_resumed(tmp_path):
+    """Resuming is exact only under the same order scheme: a checkpoint whose settings lack (or differ in) the
+    data order is refused, naming it."""
+    from gift_dist.train.checkpoint import CheckpointRecord, Checkpoints
+    from gift_dist.train.data import DATA_ORDER
+    from gift_dist.train.recipe import result_settings
+
+    def record(settings):
+        return CheckpointRecord(step=3, world_size=1, global_batch_size=4, model_identity={"hash": "h"},
+                                prepared_fingerprint="fp", train_model="base", train_settings=settings)
+
+    now = result_settings(TrainConfig())
+    assert now["data_order"] == DATA_ORDER
+    Checkpoints._check(tmp_path, record(now), record(now))
+    before = {key: value for key, value in now.items() if key != "data_order"}
+    with pytest.raises(ContractError, match=rf"train.data_order: None -> {DATA_ORDER}"):
+        Checkpoints._check(tmp_path, record(before), record(now))

@@ -10,7 +10,9 @@ staying closer to the instruct model elsewhere. This command runs it from one co
    one continues from its checkpoint);
 3. ``gift-dist eval`` scores the instruct model and every merged model on the same held-out task samples and
    the same general chat set;
-4. ``compare/report.md`` (mean +- std over seeds per method), ``compare/results.json`` and
+4. ``compare/report.md`` (mean +- std over seeds per method; for task accuracy also its standard error over the
+   n evaluated prompts, and each method's difference to instruct and to gift marked "within noise" when it lies
+   within 2 standard errors), ``compare/summary.json`` (the same numbers), ``compare/results.json`` and
    ``compare/tradeoff.png`` (task gain over the instruct model against KL to it).
 
 Whatever the numbers are, they are reported as they come: the report shows the comparison, not a verdict.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -102,7 +105,8 @@ def compare(cfg: RunConfig, methods: list[str], seeds: int, launch: Optional[Lau
     results = evaluate_models(cfg, {"instruct": cfg.instruct_model, **merged})
     out = cfg.paths.root / "compare"
     atomic_write_text(out / "results.json", json.dumps([asdict(r) for r in results], indent=2) + "\n")
-    summary = summarise(results, methods)
+    summary = summarise(results, methods, cfg.eval.max_generate_samples)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "report.md", report(summary, seeds, markdown_table(results)))
     instruct = summary["instruct"]
     gain_key = "task_accuracy" if instruct["task_accuracy"][0] is not None else "task_ce"
@@ -114,12 +118,39 @@ def compare(cfg: RunConfig, methods: list[str], seeds: int, launch: Optional[Lau
     return out / "report.md"
 
 
-def summarise(results, methods: list[str]) -> dict[str, dict[str, tuple]]:
-    """Per row (instruct, then each method): (mean, std over seeds) of each metric; None where not measured."""
+# A difference within this many standard errors is reported as "within noise".
+NOISE_SE = 2.0
+
+
+def accuracy_se(p: float, n: int) -> float:
+    """Standard error of an accuracy ``p`` measured on ``n`` prompts: sqrt(p(1-p)/n)."""
+    if n < 1:
+        raise ValueError(f"an accuracy needs at least one prompt, got n={n}")
+    return math.sqrt(p * (1.0 - p) / n)
+
+
+def difference(row: dict, reference: dict) -> Optional[dict]:
+    """Task accuracy of ``row`` minus ``reference``'s, with the difference's standard error (the two rows' SEs
+    combined as if independent, sqrt(se_a^2 + se_b^2): conservative, since both are measured on the same prompts)
+    and whether it lies within NOISE_SE of them; None when either accuracy was not measured."""
+    (mean, _), (ref_mean, _) = row["task_accuracy"], reference["task_accuracy"]
+    if mean is None or ref_mean is None or row["task_accuracy_se"] is None or reference["task_accuracy_se"] is None:
+        return None
+    se = math.hypot(row["task_accuracy_se"], reference["task_accuracy_se"])
+    diff = mean - ref_mean
+    return {"diff": diff, "se": se, "within_noise": bool(abs(diff) <= NOISE_SE * se)}
+
+
+def summarise(results, methods: list[str], max_generate_samples: Optional[int] = None) -> dict[str, dict]:
+    """Per row (instruct, then each method): (mean, std over seeds) of each metric, None where not measured; for
+    task accuracy also ``task_accuracy_n`` (prompts whose replies were generated and checked: the held-out
+    samples, at most ``max_generate_samples``), ``task_accuracy_se`` (sqrt(p(1-p)/n) at the mean p: the
+    uncertainty from the choice of prompts, which averaging seeds on the same prompts does not reduce), and the
+    difference to instruct (``vs_instruct``) and, for the other methods, to gift (``vs_gift``): see `difference`."""
     groups = {"instruct": [r for r in results if r.name == "instruct"]}
     for method in methods:
         groups[method] = [r for r in results if r.name.split("/")[0] == method]
-    summary = {}
+    summary: dict[str, dict] = {}
     for name, rows in groups.items():
         summary[name] = {}
         for metric in METRICS:
@@ -129,6 +160,19 @@ def summarise(results, methods: list[str]) -> dict[str, dict[str, tuple]]:
             else:
                 summary[name][metric] = (statistics.fmean(values),
                                          statistics.stdev(values) if len(values) > 1 else 0.0)
+        scored = [r for r in rows if r.task_accuracy is not None]
+        n = min(r.task_samples for r in scored) if scored else 0
+        if max_generate_samples is not None:
+            n = min(n, max_generate_samples)
+        measured = summary[name]["task_accuracy"][0] is not None and n > 0
+        summary[name]["task_accuracy_n"] = n if measured else None
+        summary[name]["task_accuracy_se"] = accuracy_se(summary[name]["task_accuracy"][0], n) if measured else None
+    for name, row in summary.items():
+        if name == "instruct":
+            continue
+        row["vs_instruct"] = difference(row, summary["instruct"])
+        if name != "gift" and "gift" in summary:
+            row["vs_gift"] = difference(row, summary["gift"])
     return summary
 
 
@@ -137,13 +181,31 @@ def report(summary: dict, seeds: int, per_model: str) -> str:
         mean, std = pair
         return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
-    lines = [f"# GIFT vs Shadow-FT vs DFT vs direct fine-tuning ({seeds} seed(s) each, mean ± std)", "",
-             "| method | task accuracy | task CE | general CE | KL to instruct |", "|---|---|---|---|---|"]
+    def se_cell(row: dict) -> str:
+        se = row.get("task_accuracy_se")
+        return "n/a" if se is None else f"{se:.3f} (n={row['task_accuracy_n']})"
+
+    def diff_cell(change: Optional[dict]) -> str:
+        if change is None:
+            return "—"
+        bound = f"{NOISE_SE:g} SE = {NOISE_SE * change['se']:.3f}"
+        return f"{change['diff']:+.3f} (within noise: {bound})" if change["within_noise"] else \
+            f"{change['diff']:+.3f} ({bound})"
+
+    lines = [f"# GIFT vs Shadow-FT vs DFT vs direct fine-tuning ({seeds} seed(s) each, mean ± std over seeds)", "",
+             "| method | task accuracy | SE of accuracy | vs instruct | vs gift | task CE | general CE | "
+             "KL to instruct |", "|---|---|---|---|---|---|---|---|"]
     for name, row in summary.items():
-        lines.append(f"| {name} | {cell(row['task_accuracy'], 3)} | {cell(row['task_ce'], 4)} | "
-                     f"{cell(row['general_ce'], 4)} | {cell(row['kl_to_instruct'], 4)} |")
+        lines.append(f"| {name} | {cell(row['task_accuracy'], 3)} | {se_cell(row)} | "
+                     f"{diff_cell(row.get('vs_instruct'))} | {diff_cell(row.get('vs_gift'))} | "
+                     f"{cell(row['task_ce'], 4)} | {cell(row['general_ce'], 4)} | {cell(row['kl_to_instruct'], 4)} |")
     lines += ["", "Task: held-out samples of the prepared data (accuracy of greedy answers, teacher-forced CE).",
-              "Preservation: the general chat set (CE of its replies, per-token KL(instruct || model)).", "",
+              "Preservation: the general chat set (CE of its replies, per-token KL(instruct || model)).",
+              "SE of accuracy: sqrt(p(1-p)/n) over the n prompts evaluated, the uncertainty from which prompts were "
+              "drawn (the ± std is the spread over seeds on the same prompts). vs instruct / vs gift: the difference "
+              f"in task accuracy; \"within noise\" when it lies within {NOISE_SE:g} standard errors of the "
+              "difference (the two rows' SEs combined, sqrt(se1² + se2²)): such a difference is not evidence that "
+              "either is better.", "",
               "## Every model", "", per_model]
     return "\n".join(lines)
 

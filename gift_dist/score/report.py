@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
+from gift_dist.config import TrainConfig
 from gift_dist.contracts import atomic_write, atomic_write_text
 from gift_dist.contracts import confidence as contract
+from gift_dist.models import weights
 
 SUMMARY_NAME = contract.SUMMARY_NAME
 HISTOGRAM_NAME = "confidence_histogram.png"
@@ -117,16 +120,48 @@ def _shade(value: float) -> str:
     return f"rgb({min(red, 255)},{min(green, 255)},150)"
 
 
+def _weighting_note(train: TrainConfig) -> str:
+    """How ``train``'s weighting makes a token's weight from p, for the view's header (HTML)."""
+    floored = f"max(p, {train.prob_floor:g})<sup>{train.gamma:g}</sup>"
+    formula = {
+        "gift": floored,
+        "clipped": f"{floored} clipped to [{train.weight_min:g}, {train.weight_max:g}]",
+        "mean_normalized": f"{floored} divided by its mean over the sample (colours saturate at 1)",
+    }[train.weighting]
+    note = f"Weight (<code>train.weighting: {train.weighting}</code>) = {formula}."
+    if weights.overrides_eos(train):
+        note += f" End-of-sequence targets: weight {float(train.eos_weight):g} (<code>train.eos_weight</code>)."
+    return note
+
+
+# What the view says instead of a weight row for the weightings that do not read the instruct confidence.
+_NO_CONFIDENCE_WEIGHTS = {
+    "uniform": "every target token has the same weight, whatever the instruct model's confidence",
+    "dft": "a token's weight is the trained model's own probability of it, known only during training",
+}
+
+
 def write_token_view(conf_dir: str | Path, manifest: contract.ConfidenceManifest, prepared, tokenizer,
-                     gamma: float, prob_floor: float, num_samples: int = 40) -> Path:
+                     gamma: Optional[float] = None, prob_floor: Optional[float] = None, num_samples: int = 40, *,
+                     train: Optional[TrainConfig] = None) -> Path:
     """``report.html``: the first ``num_samples`` scored samples token by token, each target token shaded by the
-    instruct model's probability p and by its GIFT training weight ``max(p, prob_floor) ** gamma`` (the
-    reference weighting of ``train.weighting: gift``), prompt tokens in grey. What GIFT up- and down-weights, at a
-    glance; hover a token for its numbers."""
+    instruct model's probability p and by the training weight ``train.weighting`` gives it (the formulas of
+    models/weights.py, the trainer's own, end-of-sequence override included), prompt tokens in grey. What training
+    up- and down-weights, at a glance; hover a token for its numbers. ``uniform`` and ``dft`` have no weights made
+    from p: the view says so and shades p alone.
+
+    ``train``: the run's train settings. Without it, ``gamma`` and ``prob_floor`` give GIFT's weight
+    ``max(p, prob_floor) ** gamma`` on every target token (the form callers used before ``train``)."""
     import html
 
     from gift_dist.contracts.prepared import IGNORE_INDEX
 
+    if train is None:
+        if gamma is None or prob_floor is None:
+            raise TypeError("write_token_view needs train, or gamma and prob_floor")
+        train = TrainConfig(weighting="gift", gamma=gamma, prob_floor=prob_floor, eos_weight="scored")
+    weighted = train.weighting in weights.CONFIDENCE_FORMULAS
+    eos_ids = torch.tensor(sorted(prepared.manifest.eos_token_ids), dtype=torch.long)
     conf_dir = Path(conf_dir)
     rows = []
     for shard_index in sorted(manifest.shards):
@@ -135,8 +170,15 @@ def write_token_view(conf_dir: str | Path, manifest: contract.ConfidenceManifest
             if len(rows) >= num_samples:
                 break
             record = prepared.dataset[sample_index]
-            probs = shard.values(i).float().exp().tolist()
-            targets = iter(probs)
+            logprobs = shard.values(i).float()
+            targets = [label for position, label in enumerate(record["labels"])
+                       if position > 0 and label != IGNORE_INDEX]
+            sample_weights = iter([])
+            if weighted:
+                is_eos = torch.isin(torch.tensor(targets, dtype=torch.long), eos_ids)
+                sample_weights = iter(weights.confidence_weights(
+                    train, logprobs, is_eos, torch.tensor([logprobs.numel()])).tolist())
+            probs = iter(logprobs.exp().tolist())
             by_p, by_weight = [], []
             for position, (token, label) in enumerate(zip(record["input_ids"], record["labels"])):
                 text = html.escape(tokenizer.decode([token])).replace("\n", "&#x21B5;<br>")
@@ -144,21 +186,32 @@ def write_token_view(conf_dir: str | Path, manifest: contract.ConfidenceManifest
                     by_p.append(f'<span class="prompt">{text}</span>')
                     by_weight.append(f'<span class="prompt">{text}</span>')
                     continue
-                p = next(targets)
-                weight = max(p, prob_floor) ** gamma
+                p = next(probs)
+                if not weighted:
+                    by_p.append(f'<span title="p={p:.3f}" style="background:{_shade(p)}">{text}</span>')
+                    continue
+                weight = next(sample_weights)
                 tip = f"p={p:.3f} w={weight:.3f}"
                 by_p.append(f'<span title="{tip}" style="background:{_shade(p)}">{text}</span>')
                 by_weight.append(f'<span title="{tip}" style="background:{_shade(weight)}">{text}</span>')
-            rows.append(f"<h3>sample {sample_index}</h3><div class=\"row\"><b>p_instruct</b> {''.join(by_p)}</div>"
-                        f"<div class=\"row\"><b>weight</b> {''.join(by_weight)}</div>")
+            row = f"<h3>sample {sample_index}</h3><div class=\"row\"><b>p_instruct</b> {''.join(by_p)}</div>"
+            if weighted:
+                row += f"<div class=\"row\"><b>weight</b> {''.join(by_weight)}</div>"
+            rows.append(row)
         if len(rows) >= num_samples:
             break
+    if weighted:
+        legend = (f"Two rows per sample: p, then the training weight. Green: the instruct model is confident (p "
+                  f"near 1, full weight); red: it is not (low weight). {_weighting_note(train)}")
+    else:
+        legend = (f"Green: the instruct model is confident (p near 1); red: it is not. No weight row: with "
+                  f"<code>train.weighting: {train.weighting}</code> {_NO_CONFIDENCE_WEIGHTS[train.weighting]}, "
+                  f"so there are no instruct-confidence weights to show.")
     page = ("<!doctype html><meta charset=\"utf-8\"><title>GIFT confidence by token</title><style>"
             "body{font-family:sans-serif;max-width:70em;margin:auto}.row{font-family:monospace;line-height:1.7;"
             "margin:.3em 0}.prompt{color:#999}span{white-space:pre-wrap}</style>"
-            f"<h1>Instruct-model confidence by token</h1><p>Green: the instruct model is confident (p near 1, full "
-            f"weight); red: it is not (weight near {prob_floor:g}<sup>{gamma:g}</sup>). Weight = max(p, {prob_floor:g})"
-            f"<sup>{gamma:g}</sup>. Grey: prompt tokens, not trained on.</p>" + "".join(rows))
+            f"<h1>Instruct-model confidence by token</h1><p>{legend} Grey: prompt tokens, not trained on.</p>"
+            + "".join(rows))
     path = conf_dir / TOKEN_VIEW_NAME
     atomic_write_text(path, page)
     return path

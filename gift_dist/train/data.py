@@ -2,9 +2,10 @@
 
 The data position is the optimizer step: ``TrainBatches.micro_batches(step)`` is a pure function of (prepared
 dataset, config, rank, world, seed, step), so resuming from a checkpoint taken after step ``s`` is
-``micro_batches(s + 1)`` onwards — there is no sampler state to save. Epoch 0 visits samples in prepared order (the
-scorer's shard order), so training can start while the scorer is still writing later shards; later epochs use a
-permutation seeded by (seed, epoch).
+``micro_batches(s + 1)`` onwards — there is no sampler state to save. Every epoch's order is a function of
+(seed, epoch) only: epoch 0 visits the scorer's shards in prepared order, each shard's samples shuffled by
+(seed, 0, shard), so training can start while the scorer is still writing later shards and two seeds still see
+different batches; later epochs use a permutation of all samples seeded by (seed, epoch).
 
 Neither ``datasets`` nor DeepSpeed's data loader streams a side file that is still being written, splits a global
 batch identically for any rank x gradient-accumulation layout, and packs with per-sample position ids, hence this
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 SHARD_CACHE_SIZE = 4
 # While waiting for the scorer, say so at most this often (the poll itself may be much more frequent).
 WAIT_LOG_SECONDS = 60.0
+# How epoch orders are drawn from train.seed (recorded in checkpoints: a checkpoint of another scheme is not
+# resumed, its step would point elsewhere in the data). 2: epoch 0 shuffled within each shard, by the seed.
+DATA_ORDER = 2
 
 
 class ConfidenceReader:
@@ -258,18 +262,23 @@ class TrainBatches:
         dropped = num_samples - sum(len(mb) for mb in used)
         if dropped:
             log.info("%d samples per epoch fall in a last partial step and are skipped (a different subset each "
-                     "epoch after the first)", dropped)
+                     "epoch, drawn by train.seed)", dropped)
         self._epoch_starts = np.cumsum([0] + self._epoch_steps)
         self.total_steps = int(self._epoch_starts[-1])
         if cfg.max_steps > 0:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Sample indices in the order epoch ``epoch`` visits them."""
+        """Sample indices in the order epoch ``epoch`` visits them: a function of (seed, epoch) and the shard plan.
+        Epoch 0 keeps the shards in prepared order (the order the scorer writes them) and shuffles the samples
+        within each one; later epochs permute all samples."""
         if self._order_epoch != epoch:
             num_samples = len(self.prepared)
             if epoch == 0:
                 self._order = np.arange(num_samples)
+                for shard in self.prepared.manifest.shards:
+                    rng = np.random.default_rng([self.seed, 0, shard.index])
+                    self._order[shard.start : shard.end] = shard.start + rng.permutation(shard.num_samples)
             else:
                 self._order = np.random.default_rng([self.seed, epoch]).permutation(num_samples)
             self._order_epoch = epoch

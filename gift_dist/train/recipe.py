@@ -51,6 +51,7 @@ from gift_dist.models.prepared_inputs import check_prepared_inputs
 from gift_dist.train import adapter_io, weighting
 from gift_dist.train.checkpoint import CheckpointRecord, Checkpoints
 from gift_dist.train.data import (
+    DATA_ORDER,
     ConfidenceReader,
     HeldOutBatches,
     MicroBatch,
@@ -206,9 +207,11 @@ def confidence_summary(cfg: RunConfig) -> Optional[dict]:
 
 
 def result_settings(train: TrainConfig) -> dict:
-    """The train settings that shape the trained adapter: all but those marked operational in the config."""
+    """The train settings that shape the trained adapter: all but those marked operational in the config, and the
+    scheme that draws the data order from the seed (``data.DATA_ORDER``)."""
     operational = operational_keys(TrainConfig)
-    return {key: value for key, value in config_to_dict(train).items() if key not in operational}
+    settings = {key: value for key, value in config_to_dict(train).items() if key not in operational}
+    return {**settings, "data_order": DATA_ORDER}
 
 
 def set_single_process_env() -> None:

@@ -1,9 +1,10 @@
 """Per-token loss weights w_t = f(q_t): a small registry from ``train.weighting`` to a weight function.
 
 ``q_t`` is the instruct model's probability of the target token (from the confidence shards), floored at
-``train.prob_floor``. Weights are constants of the loss (detached), so the trainer can compute the normaliser
-``sum_t w_t`` of a whole global batch before any forward pass, except for ``dft`` whose weights are the model's own
-probabilities and therefore only exist after the forward.
+``train.prob_floor``; the formulas of the weightings that read it live in ``models/weights.py``, where the
+scorer's token view reads them too. Weights are constants of the loss (detached), so the trainer can compute the
+normaliser ``sum_t w_t`` of a whole global batch before any forward pass, except for ``dft`` whose weights are the
+model's own probabilities and therefore only exist after the forward.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from gift_dist.contracts import first_non_finite
 from gift_dist.config import ConfigError, TrainConfig
+from gift_dist.models import weights
 
 
 @dataclass(frozen=True)
@@ -28,30 +30,13 @@ class Weighting:
     needs_own_logprobs: bool = False
 
 
-def _floored_prob(cfg: TrainConfig, inst_logprobs: Tensor) -> Tensor:
-    return inst_logprobs.float().exp().clamp_min(cfg.prob_floor)
+def _confidence(formula: weights.ConfidenceFormula):
+    """A weighting of the instruct confidence, from its formula in models/weights.py (shared with score's view)."""
 
+    def weigh(cfg, inst_logprobs, own_logprobs, sample_lengths, scored_mask):
+        return formula(cfg, inst_logprobs, sample_lengths, scored_mask)
 
-def _gift(cfg, inst_logprobs, own_logprobs, sample_lengths, scored_mask):
-    return _floored_prob(cfg, inst_logprobs) ** cfg.gamma
-
-
-def _clipped(cfg, inst_logprobs, own_logprobs, sample_lengths, scored_mask):
-    return (_floored_prob(cfg, inst_logprobs) ** cfg.gamma).clamp(cfg.weight_min, cfg.weight_max)
-
-
-def _mean_normalized(cfg, inst_logprobs, own_logprobs, sample_lengths, scored_mask):
-    """q^gamma divided by its mean over the sample's scored tokens: a sample keeps its total weight."""
-    if sample_lengths is None:
-        raise ValueError("weighting 'mean_normalized' needs sample_lengths (target tokens per sample)")
-    raw = _floored_prob(cfg, inst_logprobs) ** cfg.gamma
-    num_samples = sample_lengths.numel()
-    sample_of_token = torch.repeat_interleave(torch.arange(num_samples, device=raw.device), sample_lengths.long())
-    scored = scored_mask.float()
-    per_sample_sum = raw.new_zeros(num_samples).index_add_(0, sample_of_token, raw * scored)
-    per_sample_count = raw.new_zeros(num_samples).index_add_(0, sample_of_token, scored)
-    mean = per_sample_sum / per_sample_count.clamp_min(1.0)
-    return raw / mean[sample_of_token]
+    return weigh
 
 
 def _uniform(cfg, inst_logprobs, own_logprobs, sample_lengths, scored_mask):
@@ -64,9 +49,8 @@ def _dft(cfg, inst_logprobs, own_logprobs, sample_lengths, scored_mask):
 
 
 WEIGHTINGS: dict[str, Weighting] = {
-    "gift": Weighting(_gift, needs_confidence=True),
-    "clipped": Weighting(_clipped, needs_confidence=True),
-    "mean_normalized": Weighting(_mean_normalized, needs_confidence=True),
+    **{name: Weighting(_confidence(formula), needs_confidence=True)
+       for name, formula in weights.CONFIDENCE_FORMULAS.items()},
     "uniform": Weighting(_uniform, needs_confidence=False),
     "dft": Weighting(_dft, needs_confidence=False, needs_own_logprobs=True),
 }
@@ -153,15 +137,12 @@ def token_weights(
     if sample_lengths is not None and int(sample_lengths.sum()) != num_targets:
         raise ValueError(f"sample_lengths sum to {int(sample_lengths.sum())}, not the {num_targets} target tokens")
 
-    override_eos = cfg.eos_weight != "scored"
-    scored_mask = ~is_eos.bool() if override_eos else torch.ones(num_targets, dtype=torch.bool, device=device)
-    weights = weighting.weigh(
+    scored_mask = weights.scored_mask(cfg, is_eos)
+    values = weighting.weigh(
         cfg,
         None if inst_logprobs is None else inst_logprobs.detach().to(device),
         None if own_logprobs is None else own_logprobs.detach().to(device),
         None if sample_lengths is None else sample_lengths.to(device),
         scored_mask,
     ).float()
-    if override_eos:
-        weights = torch.where(scored_mask, weights, torch.full_like(weights, float(cfg.eos_weight)))
-    return weights
+    return weights.with_eos_weight(cfg, values, scored_mask)
