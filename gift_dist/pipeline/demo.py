@@ -14,6 +14,7 @@ from pathlib import Path
 
 from gift_dist.bundled import bundled_general_path
 from gift_dist.config import RunConfig, load_config
+from gift_dist.contracts import confidence as confidence_contract
 from gift_dist.models.tiny import build_demo_pair
 from gift_dist.pipeline.run import add_launch_arguments, exit_status, launch_from_args, run_pipeline
 
@@ -74,7 +75,7 @@ def report(cfg: RunConfig) -> str:
         first, last = metrics[0], metrics[-1]
         rows.append(("train loss (start -> end)", f"{first['loss']:.4f} -> {last['loss']:.4f} "
                                                    f"over {last['step']} steps"))
-    summary_path = cfg.paths.confidence / "summary.json"
+    summary_path = cfg.paths.confidence / confidence_contract.SUMMARY_NAME
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         rows.append(("mean instruct confidence", f"{summary['mean_confidence']:.4f} "
