@@ -176,14 +176,6 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
-def all_gather_objects(obj: Any) -> list:
-    if not is_initialized():
-        return [obj]
-    out: list = [None] * world_size()
-    torch_dist.all_gather_object(out, obj)
-    return out
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks in place (no-op single process) and return it."""
     if is_initialized():
