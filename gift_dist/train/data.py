@@ -133,11 +133,13 @@ class ConfidenceReader:
 
 @dataclass
 class MicroBatch:
-    """One micro-batch, ready for ``model.model(...)`` + ``target_token_ce``.
+    """One micro-batch, ready for ``TrainEngine.target_token_ce``: one call runs the decoder and the CE of the
+    target tokens at ``target_positions`` (computed here, on the host).
 
-    Packed micro-batches carry ``attention_mask=None`` and per-sample ``position_ids``: transformers then builds a
-    block-diagonal causal mask from the position ids, provided the forward runs with ``use_cache=False`` (a cache
-    disables that detection).
+    Packed micro-batches carry ``attention_mask=None``, per-sample ``position_ids`` and the sample boundaries
+    (``cu_seq_lens``, ``max_length``): a varlen attention kernel takes the boundaries (``attention_kwargs``); with
+    any other kernel transformers builds a block-diagonal causal mask from the position ids, provided the forward
+    runs with ``use_cache=False`` (a cache disables that detection).
     """
 
     input_ids: Tensor
