@@ -154,7 +154,14 @@ class ScoreConfig:
     logprob_chunk_tokens: int = 1024
     logprob_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     record_entropy: bool = False
+    # Devices one scoring replica spans (1: the whole instruct model on one GPU). A 70B model in bf16 needs more.
     gpus_per_replica: int = 1
+    # How a replica of gpus_per_replica > 1 devices splits the model: `tensor` (transformers' tensor-parallel plan,
+    # one process per GPU, every GPU of the replica busy on every batch, the output layer split by vocabulary),
+    # `pipeline` (accelerate's device_map, one process per replica, its GPUs busy one at a time: for architectures
+    # without a tensor-parallel plan), `replica` (no split: gpus_per_replica must be 1), `auto` (replica at 1 GPU,
+    # else tensor where the architecture has a plan and its heads divide evenly, else pipeline).
+    parallel: Literal["auto", "replica", "tensor", "pipeline"] = "auto"
     attn_implementation: str = "auto"
     # A worker that holds a shard refreshes its lease; a lease older than this is considered dead and retaken.
     lease_seconds: float = 600.0
@@ -168,6 +175,10 @@ class ScoreConfig:
         if not self.lease_seconds > 0 or not self.throttle_seconds >= 0:
             raise ConfigError(f"config keys 'score.lease_seconds' must be > 0 and 'score.throttle_seconds' >= 0, got "
                               f"{self.lease_seconds} and {self.throttle_seconds}")
+        if self.parallel == "replica" and self.gpus_per_replica != 1:
+            raise ConfigError(f"config key 'score.parallel' is 'replica' (the whole model in one process) but "
+                              f"'score.gpus_per_replica' is {self.gpus_per_replica}: set score.parallel to auto, "
+                              f"tensor or pipeline, or gpus_per_replica to 1")
 
 
 @dataclass

@@ -154,6 +154,26 @@ def init(backend: Optional[str] = None, use_deepspeed: bool = False, timeout_min
         torch_dist.init_process_group(backend=backend, timeout=timeout)
 
 
+def init_replica_group(name: str, rank_in_group: int, size: int, timeout_minutes: float = 60.0) -> None:
+    """Make this process rank ``rank_in_group`` of a default process group of ``size`` ranks named ``name``,
+    instead of one spanning the whole launch: several independent groups side by side under one launcher.
+
+    The launcher's rendezvous store (torchrun's agent store, or the one global rank 0 hosts as ``env://`` would)
+    is shared; each group's keys live under its own prefix."""
+    if is_initialized():
+        return
+    share_cpu_threads()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env_local_rank())
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = torch_dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"]),
+                                is_master=not hosted_by_agent and env_rank() == 0, timeout=timeout,
+                                wait_for_workers=False)
+    torch_dist.init_process_group(default_backend(), store=torch_dist.PrefixStore(name, store), rank=rank_in_group,
+                                  world_size=size, timeout=timeout)
+
+
 def shutdown() -> None:
     """Tear the process group down before the interpreter exits: left to exit-time destructors, gloo's threads
     can still be running and the process aborts ("terminate called without an active exception") after a

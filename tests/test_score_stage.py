@@ -86,11 +86,16 @@ def test_token_view_shades_each_target_token_by_its_probability_and_weight(score
     manifest = contract.read_manifest(cfg.paths.confidence)
     first = contract.read_shard(cfg.paths.confidence, manifest, 0).values(0).exp()
     tips = re.findall(r'title="p=([0-9.]+) w=([0-9.]+)"', page.split("<h3>sample 1</h3>")[0])
-    # Two rows (p, weight) per sample, one tip per target token in each, with gift's weight max(p, floor)^gamma.
-    assert len(tips) == 2 * first.numel()
-    for (p, w), expected in zip(tips[: first.numel()], first.tolist()):
+    # Two rows (p, weight) per sample, one tip per target token in each, with gift's weight max(p, floor)^gamma,
+    # but for end-of-turn targets, which keep train.eos_weight (1.0, the reference).
+    prepared = prepared_contract.load_prepared(cfg.paths.prepared)
+    targets = [t for t in prepared.dataset[0]["labels"][1:] if t != prepared_contract.IGNORE_INDEX]
+    eos = set(prepared.manifest.eos_token_ids)
+    assert len(tips) == 2 * first.numel() == 2 * len(targets) and eos & set(targets)
+    for (p, w), expected, target in zip(tips[: first.numel()], first.tolist(), targets):
         assert float(p) == pytest.approx(expected, abs=5e-4)
-        assert float(w) == pytest.approx(max(expected, cfg.train.prob_floor) ** cfg.train.gamma, abs=5e-4)
+        weight = cfg.train.eos_weight if target in eos else max(expected, cfg.train.prob_floor) ** cfg.train.gamma
+        assert float(w) == pytest.approx(weight, abs=5e-4)
     assert page.count("<h3>sample ") == 40 and html.escape("<") not in page.split("<h1>")[0]
 
 

@@ -69,7 +69,7 @@ def build_tokenizer(out_dir: str | Path, texts: list[str], vocab_size: int = 384
     return fast
 
 
-def tiny_config(arch: str, vocab_size: int, hidden_size: int = 64, num_layers: int = 2):
+def tiny_config(arch: str, vocab_size: int, hidden_size: int = 64, num_layers: int = 2, kv_heads: int = 2):
     from transformers import LlamaConfig, Qwen2Config
 
     common = dict(
@@ -78,7 +78,7 @@ def tiny_config(arch: str, vocab_size: int, hidden_size: int = 64, num_layers: i
         intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         tie_word_embeddings=False,
         pad_token_id=None,
@@ -153,8 +153,13 @@ def build_tiny_pair(
     num_layers: int = 2,
     max_shard_size: Optional[str] = None,
     num_records: int = 400,
+    kv_heads: int = 2,
+    vocab_rows: Optional[int] = None,
 ) -> TinyPair:
-    """Write ``out_dir/base`` and ``out_dir/instruct``: same tokenizer and shapes, instruct tuned on chat data."""
+    """Write ``out_dir/base`` and ``out_dir/instruct``: same tokenizer and shapes, instruct tuned on chat data.
+
+    ``kv_heads``: key/value heads of the 4 attention heads (4 lets 4 tensor-parallel ranks split them);
+    ``vocab_rows``: embedding rows (default: the vocabulary rounded up to a multiple of 64)."""
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
@@ -165,8 +170,12 @@ def build_tiny_pair(
     tokenizer = build_tokenizer(base_dir, plain + [json.dumps(r["messages"]) for r in records[:50]])
     tokenizer.save_pretrained(str(inst_dir))
     vocab = ((len(tokenizer) + 63) // 64) * 64  # embedding rows rounded up, as real models do
+    if vocab_rows is not None:
+        if vocab_rows < len(tokenizer):
+            raise ValueError(f"vocab_rows={vocab_rows} is below the vocabulary's {len(tokenizer)} tokens")
+        vocab = vocab_rows
 
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab, hidden_size, num_layers))
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab, hidden_size, num_layers, kv_heads))
     plain_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.pad_token_id] for t in plain]
     base_loss = _train(model, plain_ids, plain_ids, base_steps, tokenizer.pad_token_id, seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from gift_dist.contracts.prepared import IGNORE_INDEX
+from gift_dist.score.parallel import VocabSlice, combine_max, combine_sum
 
 
 @dataclass
@@ -75,8 +76,12 @@ def target_logprobs(
     labels: torch.Tensor,
     chunk_tokens: int = 1024,
     with_entropy: bool = False,
+    vocab_part: Optional[VocabSlice] = None,
 ) -> BatchScores:
-    """``log p(y_t | x, y<t)`` for every label != -100, from the logits at position ``t - 1`` (fp32 math)."""
+    """``log p(y_t | x, y<t)`` for every label != -100, from the logits at position ``t - 1`` (fp32 math).
+
+    ``vocab_part``: under tensor parallelism, this rank's rows of the output layer; every rank of the replica
+    calls this with the same batch and gets the same values (``gift_dist.score.parallel`` derives the maths)."""
     if chunk_tokens < 1:
         raise ValueError(f"logprob_chunk_tokens must be >= 1, got {chunk_tokens}")
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -84,7 +89,7 @@ def target_logprobs(
     shifted = labels[:, 1:].to(hidden.device)
     rows, cols = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)  # row-major: each row's targets in order
     lm_head = model.get_output_embeddings()
-    head_device = lm_head.weight.device
+    head_device = vocab_part.weight.device if vocab_part is not None else lm_head.weight.device
     selected = hidden[rows, cols].to(head_device)  # position t-1 predicts label t
     del hidden
     targets = shifted[rows, cols].to(head_device)
@@ -93,6 +98,12 @@ def target_logprobs(
     entropy = torch.empty_like(logprobs) if with_entropy else None
     for start in range(0, targets.numel(), chunk_tokens):
         end = min(start + chunk_tokens, targets.numel())
+        if vocab_part is not None:
+            values = vocab_parallel_chunk(vocab_part, selected[start:end], targets[start:end], cap, with_entropy)
+            logprobs[start:end] = values[0]
+            if entropy is not None:
+                entropy[start:end] = values[1]
+            continue
         logits = lm_head(selected[start:end]).float()
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -104,6 +115,28 @@ def target_logprobs(
         del logits
     counts = torch.bincount(rows, minlength=labels.shape[0]).tolist()
     return BatchScores(logprobs.cpu(), counts, entropy.cpu() if entropy is not None else None)
+
+
+def vocab_parallel_chunk(part: VocabSlice, hidden: torch.Tensor, targets: torch.Tensor, cap: Optional[float],
+                         with_entropy: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Log-probs (and entropies) of one chunk of positions from this rank's vocabulary rows, combined over the
+    replica with one MAX and one SUM all-reduce of per-position values (one more SUM for the entropy)."""
+    logits = part.logits(hidden).float()
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    rows = logits.shape[1]
+    local_targets = targets - part.start
+    owned = (local_targets >= 0) & (local_targets < rows)
+    picked = logits.gather(1, local_targets.clamp(0, rows - 1)[:, None]).squeeze(1)
+    top = combine_max(logits.amax(-1), part.group)
+    sums = torch.stack([(logits - top[:, None]).exp().sum(-1), torch.where(owned, picked, torch.zeros_like(picked))])
+    combine_sum(sums, part.group)
+    normalizer = top + sums[0].log()
+    entropy = None
+    if with_entropy:
+        log_p = logits.sub_(normalizer[:, None])
+        entropy = combine_sum(-(log_p.exp() * log_p).sum(-1), part.group)
+    return sums[1] - normalizer, entropy
 
 
 @torch.no_grad()

@@ -8,8 +8,10 @@ Reads like the algorithm:
   4. write summary.json and the confidence histogram from all finished shards.
 
 Any number of workers can run this at once against one output directory: under torchrun / the deepspeed
-launcher (one process per GPU, or per ``score.gpus_per_replica`` GPUs: launch gpus/k processes per node), or as
-independent jobs. No process group is created; workers coordinate only through lease files.
+launcher, or as independent jobs; workers coordinate only through lease files. A worker is one replica of the
+instruct model: one process on one GPU (``score.parallel: replica``), k processes on k GPUs of a node holding one
+tensor-parallel copy (``tensor``: the only process group scoring creates is each replica's own, and its rank 0
+claims and writes), or one process over k GPUs with the layers spread by ``device_map`` (``pipeline``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from gift_dist.models.checkpoint import model_identity
 from gift_dist.models.pair import check_pair, load_tokenizer
 from gift_dist.models.prepared_inputs import check_prepared_inputs
 from gift_dist.score.logprobs import collate, length_batches, target_logprobs
+from gift_dist.score.parallel import Replica, VocabSlice, join_replica, resolve_parallel, vocab_slice
 from gift_dist.score.pool import LeaseLost, ShardLease, ShardPool
 from gift_dist.score.report import ScoreSummary, summarize, write_report, write_token_view
 
@@ -44,19 +47,20 @@ class NonFiniteLogprob(ContractError):
     """The instruct model produced NaN/inf for a target token (broken weights or an fp16 overflow)."""
 
 
-def choose_devices(score_cfg: ScoreConfig) -> list[int]:
-    """The GPUs of this replica: LOCAL_RANK r uses [r*k, (r+1)*k) with k = gpus_per_replica; [] on CPU."""
+def choose_devices(score_cfg: ScoreConfig, parallel: str) -> list[int]:
+    """The GPUs of this process: one (LOCAL_RANK) for ``replica`` and ``tensor``; for ``pipeline`` LOCAL_RANK r
+    uses [r*k, (r+1)*k) with k = gpus_per_replica. [] on CPU."""
     if not torch.cuda.is_available():
         return []
-    k = score_cfg.gpus_per_replica
-    if k < 1:
-        raise ContractError(f"score.gpus_per_replica must be >= 1, got {k}")
+    k = score_cfg.gpus_per_replica if parallel == "pipeline" else 1
     local_rank = dist.env_local_rank()
     devices = list(range(local_rank * k, (local_rank + 1) * k))
     if devices[-1] >= torch.cuda.device_count():
+        per_node = "one process per GPU" if k == 1 else f"(GPUs per node) / {k} processes per node"
         raise ContractError(
-            f"scoring worker LOCAL_RANK={local_rank} needs GPUs {devices} (score.gpus_per_replica={k}) but only "
-            f"{torch.cuda.device_count()} are visible; launch (GPUs per node) / {k} processes per node"
+            f"scoring worker LOCAL_RANK={local_rank} needs GPUs {devices} (score.parallel={parallel}, "
+            f"score.gpus_per_replica={score_cfg.gpus_per_replica}) but only {torch.cuda.device_count()} are "
+            f"visible; launch {per_node}"
         )
     return devices
 
@@ -69,17 +73,30 @@ def choose_attention(score_cfg: ScoreConfig, on_gpu: bool) -> str:
     return "sdpa"
 
 
-def load_scoring_model(cfg: RunConfig):
-    """One scoring replica, in eval mode: bf16 over this worker's GPUs, or fp32 on CPU."""
+def load_model_config(cfg: RunConfig):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(cfg.instruct_model, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ContractError(f"cannot read the instruct model's config {cfg.instruct_model}: {exc}") from exc
+
+
+def load_scoring_model(cfg: RunConfig, parallel: str = "replica", replica: Optional[Replica] = None):
+    """This process's part of one scoring replica, in eval mode: bf16 on GPUs, fp32 on CPU. ``tensor``: this
+    rank's slice of every layer (transformers' tensor-parallel plan over the replica's ranks)."""
     from transformers import AutoModelForCausalLM
 
-    devices = choose_devices(cfg.score)
+    devices = choose_devices(cfg.score, parallel)
     kwargs: dict = {
         "dtype": torch.bfloat16 if devices else torch.float32,
         "attn_implementation": choose_attention(cfg.score, bool(devices)),
         "trust_remote_code": cfg.trust_remote_code,
     }
-    if len(devices) == 1:
+    if parallel == "tensor":  # over the whole default group, which is this replica (parallel.join_replica)
+        kwargs["tp_plan"] = "auto"
+        kwargs["tp_size"] = replica.size
+    elif len(devices) == 1:
         kwargs["device_map"] = {"": devices[0]}
     elif devices:
         # device_map="auto" restricted to this replica's GPUs: accelerate only places layers where max_memory allows.
@@ -154,10 +171,14 @@ class Progress:
 
 
 def score_shard(
-    model, input_device, prepared: Prepared, spec: ShardSpec, cfg: ScoreConfig, lease: ShardLease,
-    progress: Optional[Progress],
+    model, input_device, prepared: Prepared, spec: ShardSpec, cfg: ScoreConfig, lease: Optional[ShardLease],
+    progress: Optional[Progress], replica: Optional[Replica] = None, vocab_part: Optional[VocabSlice] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Offsets, logprobs (and entropy) of one shard, in sample-index order whatever the batching."""
+    """Offsets, logprobs (and entropy) of one shard, in sample-index order whatever the batching.
+
+    Every rank of a tensor-parallel replica runs this with the same shard; only the leader holds the ``lease``,
+    and its refresh after each batch (or the LeaseLost it raises) reaches every rank."""
+    replica = replica or Replica()
     rows = prepared.dataset.select(range(spec.start, spec.end))
     input_ids, labels = rows["input_ids"], rows["labels"]
     expected = rows["num_target_tokens"]
@@ -167,7 +188,7 @@ def score_shard(
         started = time.perf_counter()
         ids, mask, lab = collate([input_ids[i] for i in batch], [labels[i] for i in batch],
                                  prepared.manifest.pad_token_id, input_device)
-        scores = target_logprobs(model, ids, mask, lab, cfg.logprob_chunk_tokens, cfg.record_entropy)
+        scores = target_logprobs(model, ids, mask, lab, cfg.logprob_chunk_tokens, cfg.record_entropy, vocab_part)
         samples = [spec.start + i for i in batch]
         check_finite(scores.logprobs, scores.counts, samples, spec.index, "logprob")
         if scores.entropy is not None:
@@ -185,7 +206,7 @@ def score_shard(
             per_sample[local], per_sample_entropy[local] = values, ent
         if cfg.throttle_seconds > 0:
             time.sleep(max(0.0, cfg.throttle_seconds - (time.perf_counter() - started)))
-        lease.refresh()
+        replica.lead(lambda: lease.refresh())
         if progress is not None:
             progress.advance(len(batch), int(sum(scores.counts)))
     counts = torch.tensor([0] + [v.numel() for v in per_sample], dtype=torch.int64)
@@ -210,22 +231,25 @@ def score(cfg: RunConfig, rescore_corrupt: bool = False) -> ScoreSummary:
     prepared = load_prepared(cfg.paths.prepared)
     check_prepared_inputs(cfg, prepared.manifest, str(cfg.paths.prepared))
     held_out = load_eval_split(cfg.paths.prepared)
-    if rescore_corrupt:
-        forget_corrupt_shards(cfg.paths.confidence, prepared)
-        if held_out is not None:
-            forget_corrupt_shards(cfg.paths.confidence / contract.EVAL_DIR, held_out)
     scorer = _Scorer(cfg)
+    if rescore_corrupt:
+        scorer.replica.lead(forget_corrupt_shards, cfg.paths.confidence, prepared)
+        if held_out is not None:
+            scorer.replica.lead(forget_corrupt_shards, cfg.paths.confidence / contract.EVAL_DIR, held_out)
     summary = scorer.score_split(prepared, cfg.paths.confidence, identity)
-    try:
-        if summary.complete:
-            write_token_view(cfg.paths.confidence, contract.read_manifest(cfg.paths.confidence), prepared,
-                             load_tokenizer(cfg.instruct_model, cfg.trust_remote_code), cfg.train.gamma,
-                             cfg.train.prob_floor)
-    except OSError as exc:
-        raise ContractError(f"cannot write the token view into {cfg.paths.confidence}: {exc}") from exc
+    if summary.complete:
+        scorer.replica.lead(_write_token_view, cfg, prepared)
     if held_out is not None:
         scorer.score_split(held_out, cfg.paths.confidence / contract.EVAL_DIR, identity)
     return summary
+
+
+def _write_token_view(cfg: RunConfig, prepared: Prepared) -> None:
+    try:
+        write_token_view(cfg.paths.confidence, contract.read_manifest(cfg.paths.confidence), prepared,
+                         load_tokenizer(cfg.instruct_model, cfg.trust_remote_code), train=cfg.train)
+    except OSError as exc:
+        raise ContractError(f"cannot write the token view into {cfg.paths.confidence}: {exc}") from exc
 
 
 def forget_corrupt_shards(conf_dir: Path, prepared: Prepared) -> None:
@@ -244,75 +268,125 @@ def forget_corrupt_shards(conf_dir: Path, prepared: Prepared) -> None:
 
 
 class _Scorer:
-    """One worker: the model is loaded once, on the first shard it gets, and scores every split it is given."""
+    """One worker, i.e. one replica: the model is loaded once, on the first shard it gets, and scores every split
+    it is given. In a tensor-parallel replica every rank runs this loop; the leader decides (finished, wait,
+    which shard) and ``Replica.lead`` hands each decision to the others, so they run the same batches."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.model = self.input_device = None
+        self.parallel = resolve_parallel(cfg.score, load_model_config(cfg))
+        self.replica = join_replica(cfg.score, self.parallel)
+        self.model = self.input_device = self.vocab_part = None
+        self.lease: Optional[ShardLease] = None
 
-    def score_split(self, prepared: Prepared, conf_dir: Path, identity: dict) -> ScoreSummary:
-        cfg = self.cfg
-        manifest = open_confidence_dir(cfg, prepared, identity, conf_dir)
-        plan = prepared.manifest.shards
+    def _load(self) -> None:
+        if self.model is not None:
+            return
+        self.model, self.input_device = load_scoring_model(self.cfg, self.parallel, self.replica)
+        if self.parallel == "tensor":
+            self.vocab_part = vocab_slice(self.model, self.replica)
+
+    def _open(self, prepared: Prepared, conf_dir: Path, identity: dict) -> ShardPool:
+        """Leader: create or check the manifest, set up the lease pool."""
+        open_confidence_dir(self.cfg, prepared, identity, conf_dir)
         try:
-            pool = ShardPool(conf_dir, len(plan), cfg.score.lease_seconds)
+            pool = ShardPool(conf_dir, len(prepared.manifest.shards), self.cfg.score.lease_seconds,
+                             worker=self.worker_name())
             pool.remove_stale_temporaries()
         except OSError as exc:
             raise ContractError(f"cannot write leases in the confidence output directory {conf_dir}: {exc}") from exc
+        return pool
+
+    def worker_name(self) -> Optional[str]:
+        """The lease owner's name: the default (host:pid:rank), with the replica's size when it spans ranks."""
+        if self.replica.size == 1:
+            return None
+        from gift_dist.score.pool import worker_id
+
+        return f"{worker_id()}x{self.replica.size}"
+
+    def _next(self, pool: ShardPool, conf_dir: Path, state: dict) -> tuple[str, Optional[int]]:
+        """Leader: ("done", None), ("wait", None) or ("shard", index) with ``self.lease`` held."""
+        manifest = contract.read_manifest(conf_dir)
+        if manifest.complete:
+            return "done", None
+        lease = pool.claim(manifest.shards)
+        if lease is None:  # every unfinished shard is held by a live worker: wait for it or its lease
+            if time.monotonic() >= state["next_wait_log"]:
+                log.info("%s: waiting for %s shards held by other workers: %s", pool.worker, conf_dir.name,
+                         pool.holders(manifest.shards))
+                state["next_wait_log"] = time.monotonic() + WAIT_LOG_SECONDS
+            return "wait", None
+        if lease.shard_index in contract.read_manifest(conf_dir).shards:
+            lease.release()  # finished between our manifest read and our claim
+            return "wait", None
+        self.lease = lease
+        state["done_samples"] = sum(r.num_samples for r in manifest.shards.values())
+        return "shard", lease.shard_index
+
+    def _release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+    def score_split(self, prepared: Prepared, conf_dir: Path, identity: dict) -> ScoreSummary:
+        cfg, replica = self.cfg, self.replica
+        pool = replica.lead(self._open, prepared, conf_dir, identity)
+        plan = prepared.manifest.shards
         poll_seconds = min(5.0, max(0.1, cfg.score.lease_seconds / 4))
 
         progress = None
         mine = {"shards": 0, "tokens": 0, "seconds": 0.0}
-        next_wait_log = time.monotonic()
+        state = {"next_wait_log": time.monotonic(), "done_samples": 0}
         try:
             while True:
-                manifest = contract.read_manifest(conf_dir)
-                if manifest.complete:
+                action, index = replica.lead(self._next, pool, conf_dir, state)
+                if action == "done":
                     break
-                lease = pool.claim(manifest.shards)
-                if lease is None:  # every unfinished shard is held by a live worker: wait for it or its lease
-                    if time.monotonic() >= next_wait_log:
-                        log.info("%s: waiting for %s shards held by other workers: %s", pool.worker, conf_dir.name,
-                                 pool.holders(manifest.shards))
-                        next_wait_log = time.monotonic() + WAIT_LOG_SECONDS
+                if action == "wait":
                     time.sleep(poll_seconds)
                     continue
                 try:
-                    if lease.shard_index in contract.read_manifest(conf_dir).shards:
-                        continue  # finished between our manifest read and our claim
-                    if self.model is None:
-                        self.model, self.input_device = load_scoring_model(cfg)
-                    if progress is None and cfg.score.progress:
-                        done = sum(r.num_samples for r in manifest.shards.values())
-                        progress = Progress(prepared.manifest.num_samples, done, pool.worker)
-                    spec = plan[lease.shard_index]
+                    self._load()
+                    if progress is None and cfg.score.progress and replica.is_leader:
+                        progress = Progress(prepared.manifest.num_samples, state["done_samples"], pool.worker)
+                    spec = plan[index]
                     started = time.perf_counter()
                     offsets, logprobs, entropy = score_shard(self.model, self.input_device, prepared, spec,
-                                                             cfg.score, lease, progress)
+                                                             cfg.score, self.lease, progress, replica,
+                                                             self.vocab_part)
                     seconds = time.perf_counter() - started
-                    contract.write_shard(conf_dir, manifest, spec.index, torch.arange(spec.start, spec.end),
-                                         offsets, logprobs, entropy, seconds=seconds, worker=pool.worker)
+                    replica.lead(lambda: contract.write_shard(
+                        conf_dir, contract.read_manifest(conf_dir), spec.index, torch.arange(spec.start, spec.end),
+                        offsets, logprobs, entropy, seconds=seconds, worker=pool.worker))
                     mine["shards"] += 1
                     mine["tokens"] += logprobs.numel()
                     mine["seconds"] += seconds
-                    log.info("%s: %s shard %d done (%d tokens, %.0f tokens/s)", pool.worker, conf_dir.name,
-                             spec.index, logprobs.numel(), logprobs.numel() / max(seconds, 1e-9))
+                    if replica.is_leader:
+                        log.info("%s: %s shard %d done (%d tokens, %.0f tokens/s)", pool.worker, conf_dir.name,
+                                 spec.index, logprobs.numel(), logprobs.numel() / max(seconds, 1e-9))
                 except LeaseLost as exc:
-                    log.warning("%s: %s; moving on", pool.worker, exc)
+                    if replica.is_leader:
+                        log.warning("%s: %s; moving on", pool.worker, exc)
                 finally:
-                    lease.release()
+                    self._release()
         finally:
             if progress is not None:
                 progress.close()
 
-        summary = summarize(conf_dir, manifest)
+        summary = replica.lead(self._summarize, conf_dir)
+        summary.worker = pool.worker
+        summary.worker_shards, summary.worker_tokens = mine["shards"], mine["tokens"]
+        summary.worker_tokens_per_second = mine["tokens"] / mine["seconds"] if mine["seconds"] else 0.0
+        return summary
+
+    @staticmethod
+    def _summarize(conf_dir: Path) -> ScoreSummary:
+        summary = summarize(conf_dir, contract.read_manifest(conf_dir))
         try:
             write_report(conf_dir, summary)
         except OSError as exc:
             raise ContractError(f"cannot write the scoring summary into {conf_dir}: {exc}") from exc
-        summary.worker = pool.worker
-        summary.worker_shards, summary.worker_tokens = mine["shards"], mine["tokens"]
-        summary.worker_tokens_per_second = mine["tokens"] / mine["seconds"] if mine["seconds"] else 0.0
         return summary
 
 
@@ -334,10 +408,13 @@ def run(args: argparse.Namespace) -> int:
     if args.throttle_seconds is not None:
         cfg.score.throttle_seconds = args.throttle_seconds
     summary = score(cfg, rescore_corrupt=args.rescore_corrupt)
-    print(
-        f"score: {summary.shards_finished}/{summary.shards_total} shards, {summary.tokens} target tokens, "
-        f"{summary.tokens_per_second:.0f} tokens/s per replica, mean confidence {summary.mean_confidence:.4f}, "
-        f"p<0.1 for {summary.low_confidence_share:.1%} of tokens; this worker scored {summary.worker_shards} shards "
-        f"-> {Path(cfg.paths.confidence)}"
-    )
+    leader = not dist.is_initialized() or dist.is_rank0()  # one line per replica
+    dist.shutdown()  # a tensor-parallel replica's group, torn down by all its ranks together
+    if leader:
+        print(
+            f"score: {summary.shards_finished}/{summary.shards_total} shards, {summary.tokens} target tokens, "
+            f"{summary.tokens_per_second:.0f} tokens/s per replica, mean confidence {summary.mean_confidence:.4f}, "
+            f"p<0.1 for {summary.low_confidence_share:.1%} of tokens; this worker scored {summary.worker_shards} shards "
+            f"-> {Path(cfg.paths.confidence)}"
+        )
     return 0
