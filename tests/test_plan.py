@@ -14,7 +14,11 @@ def test_70b_plan_picks_the_config_that_fits(capsys):
     out = _plan(capsys, "--gpus-per-node", "8", "--nodes", "2")
     assert "70.55B params" in out and "LoRA r=16: 207.1M trainable" in out
     assert "fits 80 GiB GPUs / 1024 GiB nodes: ds_configs/zero3.json" in out
-    assert "2 GPU(s) per replica" in out  # 131 GiB of bf16 weights do not fit one 80 GiB GPU
+    # 131 GiB of bf16 weights do not fit one 80 GiB GPU: tensor-parallel pairs, 4 per node, ~70 GiB per GPU.
+    assert "score.parallel: auto -> tensor): 2 GPU(s) per replica (score.gpus_per_replica=2), 4 replica(s) per node, " \
+           "69.5 GiB per GPU" in out
+    assert "launch 8 process(es) per node" in out
+    assert "auto -> tensor): 8 GPU(s) per replica" in _plan(capsys, "--gpus-per-node", "8", "--gpu-memory-gb", "24")
     assert "fits 24 GiB GPUs / 512 GiB nodes: ds_configs/zero3_offload.json" in _plan(
         capsys, "--gpus-per-node", "4", "--gpu-memory-gb", "24", "--cpu-memory-gb", "512")
     assert "fits 24 GiB GPUs / 128 GiB nodes: ds_configs/zero3_nvme.json" in _plan(

@@ -36,6 +36,8 @@ class ModelShape:
     num_layers: int
     vocab_size: int
     largest_shard_bytes: Optional[int]
+    num_attention_heads: int = 0
+    num_key_value_heads: int = 0
 
 
 def _load_config(model: str, trust_remote_code: bool = False):
@@ -79,6 +81,8 @@ def model_shape(model: str, lora_r: int, target_modules: list[str], trust_remote
         lora_params=lora, largest_lora_tensor=largest_lora, hidden_size=text.hidden_size,
         intermediate_size=getattr(text, "intermediate_size", 4 * text.hidden_size),
         num_layers=text.num_hidden_layers, vocab_size=text.vocab_size, largest_shard_bytes=shard_bytes,
+        num_attention_heads=getattr(text, "num_attention_heads", 0) or 0,
+        num_key_value_heads=getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", 0) or 0,
     )
 
 

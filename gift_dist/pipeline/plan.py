@@ -20,13 +20,39 @@ from gift_dist.models.memory import (
 )
 
 
-def scoring_plan(shape: ModelShape, gpu_memory_gib: float, batch_tokens: int, chunk_tokens: int) -> dict:
+def scoring_plan(shape: ModelShape, gpu_memory_gib: float, gpus_per_node: int, batch_tokens: int,
+                 chunk_tokens: int) -> dict:
+    """The scoring layout ``score.parallel: auto`` takes for this model, and its memory per GPU (bf16).
+
+    A replica of k tensor-parallel ranks holds 1/k of every decoder layer and of the output layer (split by
+    vocabulary), and the whole input embedding (transformers' plan leaves it unsplit). Its working set: the
+    batch's hidden states in full on every rank (residual, norm output, attention output, one spare: 4 H per
+    token), the MLP's gate/up/product split k ways (3 I / k), and one chunk of fp32 logits and their exponentials
+    over this rank's vocabulary slice. The smallest k that fits ``USABLE_FRACTION`` of a GPU is taken, among the
+    divisors of the key/value heads up to a node's GPUs; when none fits, the layers are spread over more GPUs
+    with ``device_map`` (``pipeline``: one GPU busy at a time)."""
     weights = BF16 * shape.total_params
-    working = BF16 * batch_tokens * (4 * shape.hidden_size + 3 * shape.intermediate_size) + 4 * chunk_tokens * (
-        shape.vocab_size
-    ) * 2
-    gpus = max(1, math.ceil((weights + working) / (0.9 * gpu_memory_gib * GIB)))
-    return {"weights_gib": weights / GIB, "working_gib": working / GIB, "gpus_per_replica": gpus}
+    embedding = BF16 * shape.vocab_size * shape.hidden_size
+
+    def per_gpu(k: int) -> tuple[float, float]:
+        held = (weights - embedding) / k + embedding
+        working = BF16 * batch_tokens * (4 * shape.hidden_size + 3 * shape.intermediate_size / k) + 2 * 4 * (
+            min(chunk_tokens, batch_tokens) * shape.vocab_size / k)
+        return held, working
+
+    kv_heads = shape.num_key_value_heads or 1
+    heads = shape.num_attention_heads or kv_heads
+    sizes = [k for k in range(1, gpus_per_node + 1) if kv_heads % k == 0 and heads % k == 0 and gpus_per_node % k == 0]
+    for k in sizes:
+        held, working = per_gpu(k)
+        if held + working <= USABLE_FRACTION * gpu_memory_gib * GIB:
+            return {"parallel": "replica" if k == 1 else "tensor", "gpus_per_replica": k,
+                    "replicas_per_node": gpus_per_node // k, "weights_gib": held / GIB, "working_gib": working / GIB,
+                    "batch_tokens": batch_tokens}
+    held, working = per_gpu(1)
+    k = max(1, math.ceil((weights + working) / (USABLE_FRACTION * gpu_memory_gib * GIB)))
+    return {"parallel": "pipeline", "gpus_per_replica": k, "replicas_per_node": max(1, gpus_per_node // k),
+            "weights_gib": weights / k / GIB, "working_gib": working / GIB, "batch_tokens": batch_tokens}
 
 
 def merge_plan(shape: ModelShape) -> dict:
@@ -55,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     train = training_plan(shape, args.gpus_per_node, args.nodes, args.micro_batch_size * args.seq_len,
                           args.ce_chunk_tokens)
     fits = first_fitting(train, args.gpu_memory_gb, args.cpu_memory_gb)
-    score = scoring_plan(shape, args.gpu_memory_gb, args.score_batch_tokens, args.ce_chunk_tokens)
+    score = scoring_plan(shape, args.gpu_memory_gb, args.gpus_per_node, args.score_batch_tokens, args.ce_chunk_tokens)
     merge = merge_plan(shape)
     print(f"model {shape.name}: {shape.total_params / 1e9:.2f}B params, largest layer "
           f"{shape.largest_layer_params / 1e6:.0f}M, LoRA r={args.lora_r}: {shape.lora_params / 1e6:.1f}M trainable")
@@ -75,8 +101,13 @@ def run(args: argparse.Namespace) -> int:
         recompute = "off" if without <= USABLE_FRACTION * args.gpu_memory_gb else "on"
         print(f"  gradient checkpointing (train.gradient_checkpointing: auto): {recompute}; without recompute "
               f"{fits} needs {without:.1f} GiB per GPU")
-    print(f"scoring replica (bf16): weights {score['weights_gib']:.1f} GiB + working set {score['working_gib']:.1f} "
-          f"GiB -> {score['gpus_per_replica']} GPU(s) per replica (score.gpus_per_replica)")
+    k = score["gpus_per_replica"]
+    processes = args.gpus_per_node if score["parallel"] != "pipeline" else score["replicas_per_node"]
+    print(f"scoring (bf16, {score['batch_tokens']} tokens per batch, score.parallel: auto -> {score['parallel']}): "
+          f"{k} GPU(s) per replica (score.gpus_per_replica={k}), {score['replicas_per_node']} replica(s) per node, "
+          f"{score['weights_gib'] + score['working_gib']:.1f} GiB per GPU (weights {score['weights_gib']:.1f} + "
+          f"working set {score['working_gib']:.1f}); launch {processes} process(es) per node: torchrun "
+          f"--nproc_per_node {processes} -m gift_dist score --config run.yaml score.gpus_per_replica={k}")
     print(f"merge: peak ~{merge['peak_gib']:.1f} GiB RAM (largest shard {merge['largest_shard_gib']:.1f} GiB "
           f"+ adapter {merge['adapter_gib']:.2f} GiB), independent of model size")
     return 0
