@@ -368,8 +368,14 @@ class MergeConfig:
     verify_sample_tensors: int = 8
     verify_logits_max_gb: float = 2.0
     progress: bool = True
+    # Merge into an instruct model other than the one the adapter was scored and trained for (its hash differs from
+    # the one gift_adapter.json records): refused unless true; the merge record then says so.
+    allow_other_instruct: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.allow_other_instruct, bool):
+            raise ConfigError(f"config key 'merge.allow_other_instruct' must be true or false, got "
+                              f"{self.allow_other_instruct!r}")
         _at_least("merge.threads", self.threads, 1)
         _at_least("merge.verify_sample_tensors", self.verify_sample_tensors, 0)
         if not math.isfinite(self.scale):

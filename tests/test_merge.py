@@ -235,6 +235,63 @@ def test_adapter_identity_mismatch(pairs, adapters, tmp_path):
         merge(merge_config(tmp_path, pairs["llama"]), adapter_dir=str(tagged))
 
 
+def _tag(adapter: Path, out: Path, **changes) -> Path:
+    shutil.copytree(adapter, out)
+    record = _provenance(weights_sha256=file_sha256(out / "adapter_model.safetensors"), **changes)
+    (out / "gift_adapter.json").write_text(json.dumps(record.to_json()))
+    return out
+
+
+@pytest.mark.parametrize("train_model", ["base", "instruct"])
+def test_adapter_for_another_instruct_model_is_refused_unless_allowed(pairs, adapters, tmp_path, capsys,
+                                                                      train_model):
+    from gift_dist.cli import main
+
+    pair = pairs["llama"]
+    base = checkpoint.model_identity(str(pair.base))
+    other = {"name": "/models/other-instruct", "hash": "feedfacefeedface"}
+    if train_model == "base":  # GIFT: the instruct model scored the data; the base was trained
+        changes = dict(model_identity=base, base_model=base, instruct_model=other)
+    else:  # direct fine-tuning: the instruct model was trained itself (a run without instruct_model recorded)
+        changes = dict(train_model="instruct", model_identity=other, base_model=base, instruct_model=None)
+    tagged = _tag(adapters["llama"], tmp_path / "adapter", **changes)
+    target_hash = checkpoint.model_identity(str(pair.instruct))["hash"]
+    with pytest.raises(ContractError, match=f"hash feedfacefeedface.*hash {target_hash}.*allow_other_instruct"):
+        merge(merge_config(tmp_path, pair), adapter_dir=str(tagged))
+    assert not (tmp_path / "run" / "merged").exists()
+    args = ["merge", "--adapter", str(tagged), f"base_model={pair.base}", f"instruct_model={pair.instruct}",
+            f"output_dir={tmp_path / 'run'}", "merge.verify=false", "merge.progress=false"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "feedfacefeedface" in err and target_hash in err and len(err.strip().splitlines()) == 1
+    assert main(args + ["merge.allow_other_instruct=true"]) == 0
+    assert read_merged(tmp_path / "run" / "merged").record.other_instruct == other
+
+
+def test_adapter_for_this_instruct_model_merges_without_a_note(pairs, adapters, tmp_path):
+    pair = pairs["llama"]
+    base, instruct = (checkpoint.model_identity(str(m)) for m in (pair.base, pair.instruct))
+    tagged = _tag(adapters["llama"], tmp_path / "adapter", model_identity=base, base_model=base,
+                  instruct_model=instruct)
+    assert read_merged(merge(merge_config(tmp_path, pair), adapter_dir=str(tagged))).record.other_instruct is None
+    # Merged into the base for a comparison, the instruct identity is not the target's to match.
+    other = {"name": "other", "hash": "feedfacefeedface"}
+    tagged = _tag(adapters["llama"], tmp_path / "adapter-other", model_identity=base, base_model=base,
+                  instruct_model=other)
+    out = merge(merge_config(tmp_path, pair, into="base"), adapter_dir=str(tagged), output_dir=str(tmp_path / "mb"))
+    assert read_merged(out).record.other_instruct is None
+
+
+def test_allow_other_instruct_is_validated():
+    from gift_dist.config import ConfigError, MergeConfig, load_config
+
+    assert load_config(None, ["merge.allow_other_instruct=true"]).merge.allow_other_instruct is True
+    with pytest.raises(ConfigError, match="merge.allow_other_instruct"):
+        load_config(None, ["merge.allow_other_instruct=maybe"])
+    with pytest.raises(ConfigError, match="merge.allow_other_instruct"):
+        MergeConfig(allow_other_instruct="yes")
+
+
 @pytest.mark.parametrize("change, message", [
     ({"steps": -1}, "steps must be an integer >= 0"),
     ({"train_model": "both"}, "train_model must be base or instruct"),

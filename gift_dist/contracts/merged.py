@@ -46,6 +46,9 @@ class MergeRecord:
     # sha256 of every weight file (shard name -> hex): `verify-merge` recomputes them, so a damaged copy of a merged
     # model is found without the inputs it was made from. Empty in records written before checksums.
     shard_sha256: dict[str, str] = field(default_factory=dict)
+    # {"name", "hash"} of the instruct model the adapter was scored and trained for, when it was merged into another
+    # one (merge.allow_other_instruct=true); None when the target is that model (or the adapter records none).
+    other_instruct: Optional[dict[str, str]] = None
 
     @property
     def scale(self) -> float:

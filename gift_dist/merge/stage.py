@@ -75,6 +75,37 @@ def check_adapter_fits(adapter: adapter_contract.Adapter, target: Path, base: Op
             )
 
 
+def recorded_instruct(provenance: Optional[adapter_contract.AdapterProvenance]) -> Optional[dict]:
+    """The identity of the instruct model an adapter was made for, as its provenance records it: the run's
+    instruct model (whose confidence weighted the loss), or for direct fine-tuning the model trained itself."""
+    if provenance is None:
+        return None
+    if provenance.instruct_model:
+        return provenance.instruct_model
+    return provenance.model_identity if provenance.train_model == "instruct" else None
+
+
+def check_instruct_target(adapter: adapter_contract.Adapter, target_identity: dict, into: str,
+                          allow_other: bool) -> Optional[dict]:
+    """Refuse merging into an instruct model other than the one the adapter was scored/trained for, unless
+    ``merge.allow_other_instruct``; returns that recorded identity when the merge goes into another one."""
+    recorded = recorded_instruct(adapter.provenance)
+    if into != "instruct" or not recorded or recorded.get("hash") == target_identity["hash"]:
+        return None
+    made_for = "trained on" if adapter.provenance.train_model == "instruct" else "scored and trained for"
+    if not allow_other:
+        raise ContractError(
+            f"adapter {adapter.path} was {made_for} the instruct model {recorded.get('name')} (hash "
+            f"{recorded.get('hash')}) but the merge target {target_identity['name']} has hash "
+            f"{target_identity['hash']}: merge into that instruct model (instruct_model / --target), or set "
+            f"merge.allow_other_instruct=true if you mean to merge into another one"
+        )
+    log.warning("merging adapter %s, %s instruct model %s (hash %s), into another instruct model %s (hash %s) "
+                "(merge.allow_other_instruct=true)", adapter.path, made_for, recorded.get("name"),
+                recorded.get("hash"), target_identity["name"], target_identity["hash"])
+    return dict(recorded)
+
+
 def install(work_dir: Path, output: Path, overwrite: bool) -> None:
     """Move a finished work folder to the output path; a replaced output is removed only after the move."""
     if output.exists():
@@ -126,6 +157,7 @@ def merge(
         "base": checkpoint.model_identity(str(base)) if base is not None else None,
         "adapter": {"path": str(adapter_path.resolve()), "hash": adapter_contract.adapter_hash(adapter_path)},
     }
+    other_instruct = check_instruct_target(adapter, identity["target"], opts.into, opts.allow_other_instruct)
     work_dir = output.with_name(output.name + WORK_SUFFIX)
     log.info("merging %d LoRA tensors and %d full tensors of %s into %s -> %s", len(targets.lora),
              len(targets.full), adapter_path, target, output)
@@ -135,7 +167,7 @@ def merge(
     record = merged_contract.MergeRecord(
         base=identity["base"], target=identity["target"], into=opts.into, adapter=identity["adapter"],
         lora_scaling=adapter.scale, strength=opts.scale, dtype=opts.dtype, merged_tensors=sorted(targets.names()),
-        shards=shards, shard_sha256=merged_contract.shard_checksums(work_dir, shards),
+        shards=shards, shard_sha256=merged_contract.shard_checksums(work_dir, shards), other_instruct=other_instruct,
     )
     merged_contract.write_record(work_dir, record)
     if opts.verify:
