@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import pytest
@@ -110,3 +111,43 @@ def test_a_model_path_that_does_not_exist_is_named_not_taken_for_a_hub_id(tiny_l
     assert main(["train", f"base_model={missing}", f"instruct_model={tiny_llama.instruct}",
                  f"output_dir={tmp_path / 'run'}"]) == 2
     assert f"model directory {missing} does not exist" in capsys.readouterr().err
+
+
+def _model_with_one_tensor(folder):
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    save_file({"w": torch.arange(300_000, dtype=torch.float32)}, str(folder / "model.safetensors"))
+    return folder / "model.safetensors"
+
+
+def _rewrite_keeping_times(path, offset, data):
+    """Change bytes of ``path`` in place (same size, same inode) and put its atime and mtime back."""
+    import time
+
+    before = path.stat()
+    time.sleep(0.05)  # past the file system clock's tick, as a rewrite some time later would be
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+
+
+@pytest.mark.parametrize("where", ["whole file", "outside the sampled bytes"])
+def test_identity_sees_a_rewrite_whose_mtime_was_put_back(tmp_path, where):
+    from gift_dist.models.checkpoint import DIGEST_SAMPLE_BYTES, model_identity
+
+    weights = _model_with_one_tensor(tmp_path / "instruct")
+    before = model_identity(str(tmp_path / "instruct"))["hash"]
+    size = weights.stat().st_size
+    if where == "whole file":
+        _rewrite_keeping_times(weights, 0, bytes(b ^ 0xFF for b in weights.read_bytes()))
+    else:
+        offset = DIGEST_SAMPLE_BYTES + 4096  # between the start sample and the middle one
+        assert offset < size // 2 - DIGEST_SAMPLE_BYTES // 2
+        _rewrite_keeping_times(weights, offset, b"\x01\x02\x03\x04")
+    assert model_identity(str(tmp_path / "instruct"))["hash"] != before

@@ -89,9 +89,14 @@ def tensor_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
 
 
 # Per-file digests of a checkpoint, cached beside it (or in the user's cache when the folder is read-only), keyed
-# by file name, size and modification time: a 140 GB checkpoint is read once, not by every stage.
+# by file name, size, modification time, inode, status-change time and a sample of the content: a 140 GB
+# checkpoint is read once, not by every stage. The mtime alone can be put back after a rewrite (`touch -r`,
+# `cp -a`); the ctime cannot be set back by a user, a rewritten file gets a new inode when written beside and
+# renamed, and the sample sees a rewrite done within one tick of the file system's clock.
 DIGEST_CACHE_NAME = ".gift_dist_digests.json"
 DIGEST_THREADS = 8
+# The content sample of the cache key: this many bytes at the start, the middle and the end of each file.
+DIGEST_SAMPLE_BYTES = 64 * 1024
 
 
 def _digest_cache_path(model_dir: Path) -> Path:
@@ -102,8 +107,22 @@ def _digest_cache_path(model_dir: Path) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gift_dist" / "digests" / f"{key}.json"
 
 
+def _digest_stamp(path: Path) -> str:
+    """The cache key of one weight file's digest (see DIGEST_CACHE_NAME)."""
+    stat = path.stat()
+    sample = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for offset in sorted({0, max(0, stat.st_size // 2 - DIGEST_SAMPLE_BYTES // 2),
+                              max(0, stat.st_size - DIGEST_SAMPLE_BYTES)}):
+            fh.seek(offset)
+            sample.update(fh.read(DIGEST_SAMPLE_BYTES))
+    return (f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}:{stat.st_ctime_ns}:"
+            f"{sample.hexdigest()[:16]}")
+
+
 def weight_digests(model_dir: str | Path) -> dict[str, str]:
-    """sha256 of every weight file (name -> hex), computed in parallel and cached by (size, mtime)."""
+    """sha256 of every weight file (name -> hex), computed in parallel and cached by ``_digest_stamp`` (size,
+    mtime, inode, ctime and a content sample)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from gift_dist.contracts import atomic_write_text, file_sha256
@@ -115,7 +134,7 @@ def weight_digests(model_dir: str | Path) -> dict[str, str]:
         cached = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     except (OSError, json.JSONDecodeError):
         cached = {}
-    stamps = {p.name: f"{stat.st_size}:{stat.st_mtime_ns}" for p in files for stat in [p.stat()]}
+    stamps = {p.name: _digest_stamp(p) for p in files}
     digests = {name: entry["sha256"] for name, entry in cached.items()
                if isinstance(entry, dict) and entry.get("stamp") == stamps.get(name)}
     missing = [p for p in files if p.name not in digests]
