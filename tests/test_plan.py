@@ -46,3 +46,23 @@ def test_8b_plan_replicates_the_base_on_80gib_gpus(capsys):
 def _plan_of(capsys, model, *flags):
     assert main(["plan", "--model", str(model), *flags]) == 0
     return capsys.readouterr().out
+
+
+def test_the_readmes_plan_outputs_are_what_plan_prints(capsys):
+    """Every ```$ gift-dist plan ...``` block of the README is the command's output (lines shown as `...` elided;
+    a `| grep WORD` keeps the lines holding WORD), so a change to the plan cannot leave the README behind."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```text\n\$ (gift-dist plan [^\n]*)\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) >= 3
+    for command, shown in blocks:
+        command, _, grep = command.partition(" | grep ")
+        assert main(shlex.split(command)[1:]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        if grep:
+            printed = [line for line in printed if grep.strip() in line]
+        for line in shown.splitlines():
+            if line.strip() != "...":
+                assert line in printed, f"README line not printed by `{command}`: {line}"

@@ -103,11 +103,16 @@ def run(args: argparse.Namespace) -> int:
               f"{fits} needs {without:.1f} GiB per GPU")
     k = score["gpus_per_replica"]
     processes = args.gpus_per_node if score["parallel"] != "pipeline" else score["replicas_per_node"]
-    print(f"scoring (bf16, {score['batch_tokens']} tokens per batch, score.parallel: auto -> {score['parallel']}): "
-          f"{k} GPU(s) per replica (score.gpus_per_replica={k}), {score['replicas_per_node']} replica(s) per node, "
-          f"{score['weights_gib'] + score['working_gib']:.1f} GiB per GPU (weights {score['weights_gib']:.1f} + "
-          f"working set {score['working_gib']:.1f}); launch {processes} process(es) per node: torchrun "
-          f"--nproc_per_node {processes} -m gift_dist score --config run.yaml score.gpus_per_replica={k}")
+    if k > args.gpus_per_node:
+        print(f"scoring (bf16): does not fit one node: {k} GPUs of {args.gpu_memory_gb:g} GiB per replica "
+              f"({score['weights_gib'] + score['working_gib']:.1f} GiB each), a node has {args.gpus_per_node}; score "
+              f"on nodes with more or larger GPUs (the scoring pool need not be the training pool)")
+    else:
+        print(f"scoring (bf16, {score['batch_tokens']} tokens per batch, score.parallel: auto -> {score['parallel']}): "
+              f"{k} GPU(s) per replica (score.gpus_per_replica={k}), {score['replicas_per_node']} replica(s) per node, "
+              f"{score['weights_gib'] + score['working_gib']:.1f} GiB per GPU (weights {score['weights_gib']:.1f} + "
+              f"working set {score['working_gib']:.1f}); launch {processes} process(es) per node: torchrun "
+              f"--nproc_per_node {processes} -m gift_dist score --config run.yaml score.gpus_per_replica={k}")
     print(f"merge: peak ~{merge['peak_gib']:.1f} GiB RAM (largest shard {merge['largest_shard_gib']:.1f} GiB "
           f"+ adapter {merge['adapter_gib']:.2f} GiB), independent of model size")
     return 0
