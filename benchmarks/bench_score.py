@@ -15,6 +15,16 @@ another's). Targets: score >= 0.90x forward tokens/s and <= 1.1x forward peak me
 
     python benchmarks/bench_score.py                                   # CPU, ~30M params, 32k vocab
     python benchmarks/bench_score.py --device cuda --dtype bfloat16 --vocab 151936 --hidden 1024 --layers 8
+
+``--tensor-parallel K``: one scoring replica of K tensor-parallel ranks (``score.parallel: tensor``, the
+vocabulary-parallel log-prob) against the same model in one process, on the same batches, in one run: tokens/s and
+the largest difference from the one-process values. On CPU a rank is a process with one thread (a core is the
+device) and the rows are: one device (1 process, 1 thread), which is also what ``device_map`` over K devices
+achieves (its layers run one after another, one device busy at a time, so at most one device's throughput), K
+threads in one process (intra-op parallelism, for reference), and the K-rank replica. On CUDA with K GPUs the
+``device_map`` row is measured (``device_map="auto"`` over K GPUs). Target: the replica >= 0.8 K x device_map.
+
+    python benchmarks/bench_score.py --tensor-parallel 2 --hidden 1024 --layers 4 --samples 12 --threads 1
 """
 
 from __future__ import annotations
@@ -52,7 +62,7 @@ def build_model(args):
     return model.to(args.device).eval()
 
 
-def build_batches(args):
+def build_batches(args, device=None):
     """Random samples (a prompt of ignored labels, then targets), grouped the way `score` groups a shard."""
     gen = torch.Generator().manual_seed(1)
     lengths = torch.randint(args.min_len, args.max_len + 1, (args.samples,), generator=gen).tolist()
@@ -63,7 +73,7 @@ def build_batches(args):
         rows.append(ids)
         labels.append([IGNORE_INDEX] * prompt + ids[prompt:])
     batches = length_batches(lengths, args.batch_tokens, args.batch_size)
-    return [collate([rows[i] for i in b], [labels[i] for i in b], 0, args.device) for b in batches]
+    return [collate([rows[i] for i in b], [labels[i] for i in b], 0, device or args.device) for b in batches]
 
 
 @torch.no_grad()
@@ -135,6 +145,112 @@ def peak_memory_cpu(method: str) -> int:
     return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
 
 
+def _tensor_parallel_rank(rank: int, args, model_dir: str, port: int, out_dir: str) -> None:
+    """One rank of the K-rank replica: load this rank's slices, score every batch ``--repeats`` times."""
+    import os
+
+    import torch.distributed as torch_dist
+    from transformers import AutoModelForCausalLM
+
+    from gift_dist.score.parallel import Replica, vocab_slice
+
+    on_gpu = args.device.startswith("cuda")
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(args.tensor_parallel))
+    torch.set_num_threads(1)
+    if on_gpu:
+        torch.cuda.set_device(rank)
+    torch_dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                  world_size=args.tensor_parallel)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype), tp_plan="auto",
+                                                     tp_size=args.tensor_parallel, attn_implementation="sdpa").eval()
+        replica = Replica(size=args.tensor_parallel, rank=rank, group=torch_dist.group.WORLD)
+        part = vocab_slice(model, replica)
+        device = f"cuda:{rank}" if on_gpu else "cpu"
+        batches = [tuple(t.to(device) for t in b) for b in build_batches(args, "cpu")]
+        values = [target_logprobs(model, *b, chunk_tokens=args.chunk, vocab_part=part).logprobs for b in batches[:1]]
+        seconds = []
+        for _ in range(args.repeats):
+            torch_dist.barrier()
+            _sync(args.device)
+            start = time.perf_counter()
+            values = [target_logprobs(model, *b, chunk_tokens=args.chunk, vocab_part=part).logprobs
+                      for b in batches]
+            _sync(args.device)
+            torch_dist.barrier()
+            seconds.append(time.perf_counter() - start)
+        if rank == 0:
+            torch.save({"seconds": seconds, "logprobs": torch.cat(values)}, Path(out_dir) / "tensor.pt")
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def _time_one_process(args, model, batches, threads: int) -> tuple[float, torch.Tensor]:
+    torch.set_num_threads(threads)
+    target_logprobs(model, *batches[0], chunk_tokens=args.chunk)
+    seconds, values = [], None
+    for _ in range(args.repeats):
+        _sync(args.device)
+        start = time.perf_counter()
+        values = [target_logprobs(model, *b, chunk_tokens=args.chunk).logprobs for b in batches]
+        _sync(args.device)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), torch.cat(values)
+
+
+def tensor_parallel_table(args) -> int:
+    """The K-rank replica against one process (and device_map on K GPUs), same batches, one run."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+    from transformers import AutoModelForCausalLM
+
+    k = args.tensor_parallel
+    on_gpu = args.device.startswith("cuda")
+    model = build_model(args)
+    batches = build_batches(args)
+    tokens = sum(int(mask.sum()) for _, mask, _ in batches)
+    params = sum(p.numel() for p in model.parameters())
+    rows: list[tuple[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        one_device, reference = _time_one_process(args, model, batches, 1 if not on_gpu else torch.get_num_threads())
+        rows.append(("one device" + (" (1 process, 1 thread)" if not on_gpu else ""), one_device))
+        if on_gpu:
+            del model
+            torch.cuda.empty_cache()
+            spread = AutoModelForCausalLM.from_pretrained(
+                tmp, dtype=getattr(torch, args.dtype), attn_implementation="sdpa", device_map="auto",
+                max_memory={i: ("80GiB" if i < k else 0) for i in range(torch.cuda.device_count())}).eval()
+            rows.append((f"device_map over {k} GPUs", _time_one_process(args, spread, batches, 1)[0]))
+            del spread
+            torch.cuda.empty_cache()
+        else:
+            rows.append((f"device_map over {k} devices (= one device: layers run in turn)", one_device))
+            rows.append((f"1 process, {k} threads", _time_one_process(args, model, batches, k)[0]))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        mp.spawn(_tensor_parallel_rank, args=(args, tmp, port, tmp), nprocs=k, join=True)
+        result = torch.load(Path(tmp) / "tensor.pt")
+    replica_seconds = statistics.median(result["seconds"])
+    rows.append((f"tensor-parallel replica, {k} ranks" + (" x 1 thread" if not on_gpu else ""), replica_seconds))
+    difference = float((result["logprobs"] - reference).abs().max())
+    device_map_seconds = rows[1][1]
+
+    print(f"model: llama {params / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}), "
+          f"{args.dtype} on {args.device}; {len(batches)} batches, {tokens} tokens, median of {args.repeats} passes")
+    print(f"{'layout':<58} {'tokens/s':>10} {'vs device_map':>14}")
+    for name, seconds in rows:
+        print(f"{name:<58} {tokens / seconds:>10.0f} {device_map_seconds / seconds:>13.2f}x")
+    speedup = device_map_seconds / replica_seconds
+    print(f"largest |replica - one process| log-prob difference: {difference:.2e}")
+    print(f"target: replica >= {0.8 * k:.1f}x device_map over the same {k} devices: "
+          f"{'met' if speedup >= 0.8 * k else 'MISSED'} ({speedup:.2f}x)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -151,10 +267,14 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk", type=int, default=1024, help="score.logprob_chunk_tokens")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--tensor-parallel", type=int, default=0, metavar="K",
+                        help="compare a K-rank tensor-parallel replica with one process (see above)")
     parser.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tensor_parallel:
+        return tensor_parallel_table(args)
 
     model = build_model(args)
     batches = build_batches(args)
