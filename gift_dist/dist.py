@@ -8,15 +8,21 @@ gloo on CPU).
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import signal
+import socket
+import sys
 import threading
 import time
+import uuid
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as torch_dist
+
+from gift_dist.errors import UserError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -203,6 +209,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def any_rank(flag: bool, device: Optional[torch.device] = None) -> bool:
+    """True on every rank when ``flag`` is true on any (one all-reduce; ``device``: where the backend reduces, the
+    accelerator for NCCL). Single process: ``flag``."""
+    if not is_initialized():
+        return bool(flag)
+    return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
+
+
 def rank0_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run ``fn`` on rank 0 only and give every rank its result (or rank 0's exception, re-raised everywhere).
 
@@ -222,3 +236,216 @@ def rank0_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     if error is not None:
         raise RuntimeError(f"rank 0 failed: {error}")
     return result
+
+
+# ---- one writer per run folder and stage ----
+
+LOCKS_DIR = ".locks"
+# A lock file that cannot be read (its writer died between creating and filling it) is stale after this long.
+UNREADABLE_LOCK_GRACE_SECONDS = 30.0
+# This process's locks: path -> [StageLock, depth] (a stage function called inside another that holds its lock).
+_held: dict[str, list] = {}
+
+
+def _boot_id() -> Optional[str]:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> Optional[int]:
+    stat = _proc_stat(pid)
+    return None if stat is None else stat[1]
+
+
+def _lock_record(stage: str, token: str) -> dict:
+    return {"stage": stage, "host": socket.gethostname(), "pid": os.getpid(), "start_time": _process_start(os.getpid()),
+            "boot_id": _boot_id(), "started_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join([os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]]), "token": token}
+
+
+def _read_lock(path: str) -> tuple[Optional[bytes], Optional[dict]]:
+    """The lock file's bytes (None when it is gone) and its record (None when it is not a readable one)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        return None, None
+    try:
+        record = json.loads(raw.decode("utf-8"))
+        int(record["pid"]), str(record["host"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return raw, None
+    return raw, record
+
+
+def lock_is_stale(record: Optional[dict], age_seconds: float) -> Optional[str]:
+    """Why a lock held by ``record`` is stale (its holder is certainly gone), or None while it may be alive. A
+    holder on another host cannot be checked from here and counts as alive."""
+    if record is None:
+        return (f"unreadable and {age_seconds:.0f}s old" if age_seconds > UNREADABLE_LOCK_GRACE_SECONDS else None)
+    if record["host"] != socket.gethostname():
+        return None
+    boot = _boot_id()
+    if record.get("boot_id") and boot and record["boot_id"] != boot:
+        return "its host has restarted since"
+    pid = int(record["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"process {pid} is gone"
+    except PermissionError:
+        pass  # alive, another user's
+    started = _process_start(pid)
+    if record.get("start_time") is not None and started is not None and started != record["start_time"]:
+        return f"process {pid} is gone (the pid now belongs to another process)"
+    return None
+
+
+class StageLock:
+    """An advisory lock file ``<run folder>/.locks/<stage>.lock`` (JSON: host, pid, process start time, command
+    line), created with O_EXCL, which works on shared filesystems too. Made by ``stage_lock``."""
+
+    def __init__(self, path: str, token: str):
+        self.path, self.token, self.pid = path, token, os.getpid()
+
+    def release(self) -> None:
+        """Remove the lock file, if it is still this one's."""
+        _, record = _read_lock(self.path)
+        if record is not None and record.get("token") == self.token:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def _take_over(path: str, raw: bytes, why: str, record: Optional[dict]) -> None:
+    """Remove a stale lock file, unless it changed since it was judged stale; a guard file (O_EXCL) makes sure two
+    processes taking it over at once cannot remove the lock one of them has just created."""
+    guard = path + ".takeover"
+    try:
+        fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        try:
+            if time.time() - os.stat(guard).st_mtime > UNREADABLE_LOCK_GRACE_SECONDS:
+                os.unlink(guard)  # left by a process that died while taking over
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+        return
+    os.close(fd)
+    try:
+        if _read_lock(path)[0] == raw:
+            holder = (f"pid {record['pid']} on {record['host']}, {record.get('command', '?')!r}" if record
+                      else "holder unknown")
+            log.warning("taking over the stale lock %s (%s): %s", path, holder, why)
+            os.unlink(path)
+    finally:
+        os.unlink(guard)
+
+
+def _refusal(path: str, stage: str, folder: str, record: Optional[dict]) -> str:
+    if record is None:
+        return (f"another `gift-dist {stage}` is starting in {folder} (its lock {path} is being written); wait "
+                f"for it to finish, or delete {path} if no such job runs")
+    return (f"another `gift-dist {stage}` is writing into {folder}: pid {record['pid']} on host {record['host']} "
+            f"since {record.get('started_at', '?')} ({record.get('command', '?')!r}); wait for it to finish or stop "
+            f"it, or use another output_dir; if that process is gone (e.g. its machine crashed), delete {path}")
+
+
+def acquire_stage_lock(folder, stage: str, wait_seconds: float = 0.0) -> StageLock:
+    """Take the lock of ``stage`` in the run folder ``folder``: at once, or within ``wait_seconds``; a UserError
+    naming the holder and how to proceed when another live process holds it (exit 2 from the CLI). A stale lock
+    (holder gone on this host, its pid reused, or unreadable and old) is taken over with a log line. Re-entrant
+    within one process."""
+    folder = os.path.abspath(os.fspath(folder))
+    path = os.path.join(folder, LOCKS_DIR, f"{stage}.lock")
+    held = _held.get(path)
+    if held is not None and held[0].pid == os.getpid():
+        held[1] += 1
+        return held[0]
+    token = uuid.uuid4().hex
+    deadline = time.monotonic() + wait_seconds
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pass
+            else:
+                try:
+                    os.write(fd, (json.dumps(_lock_record(stage, token), indent=2) + "\n").encode())
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                lock = StageLock(path, token)
+                _held[path] = [lock, 1]
+                return lock
+            raw, record = _read_lock(path)
+            if raw is None:
+                continue  # released meanwhile
+            try:
+                age = time.time() - os.stat(path).st_mtime
+            except FileNotFoundError:
+                continue
+            why = lock_is_stale(record, age)
+            if why is not None:
+                _take_over(path, raw, why, record)
+                continue
+            if time.monotonic() >= deadline:
+                raise UserError(_refusal(path, stage, folder, record))
+            time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
+    except OSError as exc:
+        raise UserError(f"cannot create the lock file {path} ({exc}); choose another output_dir or fix its "
+                        f"permissions") from None
+
+
+def release_stage_lock(lock: StageLock) -> None:
+    held = _held.get(lock.path)
+    if held is not None and held[0] is lock:
+        held[1] -= 1
+        if held[1] > 0:
+            return
+        del _held[lock.path]
+    lock.release()
+
+
+class stage_lock:
+    """``with stage_lock(output_dir, "merge"):`` holds the stage's lock for the block (released on any exit)."""
+
+    def __init__(self, folder, stage: str, wait_seconds: float = 0.0):
+        self.args = (folder, stage, wait_seconds)
+        self.lock: Optional[StageLock] = None
+
+    def __enter__(self) -> StageLock:
+        self.lock = acquire_stage_lock(*self.args)
+        return self.lock
+
+    def __exit__(self, *exc) -> None:
+        release_stage_lock(self.lock)
+
+
+class rank0_stage_lock(stage_lock):
+    """``stage_lock`` taken by rank 0 alone, for stages that run on many ranks: its refusal reaches every rank (one
+    broadcast, so no rank waits in a collective for a rank 0 that has given up) and each raises it."""
+
+    def __enter__(self) -> Optional[StageLock]:
+        error = None
+        if is_rank0():
+            try:
+                self.lock = acquire_stage_lock(*self.args)
+            except Exception as exc:  # raised on every rank below
+                if not is_initialized():
+                    raise
+                error = (isinstance(exc, UserError), str(exc))
+        error = broadcast_object(error)
+        if error is not None:
+            raise (UserError if error[0] else RuntimeError)(error[1])
+        return self.lock
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            release_stage_lock(self.lock)

@@ -31,6 +31,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from gift_dist import dist
 from gift_dist.config import ConfigError, EvalConfig, RunConfig, add_config_arguments, config_from_args
 from gift_dist.contracts import ContractError, atomic_write, atomic_write_text
 from gift_dist.contracts.prepared import IGNORE_INDEX, load_eval_split
@@ -383,7 +384,11 @@ def run(args: argparse.Namespace) -> int:
         cfg.eval.lm_eval_tasks = [task for task in args.lm_eval.split(",") if task]
     if args.lm_eval_include:
         cfg.eval.lm_eval_include = args.lm_eval_include
-    results = evaluate_models(cfg, models_to_evaluate(cfg, args.model))
-    path = write_report(results, Path(args.output) if args.output else cfg.paths.root / "eval")
+    out_dir = Path(args.output) if args.output else cfg.paths.root / "eval"
+    root = cfg.paths.root.absolute()
+    # One writer per report folder: the run folder's eval lock (or that of --output's parent, outside it).
+    with dist.stage_lock(root if root in out_dir.absolute().parents else out_dir.absolute().parent, "eval"):
+        results = evaluate_models(cfg, models_to_evaluate(cfg, args.model))
+        path = write_report(results, out_dir)
     print(markdown_table(results) + f"\nresults: {path}")
     return 0

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from gift_dist import dist
 from gift_dist.config import ConfigError, RunConfig, add_config_arguments, config_from_args
 from gift_dist.contracts import ContractError, require_writable
 from gift_dist.contracts import adapter as adapter_contract
@@ -129,10 +130,23 @@ def merge(
     base_dir: Optional[str] = None,
     throttle_seconds: float = 0.0,
 ) -> Path:
-    """Merge the run's adapter into the instruct (or base) checkpoint; returns the merged model dir."""
-    opts = cfg.merge
+    """Merge the run's adapter into the instruct (or base) checkpoint; returns the merged model dir. One writer
+    per output: the merge lock of the run folder, or of the output's parent when --output is outside it."""
     adapter_path, target, output, base = merge_paths(cfg, adapter_dir, target_dir, output_dir, base_dir)
     require_writable(output.parent, "the merge output's parent directory")
+    with dist.stage_lock(lock_folder(cfg.paths.root, output), "merge"):
+        return _merge(cfg, adapter_path, target, output, base, throttle_seconds)
+
+
+def lock_folder(run_folder: Path, output: Path) -> Path:
+    """The folder whose stage lock guards ``output``: the run folder when it holds ``output``, else its parent."""
+    run_folder, output = Path(run_folder).absolute(), Path(output).absolute()
+    return run_folder if run_folder in output.parents else output.parent
+
+
+def _merge(cfg: RunConfig, adapter_path: Path, target: Path, output: Path, base: Optional[Path],
+           throttle_seconds: float) -> Path:
+    opts = cfg.merge
     for model in (target, base):
         if model is not None and (output.resolve() == model.resolve() or model.resolve() in output.resolve().parents):
             raise ConfigError(f"output directory {output} would replace or sit inside the input model {model}")

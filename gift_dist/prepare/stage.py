@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from gift_dist import __version__
+from gift_dist import __version__, dist
 from gift_dist.config import (
     DataConfig,
     DataSource,
@@ -99,11 +99,17 @@ def _tokenize_batch(batch: dict, tokenizer, data_cfg: DataConfig, prep_cfg: Prep
 
 
 def prepare(cfg: RunConfig) -> contract.Prepared:
-    """Run the prepare stage and return the written, re-validated prepared dataset."""
-    from datasets import Features, Sequence, Value
-
+    """Run the prepare stage and return the written, re-validated prepared dataset; one writer per run folder
+    (``dist.stage_lock``)."""
     require(cfg, "instruct_model")
     require_writable(cfg.paths.prepared.parent, "the output directory (output_dir)")
+    with dist.stage_lock(cfg.paths.root, "prepare"):
+        return _prepare(cfg)
+
+
+def _prepare(cfg: RunConfig) -> contract.Prepared:
+    from datasets import Features, Sequence, Value
+
     if cfg.base_model:
         check_pair(cfg.base_model, cfg.instruct_model, cfg.trust_remote_code)
     tokenizer = load_tokenizer(cfg.instruct_model, cfg.trust_remote_code)

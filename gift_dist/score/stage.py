@@ -41,6 +41,8 @@ from gift_dist.score.report import ScoreSummary, summarize, write_report, write_
 log = logging.getLogger(__name__)
 # While every unfinished shard is held by other workers, say which at most this often.
 WAIT_LOG_SECONDS = 60.0
+# How long a worker waits for another one's short hold of the run folder's score lock (dist.stage_lock).
+SCORE_LOCK_WAIT_SECONDS = 300.0
 
 
 class NonFiniteLogprob(ContractError):
@@ -233,12 +235,13 @@ def score(cfg: RunConfig, rescore_corrupt: bool = False) -> ScoreSummary:
     held_out = load_eval_split(cfg.paths.prepared)
     scorer = _Scorer(cfg)
     if rescore_corrupt:
-        scorer.replica.lead(forget_corrupt_shards, cfg.paths.confidence, prepared)
+        scorer.replica.lead(scorer.locked, forget_corrupt_shards, cfg.paths.confidence, prepared)
         if held_out is not None:
-            scorer.replica.lead(forget_corrupt_shards, cfg.paths.confidence / contract.EVAL_DIR, held_out)
+            scorer.replica.lead(scorer.locked, forget_corrupt_shards, cfg.paths.confidence / contract.EVAL_DIR,
+                                held_out)
     summary = scorer.score_split(prepared, cfg.paths.confidence, identity)
     if summary.complete:
-        scorer.replica.lead(_write_token_view, cfg, prepared)
+        scorer.replica.lead(scorer.locked, _write_token_view, cfg, prepared)
     if held_out is not None:
         scorer.score_split(held_out, cfg.paths.confidence / contract.EVAL_DIR, identity)
     return summary
@@ -278,6 +281,13 @@ class _Scorer:
         self.replica = join_replica(cfg.score, self.parallel)
         self.model = self.input_device = self.vocab_part = None
         self.lease: Optional[ShardLease] = None
+
+    def locked(self, fn, *args):
+        """``fn(*args)`` under the run folder's score lock: the writes no shard lease covers (forgetting corrupt
+        shards, the summary and the reports) are made by one worker at a time; the others wait their turn (workers
+        on one folder are intended, so the lock is held only for these writes)."""
+        with dist.stage_lock(self.cfg.paths.root, "score", wait_seconds=SCORE_LOCK_WAIT_SECONDS):
+            return fn(*args)
 
     def _load(self) -> None:
         if self.model is not None:
@@ -374,7 +384,7 @@ class _Scorer:
             if progress is not None:
                 progress.close()
 
-        summary = replica.lead(self._summarize, conf_dir)
+        summary = replica.lead(self.locked, self._summarize, conf_dir)
         summary.worker = pool.worker
         summary.worker_shards, summary.worker_tokens = mine["shards"], mine["tokens"]
         summary.worker_tokens_per_second = mine["tokens"] / mine["seconds"] if mine["seconds"] else 0.0
