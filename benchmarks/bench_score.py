@@ -206,9 +206,16 @@ def tensor_parallel_table(args) -> int:
     import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM
 
+    from gift_dist.score.parallel import tensor_parallel_problem
+
     k = args.tensor_parallel
     on_gpu = args.device.startswith("cuda")
     model = build_model(args)
+    problem = tensor_parallel_problem(model.config, k)
+    if problem:
+        print(f"error: --tensor-parallel {k}: {problem} (--hidden sets hidden/64 heads, hidden/128 key/value heads)",
+              file=sys.stderr)
+        return 2
     batches = build_batches(args)
     tokens = sum(int(mask.sum()) for _, mask, _ in batches)
     params = sum(p.numel() for p in model.parameters())
