@@ -247,8 +247,12 @@ def models_to_evaluate(cfg: RunConfig, named: list[str]) -> dict[str, str]:
 
 
 def evaluate_models(cfg: RunConfig, models: dict[str, str]) -> list[ModelScores]:
+    from gift_dist.models.checkpoint import require_model
     from gift_dist.models.pair import load_tokenizer
 
+    # Every model checked before any is loaded: a folder that is no model is named, not found an hour in.
+    for name, path in {"instruct": cfg.instruct_model, **models}.items():
+        require_model(path, f"model to evaluate {name!r}:")
     settings: EvalConfig = cfg.eval
     regex = answer_regex(settings.answer_pattern)
     if settings.lm_eval_tasks:

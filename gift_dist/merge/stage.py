@@ -152,6 +152,9 @@ def _merge(cfg: RunConfig, adapter_path: Path, target: Path, output: Path, base:
             raise ConfigError(f"output directory {output} would replace or sit inside the input model {model}")
     if output.exists() and not opts.overwrite:
         raise ContractError(f"output directory {output} exists; pass --overwrite (merge.overwrite=true) to replace")
+    checkpoint.require_model(target, "the merge target")
+    if base is not None:
+        checkpoint.require_model(base, "the base model")
     adapter = adapter_contract.read_adapter(adapter_path)
     shapes = checkpoint.tensor_shapes(target)
     if base is not None and base != target:

@@ -210,6 +210,7 @@ def verify_merged(
     merged = merged_contract.read_merged(merged_dir or cfg.paths.merged)
     target = target_dir or merged.record.target["name"]
     base = base_dir or (merged.record.base or {}).get("name") or cfg.base_model or None
+    checkpoint.require_model(target, "the model merged into")
     inputs = Inputs(merged, Path(adapter_dir or merged.record.adapter["path"]), Path(target),
                     Path(base) if base else None)
     report = VerifyReport()

@@ -53,7 +53,24 @@ def weight_files(model_dir: str | Path) -> list[Path]:
             f"safetensors, e.g. `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, "
             f"safe_serialization=True)` on a machine you trust."
         )
-    raise ContractError(f"{model_dir} has no {SAFE_SINGLE} or {SAFE_INDEX}")
+    raise ContractError(f"{model_dir} is not a loadable model: it has no weights ({SAFE_SINGLE} or {SAFE_INDEX})")
+
+
+def require_model(model: str | Path, role: str = "model") -> None:
+    """A model named by a local path must be a loadable model folder, config.json and safetensors weights; a
+    ContractError names what is missing (a hub id, which is no local path, is left to transformers)."""
+    path = Path(model).expanduser()
+    if not str(model) or not path.exists():
+        return
+    if not path.is_dir():
+        raise ContractError(f"{role} {model} is a file, not a model folder (config.json and {SAFE_SINGLE})")
+    if not (path / "config.json").is_file():
+        raise ContractError(f"{role} {model} is not a loadable model: it has no config.json (a model folder holds "
+                            f"config.json and {SAFE_SINGLE} or {SAFE_INDEX} with its shards)")
+    try:
+        weight_files(path)
+    except ContractError as exc:
+        raise ContractError(f"{role} {exc}") from None
 
 
 def read_header(path: str | Path) -> dict[str, Any]:
@@ -157,6 +174,7 @@ def model_identity(model: str) -> dict[str, str]:
     Weight digests are cached beside the model (see ``weight_digests``)."""
     digest = hashlib.sha256()
     if is_local(model):
+        require_model(model)
         model_dir = Path(model)
         config = model_dir / "config.json"
         digest.update(config.read_bytes() if config.is_file() else b"")

@@ -32,6 +32,10 @@ SHAPE_KEYS = (
 )
 
 
+# Files of which a folder holding a tokenizer has at least one (config.json: transformers finds the rest from it).
+TOKENIZER_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json")
+
+
 class PairMismatch(ContractError):
     """Base and instruct models are not a compatible pair."""
 
@@ -56,20 +60,26 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     require_local_model(model)
+    path = Path(model).expanduser()
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ContractError(f"{model} is not a loadable model: it has no config.json and no tokenizer "
+                            f"({', '.join(TOKENIZER_FILES)})")
     try:
         return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     except Exception as exc:  # tokenizers raises a bare Exception for a damaged tokenizer.json
-        raise ContractError(f"cannot load the tokenizer of {model}: {exc}") from exc
+        # One line: transformers' messages run over several.
+        raise ContractError(f"cannot load the tokenizer of {model}: {' '.join(str(exc).split())}") from exc
 
 
 def load_config(model: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     require_local_model(model)
+    checkpoint.require_model(model)
     try:
         return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ContractError(f"cannot load the config of {model}: {exc}") from exc
+        raise ContractError(f"cannot load the config of {model}: {' '.join(str(exc).split())}") from exc
 
 
 def _text_config(config):

@@ -45,7 +45,7 @@ from gift_dist.contracts import ContractError, require_writable
 from gift_dist.contracts import confidence as conf_contract
 from gift_dist.contracts.adapter import AdapterProvenance
 from gift_dist.contracts.prepared import load_eval_split, load_prepared
-from gift_dist.models.checkpoint import model_identity
+from gift_dist.models.checkpoint import model_identity, require_model
 from gift_dist.models.pair import check_pair
 from gift_dist.models.prepared_inputs import check_prepared_inputs
 from gift_dist.train import adapter_io, weighting
@@ -57,7 +57,7 @@ from gift_dist.train.data import (
     MicroBatch,
     TrainBatches,
 )
-from gift_dist.train.engine import TrainEngine, build_engine, check_liger_kernels
+from gift_dist.train.engine import TrainEngine, build_engine, check_liger_kernels, training_model_path
 from gift_dist.train.loss import micro_batch_loss, normalizer_local, weighted_ce_sum
 from gift_dist.train.metrics import MetricsLogger, check_trackers, open_trackers
 
@@ -121,6 +121,8 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
     if cfg.base_model and cfg.instruct_model:
         # The adapter is merged into the instruct model: a base it does not pair with is refused before any work.
         check_pair(cfg.base_model, cfg.instruct_model, cfg.trust_remote_code)
+    if training_model_path(cfg):
+        require_model(training_model_path(cfg), f"the {cfg.train.train_model} model to train")
     set_single_process_env()
     dist.init(use_deepspeed=True)
     rank, world = dist.rank(), dist.world_size()
