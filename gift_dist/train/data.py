@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -42,8 +42,19 @@ WAIT_LOG_SECONDS = 60.0
 DATA_ORDER = 2
 
 
+# While waiting for the scorer, the stop request (SIGTERM/SIGINT) is checked at least this often.
+STOP_CHECK_SECONDS = 0.5
+
+
+class StopWhileWaiting(Exception):
+    """A stop was requested (SIGTERM/SIGINT) while the trainer waited for the scorer's confidence shards."""
+
+
 class ConfidenceReader:
-    """Per-sample instruct logprobs from a confidence directory that the scorer may still be filling."""
+    """Per-sample instruct logprobs from a confidence directory that the scorer may still be filling.
+
+    ``stop``: polled while waiting for a shard (every ``STOP_CHECK_SECONDS``); when it says true the wait ends with
+    ``StopWhileWaiting``, so a preempted trainer stops within a second instead of waiting out the scorer."""
 
     def __init__(
         self,
@@ -52,12 +63,14 @@ class ConfidenceReader:
         wait_seconds: float,
         poll_seconds: float,
         instruct_identity: Optional[dict] = None,
+        stop: Optional[Callable[[], bool]] = None,
     ):
         self.conf_dir = Path(conf_dir)
         self.prepared = prepared
         self.wait_seconds = wait_seconds
         self.poll_seconds = poll_seconds
         self.instruct_identity = instruct_identity
+        self.stop = stop or (lambda: False)
         self._target_counts = np.asarray(prepared.dataset.with_format("numpy")["num_target_tokens"], dtype=np.int64)
         self._manifest: Optional[conf_contract.ConfidenceManifest] = None
         self._cache: OrderedDict[int, conf_contract.ConfidenceShard] = OrderedDict()
@@ -103,7 +116,21 @@ class ConfidenceReader:
             if waited - last_log >= WAIT_LOG_SECONDS:
                 log.info("waiting for confidence shard %d in %s (%s)", shard_index, self.conf_dir, progress)
                 last_log = waited
-            time.sleep(min(self.poll_seconds, max(self.wait_seconds - waited, 0.0)))
+            next_poll = time.monotonic() + min(self.poll_seconds, max(self.wait_seconds - waited, 0.0))
+            while True:
+                if self.stop():
+                    raise StopWhileWaiting(f"stop requested while waiting for confidence shard {shard_index} in "
+                                           f"{self.conf_dir} ({progress})")
+                left = next_poll - time.monotonic()
+                if left <= 0:
+                    break
+                time.sleep(min(left, STOP_CHECK_SECONDS))
+
+    def wait_all(self) -> None:
+        """Wait until every shard of the plan is finished (StopWhileWaiting, ContractError as ``logprobs``)."""
+        for index in range(len(self.prepared.manifest.shards)):
+            if self._manifest is None or index not in self._manifest.shards:
+                self._wait_for(index)
 
     def _shard(self, shard_index: int) -> conf_contract.ConfidenceShard:
         if shard_index in self._cache:
@@ -317,9 +344,13 @@ class TrainBatches:
     def _step_micro_batches(self, step: int) -> list[np.ndarray]:
         if not 0 <= step < self.total_steps:
             raise IndexError(f"step {step} outside the run's 0..{self.total_steps - 1}")
-        epoch = int(np.searchsorted(self._epoch_starts, step, side="right")) - 1
+        epoch = self.epoch_of(step)
         within = step - int(self._epoch_starts[epoch])
         return self.epoch_micro_batches(epoch)[within * self.per_step : (within + 1) * self.per_step]
+
+    def epoch_of(self, step: int) -> int:
+        """The epoch optimizer step ``step`` (0-based) belongs to."""
+        return int(np.searchsorted(self._epoch_starts, step, side="right")) - 1
 
     def global_batch_indices(self, step: int) -> np.ndarray:
         """All ranks' samples of optimizer step ``step``."""
@@ -408,6 +439,18 @@ class HeldOutBatches:
         per_rank = -(-len(groups) // world)
         self._mine = [(groups[i], True) if i < len(groups) else (groups[0], False)
                       for i in range(rank, per_rank * world, world)]
+
+    def wait_ready(self) -> bool:
+        """Wait until the held-out split's confidence shards are all finished (at once without a confidence reader);
+        False when a stop was requested meanwhile, so the evaluation that follows never waits inside a forward."""
+        reader = self._batches.confidence
+        if reader is None:
+            return True
+        try:
+            reader.wait_all()
+        except StopWhileWaiting:
+            return False
+        return True
 
     def __iter__(self):
         """(micro-batch, counts) pairs; ``counts`` is False for a rank's padding forward."""

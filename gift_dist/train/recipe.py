@@ -55,6 +55,7 @@ from gift_dist.train.data import (
     ConfidenceReader,
     HeldOutBatches,
     MicroBatch,
+    StopWhileWaiting,
     TrainBatches,
 )
 from gift_dist.train.engine import TrainEngine, build_engine, check_liger_kernels, training_model_path
@@ -101,8 +102,8 @@ class StopRequest:
     def _handle(self, signum, _frame) -> None:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-        log.warning("rank %d received %s: will save a checkpoint and stop after this step", dist.rank(),
-                    self.signal_name)
+        log.warning("rank %d received %s: will save a checkpoint and stop after this step (at once when waiting "
+                    "for the scorer)", dist.rank(), self.signal_name)
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
@@ -125,7 +126,16 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
         require_model(training_model_path(cfg), f"the {cfg.train.train_model} model to train")
     set_single_process_env()
     dist.init(use_deepspeed=True)
+    # One trainer per run folder: rank 0 holds the lock, its refusal reaches every rank (no collective left hanging).
+    with dist.rank0_stage_lock(cfg.paths.root, "train"):
+        return _train(cfg, resume, resume_if_exists, grad_dump_dir, resume_anyway)
+
+
+def _train(cfg: RunConfig, resume: bool, resume_if_exists: bool, grad_dump_dir: Optional[str | Path],
+           resume_anyway: bool) -> TrainResult:
     rank, world = dist.rank(), dist.world_size()
+    # Installed once the engine is built; read meanwhile by the waits for the scorer's shards.
+    stop = StopRequest()
     prepared = load_prepared(cfg.paths.prepared)
     check_prepared_inputs(cfg, prepared.manifest, str(cfg.paths.prepared))
     fingerprint = prepared.manifest.fingerprint
@@ -133,7 +143,8 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
     if weighting.needs_confidence(cfg.train):
         instruct_identity = model_identity(cfg.instruct_model)
         confidence = ConfidenceReader(cfg.paths.confidence, prepared, cfg.train.confidence_wait_seconds,
-                                      cfg.train.confidence_poll_seconds, instruct_identity=instruct_identity)
+                                      cfg.train.confidence_poll_seconds, instruct_identity=instruct_identity,
+                                      stop=lambda: stop.requested)
     batches = TrainBatches(prepared, cfg.train, rank, world, confidence, seed=cfg.train.seed)
     te = build_engine(cfg, world, batches.total_steps)
     identity = model_identity(te.model_path)
@@ -149,42 +160,68 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
     metrics = MetricsLogger(cfg.paths.logs, batches.total_steps, start_step, enabled=dist.is_rank0(),
                             progress=cfg.train.progress, log_every=cfg.train.log_every_steps,
                             trackers=open_trackers(cfg) if dist.is_rank0() else [])
-    stop = StopRequest().install()
+    stop.install()
     dist.stop_when_launcher_exits()
     log.info("training %s (%s weighting) for steps %d..%d on %d rank(s), global batch %d samples",
              te.model_path, cfg.train.weighting, start_step + 1, batches.total_steps, world,
              record.global_batch_size)
     held_out = load_eval_split(cfg.paths.prepared)
-    held_out_batches = None
+    held_out_batches = held_out_confidence = None
     if held_out is not None:
-        held_out_confidence = None
         if confidence is not None:
             # The scorer scores the held-out split too (confidence/eval), after the training split.
             held_out_confidence = ConfidenceReader(cfg.paths.confidence / conf_contract.EVAL_DIR, held_out,
                                                    cfg.train.confidence_wait_seconds,
                                                    cfg.train.confidence_poll_seconds,
-                                                   instruct_identity=instruct_identity)
+                                                   instruct_identity=instruct_identity, stop=lambda: stop.requested)
         held_out_batches = HeldOutBatches(held_out, cfg.train, rank, world, held_out_confidence)
-    step, final_loss, checkpoint = start_step, None, None
+    step, final_loss, checkpoint, saved_step = start_step, None, None, None
+
+    def preempted(waiting: bool) -> TrainResult:
+        """Save what there is to save (nothing when no step ran here, or this step is saved already) and stop."""
+        nonlocal checkpoint
+        if step > start_step and saved_step != step:
+            checkpoint = save_checkpoint(te, checkpoints, record, step, cfg)
+        elif step == start_step:
+            latest = checkpoints.latest() if start_step else None
+            checkpoint = latest[0] if latest is not None else None
+        by = stop.signal_name or "a signal on another rank"
+        where = " while waiting for the scorer's confidence shards" if waiting else ""
+        saved = (f"saved checkpoint {checkpoint} at step {step}/{batches.total_steps}; rerun with --resume to "
+                 f"continue" if checkpoint is not None else "no step had run, nothing to save; rerun to start")
+        log.warning("preempted by %s%s: %s", by, where, saved)
+        mark_preempted(step, checkpoint)
+        return TrainResult(None, step, batches.total_steps, final_loss, True, checkpoint)
+
     try:
         while step < batches.total_steps:
-            values = train_step(te, cfg, batches.micro_batches(step), world, grad_dump_dir, step + 1,
+            try:
+                micro_batches, stopped = batches.micro_batches(step), False
+            except StopWhileWaiting:
+                micro_batches, stopped = None, True
+            if confidence is not None and world > 1 and batches.epoch_of(step) == 0:
+                # Ranks may wait for different shards: all leave the wait together (epoch 0 is where it waits).
+                stopped = dist.any_rank(stopped, te.device)
+            if stopped:
+                return preempted(waiting=True)
+            values = train_step(te, cfg, micro_batches, world, grad_dump_dir, step + 1,
                                 stop_requested=stop.requested)
             step += 1
             stopping = values.pop("stop")
             final_loss = values["loss"]
             every = cfg.train.eval_every_steps
             if held_out_batches is not None and (step == batches.total_steps or (every and step % every == 0)):
-                values.update(evaluate(te, cfg, held_out_batches, world))
+                # Every rank waits for all held-out shards first, so no rank waits inside the evaluation's forwards.
+                stopped = not held_out_batches.wait_ready()
+                if world > 1 and held_out_confidence is not None:
+                    stopped = dist.any_rank(stopped, te.device)
+                if not stopped:
+                    values.update(evaluate(te, cfg, held_out_batches, world))
             metrics.log(step, values)
-            if stopping or step % cfg.train.save_every_steps == 0:
-                checkpoint = save_checkpoint(te, checkpoints, record, step, cfg)
-            if stopping:
-                message = (f"preempted by {stop.signal_name or 'a signal on another rank'}: saved checkpoint "
-                           f"{checkpoint} at step {step}/{batches.total_steps}; rerun with --resume to continue")
-                log.warning(message)
-                mark_preempted(step, checkpoint)
-                return TrainResult(None, step, batches.total_steps, final_loss, True, checkpoint)
+            if not (stopping or stopped) and step % cfg.train.save_every_steps == 0:
+                checkpoint, saved_step = save_checkpoint(te, checkpoints, record, step, cfg), step
+            if stopping or stopped:
+                return preempted(waiting=stopped)
     finally:
         stop.uninstall()
         metrics.close(summary=confidence_summary(cfg) if dist.is_rank0() else None)
@@ -388,6 +425,8 @@ def provenance(cfg: RunConfig, identity: dict, fingerprint: str, step: int, worl
         world_size=world,
         global_batch_size=cfg.train.global_batch(world),
         complete=complete,
+        # build_ds_config makes the ds_config agree with this setting (or refuses to start).
+        quantized_frozen_weights=cfg.train.quantized_frozen_weights,
     )
 
 
@@ -420,8 +459,9 @@ def run(args: argparse.Namespace) -> int:
     dist.shutdown()
     if result.preempted:
         if dist.is_rank0():
-            print(f"gift-dist train: PREEMPTED at step {result.steps}/{result.total_steps}; checkpoint "
-                  f"{result.checkpoint}; rerun with --resume to continue")
+            saved = (f"checkpoint {result.checkpoint}; rerun with --resume to continue" if result.checkpoint
+                     else "no step had run, nothing to save; rerun to start")
+            print(f"gift-dist train: PREEMPTED at step {result.steps}/{result.total_steps}; {saved}")
         return PREEMPTED_EXIT_CODE
     if dist.is_rank0():
         if result.final_loss is None:
