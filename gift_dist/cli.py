@@ -87,7 +87,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     # The first word naming a command (not the value of an option such as `--log-level INFO`).
     command = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(command)
-    args = parser.parse_args(argv)
+    from gift_dist.config import parse_command_line
+
+    args = parse_command_line(parser, argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
