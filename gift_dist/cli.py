@@ -82,13 +82,27 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, with ``section.key=value`` overrides accepted anywhere among the flags
+    (``prepare --strict a=1``, ``compare a=1 --seeds 3 b=2``), in the order written. argparse fills a ``nargs="*"``
+    positional from one run of words only, so the words of every other run come back unparsed: those are the
+    overrides (checked as such by ``config.parse_overrides``); an unknown ``--flag``, or any word for a command that
+    takes no overrides, is still an error."""
+    args, extras = parser.parse_known_args(argv)
+    if not extras:
+        return args
+    unknown = [word for word in extras if word.startswith("-")]
+    if unknown or not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extras)}")
+    args.overrides = [*(args.overrides or []), *extras]
+    return args
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The first word naming a command (not the value of an option such as `--log-level INFO`).
     command = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(command)
-    from gift_dist.config import parse_command_line
-
     args = parse_command_line(parser, argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),

@@ -662,28 +662,12 @@ def require(cfg: RunConfig, *keys: str) -> None:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments every stage's command shares: a run config and ``section.key=value`` overrides (anywhere on the
-    command line when parsed with ``parse_command_line``)."""
+    command line: ``gift_dist.cli.parse_command_line`` collects them)."""
     parser.add_argument("--config", help="run config YAML (see examples/ and gift_dist/config.py for defaults)")
     parser.add_argument(
         "overrides", nargs="*", metavar="section.key=value",
         help="override config keys, e.g. train.lora.r=8 (before, between or after the flags; the last one wins)"
     )
-
-
-def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """``parser.parse_args(argv)``, with ``section.key=value`` overrides accepted anywhere among the flags
-    (``prepare --strict a=1``, ``compare a=1 --seeds 3 b=2``), in the order written. argparse fills a ``nargs="*"``
-    positional from one run of words only, so the words of every other run come back unparsed: those are the
-    overrides (checked as such by ``parse_overrides``); an unknown ``--flag``, or any word for a command that takes
-    no overrides, is still an error."""
-    args, extras = parser.parse_known_args(argv)
-    if not extras:
-        return args
-    unknown = [word for word in extras if word.startswith("-")]
-    if unknown or not hasattr(args, "overrides"):
-        parser.error(f"unrecognized arguments: {' '.join(unknown or extras)}")
-    args.overrides = [*(args.overrides or []), *extras]
-    return args
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

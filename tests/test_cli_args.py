@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gift_dist.cli import build_parser, main
-from gift_dist.config import parse_command_line
+from gift_dist.cli import build_parser, main, parse_command_line
 
 
 def parse(argv: list[str]):
