@@ -227,6 +227,11 @@ class TrainConfig:
     # `auto` (the shipped config of the chosen sharding: ds_configs/replicate.json or zero3.json), a file path, or
     # a shipped name (replicate, zero3, zero3_offload, zero3_nvme, zero3_multinode); it must agree with `sharding`.
     ds_config: str = "auto"
+    # Keep the frozen base in int8 under ZeRO-3 (DeepSpeed ZeRO++ `zero_quantized_nontrainable_weights`): its
+    # partitions, hpZ copies and all-gathers take half the memory and traffic, but the LoRA then trains against an
+    # int8 copy of the base and is merged into bf16 weights. Off unless chosen here (a ds_config that turns it on
+    # by itself is refused); only with a ZeRO-3 layout. The log, the adapter's provenance and merge say so.
+    quantized_frozen_weights: bool = False
     # Attention kernel: `auto` = for packed rows on a GPU a varlen kernel (flash_attention_2 when installed, else
     # torch's own, `gift_varlen`), else sdpa; or one of these by name.
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention",
@@ -311,6 +316,15 @@ class TrainConfig:
         if not self.confidence_wait_seconds >= 0:
             raise ConfigError(f"config key 'train.confidence_wait_seconds' must be >= 0, got "
                               f"{self.confidence_wait_seconds}")
+        if not isinstance(self.quantized_frozen_weights, bool):
+            raise ConfigError(f"config key 'train.quantized_frozen_weights' must be true or false, got "
+                              f"{self.quantized_frozen_weights!r}")
+        if self.quantized_frozen_weights and self.sharding == "replicate":
+            raise ConfigError("train.quantized_frozen_weights=true keeps the frozen base in int8 under ZeRO-3, but "
+                              "train.sharding=replicate holds it whole in bf16: set train.sharding=zero3")
+        if self.quantized_frozen_weights and self.sharding == "auto" and self.ds_config == "auto":
+            raise ConfigError("train.quantized_frozen_weights=true needs a ZeRO-3 layout, which train.sharding=auto "
+                              "may not pick: set train.sharding=zero3 (or train.ds_config=zero3_multinode)")
 
     def global_batch(self, world: int) -> int:
         """Samples per optimizer step over all ranks: micro batch x gradient accumulation x ranks. With a token

@@ -214,3 +214,47 @@ def test_trackers_that_are_unknown_or_not_installed_are_refused_before_any_work(
     assert main(["train", f"output_dir={run}", "base_model=nowhere", "train.report_to=[wandb]"]) == 2
     assert "train.report_to names wandb but it is not installed; pip install wandb" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_quantized_frozen_weights_is_a_zero3_choice(tmp_path):
+    """Off by default and in the shipped multi-node config; on only with ZeRO-3, and a ds_config that turns it on
+    by itself is refused (the adapter would train against int8 weights unrecorded)."""
+    import json
+
+    from gift_dist.train.engine import Layout, build_ds_config, resolve_ds_config
+
+    assert load_config(None, []).train.quantized_frozen_weights is False
+    from gift_dist.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="'train.quantized_frozen_weights' must be true or false"):
+        TrainConfig(quantized_frozen_weights="yes")
+    shipped = json.loads(resolve_ds_config("zero3_multinode").read_text())["zero_optimization"]
+    assert shipped["zero_quantized_nontrainable_weights"] is False and shipped["zero_hpz_partition_size"] == 8
+    for overrides, message in (
+        (["train.quantized_frozen_weights=maybe"], "'train.quantized_frozen_weights': expected true/false"),
+        (["train.quantized_frozen_weights=true", "train.sharding=replicate"], "set train.sharding=zero3"),
+        (["train.quantized_frozen_weights=true"], "train.sharding=auto may not pick"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, overrides)
+    on = load_config(None, ["train.quantized_frozen_weights=true", "train.sharding=zero3",
+                            "train.ds_config=zero3_multinode"]).train
+    from gift_dist.models.memory import ModelShape
+
+    shape = ModelShape(name="t", total_params=100, largest_layer_params=10, decoder_layer_params=10, lora_params=4,
+                       largest_lora_tensor=2, hidden_size=4, intermediate_size=8, num_layers=2, vocab_size=10,
+                       largest_shard_bytes=None)
+    multinode = Layout("zero3", resolve_ds_config("zero3_multinode"), "test")
+    ds = build_ds_config(on, multinode, 2, 10, shape)
+    assert ds["zero_optimization"]["zero_quantized_nontrainable_weights"] is True
+    off = load_config(None, ["train.ds_config=zero3_multinode"]).train
+    assert build_ds_config(off, multinode, 2, 10, shape)["zero_optimization"]["zero_quantized_nontrainable_weights"] is False
+    turned_on = tmp_path / "q.json"
+    config = json.loads(resolve_ds_config("zero3_multinode").read_text())
+    config["zero_optimization"]["zero_quantized_nontrainable_weights"] = True
+    turned_on.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="train.quantized_frozen_weights is false"):
+        build_ds_config(off, Layout("zero3", turned_on, "test"), 2, 10, shape)
+    replicate = load_config(None, ["train.quantized_frozen_weights=true", "train.ds_config=replicate"]).train
+    with pytest.raises(ConfigError, match="needs ZeRO stage 3"):
+        build_ds_config(replicate, Layout("replicate", resolve_ds_config("replicate"), "test"), 2, 10, shape)

@@ -441,3 +441,47 @@ def test_verify_merge_recomputes_the_shard_checksums(pairs, adapters, tmp_path):
     save_file(tensors, str(shard), metadata={"format": "pt"})
     with pytest.raises(ContractError, match=rf"shard {shard.name} does not match the sha256"):
         verify_merged(cfg)
+
+
+def test_quantized_frozen_weights_round_trip_through_the_adapter_provenance(pairs, adapters, tmp_path):
+    """Recorded, validated on read; an adapter written before the key existed still reads (None)."""
+    tagged = _tag(adapters["llama"], tmp_path / "q", quantized_frozen_weights=True)
+    assert read_adapter(tagged).provenance.quantized_frozen_weights is True
+    old = tmp_path / "old"
+    shutil.copytree(adapters["llama"], old)
+    record = _provenance(weights_sha256=file_sha256(old / "adapter_model.safetensors")).to_json()
+    del record["quantized_frozen_weights"]
+    (old / "gift_adapter.json").write_text(json.dumps(record))
+    assert read_adapter(old).provenance.quantized_frozen_weights is None
+    (old / "gift_adapter.json").write_text(json.dumps({**record, "quantized_frozen_weights": "int8"}))
+    with pytest.raises(ContractError, match="quantized_frozen_weights must be true, false or absent"):
+        read_adapter(old)
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"quantized_frozen_weights": True}, "trained against int8 base weights"),
+    ({"quantized_frozen_weights": False, "train_config": {"ds_config": "zero3_multinode"}}, None),
+    ({"train_config": {"ds_config": "zero3_multinode"}}, "may have been trained against int8 base weights"),
+])
+def test_merge_reports_an_adapter_trained_against_int8_base_weights(pairs, adapters, tmp_path, capsys, changes,
+                                                                      expected):
+    from gift_dist.cli import main
+
+    pair = pairs["llama"]
+    base = checkpoint.model_identity(str(pair.base))
+    record = _provenance(model_identity=base, base_model=base, **changes).to_json()
+    if "quantized_frozen_weights" not in changes:  # written before the key existed
+        del record["quantized_frozen_weights"]
+    tagged = tmp_path / "adapter"
+    shutil.copytree(adapters["llama"], tagged)
+    record["weights_sha256"] = file_sha256(tagged / "adapter_model.safetensors")
+    (tagged / "gift_adapter.json").write_text(json.dumps(record))
+    args = ["merge", "--adapter", str(tagged), f"base_model={pair.base}", f"instruct_model={pair.instruct}",
+            f"output_dir={tmp_path / 'run'}", "merge.verify=false", "merge.progress=false"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    note = read_merged(tmp_path / "run" / "merged").record.int8_base_weights
+    if expected is None:
+        assert note is None and "int8" not in out
+    else:
+        assert expected in note and f"adapter {note}" in out

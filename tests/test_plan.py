@@ -66,3 +66,62 @@ def test_the_readmes_plan_outputs_are_what_plan_prints(capsys):
         for line in shown.splitlines():
             if line.strip() != "...":
                 assert line in printed, f"README line not printed by `{command}`: {line}"
+
+
+def test_zero3_model_states_against_deepspeeds_estimator_for_70b():
+    """Like for like with DeepSpeed's estimator for the whole 70B model trained in full: ours is its figure less
+    what the frozen base does not hold (16 bytes/param of gradient, fp32 master and Adam moments for every frozen
+    parameter; the gathered layer's gradient), plus the LoRA weights kept whole on every GPU."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    from gift_dist.config import LoraConfig
+    from gift_dist.models.memory import GIB, model_shape, training_plan
+
+    shape = model_shape(str(LLAMA_70B), 16, LoraConfig().target_modules)
+    gpus, nodes = 8, 2
+    world = gpus * nodes
+    # The peft model DeepSpeed would see: the base (all frozen) and the LoRA tensors.
+    _, ds_gpu, ds_largest_layer = estimate_zero3_model_states_mem_needs(
+        shape.total_params + shape.lora_params, shape.largest_layer_params, gpus, nodes, cpu_offload=False, cpu_offload_params=False)
+    items = training_plan(shape, gpus, nodes, 4096, 1024)["zero3"]["items"]
+    ours = (items["lora_states"] + items["frozen_weights"] + items["gathered_layer"]) * GIB
+    frozen = shape.total_params
+    expected = ds_gpu - 16 * frozen / world - ds_largest_layer / 2 + 2 * shape.lora_params * (1 - 1 / world)
+    assert abs(ours - expected) < 16  # bytes: DeepSpeed rounds to int
+    assert ds_gpu / GIB > 75 and ours / GIB < 11  # trained in full it would not fit; LoRA on a frozen base does
+
+
+def test_plan_counts_each_ds_config_item(capsys):
+    """hpZ's secondary copy, int8 frozen weights, prefetch/live limits and reduce buckets from the ds_configs,
+    activations at the token budget and the LoRA gather are line items of their own."""
+    from gift_dist.config import LoraConfig
+    from gift_dist.models.memory import GIB, model_shape, training_plan
+
+    shape = model_shape(str(LLAMA_70B), 16, LoraConfig().target_modules)
+    plans = training_plan(shape, 8, 2, 4096, 1024)
+    zero3, multi = plans["zero3"]["items"], plans["zero3_multinode"]["items"]
+    weights = 2 * shape.total_params / GIB
+    assert multi["hpz_secondary"] == weights / 8 and zero3["hpz_secondary"] == 0
+    assert abs(multi["frozen_weights"] - weights / 16) < 1e-9
+    assert plans["zero3"]["gpu_gib"] == sum(zero3.values())
+    # "auto" sizes: one decoder layer prefetched, three alive; the gathered layer counts against the live limit.
+    leaf = max(shape.largest_layer_params, shape.decoder_layer_params)
+    assert zero3["prefetch"] == 2 * min(shape.decoder_layer_params, 3 * shape.decoder_layer_params - leaf) / GIB
+    assert zero3["reduce_bucket"] == 2 * 50_000_000 / GIB
+    assert plans["replicate"]["items"]["reduce_bucket"] == 4 * 500_000_000 / GIB  # ZeRO-1 accumulates in fp32
+    assert zero3["lora_gather"] == 4 * shape.largest_lora_tensor / GIB
+    assert plans["zero3"]["cpu_items"]["LoRA gather (save)"] == 4 * shape.lora_params * 8 / GIB
+    quantized = training_plan(shape, 8, 2, 4096, 1024, quantized_frozen_weights=True)
+    for key in ("frozen_weights", "hpz_secondary"):
+        assert quantized["zero3_multinode"]["items"][key] == multi[key] / 2
+    assert quantized["replicate"]["items"]["frozen_weights"] == plans["replicate"]["items"]["frozen_weights"]
+    budget = training_plan(shape, 8, 2, 8192, 1024)["zero3"]["items"]["activations"]
+    assert budget > zero3["activations"]
+    out = _plan(capsys, "--gpus-per-node", "8", "--nodes", "2", "--micro-batch-tokens", "8192")
+    assert "micro-batches of 8192 tokens (train.micro_batch_tokens)" in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("activations"))
+    assert f"{budget:.2f}" in row.split()
+    assert "zero3_multinode: hpZ over 8 GPU(s)" in out and "hpZ secondary copy" in out
+    assert "zero3_multinode" not in _plan(capsys, "--gpus-per-node", "8")
+    out = _plan(capsys, "--gpus-per-node", "4", "--nodes", "2", "--quantized-frozen-weights")
+    assert "frozen weights int8" in out and "set zero_hpz_partition_size to the GPUs per node (4), not 8" in out

@@ -58,6 +58,11 @@ class AdapterProvenance:
     complete: bool
     # sha256 of adapter_model.safetensors, filled by ``write_adapter`` and checked by every reader.
     weights_sha256: str = ""
+    # True when the frozen base was kept in int8 during training (train.quantized_frozen_weights, DeepSpeed ZeRO++
+    # zero_quantized_nontrainable_weights): the LoRA learned against int8 base weights. None in adapters written
+    # before this was recorded (still readable: a new optional key keeps the version); ``int8_base_note`` says
+    # what can be told of those.
+    quantized_frozen_weights: Optional[bool] = None
     format: str = FORMAT
     version: int = VERSION
 
@@ -72,6 +77,9 @@ class AdapterProvenance:
             least = 0 if key == "steps" else 1
             if not isinstance(value, int) or value < least:
                 raise ContractError(f"adapter provenance: {key} must be an integer >= {least}, got {value!r}")
+        if self.quantized_frozen_weights not in (None, True, False):
+            raise ContractError(f"adapter provenance: quantized_frozen_weights must be true, false or absent, got "
+                                f"{self.quantized_frozen_weights!r}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +95,26 @@ class AdapterProvenance:
             return cls(**data)
         except TypeError as exc:
             raise ContractError(f"{where}: malformed adapter provenance: {exc}") from exc
+
+
+# The shipped ds_config that kept the frozen base in int8 before train.quantized_frozen_weights existed.
+_QUANTIZING_BEFORE = "zero3_multinode"
+
+
+def int8_base_note(provenance: Optional[AdapterProvenance]) -> Optional[str]:
+    """What merge reports about int8 base weights: a line when the adapter was (or may have been) trained against
+    them, None when it was trained against the base in full precision or nothing is recorded that suggests it."""
+    if provenance is None:
+        return None
+    if provenance.quantized_frozen_weights:
+        return ("trained against int8 base weights (train.quantized_frozen_weights=true); merged into the "
+                "target's full-precision weights")
+    if provenance.quantized_frozen_weights is None:
+        ds_config = str(provenance.train_config.get("ds_config", ""))
+        if _QUANTIZING_BEFORE in ds_config:
+            return (f"may have been trained against int8 base weights: its provenance predates the record of "
+                    f"it, and train.ds_config={ds_config} quantized the frozen base then")
+    return None
 
 
 @dataclass

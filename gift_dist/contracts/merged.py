@@ -49,6 +49,10 @@ class MergeRecord:
     # {"name", "hash"} of the instruct model the adapter was scored and trained for, when it was merged into another
     # one (merge.allow_other_instruct=true); None when the target is that model (or the adapter records none).
     other_instruct: Optional[dict[str, str]] = None
+    # Set when the adapter was (or may have been) trained against int8 base weights (its provenance's
+    # quantized_frozen_weights; ``contracts.adapter.int8_base_note``): the line merge reported. None otherwise and in
+    # records written before it was recorded.
+    int8_base_weights: Optional[str] = None
 
     @property
     def scale(self) -> float:

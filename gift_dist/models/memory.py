@@ -1,9 +1,28 @@
 """How much memory training a model needs under each sharding, from its config alone (no weights read).
 
-The model is built on the meta device, so a 70B estimate runs on a laptop. The LoRA states (weights, gradients,
-fp32 master copy and Adam moments) come from DeepSpeed's own ZeRO-3 estimator; the frozen base weights, which that
-estimator would count as trainable (18 bytes/param), are added at their real cost (bf16, whole on every GPU when
-replicated, partitioned or offloaded under ZeRO-3). Activations are an estimate for gradient checkpointing.
+The model is built on the meta device, so a 70B estimate runs on a laptop. Each layout is the shipped ds_config of
+that name, read for the values that cost memory, and its figure is a sum of line items (``LINE_ITEMS``), each
+printed by ``gift-dist plan``:
+
+- LoRA states: DeepSpeed's own ZeRO-3 estimator on the LoRA parameters alone (18 bytes per parameter over the
+  GPUs), plus their bf16 copies kept whole on every GPU (the persistence threshold keeps them unpartitioned);
+  ZeRO-1's formula when replicated.
+- frozen weights: bf16 (int8 with ``zero_quantized_nontrainable_weights``), whole when replicated, partitioned over
+  all GPUs under ZeRO-3, in host memory when offloaded. DeepSpeed's estimator would count them as trainable
+  (18 bytes/param); the frozen base has no gradients, fp32 master or Adam moments.
+- hpZ secondary copy (``zero_hpz_partition_size``): a second partition of the frozen weights over that many GPUs
+  (a node), so backward gathers stay inside the node: weights / hpz_partition_size per GPU.
+- gathered layer: the largest ZeRO-3 leaf module gathered in bf16 while it computes (the output layer or one
+  decoder layer).
+- prefetch: ``stage3_prefetch_bucket_size`` parameters gathered ahead, at most ``stage3_max_live_parameters`` less
+  the gathered layer (DeepSpeed caps the two together).
+- reduce bucket: ``reduce_bucket_size`` elements of gradient buffer (twice with ``overlap_comm`` under ZeRO-1/2;
+  fp32 when ZeRO-1 accumulates gradients in fp32), allocated at that size whatever the LoRA's.
+- activations: the micro-batch's tokens (``train.micro_batch_tokens``, else micro batch x sequence length), see
+  ``activation_bytes``.
+- LoRA gather: each LoRA tensor gathered whole in fp32 for an adapter or checkpoint save (one tensor at a time on
+  the GPU; the whole adapter in fp32 in every rank's host memory).
+
 ``gift-dist plan`` prints these figures; ``train.sharding: auto`` decides with them.
 """
 
@@ -18,6 +37,22 @@ import torch
 
 GIB = 1024**3
 BF16 = 2
+INT8 = 1
+# The layouts planned, fastest first; ``first_fitting`` takes the first that fits among AUTO_CANDIDATES, the ones
+# ``train.sharding: auto`` or a deliberate offload choice would use (zero3_multinode is a choice for several nodes).
+LAYOUTS = ("replicate", "zero3", "zero3_offload", "zero3_nvme", "zero3_multinode")
+AUTO_CANDIDATES = ("replicate", "zero3", "zero3_offload", "zero3_nvme")
+# Per-GPU line items, in the order plan prints them.
+LINE_ITEMS = {
+    "lora_states": "LoRA states",
+    "frozen_weights": "frozen weights",
+    "hpz_secondary": "hpZ secondary copy",
+    "gathered_layer": "gathered layer",
+    "prefetch": "prefetch",
+    "reduce_bucket": "reduce bucket",
+    "activations": "activations",
+    "lora_gather": "LoRA gather (save)",
+}
 # A plan "fits" when it needs at most this share of a GPU's (or node's) memory: the rest is the CUDA context,
 # the allocator's fragmentation and the communication buffers.
 USABLE_FRACTION = 0.9
@@ -106,37 +141,156 @@ def activation_bytes(shape: ModelShape, tokens: int, ce_chunk_tokens: int, check
     )
 
 
-def training_plan(shape: ModelShape, gpus_per_node: int, nodes: int, tokens_per_micro_batch: int,
-                  ce_chunk_tokens: int, checkpointing: bool = True) -> dict[str, dict[str, float]]:
-    """Per-GPU and per-node GiB for each shipped layout: ``replicate`` (frozen base whole on every GPU, LoRA states
-    partitioned by ZeRO stage 1) and the three ZeRO-3 configs, with or without gradient checkpointing."""
+def shipped_ds_config(name: str) -> dict:
+    """A shipped ds_config (``ds_configs/<name>.json``, installed as the package ``gift_dist.ds_configs``)."""
+    from importlib import resources
+
+    try:
+        shipped = resources.files("gift_dist.ds_configs") / f"{name}.json"
+        if shipped.is_file():
+            return json.loads(shipped.read_text())
+    except ModuleNotFoundError:
+        pass
+    return json.loads((Path(__file__).resolve().parents[2] / "ds_configs" / f"{name}.json").read_text())
+
+
+def zero3_auto_sizes(shape: ModelShape) -> dict[str, int]:
+    """The ZeRO-3 sizes an "auto" ds_config gets from the model (``train.engine`` fills them): LoRA tensors
+    persistent (never partitioned), one decoder layer prefetched ahead, three alive at once (the one computing, the
+    next, the one being released)."""
+    return {
+        # Above the largest LoRA tensor; frozen tensors that small (norms) stay whole too, which costs nothing.
+        "stage3_param_persistence_threshold": max(shape.largest_lora_tensor + 1, 10_000),
+        "stage3_prefetch_bucket_size": shape.decoder_layer_params,
+        "stage3_max_live_parameters": 3 * shape.decoder_layer_params,
+        "stage3_max_reuse_distance": 3 * shape.decoder_layer_params,
+    }
+
+
+@dataclass
+class DsSettings:
+    """What a ds_config sets that costs memory ("auto" resolved as ``train.engine`` resolves it)."""
+
+    stage: int
+    reduce_bucket_size: int
+    overlap_comm: bool
+    fp32_grad_accum: bool
+    prefetch_bucket_size: int
+    max_live_parameters: int
+    hpz_partition_size: int
+    quantized_frozen_weights: bool
+    offload_param: Optional[str]
+    offload_optimizer: Optional[str]
+
+
+def ds_settings(config: dict, shape: ModelShape, quantized_frozen_weights: bool = False,
+                hpz_partition_size: Optional[int] = None) -> DsSettings:
+    """Read ``config``'s memory-relevant values; ``quantized_frozen_weights`` is ``train.quantized_frozen_weights``
+    (the engine turns DeepSpeed's key on from it, ZeRO-3 only), ``hpz_partition_size`` overrides the config's."""
+    zero = config.get("zero_optimization", {})
+    auto = zero3_auto_sizes(shape)
+
+    def value(key: str, default: int) -> int:
+        got = zero.get(key, default)
+        return int(auto.get(key, default) if got == "auto" else got)
+
+    stage = int(zero.get("stage", 0))
+    quantized = stage == 3 and (quantized_frozen_weights or zero.get("zero_quantized_nontrainable_weights") is True)
+    return DsSettings(
+        stage=stage,
+        reduce_bucket_size=value("reduce_bucket_size", 500_000_000),
+        overlap_comm=bool(zero.get("overlap_comm", stage == 3)),
+        fp32_grad_accum=config.get("data_types", {}).get("grad_accum_dtype") == "fp32",
+        prefetch_bucket_size=value("stage3_prefetch_bucket_size", 50_000_000) if stage == 3 else 0,
+        max_live_parameters=value("stage3_max_live_parameters", 1_000_000_000) if stage == 3 else 0,
+        hpz_partition_size=(hpz_partition_size if hpz_partition_size is not None
+                            else value("zero_hpz_partition_size", 1)) if stage == 3 else 1,
+        quantized_frozen_weights=quantized,
+        offload_param=(zero.get("offload_param") or {}).get("device"),
+        offload_optimizer=(zero.get("offload_optimizer") or {}).get("device"),
+    )
+
+
+def zero3_model_states_bytes(shape: ModelShape, gpus_per_node: int, nodes: int, cpu_offload: bool = False,
+                             offload_params: bool = False) -> tuple[int, int]:
+    """(per GPU, per node CPU) bytes of the LoRA states under ZeRO-3: DeepSpeed's estimator
+    (``estimate_zero3_model_states_mem_needs``) on the LoRA parameters alone, with no largest-layer term (the
+    gathered layer is a line item of its own, and in bf16 only: a frozen layer has no gradient).
+
+    Against DeepSpeed's estimate for the whole model (``largest_layer_params`` and every parameter trainable:
+    4 x largest layer + 18 bytes/param over the GPUs), ours differs like for like by exactly what a frozen base
+    does not have: 16 bytes/param of gradient, fp32 master and Adam moments for every frozen parameter (it keeps
+    its 2 bf16 bytes, ``frozen_weights``), and the gathered layer's gradient (2 x largest layer). The LoRA bf16
+    weights, kept whole on every GPU, add ``2 x LoRA x (1 - 1/GPUs)`` on top (``training_plan``)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+        shape.lora_params, 0, gpus_per_node, nodes, cpu_offload=cpu_offload, cpu_offload_params=offload_params)
+    return gpu, cpu
+
+
+def training_plan(shape: ModelShape, gpus_per_node: int, nodes: int, tokens_per_micro_batch: int,
+                  ce_chunk_tokens: int, checkpointing: bool = True, quantized_frozen_weights: bool = False,
+                  hpz_partition_size: Optional[int] = None,
+                  ds_configs: Optional[dict[str, dict]] = None) -> dict[str, dict]:
+    """Per-GPU and per-node GiB for each layout of ``LAYOUTS`` (its shipped ds_config, or ``ds_configs[name]``),
+    with or without gradient checkpointing: ``gpu_gib`` and ``cpu_per_node_gib`` totals, and ``items`` /
+    ``cpu_items``, the line items they sum (GiB)."""
     world = gpus_per_node * nodes
     activations = activation_bytes(shape, tokens_per_micro_batch, ce_chunk_tokens, checkpointing)
-    # LoRA under ZeRO-1: bf16 weights and gradients everywhere, fp32 master + Adam moments (12 bytes) partitioned.
-    lora_replicated = (2 + 2) * shape.lora_params + 12 * shape.lora_params / world
-    plans = {"replicate": {"gpu_gib": (BF16 * shape.total_params + lora_replicated + activations) / GIB,
-                           "cpu_per_node_gib": 0.0}}
-    for name, cpu_offload, offload_params in (
-        ("zero3", False, False), ("zero3_offload", True, True), ("zero3_nvme", True, True)
-    ):
-        lora_cpu, lora_gpu, _ = estimate_zero3_model_states_mem_needs(
-            shape.lora_params, shape.largest_layer_params, gpus_per_node, nodes,
-            cpu_offload=cpu_offload, cpu_offload_params=offload_params,
-        )
-        if name == "zero3":
-            gpu = lora_gpu + BF16 * shape.total_params / world + activations
-            cpu_node = lora_cpu
-        elif name == "zero3_offload":
-            gpu = lora_gpu + activations
-            cpu_node = lora_cpu + BF16 * shape.total_params / nodes
+    leaf = max(shape.largest_layer_params, shape.decoder_layer_params)
+    plans = {}
+    for name in LAYOUTS:
+        config = (ds_configs or {}).get(name) or shipped_ds_config(name)
+        ds = ds_settings(config, shape, quantized_frozen_weights and name != "replicate", hpz_partition_size)
+        frozen_bytes = (INT8 if ds.quantized_frozen_weights else BF16) * shape.total_params
+        gpu: dict[str, float] = dict.fromkeys(LINE_ITEMS, 0.0)
+        cpu: dict[str, float] = {"LoRA optimizer": 0.0, "frozen weights": 0.0, "LoRA gather (save)": 0.0}
+        if ds.stage < 3:
+            # LoRA under ZeRO-1: bf16 weights and gradients everywhere, fp32 master + Adam moments partitioned.
+            gpu["lora_states"] = (2 + 2) * shape.lora_params + 12 * shape.lora_params / world
+            gpu["frozen_weights"] = frozen_bytes
+            buffer = 4 if ds.fp32_grad_accum else BF16
+            gpu["reduce_bucket"] = buffer * ds.reduce_bucket_size * (2 if ds.overlap_comm else 1)
         else:
-            # Parameters live on NVMe; CPU holds pinned swap buffers (a few layers) and the LoRA optimizer.
-            gpu = lora_gpu + activations
-            cpu_node = lora_cpu + 4 * BF16 * shape.largest_layer_params * gpus_per_node
-        plans[name] = {"gpu_gib": gpu / GIB, "cpu_per_node_gib": cpu_node / GIB}
+            offload_opt = ds.offload_optimizer in ("cpu", "nvme")
+            offload_params = ds.offload_param in ("cpu", "nvme")
+            states_gpu, states_cpu = zero3_model_states_bytes(shape, gpus_per_node, nodes, offload_opt,
+                                                              offload_params)
+            gpu["lora_states"] = states_gpu + BF16 * shape.lora_params * (1 - 1 / world)
+            cpu["LoRA optimizer"] = states_cpu
+            if ds.offload_param == "cpu":
+                cpu["frozen weights"] = frozen_bytes / nodes
+            elif ds.offload_param == "nvme":
+                # Parameters live on NVMe; the host holds pinned swap buffers (a few layers per GPU).
+                cpu["frozen weights"] = 4 * BF16 * shape.largest_layer_params * gpus_per_node
+            else:
+                gpu["frozen_weights"] = frozen_bytes / world
+            if ds.hpz_partition_size > 1:
+                gpu["hpz_secondary"] = frozen_bytes / ds.hpz_partition_size
+            gpu["gathered_layer"] = BF16 * leaf
+            gpu["prefetch"] = BF16 * min(ds.prefetch_bucket_size, max(ds.max_live_parameters - leaf, 0))
+            gpu["reduce_bucket"] = BF16 * ds.reduce_bucket_size
+        gpu["activations"] = activations
+        gpu["lora_gather"] = 4 * shape.largest_lora_tensor
+        cpu["LoRA gather (save)"] = 4 * shape.lora_params * gpus_per_node
+        plans[name] = {
+            "gpu_gib": sum(gpu.values()) / GIB, "cpu_per_node_gib": sum(cpu.values()) / GIB,
+            "items": {key: value / GIB for key, value in gpu.items()},
+            "cpu_items": {key: value / GIB for key, value in cpu.items()},
+            "hpz_partition_size": ds.hpz_partition_size, "quantized_frozen_weights": ds.quantized_frozen_weights,
+            "prefetch_bucket_size": ds.prefetch_bucket_size, "max_live_parameters": ds.max_live_parameters,
+            "reduce_bucket_size": ds.reduce_bucket_size,
+        }
     return plans
+
+
+def gathered_traffic_gib(shape: ModelShape, plan: dict, checkpointing: bool) -> float:
+    """GiB of frozen weights each GPU receives by all-gather per micro-batch under ZeRO-3: the whole base once per
+    pass (forward, the recompute when checkpointing, backward), int8 when quantized."""
+    passes = 3 if checkpointing else 2
+    per_param = INT8 if plan["quantized_frozen_weights"] else BF16
+    return passes * per_param * shape.total_params / GIB
 
 
 def first_fitting(plans: dict[str, dict[str, float]], gpu_memory_gib: float,
@@ -144,7 +298,7 @@ def first_fitting(plans: dict[str, dict[str, float]], gpu_memory_gib: float,
     """The first layout (fastest first: replicate, zero3, offload, nvme) that fits the GPUs and the nodes."""
     return next(
         (name for name, p in plans.items()
-         if p["gpu_gib"] <= USABLE_FRACTION * gpu_memory_gib
+         if name in AUTO_CANDIDATES and p["gpu_gib"] <= USABLE_FRACTION * gpu_memory_gib
          and p["cpu_per_node_gib"] <= USABLE_FRACTION * cpu_memory_gib),
         None,
     )

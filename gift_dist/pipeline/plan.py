@@ -12,9 +12,11 @@ import math
 from gift_dist.models.memory import (
     BF16,
     GIB,
+    LINE_ITEMS,
     USABLE_FRACTION,
     ModelShape,
     first_fitting,
+    gathered_traffic_gib,
     model_shape,
     training_plan,
 )
@@ -69,35 +71,77 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-memory-gb", type=float, default=1024.0, help="RAM of one node (GiB)")
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--micro-batch-tokens", type=int, default=0,
+                        help="train.micro_batch_tokens: plan activations for this token budget per micro-batch "
+                             "instead of micro batch size x sequence length")
+    parser.add_argument("--quantized-frozen-weights", action="store_true",
+                        help="train.quantized_frozen_weights: the frozen base in int8 under ZeRO-3 (ZeRO++)")
+    parser.add_argument("--hpz-partition-size", type=int, default=None,
+                        help="zero_hpz_partition_size of zero3_multinode (default: the shipped config's)")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--ce-chunk-tokens", type=int, default=1024)
     parser.add_argument("--score-batch-tokens", type=int, default=16384)
+
+
+def print_training_plan(args: argparse.Namespace, shape: ModelShape, train: dict, tokens: int) -> None:
+    """The training part of the plan: each layout's totals, then the line items they sum (per GPU), and the
+    ds_config values they were read from. zero3_multinode is shown for several nodes."""
+    layouts = [name for name in train if name != "zero3_multinode" or args.nodes > 1]
+    batch = (f"micro-batches of {args.micro_batch_tokens} tokens (train.micro_batch_tokens)"
+             if args.micro_batch_tokens else f"micro batch {args.micro_batch_size} x {args.seq_len} tokens")
+    frozen = "int8" if args.quantized_frozen_weights else "bf16"
+    print(f"training on {args.nodes} node(s) x {args.gpus_per_node} GPU(s), {batch}, frozen weights {frozen} "
+          f"under ZeRO-3, gradient checkpointing on:")
+    print(f"  {'layout':<17}{'per GPU GiB':>12}{'per node CPU GiB':>18}")
+    for name in layouts:
+        print(f"  {name:<17}{train[name]['gpu_gib']:>12.1f}{train[name]['cpu_per_node_gib']:>18.1f}")
+    width = max(len(name) for name in layouts) + 1
+    print(f"  {'per GPU GiB':<21}" + "".join(f"{name:>{width}}" for name in layouts))
+    for key, label in LINE_ITEMS.items():
+        print(f"  {label:<21}" + "".join(f"{train[name]['items'][key]:>{width}.2f}" for name in layouts))
+    print(f"  {'per node CPU GiB':<21}" + "".join(f"{name:>{width}}" for name in layouts))
+    for key in train["zero3"]["cpu_items"]:
+        print(f"  {key:<21}" + "".join(f"{train[name]['cpu_items'][key]:>{width}.2f}" for name in layouts))
+    zero3 = train["zero3"]
+    print(f"  ZeRO-3 sizes (ds_config \"auto\" from the model): stage3_prefetch_bucket_size "
+          f"{zero3['prefetch_bucket_size'] / 1e6:.0f}M, stage3_max_live_parameters "
+          f"{zero3['max_live_parameters'] / 1e6:.0f}M params, reduce_bucket_size {zero3['reduce_bucket_size'] / 1e6:.0f}M "
+          f"(replicate: {train['replicate']['reduce_bucket_size'] / 1e6:.0f}M, fp32)")
+    print(f"  all-gathered per micro-batch under ZeRO-3: {gathered_traffic_gib(shape, zero3, True):.0f} GiB of frozen "
+          f"weights per GPU ({frozen}; forward, recompute, backward)")
+    if args.nodes > 1:
+        multi = train["zero3_multinode"]
+        hpz = multi["hpz_partition_size"]
+        note = "" if hpz == args.gpus_per_node else (
+            f"; set zero_hpz_partition_size to the GPUs per node ({args.gpus_per_node}), not {hpz}")
+        print(f"  zero3_multinode: hpZ over {hpz} GPU(s) (zero_hpz_partition_size), so the backward's gathers stay "
+              f"inside a node, for {multi['items']['hpz_secondary']:.1f} GiB more per GPU{note}; "
+              f"train.quantized_frozen_weights=true halves the frozen weights and the gathers (the LoRA then trains "
+              f"against int8 base weights)")
 
 
 def run(args: argparse.Namespace) -> int:
     from gift_dist.config import LoraConfig
 
     shape = model_shape(args.model, args.lora_r, LoraConfig().target_modules)
-    train = training_plan(shape, args.gpus_per_node, args.nodes, args.micro_batch_size * args.seq_len,
-                          args.ce_chunk_tokens)
+    tokens = args.micro_batch_tokens or args.micro_batch_size * args.seq_len
+    options = {"quantized_frozen_weights": args.quantized_frozen_weights,
+               "hpz_partition_size": args.hpz_partition_size}
+    train = training_plan(shape, args.gpus_per_node, args.nodes, tokens, args.ce_chunk_tokens, **options)
     fits = first_fitting(train, args.gpu_memory_gb, args.cpu_memory_gb)
     score = scoring_plan(shape, args.gpu_memory_gb, args.gpus_per_node, args.score_batch_tokens, args.ce_chunk_tokens)
     merge = merge_plan(shape)
     print(f"model {shape.name}: {shape.total_params / 1e9:.2f}B params, largest layer "
           f"{shape.largest_layer_params / 1e6:.0f}M, LoRA r={args.lora_r}: {shape.lora_params / 1e6:.1f}M trainable")
-    print(f"training on {args.nodes} node(s) x {args.gpus_per_node} GPU(s), micro batch {args.micro_batch_size} x "
-          f"{args.seq_len} tokens (LoRA states + frozen bf16 weights + activations):")
-    print(f"  {'layout':<15}{'per GPU GiB':>12}{'per node CPU GiB':>18}")
-    for name, p in train.items():
-        print(f"  {name:<15}{p['gpu_gib']:>12.1f}{p['cpu_per_node_gib']:>18.1f}")
+    print_training_plan(args, shape, train, tokens)
     choice = "none: add nodes or GPUs"
     if fits:
         sharding = "replicate" if fits == "replicate" else "zero3"
         choice = f"ds_configs/{fits}.json (train.sharding: auto -> {sharding})"
     print(f"  fits {args.gpu_memory_gb:g} GiB GPUs / {args.cpu_memory_gb:g} GiB nodes: {choice}")
     if fits:
-        without = training_plan(shape, args.gpus_per_node, args.nodes, args.micro_batch_size * args.seq_len,
-                                args.ce_chunk_tokens, checkpointing=False)[fits]["gpu_gib"]
+        without = training_plan(shape, args.gpus_per_node, args.nodes, tokens, args.ce_chunk_tokens,
+                                checkpointing=False, **options)[fits]["gpu_gib"]
         recompute = "off" if without <= USABLE_FRACTION * args.gpu_memory_gb else "on"
         print(f"  gradient checkpointing (train.gradient_checkpointing: auto): {recompute}; without recompute "
               f"{fits} needs {without:.1f} GiB per GPU")

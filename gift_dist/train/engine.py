@@ -34,7 +34,7 @@ import torch
 from gift_dist.config import ConfigError, RunConfig, TrainConfig
 from gift_dist.train import attention
 from gift_dist.models.memory import (
-    GIB, USABLE_FRACTION, ModelShape, decoder_layer_classes, model_shape, training_plan,
+    GIB, USABLE_FRACTION, ModelShape, decoder_layer_classes, model_shape, training_plan, zero3_auto_sizes,
 )
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,8 @@ def planned_gpu_gib(cfg: RunConfig, world: int, shape: ModelShape, checkpointing
     """GiB per GPU of each layout (``models.memory.training_plan``) for this run's largest micro-batch."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     plans = training_plan(shape, local, max(world // max(local, 1), 1), micro_batch_token_bound(cfg),
-                          cfg.train.ce_chunk_tokens, checkpointing)
+                          cfg.train.ce_chunk_tokens, checkpointing,
+                          quantized_frozen_weights=cfg.train.quantized_frozen_weights)
     return {name: plan["gpu_gib"] for name, plan in plans.items()}
 
 
@@ -208,6 +209,7 @@ def build_ds_config(train: TrainConfig, layout: Layout, world: int, total_steps:
         conflicts.append(f"zero_optimization.stage={stage} but the layout is {layout.sharding}")
     if stage == 3:
         _fill_zero3_sizes(zero, shape, conflicts)
+    _fill_quantized_frozen_weights(zero, train, stage, conflicts)
     if conflicts:
         raise ConfigError(
             f"DeepSpeed config {path} contradicts the run config: " + "; ".join(conflicts)
@@ -229,15 +231,44 @@ def _fill_zero3_sizes(zero: dict, shape: Optional[ModelShape], conflicts: list[s
         if unresolved:
             conflicts.append(f"{unresolved} are \"auto\" but the model's shape is unknown")
         return
-    # Above the largest LoRA tensor; frozen tensors that small (norms) stay whole too, which costs nothing.
-    _fill(zero, "stage3_param_persistence_threshold", max(shape.largest_lora_tensor + 1, 10_000),
-          "zero_optimization.stage3_param_persistence_threshold", conflicts)
-    _fill(zero, "stage3_prefetch_bucket_size", shape.decoder_layer_params,
-          "zero_optimization.stage3_prefetch_bucket_size", conflicts)
-    _fill(zero, "stage3_max_live_parameters", 3 * shape.decoder_layer_params,
-          "zero_optimization.stage3_max_live_parameters", conflicts)
-    _fill(zero, "stage3_max_reuse_distance", 3 * shape.decoder_layer_params,
-          "zero_optimization.stage3_max_reuse_distance", conflicts)
+    for key, value in zero3_auto_sizes(shape).items():
+        _fill(zero, key, value, f"zero_optimization.{key}", conflicts)
+
+
+def _fill_quantized_frozen_weights(zero: dict, train: TrainConfig, stage: int, conflicts: list[str]) -> None:
+    """``zero_quantized_nontrainable_weights`` (int8 frozen base, ZeRO++) is on exactly when
+    ``train.quantized_frozen_weights`` says so: the run config turns it on ("auto", absent or false in the
+    ds_config), and a ds_config that turns it on by itself is a conflict, so an adapter never trains against int8
+    weights unrecorded."""
+    key = "zero_quantized_nontrainable_weights"
+    current = zero.get(key, "auto")
+    wanted = train.quantized_frozen_weights
+    if wanted and stage != 3:
+        conflicts.append(f"train.quantized_frozen_weights=true needs ZeRO stage 3, the ds_config has stage {stage}")
+        return
+    if current is True and not wanted:
+        conflicts.append(f"zero_optimization.{key}=true (the frozen base kept in int8) but "
+                         f"train.quantized_frozen_weights is false: set train.quantized_frozen_weights=true to "
+                         f"train against int8 base weights")
+        return
+    if current not in ("auto", True, False):
+        conflicts.append(f"zero_optimization.{key}={current!r} is not true, false or \"auto\"")
+        return
+    if stage == 3:
+        zero[key] = wanted
+    else:
+        zero.pop(key, None)
+
+
+def frozen_weights_note(ds_config: dict) -> str:
+    """How the frozen base is held, for the start-up log: int8 (ZeRO++) or bf16, and hpZ's secondary copy."""
+    zero = ds_config.get("zero_optimization", {})
+    note = ("int8 (train.quantized_frozen_weights=true: the LoRA trains against an int8 copy of the base)"
+            if zero.get("zero_quantized_nontrainable_weights") else "bf16")
+    hpz = zero.get("zero_hpz_partition_size", 1)
+    if zero.get("stage") == 3 and isinstance(hpz, int) and hpz > 1:
+        note += f", hpZ secondary copy over {hpz} GPUs"
+    return note
 
 
 def _fill_scheduler(config: dict, train: TrainConfig, total_steps: int, conflicts: list[str]) -> None:
@@ -453,8 +484,9 @@ def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     attention_name = attention_implementation(cfg.train)
     checkpointing, checkpointing_reason = choose_checkpointing(cfg, layout, world, shape)
-    log.info("layout %s (%s), ds_config %s, %s attention, gradient checkpointing %s (%s)", layout.sharding,
-             layout.reason, layout.ds_config, attention_name, "on" if checkpointing else "off", checkpointing_reason)
+    log.info("layout %s (%s), ds_config %s, frozen weights %s, %s attention, gradient checkpointing %s (%s)",
+             layout.sharding, layout.reason, layout.ds_config, frozen_weights_note(ds_config), attention_name,
+             "on" if checkpointing else "off", checkpointing_reason)
     load = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "attn_implementation": attention_name}
     if layout.sharding == "zero3":
         # Must stay referenced while from_pretrained runs: it is how transformers knows to build under zero.Init.
