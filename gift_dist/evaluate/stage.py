@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from gift_dist import dist
 from gift_dist.config import ConfigError, EvalConfig, RunConfig, add_config_arguments, config_from_args
 from gift_dist.contracts import ContractError, atomic_write, atomic_write_text
 from gift_dist.contracts.prepared import IGNORE_INDEX, load_eval_split
+from gift_dist.models.logprob import log_softmax_chunks, softcap_of, target_hidden, target_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +110,18 @@ def _padded(batch: list[Sample], pad: int, device) -> tuple[torch.Tensor, torch.
     return ids.to(device), labels.to(device), mask.to(device)
 
 
-def _target_log_probs(model, ids, mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 log-softmax [N, V] at the N target positions (position t-1 predicts label t), and the targets [N]."""
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    return F.log_softmax(logits, dim=-1), targets[keep]
+# Positions per chunk of the output layer: one [chunk, vocabulary] fp32 block of logits alive at a time.
+CHUNK_TOKENS = 1024
+
+
+def _target_states(model, ids, mask, labels):
+    """The decoder's hidden states at the N target positions [N, H] and the targets [N], on the output layer's
+    device, with the output layer and the model's final logit soft-cap: the inputs of ``models.logprob``, the
+    target log-prob the scorer and the training loss use too."""
+    hidden, targets, _ = target_hidden(model, ids, mask, labels)
+    head = model.get_output_embeddings()
+    device = head.weight.device
+    return hidden.to(device), targets.to(device), head, softcap_of(model)
 
 
 @torch.no_grad()
@@ -125,8 +130,9 @@ def teacher_forced_ce(model, samples: list[Sample], batch_size: int, pad: int) -
     total, count = 0.0, 0
     for batch in _batches(samples, batch_size, "task CE"):
         ids, labels, mask = _padded(batch, pad, model.device)
-        log_probs, targets = _target_log_probs(model, ids, mask, labels)
-        total += float(-log_probs.gather(1, targets[:, None]).sum())
+        hidden, targets, head, cap = _target_states(model, ids, mask, labels)
+        logprobs, _ = target_logprobs(head, hidden, targets, cap, CHUNK_TOKENS)
+        total += float(-logprobs.sum())
         count += targets.numel()
     return total / max(count, 1), count
 
@@ -137,16 +143,19 @@ def ce_and_kl(model, reference, samples: list[Sample], batch_size: int, pad: int
     ce_total, kl_total, count = 0.0, 0.0, 0
     for batch in _batches(samples, batch_size, "general CE / KL"):
         ids, labels, mask = _padded(batch, pad, model.device)
-        log_probs, targets = _target_log_probs(model, ids, mask, labels)
-        if reference is model:
-            ref_log_probs = log_probs
-        else:
-            ref_log_probs, _ = _target_log_probs(reference, ids.to(reference.device), mask.to(reference.device),
-                                                 labels.to(reference.device))
-            ref_log_probs = ref_log_probs.to(log_probs.device)
-        ce_total += float(-log_probs.gather(1, targets[:, None]).sum())
-        kl_total += float((ref_log_probs.exp() * (ref_log_probs - log_probs)).sum())
+        hidden, targets, head, cap = _target_states(model, ids, mask, labels)
         count += targets.numel()
+        if reference is model:
+            logprobs, _ = target_logprobs(head, hidden, targets, cap, CHUNK_TOKENS)
+            ce_total += float(-logprobs.sum())
+            continue
+        ref_hidden, _, ref_head, ref_cap = _target_states(reference, ids.to(reference.device),
+                                                          mask.to(reference.device), labels.to(reference.device))
+        for (rows, log_p), (_, ref_log_p) in zip(log_softmax_chunks(head, hidden, cap, CHUNK_TOKENS),
+                                                 log_softmax_chunks(ref_head, ref_hidden, ref_cap, CHUNK_TOKENS)):
+            ref_log_p = ref_log_p.to(log_p.device)
+            ce_total += float(-log_p.gather(1, targets[rows, None]).sum())
+            kl_total += float((ref_log_p.exp() * (ref_log_p - log_p)).sum())
     return ce_total / max(count, 1), kl_total / max(count, 1), count
 
 

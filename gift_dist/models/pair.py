@@ -15,6 +15,7 @@ from pathlib import Path
 from gift_dist.config import add_config_arguments, config_from_args
 from gift_dist.contracts import ContractError
 from gift_dist.models import checkpoint
+from gift_dist.models.logprob import unsupported_output_transform
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,9 @@ def check_pair(base: str, instruct: str, trust_remote_code: bool = False) -> Pai
     inst_arch = (inst_cfg.architectures or [inst_cfg.model_type])[0]
     if base_arch != inst_arch:
         raise PairMismatch(f"architectures differ: base {base} is {base_arch}, instruct {instruct} is {inst_arch}")
+    unsupported = unsupported_output_transform(inst_cfg)
+    if unsupported:
+        raise PairMismatch(f"{inst_arch} is not supported: {unsupported}")
     base_text, inst_text = _text_config(base_cfg), _text_config(inst_cfg)
     base_shape = {k: getattr(base_text, k) for k in SHAPE_KEYS if hasattr(base_text, k)}
     inst_shape = {k: getattr(inst_text, k) for k in SHAPE_KEYS if hasattr(inst_text, k)}

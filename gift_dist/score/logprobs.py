@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 import torch
 
 from gift_dist.contracts.prepared import IGNORE_INDEX
+from gift_dist.models.logprob import capped, softcap_of, target_hidden
+from gift_dist.models.logprob import target_logprobs as target_logprobs_of_hidden
 from gift_dist.score.parallel import VocabSlice, combine_max, combine_sum
 
 
@@ -62,12 +64,6 @@ def collate(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_
     return ids.to(device), mask.to(device), lab.to(device)
 
 
-def _softcap(model) -> Optional[float]:
-    """Gemma-2 style final logit soft-capping, which the model applies after its output layer."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(config, "final_logit_softcapping", None)
-
-
 @torch.no_grad()
 def target_logprobs(
     model,
@@ -78,41 +74,30 @@ def target_logprobs(
     with_entropy: bool = False,
     vocab_part: Optional[VocabSlice] = None,
 ) -> BatchScores:
-    """``log p(y_t | x, y<t)`` for every label != -100, from the logits at position ``t - 1`` (fp32 math).
+    """``log p(y_t | x, y<t)`` for every label != -100, from the logits at position ``t - 1`` (fp32 math, the
+    model's final logit soft-cap applied: ``gift_dist.models.logprob``, the computation training and evaluation
+    share).
 
     ``vocab_part``: under tensor parallelism, this rank's rows of the output layer; every rank of the replica
     calls this with the same batch and gets the same values (``gift_dist.score.parallel`` derives the maths)."""
     if chunk_tokens < 1:
         raise ValueError(f"logprob_chunk_tokens must be >= 1, got {chunk_tokens}")
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
-    shifted = labels[:, 1:].to(hidden.device)
-    rows, cols = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)  # row-major: each row's targets in order
+    selected, targets, rows = target_hidden(model, input_ids, attention_mask, labels)
     lm_head = model.get_output_embeddings()
     head_device = vocab_part.weight.device if vocab_part is not None else lm_head.weight.device
-    selected = hidden[rows, cols].to(head_device)  # position t-1 predicts label t
-    del hidden
-    targets = shifted[rows, cols].to(head_device)
-    cap = _softcap(model)
-    logprobs = torch.empty(targets.numel(), dtype=torch.float32, device=head_device)
-    entropy = torch.empty_like(logprobs) if with_entropy else None
-    for start in range(0, targets.numel(), chunk_tokens):
-        end = min(start + chunk_tokens, targets.numel())
-        if vocab_part is not None:
+    selected, targets = selected.to(head_device), targets.to(head_device)
+    cap = softcap_of(model)
+    if vocab_part is None:
+        logprobs, entropy = target_logprobs_of_hidden(lm_head, selected, targets, cap, chunk_tokens, with_entropy)
+    else:
+        logprobs = torch.empty(targets.numel(), dtype=torch.float32, device=head_device)
+        entropy = torch.empty_like(logprobs) if with_entropy else None
+        for start in range(0, targets.numel(), chunk_tokens):
+            end = min(start + chunk_tokens, targets.numel())
             values = vocab_parallel_chunk(vocab_part, selected[start:end], targets[start:end], cap, with_entropy)
             logprobs[start:end] = values[0]
             if entropy is not None:
                 entropy[start:end] = values[1]
-            continue
-        logits = lm_head(selected[start:end]).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        normalizer = torch.logsumexp(logits, dim=-1)
-        logprobs[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - normalizer
-        if entropy is not None:
-            log_p = logits.sub_(normalizer[:, None])
-            entropy[start:end] = -(log_p.exp() * log_p).sum(-1)
-        del logits
     counts = torch.bincount(rows, minlength=labels.shape[0]).tolist()
     return BatchScores(logprobs.cpu(), counts, entropy.cpu() if entropy is not None else None)
 
@@ -121,9 +106,7 @@ def vocab_parallel_chunk(part: VocabSlice, hidden: torch.Tensor, targets: torch.
                          with_entropy: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Log-probs (and entropies) of one chunk of positions from this rank's vocabulary rows, combined over the
     replica with one MAX and one SUM all-reduce of per-position values (one more SUM for the entropy)."""
-    logits = part.logits(hidden).float()
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
+    logits = capped(part.logits(hidden), cap)
     rows = logits.shape[1]
     local_targets = targets - part.start
     owned = (local_targets >= 0) & (local_targets < rows)

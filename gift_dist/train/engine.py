@@ -345,10 +345,13 @@ class TargetTokenCE(torch.nn.Module):
 
     def __init__(self, peft_model: torch.nn.Module, chunk_tokens: int):
         super().__init__()
+        from gift_dist.models.logprob import softcap_of
         from gift_dist.train.loss import ChunkedTargetCE
 
         self.peft_model = peft_model
-        self.ce_head = ChunkedTargetCE(peft_model.get_base_model().get_output_embeddings(), chunk_tokens)
+        model = peft_model.get_base_model()
+        # The model's own final logit soft-cap (Gemma 2/3), as the scorer and the evaluation apply it.
+        self.ce_head = ChunkedTargetCE(model.get_output_embeddings(), chunk_tokens, softcap_of(model))
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, target_positions: torch.Tensor,
                 target_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gift_dist.config import TrainConfig
 from gift_dist.contracts.prepared import IGNORE_INDEX
+from gift_dist.models.logprob import target_ce, target_ce_and_grad
 
 
 def target_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -45,11 +46,12 @@ def target_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
 class _FrozenHeadTargetCE(torch.autograd.Function):
     """CE of the target tokens through a frozen output layer, with d CE_t / d hidden_t computed in the forward.
 
-    For one token, CE_t = logsumexp(z_t) - z_t[y_t] with z_t = W h_t (+ b), so
+    For one token, CE_t = logsumexp(s_t) - s_t[y_t] with s_t = cap(z_t), z_t = W h_t (+ b), so
 
-        d CE_t / d h_t = W^T (softmax(z_t) - onehot(y_t)),
+        d CE_t / d h_t = W^T [(softmax(s_t) - onehot(y_t)) * cap'(z_t)],   cap'(z) = 1 - tanh(z / c)^2 (1 uncapped)
 
-    which depends on neither the weighting nor the normalisation. The loss is sum_t c_t CE_t with c_t the detached
+    (``gift_dist.models.logprob.target_ce_and_grad``, the log-prob the scorer and the evaluation use too), which
+    depends on neither the weighting nor the normalisation. The loss is sum_t c_t CE_t with c_t the detached
     weight over the normaliser (whatever the weighting, DFT included: its weights are detached too), so backward
     only scales row t of the stored gradient by the incoming c_t. Computing it while the chunk's logits are at hand
     costs one [chunk, V] x [V, H] product per chunk and saves re-running the output layer in backward (what a
@@ -59,19 +61,8 @@ class _FrozenHeadTargetCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                chunk_tokens: int) -> Tensor:
-        ce = torch.empty(targets.numel(), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden)
-        for start in range(0, targets.numel(), chunk_tokens):
-            rows = slice(start, start + chunk_tokens)
-            logits = F.linear(hidden[rows], weight, bias).float()
-            chunk_targets = targets[rows]
-            log_z = torch.logsumexp(logits, dim=-1)
-            ce[rows] = log_z - logits.gather(1, chunk_targets.unsqueeze(1)).squeeze(1)
-            # softmax - onehot, in place in the logits buffer: one [chunk, V] fp32 buffer per chunk.
-            probs = logits.sub_(log_z.unsqueeze(1)).exp_()
-            probs.scatter_add_(1, chunk_targets.unsqueeze(1), probs.new_full((probs.shape[0], 1), -1.0))
-            grad_hidden[rows] = probs.to(weight.dtype) @ weight
+                chunk_tokens: int, cap: Optional[float] = None) -> Tensor:
+        ce, grad_hidden = target_ce_and_grad(hidden, weight, bias, targets, cap, chunk_tokens)
         ctx.save_for_backward(grad_hidden)
         return ce
 
@@ -79,7 +70,7 @@ class _FrozenHeadTargetCE(torch.autograd.Function):
     def backward(ctx, grad_ce: Tensor):
         (grad_hidden,) = ctx.saved_tensors
         scaled = (grad_hidden.float() * grad_ce.unsqueeze(1)).to(grad_hidden.dtype)
-        return scaled, None, None, None, None
+        return scaled, None, None, None, None, None
 
 
 def _drop_aliased_head(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -102,27 +93,30 @@ class ChunkedTargetCE(torch.nn.Module):
     transformers' loss and Liger's fused linear cross-entropy take no per-token weights, hence this module.
     """
 
-    def __init__(self, lm_head: torch.nn.Module, chunk_tokens: int):
+    def __init__(self, lm_head: torch.nn.Module, chunk_tokens: int, softcap: Optional[float] = None):
         super().__init__()
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         self.lm_head = lm_head
         self.chunk_tokens = chunk_tokens
+        # The model's final logit soft-cap (Gemma 2/3: ``models.logprob.softcap_of``), None for most models.
+        self.softcap = softcap
         self.register_state_dict_post_hook(_drop_aliased_head)
 
-    def _chunk_ce(self, hidden: Tensor, targets: Tensor) -> Tensor:
+    def _linear(self, hidden: Tensor) -> Tensor:
         # The weight is read, not the module called: the lm_head's own ZeRO-3 hooks would gather it again.
-        # cross_entropy's fused log-softmax + NLL keeps about 3 chunk-sized [chunk, vocab] buffers alive in
-        # backward, half of what a logsumexp - gather composition needs.
-        logits = F.linear(hidden, self.lm_head.weight, getattr(self.lm_head, "bias", None))
-        return F.cross_entropy(logits.float(), targets, reduction="none")
+        return F.linear(hidden, self.lm_head.weight, getattr(self.lm_head, "bias", None))
+
+    def _chunk_ce(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        return target_ce(self._linear, hidden, targets, self.softcap)
 
     def forward(self, hidden: Tensor, positions: Tensor, target_ids: Tensor) -> Tensor:
         target_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
         weight, bias = self.lm_head.weight, getattr(self.lm_head, "bias", None)
         head_frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
         if head_frozen and target_hidden.requires_grad and torch.is_grad_enabled():
-            return _FrozenHeadTargetCE.apply(target_hidden, weight, bias, target_ids, self.chunk_tokens)
+            return _FrozenHeadTargetCE.apply(target_hidden, weight, bias, target_ids, self.chunk_tokens,
+                                             self.softcap)
         num_chunks = max(1, math.ceil(target_ids.numel() / self.chunk_tokens))
         pieces = []
         for index in range(num_chunks):
@@ -131,12 +125,13 @@ class ChunkedTargetCE(torch.nn.Module):
         return torch.cat(pieces)
 
 
-def target_token_ce(hidden: Tensor, lm_head: torch.nn.Module, labels: Tensor, chunk_tokens: int) -> Tensor:
+def target_token_ce(hidden: Tensor, lm_head: torch.nn.Module, labels: Tensor, chunk_tokens: int,
+                    softcap: Optional[float] = None) -> Tensor:
     """CE [N] (fp32, differentiable) of every target token of ``labels``, row-major; ``hidden`` [B, T, H] are the
-    decoder's last hidden states (see ``ChunkedTargetCE``)."""
+    decoder's last hidden states, ``softcap`` the model's final logit soft-cap (see ``ChunkedTargetCE``)."""
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} must be [B, T, H] and [B, T]")
-    head = ChunkedTargetCE(lm_head, chunk_tokens)
+    head = ChunkedTargetCE(lm_head, chunk_tokens, softcap)
     positions, target_ids = target_positions(labels.cpu())
     return head(hidden, positions.to(hidden.device), target_ids.to(hidden.device))
 
