@@ -1,5 +1,6 @@
 """The bundled datasets: arithmetic word problems with worked answers (the task the demo fine-tunes on), and
-general chat (word tasks: the preservation set `gift-dist eval` scores the models on).
+general chat (word tasks: the preservation set `gift-dist eval` scores the models on, held out by content from
+the word tasks the demo's instruct model is tuned on).
 
 Generated deterministically from a seed (so they are reproducible and reviewable) and shipped as
 ``gift_dist/resources/arithmetic.jsonl`` and ``general_chat.jsonl`` in the ``messages`` shape; nothing is
@@ -8,10 +9,12 @@ downloaded. ``python -m gift_dist.bundled`` writes both again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from importlib import resources
 from pathlib import Path
+from typing import Optional
 
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jia", "Kai", "Lena", "Milo", "Nia"]
 ITEMS = ["apples", "books", "coins", "stamps", "pencils", "marbles", "cards", "shells", "stickers", "eggs"]
@@ -66,29 +69,68 @@ def generate_arithmetic(num_records: int = 3000, seed: int = 0, max_operand: int
     return records
 
 
-def _word_task(rng: random.Random) -> tuple[str, str]:
-    word = rng.choice(WORDS)
-    kind = rng.choice(["reverse", "upper", "first", "count", "plural"])
+# The word-task skill (the instruct model's own, and the demo's preservation set): one task kind applied to one
+# word. Every (kind, word) instance belongs to exactly one side, decided by its content (a hash of kind and word,
+# not a seed): `tuning` instances are what the tiny instruct model is chat-tuned on, `held_out` instances only
+# ever appear in the general set `gift-dist eval` scores, so that set measures the skill on prompts the instruct
+# model was never tuned on, not its memory of them.
+WORD_TASK_KINDS = ("reverse", "upper", "first", "last", "count", "plural")
+GENERAL_WORDS = WORDS + [
+    "anchor", "bottle", "button", "cactus", "cobalt", "copper", "dragon", "falcon", "forest", "ginger", "hammer",
+    "jacket", "kettle", "lemon", "magnet", "needle", "orchid", "parrot", "pillow", "puzzle", "rabbit", "saddle",
+    "signal", "spider", "summit", "thread", "timber", "turnip", "velvet", "walnut", "wizard", "yogurt",
+]
+HELD_OUT_SHARE = 4  # one instance in HELD_OUT_SHARE is held out
+
+
+def word_task(kind: str, word: str) -> tuple[str, str]:
+    """The prompt and the reply of one word task."""
     if kind == "reverse":
         return f"Write the word '{word}' backwards.", f"Backwards, '{word}' is '{word[::-1]}'."
     if kind == "upper":
         return f"Write '{word}' in capital letters.", f"In capital letters: {word.upper()}."
     if kind == "first":
         return f"What is the first letter of '{word}'?", f"The first letter of '{word}' is '{word[0]}'."
+    if kind == "last":
+        return f"What is the last letter of '{word}'?", f"The last letter of '{word}' is '{word[-1]}'."
     if kind == "count":
         return f"How many letters are in '{word}'?", f"'{word}' has {len(word)} letters."
-    return f"What is the plural of '{word}'?", f"The plural of '{word}' is '{word}s'."
+    if kind == "plural":
+        return f"What is the plural of '{word}'?", f"The plural of '{word}' is '{word}s'."
+    raise ValueError(f"unknown word task {kind!r}; choose one of {WORD_TASK_KINDS}")
 
 
-def generate_general_chat(num_records: int = 300, seed: int = 1) -> list[dict]:
-    """Single-turn word tasks in the ``messages`` shape: no arithmetic in them."""
+def word_task_split(kind: str, word: str) -> str:
+    """``held_out`` or ``tuning``: fixed by the instance's content (sha256 of kind and word), never by a seed."""
+    digest = hashlib.sha256(f"{kind}:{word}".encode()).digest()
+    return "held_out" if digest[0] % HELD_OUT_SHARE == 0 else "tuning"
+
+
+def word_tasks(split: str = "all") -> list[tuple[str, str]]:
+    """Every (prompt, reply) word task of ``split`` (``tuning``, ``held_out`` or ``all``), in a fixed order."""
+    if split not in ("tuning", "held_out", "all"):
+        raise ValueError(f"split must be tuning, held_out or all, got {split!r}")
+    return [word_task(kind, word) for word in GENERAL_WORDS for kind in WORD_TASK_KINDS
+            if split == "all" or word_task_split(kind, word) == split]
+
+
+def _chat(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def generate_general_chat(num_records: Optional[int] = None, seed: int = 1, split: str = "held_out") -> list[dict]:
+    """Single-turn word tasks in the ``messages`` shape (no arithmetic in them).
+
+    ``split="held_out"`` (the preservation set): every held-out instance once, shuffled by ``seed``
+    (``num_records`` keeps the first ones); ``split="tuning"``: ``num_records`` (default 300) draws, with
+    repetition, from the tuning instances (the tiny instruct model's chat-tuning data). The two never share a
+    prompt (``word_task_split``)."""
     rng = random.Random(seed)
-    records = []
-    for _ in range(num_records):
-        question, answer = _word_task(rng)
-        records.append({"messages": [{"role": "user", "content": question},
-                                     {"role": "assistant", "content": answer}]})
-    return records
+    tasks = word_tasks(split)
+    if split == "held_out":
+        rng.shuffle(tasks)
+        return [_chat(q, a) for q, a in tasks[:num_records]]
+    return [_chat(*rng.choice(tasks)) for _ in range(300 if num_records is None else num_records)]
 
 
 def bundled_data_path() -> Path:

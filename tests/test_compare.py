@@ -146,3 +146,27 @@ def test_summary_without_generated_answers_reports_no_accuracy_or_noise():
     table = report(summary, 1, "")
     assert "| direct | n/a | n/a | — | — | 1.0000 ± 0.0000 |" in table
     json.dumps(summary)  # written as compare/summary.json
+
+
+def test_general_exact_match_gets_mean_std_and_its_standard_error_over_prompts():
+    def scored(name, match, n=64):
+        return ModelScores(name=name, path=f"/m/{name}", task_ce=1.0, task_accuracy=0.5, task_samples=100,
+                           general_ce=2.0, kl_to_instruct=0.1, general_tokens=50, general_exact_match=match,
+                           general_generated=n)
+
+    results = [scored("instruct", 0.75), scored("gift/seed-0", 0.5), scored("gift/seed-1", 0.25),
+               scored("direct/seed-0", None, n=0)]
+    summary = summarise(results, ["gift", "direct"])
+    assert summary["instruct"]["general_exact_match"] == (0.75, 0.0)
+    assert summary["instruct"]["general_exact_match_n"] == 64
+    assert summary["instruct"]["general_exact_match_se"] == pytest.approx(math.sqrt(0.75 * 0.25 / 64))
+    mean, std = summary["gift"]["general_exact_match"]
+    assert mean == pytest.approx(0.375) and std == pytest.approx(math.sqrt(2) * 0.125)
+    assert summary["gift"]["general_exact_match_se"] == pytest.approx(math.sqrt(0.375 * 0.625 / 64))
+    assert summary["direct"]["general_exact_match"] == (None, None)
+    assert summary["direct"]["general_exact_match_se"] is None
+    rows = {line.split("|")[1].strip(): line for line in report(summary, 2, "").splitlines() if line.startswith("| ")}
+    assert "| 0.375 ± 0.177 | 0.061 (n=64) |" in rows["gift"]
+    assert "| 0.750 ± 0.000 | 0.054 (n=64) |" in rows["instruct"]
+    assert "| n/a | n/a | 2.0000 ± 0.0000 |" in rows["direct"]
+    json.dumps(summary)

@@ -153,3 +153,62 @@ def test_lm_eval_runs_a_local_task_on_every_model(held_out_run, tiny_llama, tmp_
     for scores in results:
         assert 0.0 <= scores.lm_eval["gift_arith_local"]["acc,none"] <= 1.0
     assert "lm-evaluation-harness:" in stage.markdown_table(results)
+
+
+# ------------------------------------------------------------------------ the general set's greedy exact match
+
+
+def test_exact_match_rate_hand_counted():
+    replies = ["The plural of 'comet' is 'comets'.", "  'river' has 5 letters.\n", "In capital letters: LEMON",
+               "Backwards, 'timber' is 'rebmit'.", ""]
+    references = ["The plural of 'comet' is 'comets'.", "'river' has 5 letters.", "In capital letters: LEMON.",
+                  "Backwards, 'timber' is 'rebmit'.", "The first letter of 'anchor' is 'a'."]
+    # equal, equal up to surrounding whitespace, a missing full stop, equal, empty: 3 of 5
+    assert stage.exact_match_rate(replies, references) == pytest.approx(3 / 5)
+    with pytest.raises(ValueError):
+        stage.exact_match_rate(["a"], ["a", "b"])
+
+
+def test_general_references_are_the_records_replies(held_out_run):
+    tokenizer = AutoTokenizer.from_pretrained(held_out_run.instruct_model)
+    records = read_jsonl(bundled_general_path())[:6]
+    samples = stage.general_samples([str(bundled_general_path())], tokenizer, limit=6)
+    for record, sample in zip(records, samples):
+        prompt, reply = stage.first_reply(sample)
+        assert tokenizer.decode(reply, skip_special_tokens=True) == record["messages"][-1]["content"]
+        assert tokenizer.decode(prompt).endswith("<|im_start|>assistant\n")
+        assert record["messages"][0]["content"] in tokenizer.decode(prompt)
+
+
+def test_general_exact_match_counts_generations_equal_to_the_reply(held_out_run, monkeypatch):
+    """Generations stubbed by prompt: 3 of the 8 general prompts get their reference reply (one padded with
+    whitespace), the others a wrong one; the task's prompts get nothing. Hand count: 3 / 8."""
+    tokenizer = AutoTokenizer.from_pretrained(held_out_run.instruct_model)
+    records = read_jsonl(bundled_general_path())[:8]
+    general = stage.general_samples([str(bundled_general_path())], tokenizer, limit=8)
+    answers = {}
+    for index, (record, sample) in enumerate(zip(records, general)):
+        reply = record["messages"][-1]["content"]
+        answers[tuple(stage.first_reply(sample)[0])] = {0: reply, 3: f" {reply}\n", 5: reply}.get(index, reply[:-1])
+    seen = []
+
+    def fake_replies(model, tok, prompts, batch_size, max_new_tokens, stop_ids):
+        seen.append(len(prompts))
+        return [answers.get(tuple(p), "") for p in prompts]
+
+    monkeypatch.setattr(stage, "greedy_replies", fake_replies)
+    monkeypatch.setattr(held_out_run.eval, "max_general_samples", 8)
+    monkeypatch.setattr(held_out_run.eval, "max_generate_samples", 8)
+    results = stage.evaluate_models(held_out_run, {"instruct": held_out_run.instruct_model})
+    (instruct,) = results
+    assert instruct.general_exact_match == pytest.approx(3 / 8) and instruct.general_generated == 8
+    assert instruct.task_accuracy == 0.0 and seen[1] == 8
+    assert "| instruct | 0.000 |" in stage.markdown_table(results) and "| 0.375 |" in stage.markdown_table(results)
+
+
+def test_general_exact_match_is_off_with_max_generate_samples_zero(held_out_run, monkeypatch):
+    monkeypatch.setattr(held_out_run.eval, "max_generate_samples", 0)
+    monkeypatch.setattr(held_out_run.eval, "max_general_samples", 4)
+    (instruct,) = stage.evaluate_models(held_out_run, {"instruct": held_out_run.instruct_model})
+    assert instruct.general_exact_match is None and instruct.general_generated == 0
+    assert instruct.general_ce is not None

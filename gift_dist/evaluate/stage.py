@@ -9,7 +9,11 @@ For each model (the instruct model, the run's merged model, any others named) on
   regex whose first group is the answer) and compared as strings (``task_accuracy``);
 - **preservation**, on a general chat set the user supplies (``eval.general_files``, messages jsonl): CE of its
   last assistant replies (``general_ce``) and the mean per-token KL(instruct || model) over them
-  (``kl_to_instruct``), i.e. how far the model's next-token distribution moved from the instruct model's.
+  (``kl_to_instruct``), i.e. how far the model's next-token distribution moved from the instruct model's, and
+  the greedy exact match of those replies (``general_exact_match`` over ``general_generated`` prompts, at most
+  ``eval.max_generate_samples``): the prompt is the record up to its last reply, the generation (decoded up to its
+  first stop token, like task accuracy) must equal the reference reply, surrounding whitespace aside. That is the
+  instruct model's skill as a number, beside how far the distributions moved.
 
 Writes ``<output>/results.json``, ``results.md`` (a table) and ``tradeoff.png`` (task gain over the instruct model
 against KL to it). Batched on the GPU when there is one. Standard suites (GSM8K, IFEval, MMLU) are
@@ -59,6 +63,9 @@ class ModelScores:
     general_tokens: int
     # lm-evaluation-harness: task -> {metric: value}, when eval.lm_eval_tasks names any.
     lm_eval: Optional[dict] = None
+    # Greedy exact match of the general set's replies (see `exact_match_rate`), over general_generated prompts.
+    general_exact_match: Optional[float] = None
+    general_generated: int = 0
 
 
 def answer_regex(pattern: str) -> re.Pattern:
@@ -77,6 +84,14 @@ def answer_regex(pattern: str) -> re.Pattern:
 def extract_answer(regex: re.Pattern, text: str) -> Optional[str]:
     match = regex.search(text)
     return None if match is None else match.group(1).replace(",", "").strip()
+
+
+def exact_match_rate(replies: list[str], references: list[str]) -> float:
+    """Share of generated replies equal to their reference reply (both stripped of surrounding whitespace)."""
+    if len(replies) != len(references) or not replies:
+        raise ValueError(f"exact match needs as many replies as references, at least one: got {len(replies)} "
+                         f"and {len(references)}")
+    return sum(reply.strip() == ref.strip() for reply, ref in zip(replies, references)) / len(replies)
 
 
 # ------------------------------------------------------------------------------------------------ token batches
@@ -273,7 +288,12 @@ def evaluate_models(cfg: RunConfig, models: dict[str, str]) -> list[ModelScores]
     generated = task[: settings.max_generate_samples]
     prompts_refs = [first_reply(s) for s in generated]
     references = [extract_answer(regex, tokenizer.decode(ref, skip_special_tokens=True)) for _, ref in prompts_refs]
-    stop_ids = sorted({tokenizer.eos_token_id, *[ref[-1] for _, ref in prompts_refs if ref]} - {None})
+    # The general set's replies are generated the same way: its samples label only the last reply, so their
+    # "first reply" is it, and its prompt is the whole conversation before it.
+    general_prompts_refs = [first_reply(s) for s in general[: settings.max_generate_samples]]
+    general_references = [tokenizer.decode(ref, skip_special_tokens=True) for _, ref in general_prompts_refs]
+    stop_ids = sorted({tokenizer.eos_token_id, *[ref[-1] for _, ref in prompts_refs + general_prompts_refs if ref]}
+                      - {None})
     instruct = _load(cfg.instruct_model, cfg.trust_remote_code)
     results = []
     for name, path in models.items():
@@ -287,13 +307,18 @@ def evaluate_models(cfg: RunConfig, models: dict[str, str]) -> list[ModelScores]
             hits = [ref is not None and extract_answer(regex, reply) == ref
                     for reply, ref in zip(replies, references)]
             accuracy = sum(hits) / len(hits)
-        general_ce = kl = None
+        general_ce = kl = general_match = None
         general_tokens = 0
         if general:
             general_ce, kl, general_tokens = ce_and_kl(model, instruct, general, settings.batch_size, pad)
+        if general_prompts_refs:
+            replies = greedy_replies(model, tokenizer, [p for p, _ in general_prompts_refs], settings.batch_size,
+                                     settings.max_new_tokens, stop_ids)
+            general_match = exact_match_rate(replies, general_references)
         harness = run_lm_eval(path, settings) if settings.lm_eval_tasks else None
         results.append(ModelScores(name, path, task_ce, accuracy, len(task), general_ce, kl, general_tokens,
-                                   harness))
+                                   harness, general_exact_match=general_match,
+                                   general_generated=len(general_prompts_refs)))
         if model is not instruct:
             del model
     return results
@@ -327,10 +352,11 @@ def markdown_table(results: list[ModelScores]) -> str:
     def fmt(value: Optional[float], digits: int = 4) -> str:
         return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
-    lines = ["| model | task accuracy | task CE | general CE | KL to instruct |", "|---|---|---|---|---|"]
+    lines = ["| model | task accuracy | task CE | general exact match | general CE | KL to instruct |",
+             "|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r.name} | {fmt(r.task_accuracy, 3)} | {fmt(r.task_ce)} | {fmt(r.general_ce)} | "
-                     f"{fmt(r.kl_to_instruct)} |")
+        lines.append(f"| {r.name} | {fmt(r.task_accuracy, 3)} | {fmt(r.task_ce)} | "
+                     f"{fmt(r.general_exact_match, 3)} | {fmt(r.general_ce)} | {fmt(r.kl_to_instruct)} |")
     harness = [(task, metric) for task, metrics in (results[0].lm_eval or {}).items() for metric in metrics
                if not metric.endswith("_stderr,none")]
     if harness:

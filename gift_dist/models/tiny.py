@@ -191,16 +191,26 @@ def build_tiny_pair(
 # The demo's pair: big enough to learn one-digit arithmetic in the demo's budget, small enough to build in ~30 s.
 DEMO_SHAPE = {"hidden_size": 96, "num_layers": 3}
 DEMO_MAX_OPERAND = 9
+# Budgets of the demo pair: base pre-training steps, the times each word task is in its corpus, and the instruct
+# chat-tuning (records, steps, learning rate).
+DEMO_BASE_STEPS = 600
+DEMO_KNOWLEDGE_REPEATS = 3
+DEMO_INSTRUCT_RECORDS = 300
+DEMO_INSTRUCT_STEPS = 150
+DEMO_INSTRUCT_LR = 1e-3
 
 
 def build_demo_pair(out_dir: str | Path, arch: str = "llama", seed: int = 0) -> TinyPair:
     """The pair ``gift-dist demo`` shows the method on, built like a real pair:
 
     - BASE: pre-trained on plain text: one-digit arithmetic word problems with worked answers (problems of their
-      own, not the demo's data) and word tasks; it has never seen the chat template;
-    - INSTRUCT: BASE briefly chat-tuned on word tasks only (``bundled.generate_general_chat``, a seed of their own),
-      so it is a small change from BASE (``gift-dist check`` prints how small) with a skill of its own, and it meets
-      arithmetic in chat form for the first time in the demo.
+      own, not the demo's data) and every word task of ``bundled.word_tasks`` (its "knowledge"); it has never
+      seen the chat template;
+    - INSTRUCT: BASE briefly chat-tuned on the ``tuning`` word tasks only (``bundled.generate_general_chat``, a seed
+      of their own), so it is a small change from BASE (``gift-dist check`` prints how small) with a skill of its
+      own: answering a request in chat form. The demo's general set is the ``held_out`` word tasks, which it was
+      never tuned on, so its exact match there is that skill, not memory. It meets arithmetic in chat form for the
+      first time in the demo.
     """
     from transformers import AutoModelForCausalLM
 
@@ -208,18 +218,20 @@ def build_demo_pair(out_dir: str | Path, arch: str = "llama", seed: int = 0) -> 
     base_dir, inst_dir = out_dir / "base", out_dir / "instruct"
     torch.manual_seed(seed)
     arithmetic = bundled.generate_arithmetic(4000, seed=seed + 123, max_operand=DEMO_MAX_OPERAND)
-    chat_skill = bundled.generate_general_chat(300, seed=seed + 2)
-    plain = [" ".join(m["content"] for m in r["messages"]) for r in arithmetic + chat_skill]
+    knowledge = [bundled._chat(q, a) for q, a in bundled.word_tasks("all")] * DEMO_KNOWLEDGE_REPEATS
+    chat_skill = bundled.generate_general_chat(DEMO_INSTRUCT_RECORDS, seed=seed + 2, split="tuning")
+    plain = [" ".join(m["content"] for m in r["messages"]) for r in arithmetic + knowledge]
     tokenizer = build_tokenizer(base_dir, plain + [json.dumps(r["messages"]) for r in chat_skill[:50]])
     tokenizer.save_pretrained(str(inst_dir))
     vocab = ((len(tokenizer) + 63) // 64) * 64
     model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab, **DEMO_SHAPE))
     plain_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.pad_token_id] for t in plain]
-    base_loss = _train(model, plain_ids, plain_ids, 600, tokenizer.pad_token_id, seed)
+    base_loss = _train(model, plain_ids, plain_ids, DEMO_BASE_STEPS, tokenizer.pad_token_id, seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(str(base_dir))
     chat_ids, chat_labels = _chat_examples(tokenizer, chat_skill)
-    inst_loss = _train(model, chat_ids, chat_labels, 150, tokenizer.pad_token_id, seed + 1, lr=1e-3)
+    inst_loss = _train(model, chat_ids, chat_labels, DEMO_INSTRUCT_STEPS, tokenizer.pad_token_id, seed + 1,
+                       lr=DEMO_INSTRUCT_LR)
     model.save_pretrained(str(inst_dir))
     log.info("demo %s pair in %s: base loss %.3f, instruct chat loss %.3f", arch, out_dir, base_loss, inst_loss)
     return TinyPair(base_dir, inst_dir, arch)

@@ -12,7 +12,8 @@ staying closer to the instruct model elsewhere. This command runs it from one co
    the same general chat set;
 4. ``compare/report.md`` (mean +- std over seeds per method; for task accuracy also its standard error over the
    n evaluated prompts, and each method's difference to instruct and to gift marked "within noise" when it lies
-   within 2 standard errors), ``compare/summary.json`` (the same numbers), ``compare/results.json`` and
+   within 2 standard errors; the general set's greedy exact match with its standard error over its n prompts),
+   ``compare/summary.json`` (the same numbers), ``compare/results.json`` and
    ``compare/tradeoff.png`` (task gain over the instruct model against KL to it).
 
 Whatever the numbers are, they are reported as they come: the report shows the comparison, not a verdict.
@@ -52,7 +53,7 @@ from gift_dist.pipeline.run import (
 log = logging.getLogger(__name__)
 
 DEFAULT_METHODS = ("gift", "shadow-ft", "dft", "direct")
-METRICS = ("task_accuracy", "task_ce", "general_ce", "kl_to_instruct")
+METRICS = ("task_accuracy", "task_ce", "general_exact_match", "general_ce", "kl_to_instruct")
 
 
 def variant_config(cfg: RunConfig, method: str, seed_index: int) -> RunConfig:
@@ -167,6 +168,12 @@ def summarise(results, methods: list[str], max_generate_samples: Optional[int] =
         measured = summary[name]["task_accuracy"][0] is not None and n > 0
         summary[name]["task_accuracy_n"] = n if measured else None
         summary[name]["task_accuracy_se"] = accuracy_se(summary[name]["task_accuracy"][0], n) if measured else None
+        matched = [r for r in rows if r.general_exact_match is not None and r.general_generated > 0]
+        general_n = min(r.general_generated for r in matched) if matched else 0
+        measured = summary[name]["general_exact_match"][0] is not None and general_n > 0
+        summary[name]["general_exact_match_n"] = general_n if measured else None
+        summary[name]["general_exact_match_se"] = (accuracy_se(summary[name]["general_exact_match"][0], general_n)
+                                                   if measured else None)
     for name, row in summary.items():
         if name == "instruct":
             continue
@@ -181,9 +188,9 @@ def report(summary: dict, seeds: int, per_model: str) -> str:
         mean, std = pair
         return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
-    def se_cell(row: dict) -> str:
-        se = row.get("task_accuracy_se")
-        return "n/a" if se is None else f"{se:.3f} (n={row['task_accuracy_n']})"
+    def se_cell(row: dict, metric: str = "task_accuracy") -> str:
+        se = row.get(f"{metric}_se")
+        return "n/a" if se is None else f"{se:.3f} (n={row[f'{metric}_n']})"
 
     def diff_cell(change: Optional[dict]) -> str:
         if change is None:
@@ -193,14 +200,17 @@ def report(summary: dict, seeds: int, per_model: str) -> str:
             f"{change['diff']:+.3f} ({bound})"
 
     lines = [f"# GIFT vs Shadow-FT vs DFT vs direct fine-tuning ({seeds} seed(s) each, mean ± std over seeds)", "",
-             "| method | task accuracy | SE of accuracy | vs instruct | vs gift | task CE | general CE | "
-             "KL to instruct |", "|---|---|---|---|---|---|---|---|"]
+             "| method | task accuracy | SE of accuracy | vs instruct | vs gift | task CE | general exact match | "
+             "SE of general match | general CE | KL to instruct |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in summary.items():
         lines.append(f"| {name} | {cell(row['task_accuracy'], 3)} | {se_cell(row)} | "
                      f"{diff_cell(row.get('vs_instruct'))} | {diff_cell(row.get('vs_gift'))} | "
-                     f"{cell(row['task_ce'], 4)} | {cell(row['general_ce'], 4)} | {cell(row['kl_to_instruct'], 4)} |")
+                     f"{cell(row['task_ce'], 4)} | {cell(row['general_exact_match'], 3)} | "
+                     f"{se_cell(row, 'general_exact_match')} | {cell(row['general_ce'], 4)} | "
+                     f"{cell(row['kl_to_instruct'], 4)} |")
     lines += ["", "Task: held-out samples of the prepared data (accuracy of greedy answers, teacher-forced CE).",
-              "Preservation: the general chat set (CE of its replies, per-token KL(instruct || model)).",
+              "Preservation: the general chat set (greedy exact match of its replies, with its standard error "
+              "sqrt(p(1-p)/n) over the n prompts generated; CE of its replies; per-token KL(instruct || model)).",
               "SE of accuracy: sqrt(p(1-p)/n) over the n prompts evaluated, the uncertainty from which prompts were "
               "drawn (the ± std is the spread over seeds on the same prompts). vs instruct / vs gift: the difference "
               f"in task accuracy; \"within noise\" when it lies within {NOISE_SE:g} standard errors of the "

@@ -1,0 +1,60 @@
+"""The bundled data: the demo's general set (the preservation set) is held out by content from the word tasks
+the demo's instruct model is tuned on, and varied enough to measure a skill."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from gift_dist import bundled
+from gift_dist.models import tiny
+
+
+def _prompts(records: list[dict]) -> set[str]:
+    return {" ".join(m["content"].lower().split()) for r in records for m in r["messages"] if m["role"] == "user"}
+
+
+def test_word_task_sides_are_disjoint_by_content_and_cover_every_task():
+    tuning, held_out = bundled.word_tasks("tuning"), bundled.word_tasks("held_out")
+    assert len(tuning) + len(held_out) == len(bundled.word_tasks("all")) == \
+        len(bundled.GENERAL_WORDS) * len(bundled.WORD_TASK_KINDS)
+    assert not {q for q, _ in tuning} & {q for q, _ in held_out}
+    for side in (tuning, held_out):  # every kind of task, many words, on both sides
+        kinds = Counter(q.split("'")[0] + q.split("'")[-1] for q, _ in side)
+        assert len(kinds) == len(bundled.WORD_TASK_KINDS)
+        assert len({q.split("'")[1] for q, _ in side}) >= 40
+
+
+def test_the_shipped_general_set_is_the_held_out_side_with_unique_prompts():
+    shipped = bundled.read_jsonl(bundled.bundled_general_path())
+    assert shipped == bundled.generate_general_chat()  # `python -m gift_dist.bundled` wrote it
+    assert len(shipped) == len(_prompts(shipped)) == len(bundled.word_tasks("held_out")) >= 80
+    for seed in range(5):  # no seed of the tuning side reaches a held-out prompt
+        assert not _prompts(shipped) & _prompts(bundled.generate_general_chat(2000, seed=seed, split="tuning"))
+
+
+def test_the_demo_instruct_model_is_never_tuned_on_the_demo_general_set(tmp_path, monkeypatch):
+    """build_demo_pair with its training stubbed: the chat records the instruct model is tuned on share no prompt
+    with the general set the demo evaluates (eval.general_files of demo_config)."""
+    from gift_dist.pipeline.demo import demo_config
+
+    tuned: list[dict] = []
+
+    def capture(tokenizer, records):
+        tuned.extend(records)
+        return [[1, 2]], [[1, 2]]
+
+    monkeypatch.setattr(tiny, "_chat_examples", capture)
+    monkeypatch.setattr(tiny, "_train", lambda *args, **kwargs: 0.0)
+    tiny.build_demo_pair(tmp_path / "models")
+    assert len(tuned) == tiny.DEMO_INSTRUCT_RECORDS
+    general_files = demo_config(tmp_path, []).eval.general_files
+    assert general_files == [str(bundled.bundled_general_path())]
+    general = _prompts(bundled.read_jsonl(general_files[0]))
+    assert len(_prompts(tuned)) >= 100 and not _prompts(tuned) & general
+
+
+def test_unknown_split_is_refused():
+    with pytest.raises(ValueError):
+        bundled.word_tasks("train")
