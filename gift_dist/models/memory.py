@@ -101,8 +101,14 @@ def model_shape(model: str, lora_r: int, target_modules: list[str], trust_remote
     layer_classes = tuple(decoder_layer_classes(net))
     layers = [m for m in net.modules() if layer_classes and isinstance(m, layer_classes)]
     layer_params = max((sum(p.numel() for p in m.parameters()) for m in layers), default=largest)
-    targets = [m for name, m in net.named_modules()
-               if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in target_modules]
+    from gift_dist.errors import ConfigError
+    from gift_dist.models.lora_targets import resolve_target_modules
+
+    try:
+        names = set(resolve_target_modules(net, target_modules, warn=False))
+    except ConfigError:  # no target at all: the trainer refuses it, naming the model's linear layers
+        names = set()
+    targets = [m for name, m in net.named_modules() if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in names]
     lora = sum(lora_r * (m.in_features + m.out_features) for m in targets)
     largest_lora = max((lora_r * max(m.in_features, m.out_features) for m in targets), default=0)
     shard_bytes = None

@@ -29,7 +29,39 @@ CHATML_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-ARCHITECTURES = ("llama", "qwen2")
+# Gemma 2's shape: turns of "user" and "model", and a system turn refused with an error (gift_dist's prepare folds
+# system text into the first user turn for such a template: models/render.py). The tiny tokenizer's special
+# tokens stand in for Gemma's <start_of_turn> / <end_of_turn>.
+GEMMA_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{{ raise_exception('System role not supported') }}{%- endif %}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{- '<|im_start|>' + role + '\n' + message['content'] | trim + '<|im_end|>' + '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>model\n' }}{%- endif %}"
+)
+# The tiny families (``tiny_config``): what each stands for and what it exercises.
+FAMILIES = {
+    "llama": "Llama 2/3 layout: GQA, untied output layer",
+    "llama3": "Llama 3: GQA, llama3 rope scaling",
+    "qwen2": "Qwen2: q/k/v biases, untied output layer",
+    "qwen2_tied": "Qwen2.5 up to 3B: q/k/v biases, tied input/output embeddings",
+    "qwen3": "Qwen3: q/k norms",
+    "qwen3_moe": "Qwen3-MoE: mixture-of-experts MLPs (LoRA on attention; experts and router left alone)",
+    "mixtral": "Mixtral: mixture-of-experts MLPs, sliding window (LoRA on attention; experts, router left alone)",
+    "mistral": "Mistral: sliding-window attention",
+    "gemma2": "Gemma 2: final logit soft-capping, tied embeddings, sliding window, no system turn",
+    "gemma3_text": "Gemma 3 (text): q/k norms, tied embeddings, sliding window, no system turn",
+    "phi3": "Phi-3: fused qkv_proj and gate_up_proj",
+    "olmo2": "OLMo 2: q/k norms over the whole projection, post-norms",
+}
+ARCHITECTURES = tuple(FAMILIES)
+# Families whose chat template has Gemma's shape (no system turn).
+GEMMA_SHAPED = ("gemma2", "gemma3_text")
+
+
+def chat_template_of(arch: str) -> str:
+    return GEMMA_TEMPLATE if arch in GEMMA_SHAPED else CHATML_TEMPLATE
 
 
 @dataclass(frozen=True)
@@ -70,7 +102,8 @@ def build_tokenizer(out_dir: str | Path, texts: list[str], vocab_size: int = 384
 
 
 def tiny_config(arch: str, vocab_size: int, hidden_size: int = 64, num_layers: int = 2, kv_heads: int = 2):
-    from transformers import LlamaConfig, Qwen2Config
+    """A tiny config of one of ``FAMILIES`` (4 attention heads, ``kv_heads`` key/value heads)."""
+    import transformers
 
     common = dict(
         vocab_size=vocab_size,
@@ -83,10 +116,42 @@ def tiny_config(arch: str, vocab_size: int, hidden_size: int = 64, num_layers: i
         tie_word_embeddings=False,
         pad_token_id=None,
     )
+    head_dim = hidden_size // 4
+    # A window shorter than the tiny pair's records, so sliding-window attention differs from full attention.
+    window = 16
     if arch == "llama":
-        return LlamaConfig(**common)
+        return transformers.LlamaConfig(**common)
+    if arch == "llama3":
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        return transformers.LlamaConfig(**common, rope_parameters=rope)
     if arch == "qwen2":
-        return Qwen2Config(**common)
+        return transformers.Qwen2Config(**common)
+    if arch == "qwen2_tied":
+        return transformers.Qwen2Config(**{**common, "tie_word_embeddings": True})
+    if arch == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=head_dim)
+    if arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(**common, head_dim=head_dim, num_experts=4, num_experts_per_tok=2,
+                                           moe_intermediate_size=hidden_size, decoder_sparse_step=1,
+                                           mlp_only_layers=[], norm_topk_prob=True)
+    if arch == "mixtral":
+        return transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2,
+                                          sliding_window=window)
+    if arch == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=window)
+    if arch == "gemma2":
+        return transformers.Gemma2Config(**{**common, "tie_word_embeddings": True}, head_dim=head_dim,
+                                         sliding_window=window, final_logit_softcapping=10.0,
+                                         attn_logit_softcapping=50.0)
+    if arch == "gemma3_text":
+        return transformers.Gemma3TextConfig(**{**common, "tie_word_embeddings": True}, head_dim=head_dim,
+                                             sliding_window=window)
+    # Their defaults name token ids of the real vocabularies; the tiny tokenizer sets them in generation_config.
+    if arch == "phi3":
+        return transformers.Phi3Config(**common, bos_token_id=None, eos_token_id=None)
+    if arch == "olmo2":
+        return transformers.Olmo2Config(**common, bos_token_id=None, eos_token_id=None)
     raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
 
 
@@ -128,8 +193,10 @@ def _train(model, token_lists, label_lists, steps: int, pad_id: int, seed: int, 
 def _chat_examples(tokenizer, records: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
     """Chat-formatted token ids with labels on the assistant replies (prefix rendering, like `prepare`)."""
     token_lists, label_lists = [], []
+    from gift_dist.models.render import template_messages
+
     for record in records:
-        messages = record["messages"]
+        messages = template_messages(tokenizer, record["messages"])
         ids: list[int] = []
         labels: list[int] = []
         for i, message in enumerate(messages):
@@ -167,7 +234,8 @@ def build_tiny_pair(
     torch.manual_seed(seed)
     records = bundled.read_jsonl(bundled.bundled_data_path())[:num_records]
     plain = [" ".join(m["content"] for m in r["messages"]) for r in records]
-    tokenizer = build_tokenizer(base_dir, plain + [json.dumps(r["messages"]) for r in records[:50]])
+    tokenizer = build_tokenizer(base_dir, plain + [json.dumps(r["messages"]) for r in records[:50]],
+                                chat_template=chat_template_of(arch))
     tokenizer.save_pretrained(str(inst_dir))
     vocab = ((len(tokenizer) + 63) // 64) * 64  # embedding rows rounded up, as real models do
     if vocab_rows is not None:

@@ -318,20 +318,11 @@ def training_model_path(cfg: RunConfig) -> str:
 
 
 def resolve_target_modules(model: torch.nn.Module, wanted: list[str]) -> list[str]:
-    """Keep the configured LoRA targets that name linear layers of the model; none matching is an error."""
-    linear_names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                           if isinstance(module, torch.nn.Linear)})
-    present = [name for name in wanted if name in linear_names]
-    missing = [name for name in wanted if name not in linear_names]
-    if not present:
-        raise ConfigError(
-            f"train.lora.target_modules={wanted} match no linear layer of the model; its linear layers are "
-            f"{linear_names}"
-        )
-    if missing:
-        log.warning("LoRA targets %s do not exist in this model and are skipped (linear layers: %s)",
-                    missing, linear_names)
-    return present
+    """The configured LoRA targets as the model's linear layer names, fused layers (Phi-3's qkv_proj and
+    gate_up_proj) standing in for their parts; none matching is an error (``models.lora_targets``)."""
+    from gift_dist.models import lora_targets
+
+    return lora_targets.resolve_target_modules(model, wanted)
 
 
 class TargetTokenCE(torch.nn.Module):
