@@ -47,6 +47,19 @@ def env_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+# Processes on this node, by launcher: torchrun, DeepSpeed's launcher, Open MPI / mpirun, SLURM's srun.
+LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+
+
+def env_local_world_size() -> Optional[int]:
+    """How many ranks run on this node, from whichever launcher started us (None: not launched by one)."""
+    for key in LOCAL_SIZE_VARIABLES:
+        value = os.environ.get(key, "").split("(")[0]  # SLURM may write "4(x2)"
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
 def is_initialized() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
 
@@ -73,7 +86,7 @@ def share_cpu_threads() -> Optional[int]:
     machine (steps stall for seconds). Returns the threads set, or None when the user chose."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local = env_local_world_size() or 1
     threads = max(1, (os.cpu_count() or 1) // max(local, 1))
     torch.set_num_threads(threads)
     log.info("rank %d: %d CPU thread(s) (%d cores / %d ranks on this node; set OMP_NUM_THREADS to choose)",

@@ -236,3 +236,22 @@ def test_a_killed_replica_is_finished_by_another_byte_identically(prepared_tp_ll
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert {p.name: p.read_bytes() for p in sorted(conf_dir.glob("shard-*"))} == expected
     assert not list((conf_dir / LEASE_DIR).iterdir())
+
+
+@pytest.mark.parametrize("variable,value,ranks", [
+    ("LOCAL_WORLD_SIZE", "2", 2), ("LOCAL_SIZE", "4", 4), ("OMPI_COMM_WORLD_LOCAL_SIZE", "8", 8),
+    ("SLURM_NTASKS_PER_NODE", "4(x2)", 4)])
+def test_the_ranks_of_a_node_are_read_from_whichever_launcher_started_us(monkeypatch, variable, value, ranks):
+    from gift_dist import dist
+
+    for key in dist.LOCAL_SIZE_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    assert dist.env_local_world_size() is None
+    monkeypatch.setenv(variable, value)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert dist.env_local_world_size() == ranks
+    threads = torch.get_num_threads()
+    try:
+        assert dist.share_cpu_threads() == max(1, (os.cpu_count() or 1) // ranks)
+    finally:
+        torch.set_num_threads(threads)

@@ -25,7 +25,6 @@ Written by hand because transformers has no vocabulary-parallel cross-entropy/lo
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
 
@@ -81,14 +80,6 @@ class Replica:
         return result
 
 
-def _local_world_size() -> Optional[int]:
-    """Processes on this node: torchrun sets LOCAL_WORLD_SIZE, DeepSpeed's launcher LOCAL_SIZE."""
-    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
-        if os.environ.get(key):
-            return int(os.environ[key])
-    return None
-
-
 def tensor_parallel_problem(config, ranks: int) -> Optional[str]:
     """Why this model cannot be split over ``ranks`` tensor-parallel ranks, or None when it can."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -133,7 +124,7 @@ def join_replica(score_cfg: ScoreConfig, parallel: str) -> Replica:
         return Replica(index=dist.env_rank())
     k = score_cfg.gpus_per_replica
     world = dist.env_world_size()
-    local = _local_world_size()
+    local = dist.env_local_world_size()
     if world % k or (local is not None and local % k):
         raise ConfigError(
             f"score.parallel=tensor with score.gpus_per_replica={k} needs a multiple of {k} processes on every "
