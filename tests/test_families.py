@@ -193,3 +193,12 @@ def test_fused_targets_stand_for_their_parts_and_unknown_names_list_the_layers()
     with pytest.raises(ConfigError, match="qkv_proj"):
         resolve_target_modules(phi3, ["q_proj"])
     assert "lm_head" not in resolve_target_modules(phi3, ["lm_head", "o_proj"])
+
+
+def test_readme_lists_every_family_of_the_matrix():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = ["| tiny family (`gift-dist make-tiny --arch`) | stands for and exercises |", "|---|---|"]
+    rows += [f"| `{arch}` | {what} |" for arch, what in FAMILIES.items()]
+    assert "\n".join(rows) + "\n\n" in readme, "regenerate the README's families table from models.tiny.FAMILIES"
