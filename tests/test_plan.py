@@ -1,5 +1,7 @@
 from pathlib import Path
 
+import pytest
+
 from gift_dist.cli import main
 
 LLAMA_70B = Path(__file__).resolve().parents[1] / "examples/llama3-70b-config.json"
@@ -125,3 +127,42 @@ def test_plan_counts_each_ds_config_item(capsys):
     assert "zero3_multinode" not in _plan(capsys, "--gpus-per-node", "8")
     out = _plan(capsys, "--gpus-per-node", "4", "--nodes", "2", "--quantized-frozen-weights")
     assert "frozen weights int8" in out and "set zero_hpz_partition_size to the GPUs per node (4), not 8" in out
+
+
+@pytest.mark.slow
+def test_the_70b_dry_run_passes_at_world_size_16(capsys):
+    out = _plan(capsys, "--gpus-per-node", "8", "--nodes", "2", "--dry-run")
+    assert "dry run at world size 16 (2 node(s) x 8), zero3_multinode.json: passed" in out
+    assert "ZeRO-3 partition of 70.55B params: 8.21 GiB of frozen bf16 weights per rank + hpZ copy 16.43 GiB" in out
+    assert "adapter gather: 1120 LoRA tensors (207.1M params)" in out  # 80 layers x 7 projections x (A, B)
+    assert "merge: 30 instruct shards of <= 4.7 GiB, every LoRA pair mapped" in out
+
+
+def _dry_run_config(tiny_llama, tmp_path, **zero):
+    import json
+
+    from gift_dist.config import load_config
+
+    ds = json.loads((Path(__file__).resolve().parents[1] / "ds_configs/zero3.json").read_text())
+    ds["zero_optimization"].update(zero)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    return load_config(None, [f"base_model={tiny_llama.base}", "train.sharding=zero3",
+                              f"train.ds_config={tmp_path / 'ds.json'}", "train.lora.r=4"])
+
+
+def test_the_dry_run_refuses_what_would_gather_frozen_or_lora_weights_whole(tiny_llama, tmp_path):
+    from gift_dist.config import ConfigError
+    from gift_dist.pipeline.dry_run import dry_run
+
+    result = dry_run(_dry_run_config(tiny_llama, tmp_path), str(tiny_llama.base), world=16, ranks_per_node=8)
+    assert result.lora_tensors == 2 * 7 * 2 and result.merge_shards == 1
+    with pytest.raises(ConfigError, match="stage3_gather_16bit_weights_on_model_save gathers every frozen weight"):
+        dry_run(_dry_run_config(tiny_llama, tmp_path, stage3_gather_16bit_weights_on_model_save=True),
+                str(tiny_llama.base), world=16, ranks_per_node=8)
+    # A persistence threshold that would partition (and gather) the LoRA tensors: refused as the trainer refuses it.
+    with pytest.raises(ConfigError, match="stage3_param_persistence_threshold=10 but the run config gives"):
+        dry_run(_dry_run_config(tiny_llama, tmp_path, stage3_param_persistence_threshold=10),
+                str(tiny_llama.base), world=16, ranks_per_node=8)
+    with pytest.raises(ConfigError, match="zero_hpz_partition_size=3 does not divide the 8 ranks"):
+        dry_run(_dry_run_config(tiny_llama, tmp_path, zero_hpz_partition_size=3), str(tiny_llama.base), world=16,
+                ranks_per_node=8)

@@ -81,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--ce-chunk-tokens", type=int, default=1024)
     parser.add_argument("--score-batch-tokens", type=int, default=16384)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="also walk the ZeRO-3 training and merge code paths on the meta-device model at "
+                             "nodes x gpus-per-node ranks (engine config, LoRA, partition, adapter gather, merge "
+                             "plan over the instruct checkpoint's shards): no GPU, no weights")
 
 
 def print_training_plan(args: argparse.Namespace, shape: ModelShape, train: dict, tokens: int) -> None:
@@ -118,6 +122,18 @@ def print_training_plan(args: argparse.Namespace, shape: ModelShape, train: dict
               f"inside a node, for {multi['items']['hpz_secondary']:.1f} GiB more per GPU{note}; "
               f"train.quantized_frozen_weights=true halves the frozen weights and the gathers (the LoRA then trains "
               f"against int8 base weights)")
+
+
+def run_dry(args: argparse.Namespace) -> int:
+    """``--dry-run``: the ZeRO-3 training and merge code paths walked on the meta-device model (``dry_run``)."""
+    from gift_dist.config import load_config
+    from gift_dist.pipeline.dry_run import dry_run, report
+
+    ds_config = "zero3_multinode" if args.nodes > 1 else "zero3"
+    cfg = load_config(None, [f"base_model={args.model}", "train.sharding=zero3", f"train.ds_config={ds_config}",
+                             f"train.lora.r={args.lora_r}", f"train.micro_batch_size={args.micro_batch_size}"])
+    print(report(dry_run(cfg, args.model, args.nodes * args.gpus_per_node, args.gpus_per_node)))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,4 +175,7 @@ def run(args: argparse.Namespace) -> int:
               f"--nproc_per_node {processes} -m gift_dist score --config run.yaml score.gpus_per_replica={k}")
     print(f"merge: peak ~{merge['peak_gib']:.1f} GiB RAM (largest shard {merge['largest_shard_gib']:.1f} GiB "
           f"+ adapter {merge['adapter_gib']:.2f} GiB), independent of model size")
+    if args.dry_run:
+        print()
+        return run_dry(args)
     return 0
