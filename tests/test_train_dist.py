@@ -492,6 +492,7 @@ def test_checkpoints_hold_no_frozen_weights_and_a_corrupt_file_is_refused_on_res
     assert saved and all("lora_" in name for name in saved), sorted(saved)[:5]
     recorded = json.loads((folder / RECORD_NAME).read_text())["file_sha256"]
     assert model_states.name in recorded and "adapter/adapter_model.safetensors" in recorded
+    assert "optimizer_state.safetensors" in recorded  # the LoRA's AdamW state, for a resume at another world size
 
     intact = run_config(setup, tmp_path / "intact", weighting="uniform", max_steps=3, save_every_steps=2,
                         sharding="replicate")
@@ -601,14 +602,43 @@ def test_bf16_lora_computes_in_bf16_and_the_adapter_keeps_the_fp32_masters(setup
         assert torch.equal(gathered[state_name[name]], master.cpu())
 
 
-def test_resume_on_another_number_of_ranks_loads_the_gathered_lora(reference, setup, tmp_path, single_rank):
-    """The 2-rank reference checkpoint resumed by 1 rank x GA 2 (same global batch): LoRA from its adapter."""
+def _resume_from(source: RunConfig, step: int, cfg: RunConfig) -> None:
+    """A new run folder holding ``source``'s checkpoint of ``step`` as its latest, and its metrics up to there."""
     import shutil
 
+    shutil.copytree(source.paths.checkpoints / tag_for(step), cfg.paths.checkpoints / tag_for(step))
+    (cfg.paths.checkpoints / LATEST_NAME).write_text(tag_for(step) + "\n")
+    cfg.paths.logs.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source.paths.logs / METRICS_NAME, cfg.paths.logs / METRICS_NAME)
+
+
+def test_resume_on_another_number_of_ranks_loads_the_gathered_lora(reference, setup, tmp_path, single_rank, caplog):
+    """The 2-rank reference checkpoints resumed by 1 rank x GA 2 (same global batch): LoRA from the gathered
+    adapter, AdamW's moments and step count from the gathered optimizer state. From the mid-run checkpoint the
+    remaining steps' losses are the unbroken run's; a version-1 checkpoint (no optimizer state) still resumes,
+    with a warning that the moments restart."""
+    import shutil
+
+    from gift_dist.train.checkpoint import OPTIMIZER_STATE_NAME, VERSION
     from gift_dist.train.recipe import train
 
     ref = reference[0]
-    cfg = run_config(setup, tmp_path / "run", confidence=Path(os.path.realpath(ref.paths.confidence)),
+    confidence = Path(os.path.realpath(ref.paths.confidence))
+    mid = run_config(setup, tmp_path / "mid", confidence=confidence, gradient_accumulation_steps=2,
+                     save_every_steps=SAVE_EVERY, sharding=ref.train.sharding)
+    _resume_from(ref, SAVE_EVERY, mid)
+    record = json.loads((mid.paths.checkpoints / tag_for(SAVE_EVERY) / RECORD_NAME).read_text())
+    assert record["version"] == VERSION and OPTIMIZER_STATE_NAME in record["file_sha256"]
+    with caplog.at_level("INFO", logger="gift_dist.train.checkpoint"):
+        result = train(mid, resume=True)
+    assert result.steps == STEPS and "FRESH optimizer" not in caplog.text
+    assert "AdamW state (step count 4)" in caplog.text
+    # Steps 5..8 on 1 rank x GA 2 after the 2-rank checkpoint of step 4: the unbroken 2-rank run's losses.
+    assert [row["step"] for row in read_metrics(mid.paths.logs / METRICS_NAME)] == list(range(1, STEPS + 1))
+    assert losses(mid) == pytest.approx(losses(ref), rel=1e-5)
+    assert read_adapter(result.adapter).provenance.world_size == 1
+
+    cfg = run_config(setup, tmp_path / "run", confidence=confidence,
                      gradient_accumulation_steps=2, save_every_steps=SAVE_EVERY, sharding=ref.train.sharding)
     shutil.copytree(ref.paths.checkpoints, cfg.paths.checkpoints)
     result = train(cfg, resume=True)
@@ -617,6 +647,25 @@ def test_resume_on_another_number_of_ranks_loads_the_gathered_lora(reference, se
     assert resumed.provenance.world_size == 1 and resumed.provenance.complete
     for name, tensor in saved.tensors.items():
         assert torch.equal(resumed.tensors[name], tensor), name
+
+    # A checkpoint written before the optimizer state was saved (format version 1) resumes as it did then.
+    old = run_config(setup, tmp_path / "old", confidence=confidence, gradient_accumulation_steps=2,
+                     save_every_steps=SAVE_EVERY, sharding=ref.train.sharding)
+    _resume_from(ref, SAVE_EVERY, old)
+    folder = old.paths.checkpoints / tag_for(SAVE_EVERY)
+    (folder / OPTIMIZER_STATE_NAME).unlink()
+    record = json.loads((folder / RECORD_NAME).read_text())
+    del record["file_sha256"][OPTIMIZER_STATE_NAME]
+    (folder / RECORD_NAME).write_text(json.dumps({**record, "version": 1}))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="gift_dist.train.checkpoint"):
+        result = train(old, resume=True)
+    assert result.steps == STEPS
+    assert "FRESH optimizer state, because it was written by checkpoint format version 1" in caplog.text
+    # The first resumed step starts from the same weights; the later ones miss the moments (what the new
+    # optimizer state restores).
+    assert losses(old)[:SAVE_EVERY + 1] == pytest.approx(losses(ref)[:SAVE_EVERY + 1], rel=1e-5)
+    assert losses(old)[SAVE_EVERY + 1:] != pytest.approx(losses(ref)[SAVE_EVERY + 1:], rel=1e-5)
 
     other_batch = run_config(setup, tmp_path / "other", confidence=Path(os.path.realpath(ref.paths.confidence)),
                              sharding=ref.train.sharding)

@@ -236,6 +236,19 @@ def test_only_the_training_length_may_change_on_resume_and_only_when_asked(tmp_p
     Checkpoints._check(root / tag_for(4), _record(), _record(max_steps=500), anyway=True)
 
 
+def test_checkpoint_records_of_format_version_1_are_still_read_and_unknown_versions_refused(tmp_path):
+    from dataclasses import replace
+
+    root = tmp_path / "checkpoints"
+    _fake_checkpoint(root, replace(_record(), version=1))
+    assert Checkpoints(root, keep=2).latest()[1].version == 1
+    record = json.loads((root / tag_for(4) / RECORD_NAME).read_text())
+    (root / tag_for(4) / RECORD_NAME).write_text(json.dumps({**record, "version": 99}))
+    with pytest.raises(ContractError, match=r"checkpoint format version 99 is not supported \(this gift_dist reads "
+                                            r"version 2\)"):
+        Checkpoints(root, keep=2).latest()
+
+
 def test_latest_pointing_at_a_missing_checkpoint_is_an_error(tmp_path):
     root = tmp_path / "checkpoints"
     root.mkdir()

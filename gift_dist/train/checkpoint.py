@@ -7,6 +7,7 @@ Layout of ``cfg.paths.checkpoints``::
       step-00000200/            # DeepSpeed's checkpoint (every rank's ZeRO-3 partitions + optimizer state)
         gift_checkpoint.json    # step, world size, model identity, prepared fingerprint (checked on resume)
         adapter/                # the gathered LoRA as a PEFT adapter (resume on another number of ranks)
+        optimizer_state.safetensors  # the LoRA tensors' full AdamW moments and step count (idem)
       .tmp/                     # a checkpoint being written; never read
 
 All ranks write their partitions into ``.tmp/<tag>``; after a barrier rank 0 adds the record and the adapter,
@@ -42,9 +43,13 @@ log = logging.getLogger(__name__)
 LATEST_NAME = "latest"
 RECORD_NAME = "gift_checkpoint.json"
 ADAPTER_DIR = "adapter"
+OPTIMIZER_STATE_NAME = "optimizer_state.safetensors"
 TMP_DIR = ".tmp"
 FORMAT = "gift_dist.checkpoint"
-VERSION = 1
+# 2: the gathered optimizer state (OPTIMIZER_STATE_NAME) beside the adapter. Version 1 checkpoints are still
+# resumed; on another number of ranks their optimizer restarts (with a warning).
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,10 @@ class Checkpoints:
             data = json.loads(record_path.read_text())
         except json.JSONDecodeError as exc:
             raise ContractError(f"{record_path} is not a valid checkpoint record: {exc}") from exc
-        check_header(data, FORMAT, VERSION, str(record_path), "train afresh in another output_dir")
+        version = data.get("version")
+        readable = str(version) in {str(v) for v in READABLE_VERSIONS}
+        check_header(data, FORMAT, version if readable else VERSION, str(record_path),
+                     "train afresh in another output_dir")
         try:
             record = CheckpointRecord(**data)
         except TypeError as exc:
@@ -126,9 +134,15 @@ class Checkpoints:
         engine.save_checkpoint(str(tmp_root), tag=tag, client_state={"step": record.step}, save_latest=False,
                                exclude_frozen_parameters=True)
         tensors = adapter_io.gather_lora(peft_model)
+        # The LoRA tensors' AdamW moments, for a resume on another number of ranks (DeepSpeed's own optimizer
+        # files are partitioned for this world size). Same decision on every rank: it is a collective.
+        optimizer_state = None
+        if adapter_io.restorable_optimizer(engine) is None:
+            optimizer_state = adapter_io.gather_optimizer_state(engine, peft_model)
         dist.barrier()
         config = adapter_io.adapter_config(peft_model, peft_config)
-        folder = dist.rank0_call(self._publish, tmp_root / tag, tag, record, config, tensors, adapter_provenance)
+        folder = dist.rank0_call(self._publish, tmp_root / tag, tag, record, config, tensors, adapter_provenance,
+                                 optimizer_state)
         log.info("saved checkpoint %s (step %d)", folder, record.step)
         return Path(folder)
 
@@ -139,10 +153,13 @@ class Checkpoints:
         folder.parent.mkdir(parents=True, exist_ok=True)
 
     def _publish(self, tmp: Path, tag: str, record: CheckpointRecord, peft_config: Any, tensors: dict,
-                 provenance: AdapterProvenance) -> str:
+                 provenance: AdapterProvenance, optimizer_state: Optional[tuple[dict, int]] = None) -> str:
         from gift_dist.contracts.adapter import write_adapter
 
         write_adapter(tmp / ADAPTER_DIR, peft_config, tensors, provenance)
+        if optimizer_state is not None:
+            moments, optimizer_step = optimizer_state
+            adapter_io.write_optimizer_state(tmp / OPTIMIZER_STATE_NAME, moments, optimizer_step, record.step)
         record = replace(record, file_sha256=folder_digests(tmp, skip=(RECORD_NAME,)))
         (tmp / RECORD_NAME).write_text(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
         final = self.root / tag
@@ -163,8 +180,10 @@ class Checkpoints:
         """Load the latest checkpoint into ``engine`` after checking it belongs to this run; returns its step.
 
         Same number of ranks: DeepSpeed's own checkpoint (weights, optimizer, LR schedule). Another number of
-        ranks with the same global batch: LoRA weights from the checkpoint's gathered adapter, a fresh optimizer
-        (with a warning) and the LR schedule advanced to the step.
+        ranks with the same global batch: LoRA weights from the checkpoint's gathered adapter, AdamW's moments and
+        step count from its gathered optimizer state, and the LR schedule advanced to the step. A checkpoint
+        without that optimizer state (written by version 1, or by an optimizer it cannot be restored into) resumes
+        with a fresh optimizer, with a warning.
         """
         found = self.latest()
         if found is None:
@@ -182,20 +201,41 @@ class Checkpoints:
                 raise ContractError(f"DeepSpeed could not load checkpoint {folder}")
             step = int((client_state or {}).get("step", record.step))
         else:
-            log.warning(
-                "checkpoint %s was written by %d ranks, this run has %d: loading the LoRA weights from its "
-                "gathered adapter with a FRESH optimizer state (Adam moments restart; the loss curve will differ "
-                "slightly from an uninterrupted run)", folder, record.world_size, expected.world_size,
-            )
-            adapter_io.load_lora_into(peft_model, folder / ADAPTER_DIR)
-            with warnings.catch_warnings():
-                # Replaying the schedule without optimizer steps is intended here.
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-                for _ in range(record.step):
-                    engine.lr_scheduler.step()
+            self._resume_on_another_world_size(engine, peft_model, folder, record, expected.world_size)
             step = record.step
         log.info("resumed from %s at step %d", folder, step)
         return step
+
+    @staticmethod
+    def _resume_on_another_world_size(engine: Any, peft_model: Any, folder: Path, record: CheckpointRecord,
+                                      world_size: int) -> None:
+        """The gathered LoRA weights and optimizer state set into this world size's partitions (every rank)."""
+        if OPTIMIZER_STATE_NAME not in record.file_sha256:
+            why = (f"it was written by checkpoint format version {record.version}" if record.version < 2
+                   else "it holds no optimizer state (its optimizer could not be restored into)")
+        else:
+            why = adapter_io.restorable_optimizer(engine)
+        adapter_io.load_lora_into(peft_model, folder / ADAPTER_DIR)
+        if why is None:
+            optimizer_step = adapter_io.load_optimizer_state_into(
+                engine, peft_model, folder / OPTIMIZER_STATE_NAME, train_step=record.step)
+            log.info("checkpoint %s was written by %d ranks, this run has %d: loaded the LoRA weights and their "
+                     "AdamW state (step count %d) from its gathered adapter and optimizer state", folder,
+                     record.world_size, world_size, optimizer_step)
+        else:
+            log.warning(
+                "checkpoint %s was written by %d ranks, this run has %d: loading the LoRA weights from its "
+                "gathered adapter with a FRESH optimizer state, because %s (Adam moments restart; the loss curve "
+                "will differ slightly from an uninterrupted run)", folder, record.world_size, world_size, why,
+            )
+        with warnings.catch_warnings():
+            # Replaying the schedule without optimizer steps is intended here.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            for _ in range(record.step):
+                engine.lr_scheduler.step()
+        # What DeepSpeed's own load sets (its step counters; the data position is the step).
+        engine.global_steps = record.step
+        engine.global_samples = record.step * record.global_batch_size
 
     @staticmethod
     def _check(folder: Path, record: CheckpointRecord, expected: CheckpointRecord, anyway: bool = False) -> None:
