@@ -186,10 +186,12 @@ class LoraConfig:
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
-    # Default: every linear layer of attention and MLP (resolved against the model's module names).
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    # Which linear layers LoRA adapts: `auto` (every linear layer of the decoder except the output layer and the
+    # mixture-of-experts routers and experts, resolved against the model when it is loaded: `gift-dist plan` and the
+    # train log print the names, the adapter's adapter_config.json records them; `gift-dist config` cannot know the
+    # model and shows `auto`), or a list of module names (q_proj, gate_proj, ...; all parts of a fused layer such
+    # as Phi-3's qkv_proj name it). A name the model has no linear layer of is an error listing the ones it has.
+    target_modules: Union[Literal["auto"], list[str]] = "auto"
     use_rslora: bool = False
 
     def __post_init__(self) -> None:
@@ -197,8 +199,13 @@ class LoraConfig:
         if not (self.alpha > 0 and math.isfinite(self.alpha)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"config keys 'train.lora.alpha' must be a finite number > 0 and 'train.lora.dropout' in "
                               f"[0, 1), got {self.alpha} and {self.dropout}")
-        if not self.target_modules:
-            raise ConfigError("config key 'train.lora.target_modules' is empty: name the layers LoRA adapts")
+        if isinstance(self.target_modules, str) and self.target_modules != "auto":
+            raise ConfigError(f"config key 'train.lora.target_modules' must be auto or a list of module names, got "
+                              f"{self.target_modules!r}")
+        if not self.target_modules or (isinstance(self.target_modules, list) and not all(
+                isinstance(name, str) and name.strip() for name in self.target_modules)):
+            raise ConfigError(f"config key 'train.lora.target_modules' must be auto or a non-empty list of module "
+                              f"names, got {self.target_modules!r}")
 
 
 # Experiment trackers `train.report_to` may name.

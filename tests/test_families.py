@@ -26,7 +26,8 @@ from tests.merge_helpers import logits, merge_config, peft_merged
 
 QUICK = "qwen2_tied"
 MATRIX = [pytest.param(arch, marks=() if arch == QUICK else pytest.mark.slow) for arch in FAMILIES]
-DEFAULT_TARGETS = TrainConfig().lora.target_modules
+DEFAULT_TARGETS = TrainConfig().lora.target_modules  # auto
+ATTENTION_AND_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RECORD = [
     {"role": "system", "content": "You answer in one sentence."},
     {"role": "user", "content": "There are 3 boxes with 2 apples each. How many apples?"},
@@ -126,7 +127,7 @@ def test_one_training_step_and_the_merge(arch, family, tmp_path):
     elif arch in ("qwen3_moe", "mixtral"):  # experts (3-D parameters) and router left alone
         assert sorted(targets) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     else:
-        assert sorted(targets) == sorted(DEFAULT_TARGETS)
+        assert targets == ATTENTION_AND_MLP
     with torch.no_grad():  # B = 0 at init: give the adapter a value so its gradients differ per path
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
@@ -189,10 +190,12 @@ def test_fused_targets_stand_for_their_parts_and_unknown_names_list_the_layers()
 
     phi3 = AutoModelForCausalLM.from_config(tiny_config("phi3", 128, hidden_size=32, num_layers=1))
     assert resolve_target_modules(phi3, ["q_proj", "k_proj", "v_proj"]) == ["qkv_proj"]
-    assert resolve_target_modules(phi3, ["q_proj", "v_proj", "o_proj"]) == ["o_proj"]  # part of qkv: warned
+    with pytest.raises(ConfigError, match=r"only part of this model's fused qkv_proj.*linear layers are \["):
+        resolve_target_modules(phi3, ["q_proj", "v_proj", "o_proj"])
     with pytest.raises(ConfigError, match="qkv_proj"):
         resolve_target_modules(phi3, ["q_proj"])
-    assert "lm_head" not in resolve_target_modules(phi3, ["lm_head", "o_proj"])
+    with pytest.raises(ConfigError, match="lm_head is the output layer, never a LoRA target"):
+        resolve_target_modules(phi3, ["lm_head", "o_proj"])
 
 
 def test_readme_lists_every_family_of_the_matrix():

@@ -168,17 +168,19 @@ def test_explicit_deepspeed_scheduler_gets_its_auto_values(tmp_path):
     assert filled["scheduler"]["params"] == {"warmup_num_steps": 3, "total_num_steps": 40, "warmup_max_lr": 5e-4}
 
 
-def test_lora_targets_matching_nothing_list_the_linear_layers():
+def test_unknown_lora_targets_are_refused_listing_the_linear_layers():
     from transformers import AutoModelForCausalLM
 
     from gift_dist.models.tiny import tiny_config
 
     model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=384))
-    assert resolve_target_modules(model, ["q_proj", "not_a_layer"]) == ["q_proj"]
+    assert resolve_target_modules(model, ["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match=r"\['not_a_layer'\] name no linear layer"):  # one unknown name is enough
+        resolve_target_modules(model, ["q_proj", "not_a_layer"])
     with pytest.raises(ConfigError) as info:
         resolve_target_modules(model, ["query_key_value", "dense"])
     message = str(info.value)
-    assert "match no linear layer" in message
+    assert "name no linear layer of this model" in message
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"):
         assert name in message
 

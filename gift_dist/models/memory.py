@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -73,6 +73,8 @@ class ModelShape:
     largest_shard_bytes: Optional[int]
     num_attention_heads: int = 0
     num_key_value_heads: int = 0
+    # The LoRA target names lora_params counts (train.lora.target_modules resolved against the model).
+    lora_targets: tuple[str, ...] = ()
 
 
 def _load_config(model: str, trust_remote_code: bool = False):
@@ -90,7 +92,10 @@ def decoder_layer_classes(model: torch.nn.Module) -> list[type]:
     return sorted({type(m) for m in model.modules() if type(m).__name__ in names}, key=lambda c: c.__name__)
 
 
-def model_shape(model: str, lora_r: int, target_modules: list[str], trust_remote_code: bool = False) -> ModelShape:
+def model_shape(model: str, lora_r: int, target_modules: Union[str, list[str]],
+                trust_remote_code: bool = False) -> ModelShape:
+    """The figures the memory model needs, from the model's config on the meta device; the LoRA ones for
+    ``target_modules`` (``auto`` or names) as the trainer resolves them (``models.lora_targets``)."""
     from transformers import AutoModelForCausalLM
 
     config = _load_config(model, trust_remote_code)
@@ -101,13 +106,11 @@ def model_shape(model: str, lora_r: int, target_modules: list[str], trust_remote
     layer_classes = tuple(decoder_layer_classes(net))
     layers = [m for m in net.modules() if layer_classes and isinstance(m, layer_classes)]
     layer_params = max((sum(p.numel() for p in m.parameters()) for m in layers), default=largest)
-    from gift_dist.errors import ConfigError
     from gift_dist.models.lora_targets import resolve_target_modules
 
-    try:
-        names = set(resolve_target_modules(net, target_modules, warn=False))
-    except ConfigError:  # no target at all: the trainer refuses it, naming the model's linear layers
-        names = set()
+    # The trainer's resolution (auto, fused layers, unknown names refused); peft adapts every layer of each name.
+    resolved = resolve_target_modules(net, target_modules)
+    names = set(resolved)
     targets = [m for name, m in net.named_modules() if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in names]
     lora = sum(lora_r * (m.in_features + m.out_features) for m in targets)
     largest_lora = max((lora_r * max(m.in_features, m.out_features) for m in targets), default=0)
@@ -124,6 +127,7 @@ def model_shape(model: str, lora_r: int, target_modules: list[str], trust_remote
         num_layers=text.num_hidden_layers, vocab_size=text.vocab_size, largest_shard_bytes=shard_bytes,
         num_attention_heads=getattr(text, "num_attention_heads", 0) or 0,
         num_key_value_heads=getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", 0) or 0,
+        lora_targets=tuple(resolved),
     )
 
 

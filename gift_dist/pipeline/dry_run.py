@@ -5,7 +5,8 @@ executes is run on it, as far as it goes without data or a process group:
 
 1. the layout and the DeepSpeed config the trainer would use at this world size (``train.engine.choose_layout``
    and ``build_ds_config``, every "auto" filled, contradictions refused);
-2. LoRA through peft with the trainer's target resolution (``train.engine.resolve_target_modules``);
+2. LoRA through peft with the trainer's target resolution (``train.engine.resolve_target_modules``), the same
+   targets the memory model counted (``model_shape``);
 3. ZeRO-3's partition of every parameter (DeepSpeed gives each rank ceil(numel / world) elements of every
    parameter above the persistence threshold, and hpZ a second partition over the node's ranks): the bytes each
    rank holds, and that every LoRA tensor is persistent (never partitioned, so never gathered);
@@ -139,6 +140,9 @@ def dry_run(cfg: RunConfig, model: str, world: int, ranks_per_node: int,
     model_config = _load_config(model, cfg.trust_remote_code)
     net = _meta_model(model_config)
     targets = resolve_target_modules(net, lora.target_modules)
+    if tuple(targets) != shape.lora_targets:
+        raise ContractError(f"dry run: the trainer's LoRA targets {targets} are not the memory model's "
+                            f"{list(shape.lora_targets)}")
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                              use_rslora=lora.use_rslora, bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(net, peft_config)

@@ -96,6 +96,7 @@ def print_training_plan(args: argparse.Namespace, shape: ModelShape, train: dict
     frozen = "int8" if args.quantized_frozen_weights else "bf16"
     print(f"training on {args.nodes} node(s) x {args.gpus_per_node} GPU(s), {batch}, frozen weights {frozen} "
           f"under ZeRO-3, gradient checkpointing on:")
+    print(f"  LoRA targets (train.lora.target_modules: auto): {', '.join(shape.lora_targets)}")
     print(f"  {'layout':<17}{'per GPU GiB':>12}{'per node CPU GiB':>18}")
     for name in layouts:
         print(f"  {name:<17}{train[name]['gpu_gib']:>12.1f}{train[name]['cpu_per_node_gib']:>18.1f}")

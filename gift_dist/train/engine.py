@@ -317,9 +317,10 @@ def training_model_path(cfg: RunConfig) -> str:
     return cfg.instruct_model if cfg.train.train_model == "instruct" else cfg.base_model
 
 
-def resolve_target_modules(model: torch.nn.Module, wanted: list[str]) -> list[str]:
-    """The configured LoRA targets as the model's linear layer names, fused layers (Phi-3's qkv_proj and
-    gate_up_proj) standing in for their parts; none matching is an error (``models.lora_targets``)."""
+def resolve_target_modules(model: torch.nn.Module, wanted: str | list[str]) -> list[str]:
+    """``train.lora.target_modules`` (``auto`` or names) as the model's linear layer names: auto is every linear
+    layer of the decoder but the output layer and MoE routers/experts, fused layers (Phi-3's qkv_proj and
+    gate_up_proj) stand in for their parts, an unknown name is an error (``models.lora_targets``)."""
     from gift_dist.models import lora_targets
 
     return lora_targets.resolve_target_modules(model, wanted)
@@ -499,11 +500,13 @@ def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
         # With frozen embeddings nothing upstream requires grad; checkpointed blocks still need a grad path.
         model.enable_input_require_grads()
     lora = cfg.train.lora
+    targets = resolve_target_modules(model, lora.target_modules)
+    log.info("LoRA r=%d on %s (train.lora.target_modules: %s)", lora.r, targets, lora.target_modules)
     peft_config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=resolve_target_modules(model, lora.target_modules),
+        target_modules=targets,
         use_rslora=lora.use_rslora,
         bias="none",
         task_type="CAUSAL_LM",
