@@ -239,6 +239,9 @@ class TrainConfig:
     # int8 copy of the base and is merged into bf16 weights. Off unless chosen here (a ds_config that turns it on
     # by itself is refused); only with a ZeRO-3 layout. The log, the adapter's provenance and merge say so.
     quantized_frozen_weights: bool = False
+    # A folder on each node's local NVMe for the `zero3_nvme` layout's parameter swap files (the shipped
+    # ds_configs/zero3_nvme.json takes it for its "auto" nvme_path; that layout is refused without it).
+    nvme_path: str = field(default="", metadata=OPERATIONAL)
     # Attention kernel: `auto` = for packed rows on a GPU a varlen kernel (flash_attention_2 when installed, else
     # torch's own, `gift_varlen`), else sdpa; or one of these by name.
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention",

@@ -65,7 +65,7 @@ def test_shipped_ds_configs_resolve_and_fill(name):
     path = resolve_ds_config(name)
     assert path.is_file() and path.parent.name == "ds_configs"
     train = _train_cfg(micro_batch_size=3, gradient_accumulation_steps=5, learning_rate=1e-3, max_grad_norm=0.5,
-                       weight_decay=0.1)
+                       weight_decay=0.1, nvme_path="/nvme/gift")
     config = _build(train, name, world=4, total_steps=100)
     assert config["train_micro_batch_size_per_gpu"] == 3
     assert config["gradient_accumulation_steps"] == 5
@@ -76,6 +76,26 @@ def test_shipped_ds_configs_resolve_and_fill(name):
     assert config["bf16"]["enabled"] is torch.cuda.is_available()
     assert config["zero_optimization"]["stage"] == (1 if name == "replicate" else 3)
     assert "auto" not in json.dumps(config)
+
+
+def test_nvme_path_is_a_setting_and_zero3_nvme_is_refused_without_it(tmp_path):
+    """The shipped zero3_nvme.json names no machine's folder: train.nvme_path fills its "auto" nvme_path, and
+    without it the layout is refused naming the setting; a user ds_config's own path must agree with the setting."""
+    assert json.loads(resolve_ds_config("zero3_nvme").read_text())["zero_optimization"]["offload_param"][
+        "nvme_path"] == "auto"
+    with pytest.raises(ConfigError, match=r"train\.nvme_path"):
+        _build(_train_cfg(), "zero3_nvme", world=8, total_steps=10)
+    zero = _build(_train_cfg(nvme_path="/scratch/nvme0"), "zero3_nvme", world=8, total_steps=10)["zero_optimization"]
+    assert zero["offload_param"] == {**zero["offload_param"], "device": "nvme", "nvme_path": "/scratch/nvme0"}
+    own = json.loads(resolve_ds_config("zero3_nvme").read_text())
+    own["zero_optimization"]["offload_param"]["nvme_path"] = "/mine"
+    (tmp_path / "own.json").write_text(json.dumps(own))
+    assert _build(_train_cfg(), str(tmp_path / "own.json"), world=8, total_steps=10)["zero_optimization"][
+        "offload_param"]["nvme_path"] == "/mine"
+    with pytest.raises(ConfigError, match=r"offload_param\.nvme_path='/mine' but the run config gives '/other'"):
+        _build(_train_cfg(nvme_path="/other"), str(tmp_path / "own.json"), world=8, total_steps=10)
+    # Other layouts ignore it.
+    assert "nvme" not in json.dumps(_build(_train_cfg(nvme_path="/x"), "zero3", world=8, total_steps=10))
 
 
 def test_default_optimizer_is_torch_adamw_never_a_jit_built_op():

@@ -210,6 +210,7 @@ def build_ds_config(train: TrainConfig, layout: Layout, world: int, total_steps:
     if stage == 3:
         _fill_zero3_sizes(zero, shape, conflicts)
     _fill_quantized_frozen_weights(zero, train, stage, conflicts)
+    _fill_nvme_path(zero, train, path, conflicts)
     if conflicts:
         raise ConfigError(
             f"DeepSpeed config {path} contradicts the run config: " + "; ".join(conflicts)
@@ -219,6 +220,22 @@ def build_ds_config(train: TrainConfig, layout: Layout, world: int, total_steps:
     if leftover:
         raise ConfigError(f"DeepSpeed config {path}: no run-config value fills the \"auto\" keys {leftover}")
     return config
+
+
+def _fill_nvme_path(zero: dict, train: TrainConfig, path: Path, conflicts: list[str]) -> None:
+    """Every NVMe offload's ``nvme_path`` from ``train.nvme_path``: an "auto" one without it is refused, naming
+    the setting (no folder of this machine is guessed)."""
+    for section in ("offload_param", "offload_optimizer"):
+        offload = zero.get(section)
+        if not isinstance(offload, dict) or offload.get("device") != "nvme":
+            continue
+        if not train.nvme_path:
+            if offload.get("nvme_path", "auto") == "auto":
+                raise ConfigError(
+                    f"DeepSpeed config {path} swaps zero_optimization.{section} to NVMe: set train.nvme_path to a "
+                    f"folder on each node's local NVMe (e.g. train.nvme_path=/local_nvme/gift)")
+            continue
+        _fill(offload, "nvme_path", train.nvme_path, f"zero_optimization.{section}.nvme_path", conflicts)
 
 
 def _fill_zero3_sizes(zero: dict, shape: Optional[ModelShape], conflicts: list[str]) -> None:
