@@ -51,3 +51,21 @@ run_trainer() {
   fi
   exit "$code"
 }
+
+# activate_env: the Python environment named by VENV (a virtualenv folder) or CONDA_ENV (a conda environment's
+# name or prefix), when one is set; else the gift-dist already on PATH.
+activate_env() {
+  if [[ -n "${VENV:-}" ]]; then
+    require_file "$VENV/bin/activate" "virtualenv (VENV)"
+    # shellcheck disable=SC1091
+    source "$VENV/bin/activate"
+  elif [[ -n "${CONDA_ENV:-}" ]]; then
+    if ! command -v conda >/dev/null; then
+      echo "error: CONDA_ENV=$CONDA_ENV is set but conda is not on PATH" >&2
+      exit 2
+    fi
+    eval "$(conda shell.bash hook)"
+    conda activate "$CONDA_ENV"
+  fi
+}
+
