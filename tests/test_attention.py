@@ -74,3 +74,31 @@ def test_torch_varlen_kernel_matches_the_per_sample_reference_on_gpu():
     (ref * upstream).sum().backward()
     for mine, theirs in zip((q, k, v), ref_inputs):
         torch.testing.assert_close(mine.grad.float(), theirs.grad.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_one_attention_chooser_for_score_and_train(monkeypatch):
+    """``models.batch.choose_attention``: a named implementation is kept; ``auto`` takes flash-attention 2 when the
+    caller says the fast kernel pays (a GPU: any rows for score, packed rows for train) and it is installed, else
+    the caller's fallback (train's varlen kernel), else sdpa. Both stages resolve through it."""
+    import importlib.util
+
+    from gift_dist.config import load_config
+    from gift_dist.models import batch
+    from gift_dist.train import engine
+
+    installed = {"flash_attn": False}
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(batch.importlib.util, "find_spec",
+                        lambda name, *a: object() if installed.get(name) else
+                        (None if name in installed else real_find_spec(name, *a)))
+    assert batch.choose_attention("eager", True) == "eager"
+    assert batch.choose_attention("auto", False, fallback="gift_varlen") == "sdpa"
+    assert batch.choose_attention("auto", True) == "sdpa"
+    assert batch.choose_attention("auto", True, fallback="gift_varlen") == "gift_varlen"
+    installed["flash_attn"] = True
+    assert batch.choose_attention("auto", True, fallback="gift_varlen") == "flash_attention_2"
+    assert batch.choose_attention("auto", False) == "sdpa"
+    # The trainer on CPU: auto is sdpa whatever is installed (padded or packed rows).
+    monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    assert engine.attention_implementation(load_config(None, ["train.packing=true"]).train) == "sdpa"
+    assert engine.attention_implementation(load_config(None, ["train.attn_implementation=eager"]).train) == "eager"

@@ -7,18 +7,22 @@
 """
 
 import contextlib
+import dataclasses
 import hashlib
+import json
 import math
 import os
 import shutil
 import socket
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from gift_dist.errors import ContractError  # noqa: F401  (re-exported: the contracts' error)
+
+T = TypeVar("T")
 
 
 def file_sha256(path) -> str:
@@ -59,6 +63,38 @@ def check_header(data: dict, fmt: str, version: int, where: str, fix: str) -> No
     if str(data.get("version")) != str(version):
         raise ContractError(f"{where}: {kind} format version {data.get('version')} is not supported (this gift_dist "
                             f"reads version {version}); {fix}")
+
+
+def read_json(path) -> Any:
+    """The JSON value a record file holds, or a ContractError naming the file when it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ContractError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def record_from(data: dict, cls: Callable[..., T], fmt: str, version: int, where: str, fix: str, what: str,
+                readable: tuple[int, ...] = (), exact_keys: bool = False,
+                errors: tuple[type[Exception], ...] = (TypeError,)) -> T:
+    """The one reading of a versioned record: the header checked (``check_header``; ``readable`` lists older
+    versions still read), then ``cls(**data)``. ``exact_keys`` refuses keys ``cls`` does not have, naming them;
+    ``errors`` raised while building (a missing or unknown field: TypeError) become a ContractError saying
+    ``where`` holds a malformed ``what``. Errors ``cls`` raises itself (its own checks) pass through."""
+    accepted = {str(v) for v in (version, *readable)}
+    check_header(data, fmt, data.get("version") if str(data.get("version")) in accepted else version, where, fix)
+    if exact_keys and dataclasses.is_dataclass(cls):
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ContractError(f"{where}: unknown keys {unknown} (written by a newer gift_dist?)")
+    try:
+        return cls(**data)
+    except errors as exc:
+        raise ContractError(f"{where}: malformed {what}: {exc}") from exc
+
+
+def read_record(path, cls: Callable[..., T], fmt: str, version: int, fix: str, what: str, **options) -> T:
+    """``record_from`` of the JSON file at ``path`` (``read_json``): every contract's record read in one place."""
+    return record_from(read_json(path), cls, fmt, version, str(path), fix, what, **options)
 
 
 def folder_digests(folder, skip: tuple[str, ...] = ()) -> dict[str, str]:

@@ -15,13 +15,13 @@ The directory is written to a temporary sibling and renamed, so a half-written a
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from gift_dist.contracts import ContractError, check_finite, check_header, file_sha256, staged_directory
+from gift_dist.contracts import ContractError, check_finite, file_sha256, read_json, record_from, staged_directory
 
 FORMAT = "gift_dist.adapter"
 VERSION = 1
@@ -86,15 +86,8 @@ class AdapterProvenance:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> "AdapterProvenance":
-        check_header(data, FORMAT, VERSION, where, "train the adapter again with this gift_dist")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ContractError(f"{where}: unknown keys {unknown} (written by a newer gift_dist?)")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ContractError(f"{where}: malformed adapter provenance: {exc}") from exc
+        return record_from(data, cls, FORMAT, VERSION, where, "train the adapter again with this gift_dist",
+                           "adapter provenance", exact_keys=True)
 
 
 # The shipped ds_config that kept the frozen base in int8 before train.quantized_frozen_weights existed.
@@ -174,20 +167,13 @@ def read_adapter(path: str | Path) -> Adapter:
             raise ContractError(f"adapter {path} is missing {name}")
     provenance = None
     if (path / PROVENANCE_NAME).is_file():
-        try:
-            data = json.loads((path / PROVENANCE_NAME).read_text())
-        except json.JSONDecodeError as exc:
-            raise ContractError(f"{path / PROVENANCE_NAME} is not valid JSON: {exc}") from exc
-        provenance = AdapterProvenance.from_json(data, str(path / PROVENANCE_NAME))
+        provenance = AdapterProvenance.from_json(read_json(path / PROVENANCE_NAME), str(path / PROVENANCE_NAME))
         if file_sha256(path / WEIGHTS_NAME) != provenance.weights_sha256:
             raise ContractError(
                 f"adapter weights {path / WEIGHTS_NAME} do not match the sha256 recorded in {PROVENANCE_NAME}: the "
                 f"file was changed or damaged after training; restore it or train again"
             )
-    try:
-        config = json.loads((path / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as exc:
-        raise ContractError(f"{path / CONFIG_NAME} is not valid JSON: {exc}") from exc
+    config = read_json(path / CONFIG_NAME)
     if config.get("peft_type", "LORA") != "LORA":
         raise ContractError(f"adapter {path} is a {config.get('peft_type')} adapter; only LoRA can be merged")
     for key in ("r", "lora_alpha"):

@@ -44,6 +44,8 @@ from gift_dist.contracts import (
     check_inside,
     file_sha256,
     first_non_finite,
+    read_json,
+    record_from,
 )
 from gift_dist.contracts.shardio import SAFE_DTYPE_OF, ShardWriter, TensorSlot
 
@@ -94,12 +96,12 @@ class ConfidenceManifest:
 
     @classmethod
     def from_json(cls, data: dict, where: str) -> "ConfidenceManifest":
-        check_header(data, FORMAT, VERSION, where, "re-run `gift-dist score` into a fresh directory")
-        try:
-            shards = {int(k): ShardRecord(**v) for k, v in data.get("shards", {}).items()}
-            return cls(**{**data, "shards": shards})
-        except (TypeError, ValueError) as exc:
-            raise ContractError(f"{where}: malformed confidence manifest: {exc}") from exc
+        def build(**values) -> "ConfidenceManifest":
+            shards = {int(k): ShardRecord(**v) for k, v in values.get("shards", {}).items()}
+            return cls(**{**values, "shards": shards})
+
+        return record_from(data, build, FORMAT, VERSION, where, "re-run `gift-dist score` into a fresh directory",
+                           "confidence manifest", errors=(TypeError, ValueError))
 
     @property
     def complete(self) -> bool:
@@ -153,11 +155,7 @@ def read_manifest(conf_dir: str | Path) -> Optional[ConfidenceManifest]:
     path = Path(conf_dir) / MANIFEST_NAME
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ContractError(f"{path} is not valid JSON: {exc}") from exc
-    return ConfidenceManifest.from_json(data, str(path))
+    return ConfidenceManifest.from_json(read_json(path), str(path))
 
 
 def init_manifest(conf_dir: str | Path, template: ConfidenceManifest) -> ConfidenceManifest:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from gift_dist.contracts import ContractError, atomic_write_text, check_header, check_inside, file_sha256
+from gift_dist.contracts import ContractError, atomic_write_text, check_inside, file_sha256, read_record
 
 FORMAT = "gift_dist.merged"
 VERSION = 1
@@ -79,15 +79,7 @@ def read_merged(path: str | Path) -> Merged:
     record_path = path / RECORD_NAME
     if not record_path.is_file():
         raise ContractError(f"{path} has no {RECORD_NAME}: not a finished gift_dist merge")
-    try:
-        values: dict[str, Any] = json.loads(record_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ContractError(f"{record_path} is not valid JSON: {exc}") from exc
-    check_header(values, FORMAT, VERSION, str(record_path), "merge again with this gift_dist")
-    try:
-        record = MergeRecord(**values)
-    except TypeError as exc:
-        raise ContractError(f"{record_path} does not have the fields of a merge record: {exc}") from exc
+    record = read_record(record_path, MergeRecord, FORMAT, VERSION, "merge again with this gift_dist", "merge record")
     for shard in record.shards:
         if not check_inside(path, shard).is_file():
             raise ContractError(f"merged model {path}: shard {shard} named in {RECORD_NAME} is missing")

@@ -25,9 +25,10 @@ from gift_dist.config import DataConfig, PrepareConfig, config_to_dict, operatio
 from gift_dist.contracts import (
     ContractError,
     changed_settings,
-    check_header,
     file_sha256,
     folder_digests,
+    read_json,
+    record_from,
     staged_directory,
     verify_folder_digests,
 )
@@ -97,12 +98,11 @@ class PreparedManifest:
 
     @classmethod
     def from_json(cls, data: dict, where: str) -> "PreparedManifest":
-        check_header(data, FORMAT, VERSION, where, "re-run `gift-dist prepare`")
-        try:
-            shards = [ShardSpec(**s) for s in data["shards"]]
-            return cls(**{**data, "shards": shards})
-        except (KeyError, TypeError) as exc:
-            raise ContractError(f"{where}: malformed prepared manifest: {exc}") from exc
+        def build(**values) -> "PreparedManifest":
+            return cls(**{**values, "shards": [ShardSpec(**s) for s in values["shards"]]})
+
+        return record_from(data, build, FORMAT, VERSION, where, "re-run `gift-dist prepare`", "prepared manifest",
+                           errors=(KeyError, TypeError))
 
     def validate(self, where: str) -> None:
         expected_start = 0
@@ -171,11 +171,7 @@ def read_manifest(prepared_dir: str | Path) -> PreparedManifest:
         raise ContractError(
             f"no prepared dataset at {prepared_dir} ({MANIFEST_NAME} missing); run `gift-dist prepare` first"
         )
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ContractError(f"{path} is not valid JSON: {exc}") from exc
-    manifest = PreparedManifest.from_json(data, str(path))
+    manifest = PreparedManifest.from_json(read_json(path), str(path))
     manifest.validate(str(path))
     return manifest
 

@@ -38,6 +38,7 @@ from gift_dist import dist
 from gift_dist.config import ConfigError, EvalConfig, RunConfig, add_config_arguments, config_from_args
 from gift_dist.contracts import ContractError, atomic_write, atomic_write_text
 from gift_dist.contracts.prepared import IGNORE_INDEX, load_eval_split
+from gift_dist.models.batch import collate
 from gift_dist.models.logprob import log_softmax_chunks, softcap_of, target_hidden, target_logprobs
 
 log = logging.getLogger(__name__)
@@ -112,19 +113,6 @@ def _batches(samples: list[Sample], size: int, desc: str = "") -> Iterator[list[
         yield samples[start:start + size]
 
 
-def _padded(batch: list[Sample], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(len(s.input_ids) for s in batch)
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, sample in enumerate(batch):
-        n = len(sample.input_ids)
-        ids[row, :n] = torch.tensor(sample.input_ids)
-        labels[row, :n] = torch.tensor(sample.labels)
-        mask[row, :n] = 1
-    return ids.to(device), labels.to(device), mask.to(device)
-
-
 # Positions per chunk of the output layer: one [chunk, vocabulary] fp32 block of logits alive at a time.
 CHUNK_TOKENS = 1024
 
@@ -144,7 +132,7 @@ def teacher_forced_ce(model, samples: list[Sample], batch_size: int, pad: int) -
     """Mean CE per target token, and the number of target tokens."""
     total, count = 0.0, 0
     for batch in _batches(samples, batch_size, "task CE"):
-        ids, labels, mask = _padded(batch, pad, model.device)
+        ids, mask, labels = collate([s.input_ids for s in batch], [s.labels for s in batch], pad, model.device)
         hidden, targets, head, cap = _target_states(model, ids, mask, labels)
         logprobs, _ = target_logprobs(head, hidden, targets, cap, CHUNK_TOKENS)
         total += float(-logprobs.sum())
@@ -157,7 +145,7 @@ def ce_and_kl(model, reference, samples: list[Sample], batch_size: int, pad: int
     """Mean CE per target token and mean per-token KL(reference || model) over the same targets."""
     ce_total, kl_total, count = 0.0, 0.0, 0
     for batch in _batches(samples, batch_size, "general CE / KL"):
-        ids, labels, mask = _padded(batch, pad, model.device)
+        ids, mask, labels = collate([s.input_ids for s in batch], [s.labels for s in batch], pad, model.device)
         hidden, targets, head, cap = _target_states(model, ids, mask, labels)
         count += targets.numel()
         if reference is model:

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from gift_dist.contracts.prepared import IGNORE_INDEX
+from gift_dist.models.batch import collate  # noqa: F401  (re-exported: the scorer's collator)
 from gift_dist.models.logprob import capped, softcap_of, target_hidden
 from gift_dist.models.logprob import target_logprobs as target_logprobs_of_hidden
 from gift_dist.score.parallel import VocabSlice, combine_max, combine_sum
@@ -49,19 +50,6 @@ def length_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size
     if current:
         batches.append(current)
     return batches
-
-
-def collate(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_token_id: int, device):
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (padding is never a target)."""
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    lab = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, (row, label) in enumerate(zip(rows, labels)):
-        ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-        lab[i, : len(label)] = torch.as_tensor(label, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device), lab.to(device)
 
 
 @torch.no_grad()

@@ -17,7 +17,6 @@ claims and writes), or one process over k GPUs with the layers spread by ``devic
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import time
 from pathlib import Path
@@ -30,10 +29,11 @@ from gift_dist.config import RunConfig, ScoreConfig, add_config_arguments, confi
 from gift_dist.contracts import ContractError, first_non_finite, require_writable
 from gift_dist.contracts import confidence as contract
 from gift_dist.contracts.prepared import IGNORE_INDEX, Prepared, ShardSpec, load_eval_split, load_prepared
+from gift_dist.models.batch import choose_attention, collate
 from gift_dist.models.checkpoint import model_identity
 from gift_dist.models.pair import check_pair, load_tokenizer
 from gift_dist.models.prepared_inputs import check_prepared_inputs
-from gift_dist.score.logprobs import collate, length_batches, target_logprobs
+from gift_dist.score.logprobs import length_batches, target_logprobs
 from gift_dist.score.parallel import Replica, VocabSlice, join_replica, resolve_parallel, vocab_slice
 from gift_dist.score.pool import LeaseLost, ShardLease, ShardPool
 from gift_dist.score.report import ScoreSummary, summarize, write_report, write_token_view
@@ -67,14 +67,6 @@ def choose_devices(score_cfg: ScoreConfig, parallel: str) -> list[int]:
     return devices
 
 
-def choose_attention(score_cfg: ScoreConfig, on_gpu: bool) -> str:
-    if score_cfg.attn_implementation != "auto":
-        return score_cfg.attn_implementation
-    if on_gpu and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
-
-
 def load_model_config(cfg: RunConfig):
     from transformers import AutoConfig
 
@@ -92,7 +84,7 @@ def load_scoring_model(cfg: RunConfig, parallel: str = "replica", replica: Optio
     devices = choose_devices(cfg.score, parallel)
     kwargs: dict = {
         "dtype": torch.bfloat16 if devices else torch.float32,
-        "attn_implementation": choose_attention(cfg.score, bool(devices)),
+        "attn_implementation": choose_attention(cfg.score.attn_implementation, bool(devices)),
         "trust_remote_code": cfg.trust_remote_code,
     }
     if parallel == "tensor":  # over the whole default group, which is this replica (parallel.join_replica)

@@ -29,6 +29,7 @@ from gift_dist.config import ConfigError, TrainConfig
 from gift_dist.contracts import ContractError
 from gift_dist.contracts import confidence as conf_contract
 from gift_dist.contracts.prepared import IGNORE_INDEX, Prepared
+from gift_dist.models.batch import collate
 from gift_dist.train import attention, loss, weighting
 
 log = logging.getLogger(__name__)
@@ -402,14 +403,9 @@ class TrainBatches:
 
     def _pad(self, samples: list[tuple[Tensor, Tensor]]):
         """Right-pad to the longest sample of the micro-batch."""
-        length = max(ids.numel() for ids, _ in samples)
-        input_ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
-        for row, (ids, lab) in enumerate(samples):
-            input_ids[row, : ids.numel()] = ids
-            labels[row, : lab.numel()] = lab
-            attention_mask[row, : ids.numel()] = 1
+        input_ids, attention_mask, labels = collate([ids for ids, _ in samples], [lab for _, lab in samples],
+                                                    self.pad_token_id)
+        length = input_ids.shape[1]
         position_ids = torch.arange(length).unsqueeze(0).expand(len(samples), -1).contiguous()
         return input_ids, labels, attention_mask, position_ids
 

@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 
 from gift_dist.config import ConfigError, RunConfig, TrainConfig
+from gift_dist.models.batch import choose_attention
 from gift_dist.train import attention
 from gift_dist.models.memory import (
     GIB, USABLE_FRACTION, ModelShape, decoder_layer_classes, model_shape, training_plan, zero3_auto_sizes,
@@ -434,16 +435,9 @@ def attention_implementation(train: TrainConfig) -> str:
     """``auto``: for packed rows on a GPU, a varlen kernel (flash-attention 2 when installed, else torch's own,
     ``attention.NAME``), which attends within each sample without a mask; otherwise torch's sdpa (for a packed row
     transformers builds the block-diagonal mask from the position ids). The chosen name is registered."""
-    name = train.attn_implementation
-    if name == "auto":
-        import importlib.util
-
-        name = "sdpa"
-        if on_gpu() and train.packs(on_gpu=True):
-            if importlib.util.find_spec("flash_attn") is not None:
-                name = "flash_attention_2"
-            elif attention.varlen_kernel_available():
-                name = attention.NAME
+    packed_on_gpu = train.attn_implementation == "auto" and on_gpu() and train.packs(on_gpu=True)
+    varlen = attention.NAME if packed_on_gpu and attention.varlen_kernel_available() else None
+    name = choose_attention(train.attn_implementation, packed_on_gpu, varlen)
     if name == attention.NAME:
         if not train.packs(on_gpu()):
             raise ConfigError(f"train.attn_implementation={attention.NAME} attends within packed samples only; set "
