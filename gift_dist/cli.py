@@ -72,7 +72,10 @@ def out_of_space_message(exc: BaseException) -> str:
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    from gift_dist import __version__
+
     parser = argparse.ArgumentParser(prog="gift-dist", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"gift-dist {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, (module_name, help_text) in COMMANDS.items():

@@ -52,3 +52,27 @@ def test_an_unknown_flag_is_still_refused(argv, flag, capsys):
 def test_a_word_that_is_no_override_is_named(capsys):
     assert main(["prepare", "--strict", "typo"]) == 2
     assert "override 'typo' must look like section.key=value" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    from gift_dist import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"gift-dist {__version__}"
+
+
+@pytest.mark.parametrize("argv, resume, overrides", [
+    (["train", "--config", "r.yaml", "--resume"], True, []),
+    (["train", "--resume", "--config", "r.yaml"], True, []),
+    (["train", "--config", "r.yaml"], False, []),
+    (["train", "--config", "r.yaml", "--resume", "out/checkpoints/step-00000004"], "out/checkpoints/step-00000004",
+     []),
+    (["train", "--config", "r.yaml", "--resume", "train.max_steps=8", "train.lora.r=4"], True,
+     ["train.max_steps=8", "train.lora.r=4"]),
+])
+def test_train_resume_takes_an_optional_checkpoint_folder(argv, resume, overrides):
+    from gift_dist.train.recipe import resume_argument
+
+    args = parse(argv)
+    assert resume_argument(args) == resume and (args.overrides or []) == overrides

@@ -275,6 +275,25 @@ def test_resume_of_a_run_at_its_last_step_says_it_is_complete(setup, tmp_path, s
     assert [row["step"] for row in read_metrics(cfg.paths.logs / METRICS_NAME)] == [1, 2]
 
 
+def test_resume_from_a_chosen_checkpoint_folder(setup, tmp_path, single_rank):
+    """`train --resume PATH` continues from that checkpoint, not from `latest`: resumed at step 1 of a 3-step run
+    whose latest is step 3, it trains steps 2-3 again, to the same losses as the unbroken run."""
+    from gift_dist.train.recipe import train
+
+    cfg = run_config(setup, tmp_path / "run", weighting="uniform", max_steps=3, save_every_steps=1,
+                     sharding="replicate")
+    cfg.train.keep_checkpoints = 3
+    train(cfg)
+    unbroken = losses(cfg)
+    assert (cfg.paths.checkpoints / LATEST_NAME).read_text().strip() == tag_for(3)
+    output = launch(cfg, 1, "--resume", str(cfg.paths.checkpoints / tag_for(1)))
+    assert f"resumed from {cfg.paths.checkpoints / tag_for(1)} at step 1" in output
+    assert [row["step"] for row in read_metrics(cfg.paths.logs / METRICS_NAME)] == [1, 2, 3]
+    assert losses(cfg) == pytest.approx(unbroken, rel=1e-5)
+    with pytest.raises(ContractError, match=r"--resume .*not a checkpoint folder.*names step-00000003"):
+        train(cfg, resume=cfg.paths.checkpoints)
+
+
 # ---- bad input: the recipe in-process on one rank, errors must be clean ContractErrors naming the culprit ----
 
 @pytest.fixture

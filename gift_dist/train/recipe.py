@@ -49,7 +49,10 @@ from gift_dist.models.checkpoint import model_identity, require_model
 from gift_dist.models.pair import check_pair
 from gift_dist.models.prepared_inputs import check_prepared_inputs
 from gift_dist.train import adapter_io, weighting
-from gift_dist.train.checkpoint import CheckpointRecord, Checkpoints
+from gift_dist.train.checkpoint import (
+    FORMAT as CHECKPOINT_FORMAT, LATEST_NAME, READABLE_VERSIONS, RECORD_NAME, VERSION as CHECKPOINT_VERSION,
+    CheckpointRecord, Checkpoints,
+)
 from gift_dist.train.data import (
     DATA_ORDER,
     ConfidenceReader,
@@ -110,10 +113,46 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
+class ChosenCheckpoint(Checkpoints):
+    """The checkpoint folder named by ``train --resume PATH``, resumed as the latest one would be (same checks);
+    new checkpoints still go to the run's own checkpoints folder."""
+
+    def __init__(self, path: str | Path):
+        folder = Path(path).absolute()
+        if not (folder / RECORD_NAME).is_file():
+            hint = (f"; {folder / LATEST_NAME} names {(folder / LATEST_NAME).read_text().strip()}, use "
+                    f"{folder / (folder / LATEST_NAME).read_text().strip()}" if (folder / LATEST_NAME).is_file()
+                    else "")
+            raise ContractError(f"--resume {path}: not a checkpoint folder (no {RECORD_NAME} in {folder}); a run's "
+                                f"checkpoints are <output_dir>/checkpoints/step-NNNNNNNN{hint}")
+        super().__init__(folder.parent, keep=1)
+        self.folder = folder
+
+    def latest(self) -> Optional[tuple[Path, CheckpointRecord]]:
+        from gift_dist.contracts import check_header
+
+        record_path = self.folder / RECORD_NAME
+        try:
+            data = json.loads(record_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ContractError(f"{record_path} is not a valid checkpoint record: {exc}") from exc
+        version = data.get("version")
+        readable = str(version) in {str(v) for v in READABLE_VERSIONS}
+        check_header(data, CHECKPOINT_FORMAT, version if readable else CHECKPOINT_VERSION, str(record_path),
+                     "train afresh in another output_dir")
+        try:
+            return self.folder, CheckpointRecord(**data)
+        except TypeError as exc:
+            raise ContractError(f"{record_path} is not a valid checkpoint record: {exc}") from exc
+
+
+def train(cfg: RunConfig, resume: bool | str | Path = False, resume_if_exists: bool = False,
           grad_dump_dir: Optional[str | Path] = None, resume_anyway: bool = False) -> TrainResult:
     """Train the LoRA and write the adapter; ``grad_dump_dir`` saves each step's full LoRA gradients (debugging).
+    ``resume``: True for the latest checkpoint, or a checkpoint folder (``train --resume PATH``).
     ``resume_anyway``: resume although max_steps/epochs changed since the checkpoint."""
+    if not isinstance(resume, bool):
+        ChosenCheckpoint(resume)  # a wrong path is refused before any model is loaded
     weighting.validate(cfg.train)
     check_liger_kernels(cfg.train)
     check_trackers(cfg.train)
@@ -131,8 +170,8 @@ def train(cfg: RunConfig, resume: bool = False, resume_if_exists: bool = False,
         return _train(cfg, resume, resume_if_exists, grad_dump_dir, resume_anyway)
 
 
-def _train(cfg: RunConfig, resume: bool, resume_if_exists: bool, grad_dump_dir: Optional[str | Path],
-           resume_anyway: bool) -> TrainResult:
+def _train(cfg: RunConfig, resume: bool | str | Path, resume_if_exists: bool,
+           grad_dump_dir: Optional[str | Path], resume_anyway: bool) -> TrainResult:
     rank, world = dist.rank(), dist.world_size()
     # Installed once the engine is built; read meanwhile by the waits for the scorer's shards.
     stop = StopRequest()
@@ -154,8 +193,11 @@ def _train(cfg: RunConfig, resume: bool, resume_if_exists: bool, grad_dump_dir: 
         train_settings=result_settings(cfg.train),
     )
     checkpoints = Checkpoints(cfg.paths.checkpoints, cfg.train.keep_checkpoints)
-    start_step = 0
-    if resume or resume_anyway or (resume_if_exists and checkpoints.latest() is not None):
+    start_step, resumed_from = 0, checkpoints
+    if not isinstance(resume, bool):
+        resumed_from = ChosenCheckpoint(resume)
+        start_step = resumed_from.resume(te.engine, te.peft_model, record, anyway=resume_anyway)
+    elif resume or resume_anyway or (resume_if_exists and checkpoints.latest() is not None):
         start_step = checkpoints.resume(te.engine, te.peft_model, record, anyway=resume_anyway)
     metrics = MetricsLogger(cfg.paths.logs, batches.total_steps, start_step, enabled=dist.is_rank0(),
                             progress=cfg.train.progress, log_every=cfg.train.log_every_steps,
@@ -183,7 +225,7 @@ def _train(cfg: RunConfig, resume: bool, resume_if_exists: bool, grad_dump_dir: 
         if step > start_step and saved_step != step:
             checkpoint = save_checkpoint(te, checkpoints, record, step, cfg)
         elif step == start_step:
-            latest = checkpoints.latest() if start_step else None
+            latest = resumed_from.latest() if start_step else None
             checkpoint = latest[0] if latest is not None else None
         by = stop.signal_name or "a signal on another rank"
         where = " while waiting for the scorer's confidence shards" if waiting else ""
@@ -443,8 +485,9 @@ def save_checkpoint(te: TrainEngine, checkpoints: Checkpoints, record: Checkpoin
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true",
-                       help="continue from the latest checkpoint in <output_dir>/checkpoints (an error if none)")
+    group.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                       help="continue from the latest checkpoint in <output_dir>/checkpoints (an error if none), or "
+                            "from the checkpoint folder CHECKPOINT (e.g. <output_dir>/checkpoints/step-00000400)")
     group.add_argument("--resume-if-exists", action="store_true",
                        help="continue from the latest checkpoint when there is one, else start fresh")
     group.add_argument("--resume-anyway", action="store_true",
@@ -453,7 +496,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="debugging: save each step's full LoRA gradients to DIR as safetensors")
 
 
+def resume_argument(args: argparse.Namespace) -> bool | str:
+    """``--resume`` alone (True) or its checkpoint folder; a ``section.key=value`` override written right after a
+    bare ``--resume`` is an override, not a folder."""
+    value = args.resume
+    if isinstance(value, str) and "=" in value and not Path(value).exists():
+        args.overrides = [value, *(args.overrides or [])]
+        return True
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
+    args.resume = resume_argument(args)
     result = train(config_from_args(args), resume=args.resume, resume_if_exists=args.resume_if_exists,
                    grad_dump_dir=args.dump_grads, resume_anyway=args.resume_anyway)
     dist.shutdown()
