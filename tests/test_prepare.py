@@ -395,6 +395,26 @@ def test_sources_are_mixed_by_weight_and_count_and_reported_one_by_one(tiny_llam
     assert again.dataset["input_ids"] == prepared.dataset["input_ids"]  # seeded: the same mix every time
 
 
+def test_when_every_record_is_dropped_each_reason_is_counted(tiny_llama, tmp_path):
+    """All records unusable: the error counts every drop reason with the setting behind it, for the whole data and
+    for a sampled source whose records are all dropped (instead of "no usable record to take 36 from")."""
+    long = [{"messages": [{"role": "user", "content": f"tell {i}"},
+                          {"role": "assistant", "content": " ".join(["word"] * 80)}]} for i in range(5)]
+    path = write_jsonl([*long, {"prompt": "x", "response": " "}], tmp_path / "long.jsonl")
+    with pytest.raises(ContractError, match=r"all 6 records dropped: 5 over_length \(max_length=24; raise "
+                                            r"prepare\.max_length.*\), 1 empty_response"):
+        prepare(make_run_config(tiny_llama, tmp_path / "r", [path], **{"prepare.max_length": 24}))
+    short = write_jsonl([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+                         for _ in range(10)], tmp_path / "short.jsonl")
+    sources = [{"path": str(short)}, {"path": str(path), "samples": 36}]
+    cfg = load_config(None, [f"base_model={tiny_llama.base}", f"instruct_model={tiny_llama.instruct}",
+                             f"output_dir={tmp_path / 'mix'}", f"data.sources={json.dumps(sources)}",
+                             "prepare.max_length=24"])
+    with pytest.raises(ContractError, match=r"data source .*long.jsonl: all 6 records dropped: 5 over_length "
+                                            r"\(max_length=24.*\), 1 empty_response; nothing to sample from"):
+        prepare(cfg)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["data.files=[a.jsonl]", 'data.sources=[{"path": "b.jsonl"}]'], "data.sources replaces data.files"),
     (['data.sources=[{"path": "b.jsonl", "hub_id": "x/y"}]'], "exactly one of path and hub_id"),

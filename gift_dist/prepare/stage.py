@@ -156,7 +156,8 @@ def _prepare(cfg: RunConfig) -> contract.Prepared:
         )
     kept_rows = np.flatnonzero(np.array([r == "" for r in reasons], dtype=bool))
     if len(kept_rows) == 0:
-        raise ContractError(f"no usable records in the data ({len(reasons)} read, dropped by reason: {dict(dropped)})")
+        raise ContractError(f"no usable records in the data: all {len(reasons)} records dropped: "
+                            f"{drop_summary(dropped, cfg.prepare)}")
     for reason, count in sorted(dropped.items()):
         log.warning("prepare: dropped %d records: %s", count, reason)
 
@@ -171,6 +172,11 @@ def _prepare(cfg: RunConfig) -> contract.Prepared:
     order, eval_order = split_held_out(order, group_of, eval_count(len(order), cfg.prepare), cfg.prepare)
     held_out = len(eval_order)
     source_of = np.asarray(tokenized["source_index"])
+    for index, source in enumerate(cfg.data.all_sources()):
+        mine = [reasons[i] for i in np.flatnonzero(source_of == index)]
+        if mine and all(mine) and (source.samples or source.weight):
+            raise ContractError(f"data source {source.name}: all {len(mine)} records dropped: "
+                                f"{drop_summary(Counter(mine), cfg.prepare)}; nothing to sample from")
     order = mix_sources(order, source_of, cfg.data.all_sources(), cfg.prepare.seed)
     per_source = source_counts(cfg.data.all_sources(), source_of, reasons, order, eval_order)
     trained_prompts = {prompt_of[row] for row in order.tolist()} - {""}
@@ -300,6 +306,16 @@ def eval_file_overlap(path: Path, trained: set[str]) -> Optional[dict]:
                 in_training += key in trained
     return {"file": path.name, "sha256": file_sha256(path), "records": records, "prompts": prompts,
             "prompts_in_training": in_training}
+
+
+def drop_summary(dropped: Counter, prep: PrepareConfig) -> str:
+    """Every drop reason with its count, most frequent first, with the setting behind it:
+    "58 over_length (max_length=256; raise prepare.max_length or set prepare.overlength=truncate), 2 ..."."""
+    settings = {"over_length": f" (max_length={prep.max_length}; raise prepare.max_length or set "
+                               f"prepare.overlength=truncate)",
+                "no_target_tokens": f" (no assistant token within max_length={prep.max_length})"}
+    return ", ".join(f"{count} {reason}{settings.get(reason, '')}"
+                     for reason, count in sorted(dropped.items(), key=lambda item: (-item[1], item[0])))
 
 
 def mix_sources(order: np.ndarray, source_of: np.ndarray, sources: list[DataSource], seed: int) -> np.ndarray:
