@@ -49,10 +49,7 @@ from gift_dist.models.checkpoint import model_identity, require_model
 from gift_dist.models.pair import check_pair
 from gift_dist.models.prepared_inputs import check_prepared_inputs
 from gift_dist.train import adapter_io, weighting
-from gift_dist.train.checkpoint import (
-    FORMAT as CHECKPOINT_FORMAT, LATEST_NAME, READABLE_VERSIONS, RECORD_NAME, VERSION as CHECKPOINT_VERSION,
-    CheckpointRecord, Checkpoints,
-)
+from gift_dist.train.checkpoint import LATEST_NAME, RECORD_NAME, CheckpointRecord, Checkpoints, read_record
 from gift_dist.train.data import (
     DATA_ORDER,
     ConfidenceReader,
@@ -129,21 +126,7 @@ class ChosenCheckpoint(Checkpoints):
         self.folder = folder
 
     def latest(self) -> Optional[tuple[Path, CheckpointRecord]]:
-        from gift_dist.contracts import check_header
-
-        record_path = self.folder / RECORD_NAME
-        try:
-            data = json.loads(record_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ContractError(f"{record_path} is not a valid checkpoint record: {exc}") from exc
-        version = data.get("version")
-        readable = str(version) in {str(v) for v in READABLE_VERSIONS}
-        check_header(data, CHECKPOINT_FORMAT, version if readable else CHECKPOINT_VERSION, str(record_path),
-                     "train afresh in another output_dir")
-        try:
-            return self.folder, CheckpointRecord(**data)
-        except TypeError as exc:
-            raise ContractError(f"{record_path} is not a valid checkpoint record: {exc}") from exc
+        return self.folder, read_record(self.folder / RECORD_NAME)
 
 
 def train(cfg: RunConfig, resume: bool | str | Path = False, resume_if_exists: bool = False,
