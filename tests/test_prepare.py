@@ -49,6 +49,8 @@ def _target_segments(tokenizer, row) -> list[str]:
     return segments
 
 
+# End-to-end: seven prepares of the whole bundled set; the quick loop keeps the held-out split's determinism test.
+@pytest.mark.slow
 def test_bundled_manifest_and_determinism(tiny_llama, tmp_path):
     cfg = make_run_config(tiny_llama, tmp_path / "a", **{"prepare.max_length": 512, "prepare.samples_per_shard": 500})
     first = prepare(cfg)
