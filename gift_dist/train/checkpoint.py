@@ -26,12 +26,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from gift_dist import dist
+from gift_dist import contracts, dist
 from gift_dist.contracts import (
     ContractError,
     atomic_write_text,
     changed_settings,
-    check_header,
     folder_digests,
     verify_folder_digests,
 )
@@ -92,20 +91,10 @@ def tag_for(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def read_record(record_path: Path) -> CheckpointRecord:
+def read_checkpoint_record(record_path: Path) -> CheckpointRecord:
     """A checkpoint's record, its format and version checked (every readable version accepted)."""
-    try:
-        data = json.loads(record_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ContractError(f"{record_path} is not a valid checkpoint record: {exc}") from exc
-    version = data.get("version")
-    readable = str(version) in {str(v) for v in READABLE_VERSIONS}
-    check_header(data, FORMAT, version if readable else VERSION, str(record_path),
-                 "train afresh in another output_dir")
-    try:
-        return CheckpointRecord(**data)
-    except TypeError as exc:
-        raise ContractError(f"{record_path} is not a valid checkpoint record: {exc}") from exc
+    return contracts.read_record(record_path, CheckpointRecord, FORMAT, VERSION, "train afresh in another output_dir",
+                                 "checkpoint record", readable=tuple(READABLE_VERSIONS))
 
 
 class Checkpoints:
@@ -125,7 +114,7 @@ class Checkpoints:
         record_path = folder / RECORD_NAME
         if not record_path.is_file():
             raise ContractError(f"{pointer} names checkpoint {tag}, but {record_path} is missing")
-        return folder, read_record(record_path)
+        return folder, read_checkpoint_record(record_path)
 
     def save(self, engine: Any, peft_model: Any, peft_config: Any, record: CheckpointRecord,
              adapter_provenance: AdapterProvenance) -> Path:

@@ -49,7 +49,7 @@ from gift_dist.models.checkpoint import model_identity, require_model
 from gift_dist.models.pair import check_pair
 from gift_dist.models.prepared_inputs import check_prepared_inputs
 from gift_dist.train import adapter_io, weighting
-from gift_dist.train.checkpoint import LATEST_NAME, RECORD_NAME, CheckpointRecord, Checkpoints, read_record
+from gift_dist.train.checkpoint import LATEST_NAME, RECORD_NAME, CheckpointRecord, Checkpoints, read_checkpoint_record
 from gift_dist.train.data import (
     DATA_ORDER,
     ConfidenceReader,
@@ -126,7 +126,7 @@ class ChosenCheckpoint(Checkpoints):
         self.folder = folder
 
     def latest(self) -> Optional[tuple[Path, CheckpointRecord]]:
-        return self.folder, read_record(self.folder / RECORD_NAME)
+        return self.folder, read_checkpoint_record(self.folder / RECORD_NAME)
 
 
 def train(cfg: RunConfig, resume: bool | str | Path = False, resume_if_exists: bool = False,
