@@ -74,7 +74,9 @@ def generate_arithmetic(num_records: int = 3000, seed: int = 0, max_operand: int
 # not a seed): `tuning` instances are what the tiny instruct model is chat-tuned on, `held_out` instances only
 # ever appear in the general set `gift-dist eval` scores, so that set measures the skill on prompts the instruct
 # model was never tuned on, not its memory of them.
-WORD_TASK_KINDS = ("reverse", "upper", "first", "last", "count", "plural")
+WORD_TASK_KINDS = ("first", "last", "count", "plural", "repeat")
+# Also understood by word_task, left out of the bundled sets: a tiny model does not learn them in the demo budget.
+HARD_WORD_TASK_KINDS = ("reverse", "upper")
 GENERAL_WORDS = WORDS + [
     "anchor", "bottle", "button", "cactus", "cobalt", "copper", "dragon", "falcon", "forest", "ginger", "hammer",
     "jacket", "kettle", "lemon", "magnet", "needle", "orchid", "parrot", "pillow", "puzzle", "rabbit", "saddle",
@@ -97,6 +99,8 @@ def word_task(kind: str, word: str) -> tuple[str, str]:
         return f"How many letters are in '{word}'?", f"'{word}' has {len(word)} letters."
     if kind == "plural":
         return f"What is the plural of '{word}'?", f"The plural of '{word}' is '{word}s'."
+    if kind == "repeat":
+        return f"Say '{word}' twice.", f"'{word}' '{word}'."
     raise ValueError(f"unknown word task {kind!r}; choose one of {WORD_TASK_KINDS}")
 
 

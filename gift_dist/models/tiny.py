@@ -261,10 +261,10 @@ DEMO_SHAPE = {"hidden_size": 96, "num_layers": 3}
 DEMO_MAX_OPERAND = 9
 # Budgets of the demo pair: base pre-training steps, the times each word task is in its corpus, and the instruct
 # chat-tuning (records, steps, learning rate).
-DEMO_BASE_STEPS = 600
-DEMO_KNOWLEDGE_REPEATS = 3
+DEMO_BASE_STEPS = 1000
+DEMO_KNOWLEDGE_REPEATS = 6
 DEMO_INSTRUCT_RECORDS = 300
-DEMO_INSTRUCT_STEPS = 150
+DEMO_INSTRUCT_STEPS = 400
 DEMO_INSTRUCT_LR = 1e-3
 
 
@@ -274,8 +274,8 @@ def build_demo_pair(out_dir: str | Path, arch: str = "llama", seed: int = 0) -> 
     - BASE: pre-trained on plain text: one-digit arithmetic word problems with worked answers (problems of their
       own, not the demo's data) and every word task of ``bundled.word_tasks`` (its "knowledge"); it has never
       seen the chat template;
-    - INSTRUCT: BASE briefly chat-tuned on the ``tuning`` word tasks only (``bundled.generate_general_chat``, a seed
-      of their own), so it is a small change from BASE (``gift-dist check`` prints how small) with a skill of its
+    - INSTRUCT: BASE briefly chat-tuned on the ``tuning`` word tasks only (``bundled.generate_general_chat``, a
+      seed of their own), so it is a small change from BASE (``gift-dist check`` prints how small) with a skill of its
       own: answering a request in chat form. The demo's general set is the ``held_out`` word tasks, which it was
       never tuned on, so its exact match there is that skill, not memory. It meets arithmetic in chat form for the
       first time in the demo.
