@@ -203,7 +203,7 @@ def test_general_exact_match_counts_generations_equal_to_the_reply(held_out_run,
     (instruct,) = results
     assert instruct.general_exact_match == pytest.approx(3 / 8) and instruct.general_generated == 8
     assert instruct.task_accuracy == 0.0 and seen[1] == 8
-    assert "| instruct | 0.000 |" in stage.markdown_table(results) and "| 0.375 |" in stage.markdown_table(results)
+    assert "| instruct | 0.000 |" in stage.markdown_table(results) and "| 0.375 (SE 0.171, n=8) |" in stage.markdown_table(results)
 
 
 def test_general_exact_match_is_off_with_max_generate_samples_zero(held_out_run, monkeypatch):

@@ -340,11 +340,18 @@ def markdown_table(results: list[ModelScores]) -> str:
     def fmt(value: Optional[float], digits: int = 4) -> str:
         return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
+    def match(r: ModelScores) -> str:
+        """Exact match with its standard error over the n prompts generated, sqrt(p(1-p)/n)."""
+        if r.general_exact_match is None or not r.general_generated:
+            return "n/a"
+        p, n = r.general_exact_match, r.general_generated
+        return f"{p:.3f} (SE {math.sqrt(p * (1 - p) / n):.3f}, n={n})"
+
     lines = ["| model | task accuracy | task CE | general exact match | general CE | KL to instruct |",
              "|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r.name} | {fmt(r.task_accuracy, 3)} | {fmt(r.task_ce)} | "
-                     f"{fmt(r.general_exact_match, 3)} | {fmt(r.general_ce)} | {fmt(r.kl_to_instruct)} |")
+                     f"{match(r)} | {fmt(r.general_ce)} | {fmt(r.kl_to_instruct)} |")
     harness = [(task, metric) for task, metrics in (results[0].lm_eval or {}).items() for metric in metrics
                if not metric.endswith("_stderr,none")]
     if harness:
