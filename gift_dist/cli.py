@@ -71,15 +71,48 @@ def out_of_space_message(exc: BaseException) -> str:
     return f"no space left on the device writing {where} ({free}); the previous artefacts are unchanged"
 
 
+# Set to 1 (or pass --log-all-ranks) to see the log lines of every rank of a multi-rank run, not only rank 0's.
+LOG_ALL_RANKS_ENV = "GIFT_LOG_ALL_RANKS"
+LOG_ALL_RANKS_HELP = (f"log INFO lines on every rank of a multi-rank run (default: ranks other than 0 log only "
+                      f"warnings and errors; also {LOG_ALL_RANKS_ENV}=1)")
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def configure_logging(level_name: str, log_all_ranks: bool = False) -> int:
+    """Log at ``level_name`` on rank 0 (or a single process). Other ranks log only warnings and errors unless
+    ``log_all_ranks`` (or ``GIFT_LOG_ALL_RANKS=1``): a 16-rank run prints each line once, not 16 times. When every
+    rank logs, each line names its rank. Returns the level set for this process."""
+    level = getattr(logging, str(level_name).upper(), None)
+    level = level if isinstance(level, int) else logging.INFO
+    log_all_ranks = log_all_ranks or env_flag(LOG_ALL_RANKS_ENV)
+    rank_label = ""
+    if os.environ.get("RANK") or os.environ.get("WORLD_SIZE"):  # launched (torch imported only then)
+        from gift_dist.dist import env_rank, env_world_size
+
+        rank, world = env_rank(), env_world_size()
+        if rank != 0 and not log_all_ranks:
+            level = max(level, logging.WARNING)
+        if log_all_ranks and world > 1:
+            rank_label = f"[rank {rank}] "
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {rank_label}%(name)s: %(message)s")
+    return level
+
+
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     from gift_dist import __version__
 
     parser = argparse.ArgumentParser(prog="gift-dist", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"gift-dist {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    parser.add_argument("--log-all-ranks", action="store_true", default=False, help=LOG_ALL_RANKS_HELP)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        # Also accepted after the command (`gift-dist train --log-all-ranks ...`); unset there unless written.
+        sub.add_argument("--log-all-ranks", action="store_true", default=argparse.SUPPRESS, help=LOG_ALL_RANKS_HELP)
         if name == command:
             importlib.import_module(module_name).add_arguments(sub)
     return parser
@@ -107,10 +140,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     command = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(command)
     args = parse_command_line(parser, argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level, args.log_all_ranks)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)

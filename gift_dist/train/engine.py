@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any, Optional
 import torch
 
 from gift_dist.config import ConfigError, RunConfig, TrainConfig
+from gift_dist.dist import env_local_world_size
 from gift_dist.models.batch import choose_attention
 from gift_dist.train import attention
 from gift_dist.models.memory import (
@@ -117,7 +117,7 @@ def micro_batch_token_bound(cfg: RunConfig) -> int:
 
 def planned_gpu_gib(cfg: RunConfig, world: int, shape: ModelShape, checkpointing: bool) -> dict[str, float]:
     """GiB per GPU of each layout (``models.memory.training_plan``) for this run's largest micro-batch."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    local = env_local_world_size() or world  # ranks on this node, from whichever launcher started us
     plans = training_plan(shape, local, max(world // max(local, 1), 1), micro_batch_token_bound(cfg),
                           cfg.train.ce_chunk_tokens, checkpointing,
                           quantized_frozen_weights=cfg.train.quantized_frozen_weights)

@@ -1,0 +1,88 @@
+"""One rank's logs by default: ranks other than 0 log only warnings and errors unless --log-all-ranks (or
+GIFT_LOG_ALL_RANKS=1); the node's rank count comes from whichever launcher started us, for the memory plan too."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gift_dist.cli import COMMANDS, build_parser, parse_command_line
+
+# Configure logging as `gift-dist` does, then log one INFO and one WARNING line from a gift_dist logger.
+SCRIPT = """
+import logging, sys
+from gift_dist.cli import build_parser, configure_logging, parse_command_line
+args = parse_command_line(build_parser("config"), sys.argv[1:])
+configure_logging(args.log_level, args.log_all_ranks)
+logging.getLogger("gift_dist.train.recipe").info("an info line")
+logging.getLogger("gift_dist.train.recipe").warning("a warning line")
+"""
+
+
+def run_as_rank(rank: int, argv: list[str], **extra_env: str) -> str:
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "GIFT_LOG_ALL_RANKS")}
+    env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", **extra_env)
+    done = subprocess.run([sys.executable, "-c", SCRIPT, *argv], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def test_rank_1_logs_no_info_line_by_default_and_does_with_the_flag():
+    quiet = run_as_rank(1, ["config"])
+    assert " INFO " not in quiet and "an info line" not in quiet
+    assert "WARNING" in quiet and "a warning line" in quiet
+
+    for argv, env in ((["--log-all-ranks", "config"], {}), (["config", "--log-all-ranks"], {}),
+                      (["config"], {"GIFT_LOG_ALL_RANKS": "1"})):
+        loud = run_as_rank(1, argv, **env)
+        assert "INFO [rank 1] gift_dist.train.recipe: an info line" in loud, (argv, env, loud)
+        assert "a warning line" in loud
+
+    rank0 = run_as_rank(0, ["config"])
+    assert "INFO gift_dist.train.recipe: an info line" in rank0  # rank 0 unchanged: no rank label
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train"], False), (["--log-all-ranks", "train"], True), (["train", "--log-all-ranks"], True),
+    (["score", "--log-all-ranks", "a.b=1"], True),
+])
+def test_the_flag_is_taken_before_or_after_the_command(argv, expected):
+    command = next(word for word in argv if word in COMMANDS)
+    assert parse_command_line(build_parser(command), argv).log_all_ranks is expected
+
+
+@pytest.mark.parametrize("variable, value, expected", [
+    ("LOCAL_WORLD_SIZE", "4", 4),           # torchrun
+    ("LOCAL_SIZE", "4", 4),                 # DeepSpeed's launcher
+    ("OMPI_COMM_WORLD_LOCAL_SIZE", "4", 4),  # Open MPI
+    ("SLURM_NTASKS_PER_NODE", "4(x2)", 4),  # srun
+    (None, None, 8),                        # no launcher variable: every rank on this node
+])
+def test_the_memory_plan_reads_the_node_rank_count_of_any_launcher(monkeypatch, variable, value, expected):
+    from gift_dist.dist import LOCAL_SIZE_VARIABLES
+    from gift_dist.train import engine
+
+    for key in LOCAL_SIZE_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    if variable:
+        monkeypatch.setenv(variable, value)
+    seen = {}
+
+    def fake_plan(shape, local, nodes, *rest, **kwargs):
+        seen.update(local=local, nodes=nodes)
+        return {"replicate": {"gpu_gib": 1.0}}
+
+    monkeypatch.setattr(engine, "training_plan", fake_plan)
+    monkeypatch.setattr(engine, "micro_batch_token_bound", lambda cfg: 128)
+
+    class Cfg:
+        class train:
+            ce_chunk_tokens = 0
+            quantized_frozen_weights = False
+
+    assert engine.planned_gpu_gib(Cfg, 8, None, checkpointing=True) == {"replicate": 1.0}
+    assert seen == {"local": expected, "nodes": 8 // expected}
