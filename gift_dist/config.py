@@ -25,12 +25,33 @@ from gift_dist.errors import ConfigError
 
 # Field metadata of settings that change how a run is operated (logging, checkpoint cadence, waiting), never what
 # it produces: an output made with other values of these is still the same output. Every such list derives from
-# this mark (``operational_keys``), so a new setting is result-changing unless marked.
+# this mark (``operational_keys``, ``result_settings``), so a new setting is result-changing unless marked.
 OPERATIONAL = {"operational": True}
+
+
+def doc(text: str, **extra: Any) -> dict[str, Any]:
+    """A config field's metadata: its documentation (``help``, whitespace collapsed; shown by `gift-dist config`)
+    merged with any other marks, e.g. ``field(default=1, metadata=doc("...", **OPERATIONAL))``."""
+    return {"help": " ".join(text.split()), **extra}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The documentation of every field of a config dataclass, by field name (its ``help`` metadata)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
 def operational_keys(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("operational"))
+
+
+def result_settings(cls: type, values: Any) -> dict[str, Any]:
+    """The settings of a config section that shape what its stage produces: all but those marked operational.
+    ``values``: the section (an instance of ``cls``) or its dict, as a record stored it. The one list both the
+    trainer's record and the pipeline's "is this adapter current" check compare."""
+    if dataclasses.is_dataclass(values):
+        values = config_to_dict(values)
+    operational = operational_keys(cls)
+    return {key: value for key, value in values.items() if key not in operational}
 
 
 RECORD_FORMATS = ("auto", "messages", "sharegpt", "prompt_response", "alpaca")
@@ -42,17 +63,21 @@ SPLIT_KEYS = ("user_turns", "first_user_turn", "none")
 class DataSource:
     """One dataset of a mix (``data.sources``)."""
 
-    # A local file (jsonl, json, parquet, csv; relative to the config file) or a datasets hub id.
-    path: Optional[str] = None
-    hub_id: Optional[str] = None
-    split: str = "train"
-    revision: Optional[str] = None
-    # This source's record shape (default: data.format).
-    format: Optional[Literal["auto", "messages", "sharegpt", "prompt_response", "alpaca"]] = None
-    # How much of it the mix takes, from its usable records: `weight`, its share of the weighted sources' total
-    # (down- or up-sampled, seeded), or `samples`, an exact count (repeated when above what it has). Neither: all.
-    weight: Optional[float] = None
-    samples: Optional[int] = None
+    path: Optional[str] = field(default=None, metadata=doc(
+        "A local file (jsonl, json, parquet, csv; relative to the config file). Give exactly one of path and hub_id."))
+    hub_id: Optional[str] = field(default=None, metadata=doc(
+        "A datasets hub id, read with datasets.load_dataset (instead of path)."))
+    split: str = field(default="train", metadata=doc("The split of hub_id to read."))
+    revision: Optional[str] = field(default=None, metadata=doc(
+        "The revision (branch, tag or commit) of hub_id; null: the hub's default."))
+    format: Optional[Literal["auto", "messages", "sharegpt", "prompt_response", "alpaca"]] = field(
+        default=None, metadata=doc("This source's record shape; null: data.format."))
+    weight: Optional[float] = field(default=None, metadata=doc(
+        "How much of this source the mix takes: its share of the weighted sources' total, from its usable records "
+        "(down- or up-sampled, seeded by prepare.seed). Give weight or samples, not both; neither: all its records."))
+    samples: Optional[int] = field(default=None, metadata=doc(
+        "Exactly how many of this source's usable records the mix takes (repeated when above what it has). Give "
+        "weight or samples, not both; neither: all its records."))
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.hub_id is None):
@@ -73,34 +98,48 @@ class DataSource:
 class DataConfig:
     """Where the training records come from and which columns hold what."""
 
-    # Local files (jsonl, json, parquet, csv) or one datasets hub id. Relative paths resolve against the config file.
-    files: list[str] = field(default_factory=list)
-    # Instead of files/hub_id: several datasets mixed by weight or sample count (see DataSource); each source's
-    # counts and drops are reported in prepared.json.
-    sources: list[DataSource] = field(default_factory=list)
-    hub_id: Optional[str] = None
-    hub_split: str = "train"
-    hub_revision: Optional[str] = None
-    # Record shape: auto detects messages / sharegpt / prompt_response / alpaca from the columns present.
-    format: Literal["auto", "messages", "sharegpt", "prompt_response", "alpaca"] = "auto"
-    messages_column: str = "messages"
-    # ShareGPT (LLaMA-Factory, axolotl): a list of {"from": ..., "value": ...} turns; `role_map` maps its speaker
-    # names to chat roles (the defaults cover human/gpt/system, and user/assistant as they are).
-    conversations_column: str = "conversations"
-    # Tool use: `function_call` turns (a JSON call) become the assistant's tool_calls, `observation` turns tool
-    # results; a record's `tools` (a list or its JSON string) reaches the chat template.
+    files: list[str] = field(default_factory=list, metadata=doc(
+        "Local files (jsonl, json, parquet, csv) or one datasets hub id. Relative paths resolve against the config "
+        "file."))
+    sources: list[DataSource] = field(default_factory=list, metadata=doc(
+        "Instead of files/hub_id: several datasets mixed by weight or sample count (each a path or hub_id with "
+        "split, revision, format, weight, samples); each source's counts and drops are reported in prepared.json."))
+    hub_id: Optional[str] = field(default=None, metadata=doc(
+        "One datasets hub id to read instead of files (data.sources for several)."))
+    hub_split: str = field(default="train", metadata=doc("The split of data.hub_id to read."))
+    hub_revision: Optional[str] = field(default=None, metadata=doc(
+        "The revision (branch, tag or commit) of data.hub_id; null: the hub's default."))
+    format: Literal["auto", "messages", "sharegpt", "prompt_response", "alpaca"] = field(default="auto", metadata=doc(
+        "Record shape: auto detects messages / sharegpt / prompt_response / alpaca from the columns present "
+        "(record by record)."))
+    messages_column: str = field(default="messages", metadata=doc(
+        "The column of `messages` records: a list of {role, content} turns (roles system, user, assistant, tool), "
+        "with tool_calls on assistant turns and a record's `tools` passed to the chat template."))
+    conversations_column: str = field(default="conversations", metadata=doc(
+        "The column of ShareGPT records (LLaMA-Factory, axolotl): a list of {\"from\": ..., \"value\": ...} turns, "
+        "their speakers mapped by role_map; a record's `system` string becomes the system turn."))
     role_map: dict[str, str] = field(default_factory=lambda: {
         "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
         "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system",
-        "function_call": "assistant", "observation": "tool", "tool": "tool"})
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    system_column: Optional[str] = None
-    instruction_column: str = "instruction"
-    input_column: str = "input"
-    output_column: str = "output"
-    # Added as the first (system) turn of every record that has none.
-    system_prompt: Optional[str] = None
+        "function_call": "assistant", "observation": "tool", "tool": "tool"}, metadata=doc(
+        "ShareGPT speaker names mapped to chat roles (an unmapped speaker drops the record). The defaults cover "
+        "human/gpt/system, user/assistant as they are, and tool use: `function_call` turns (a JSON call) become "
+        "the assistant's tool_calls, `observation` turns tool results; a record's `tools` (a list or its JSON "
+        "string) reaches the chat template."))
+    prompt_column: str = field(default="prompt", metadata=doc(
+        "The user turn's column of prompt_response records."))
+    response_column: str = field(default="response", metadata=doc(
+        "The assistant turn's column of prompt_response records (the trained reply)."))
+    system_column: Optional[str] = field(default=None, metadata=doc(
+        "A column of prompt_response records whose non-empty value becomes the system turn; null: none."))
+    instruction_column: str = field(default="instruction", metadata=doc(
+        "The instruction column of alpaca records (the user turn)."))
+    input_column: str = field(default="input", metadata=doc(
+        "The optional input column of alpaca records, appended to the instruction after a blank line."))
+    output_column: str = field(default="output", metadata=doc(
+        "The output column of alpaca records (the trained reply)."))
+    system_prompt: Optional[str] = field(default=None, metadata=doc(
+        "Added as the first (system) turn of every record that has none; null: nothing added."))
 
     def __post_init__(self) -> None:
         if self.sources and (self.files or self.hub_id):
@@ -117,23 +156,37 @@ class DataConfig:
 
 @dataclass
 class PrepareConfig:
-    max_length: int = 2048
-    overlength: Literal["drop", "truncate"] = "drop"
-    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
-    samples_per_shard: int = 512
-    num_proc: int = field(default=1, metadata=OPERATIONAL)
-    strict: bool = field(default=False, metadata=OPERATIONAL)
-    seed: int = 42
-    # Share of the kept records held out for evaluation (prepared/eval/, disjoint from training, fixed by `seed`),
-    # at most `eval_max_samples` of them. 0: no held-out split.
-    eval_fraction: float = 0.0
-    eval_max_samples: int = 2000
-    # What makes two records "the same prompt" for the held-out split: records with the same key go whole to one
-    # side, so no held-out prompt is trained on. `user_turns` (default): the text of all user turns, whitespace
-    # collapsed and lower-cased; `first_user_turn`: the first user turn only (coarser: conversations that open with
-    # the same question stay on one side even when their later turns differ); `none`: record by record (the same
-    # prompt may then be on both sides). prepared.json reports the held-out prompts found in training either way.
-    split_key: Literal["user_turns", "first_user_turn", "none"] = "user_turns"
+    """`gift-dist prepare`: records rendered with the chat template into token ids and labels, in shards."""
+
+    max_length: int = field(default=2048, metadata=doc(
+        "Most tokens of a rendered record (chat template included); longer ones are handled by overlength."))
+    overlength: Literal["drop", "truncate"] = field(default="drop", metadata=doc(
+        "A record over max_length: `drop` it (counted as over_length), or `truncate` it to max_length tokens (a "
+        "record with no assistant token left is then dropped)."))
+    train_on: Literal["all_assistant", "last_assistant"] = field(default="all_assistant", metadata=doc(
+        "Which assistant turns are training targets: all of them, or only the last (earlier ones stay context)."))
+    samples_per_shard: int = field(default=512, metadata=doc(
+        "Records per prepared shard: the unit the scorer scores (and leases) and the trainer streams as it is "
+        "scored."))
+    num_proc: int = field(default=1, metadata=doc(
+        "Processes that render records (datasets' map num_proc); the output does not depend on it.", **OPERATIONAL))
+    strict: bool = field(default=False, metadata=doc(
+        "Fail on the first unusable record instead of dropping it and counting the reason (also --strict).",
+        **OPERATIONAL))
+    seed: int = field(default=42, metadata=doc(
+        "Seeds the order of the prepared records, the held-out split and the sampling of a data.sources mix."))
+    eval_fraction: float = field(default=0.0, metadata=doc(
+        "Share of the kept records held out for evaluation (prepared/eval/, disjoint from training, fixed by "
+        "`seed`), at most `eval_max_samples` of them. 0: no held-out split."))
+    eval_max_samples: int = field(default=2000, metadata=doc(
+        "The most records held out for evaluation, whatever eval_fraction gives."))
+    split_key: Literal["user_turns", "first_user_turn", "none"] = field(default="user_turns", metadata=doc(
+        "What makes two records \"the same prompt\" for the held-out split: records with the same key go whole to "
+        "one side, so no held-out prompt is trained on. `user_turns` (default): the text of all user turns, "
+        "whitespace collapsed and lower-cased; `first_user_turn`: the first user turn only (coarser: conversations "
+        "that open with the same question stay on one side even when their later turns differ); `none`: record by "
+        "record (the same prompt may then be on both sides). prepared.json reports the held-out prompts found in "
+        "training either way."))
 
     def __post_init__(self) -> None:
         for key in ("max_length", "samples_per_shard", "num_proc", "eval_max_samples"):
@@ -147,27 +200,37 @@ class PrepareConfig:
 
 @dataclass
 class ScoreConfig:
-    # Upper bound on padded tokens per forward batch (length-bucketed inside a shard).
-    max_batch_tokens: int = 16384
-    max_batch_size: int = 64
-    # Positions per chunk of the fp32 log-softmax, so [batch, seq, vocab] fp32 is never materialised.
-    logprob_chunk_tokens: int = 1024
-    logprob_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    record_entropy: bool = False
-    # Devices one scoring replica spans (1: the whole instruct model on one GPU). A 70B model in bf16 needs more.
-    gpus_per_replica: int = 1
-    # How a replica of gpus_per_replica > 1 devices splits the model: `tensor` (transformers' tensor-parallel plan,
-    # one process per GPU, every GPU of the replica busy on every batch, the output layer split by vocabulary),
-    # `pipeline` (accelerate's device_map, one process per replica, its GPUs busy one at a time: for architectures
-    # without a tensor-parallel plan), `replica` (no split: gpus_per_replica must be 1), `auto` (replica at 1 GPU,
-    # else tensor where the architecture has a plan and its heads divide evenly, else pipeline).
-    parallel: Literal["auto", "replica", "tensor", "pipeline"] = "auto"
-    attn_implementation: str = "auto"
-    # A worker that holds a shard refreshes its lease; a lease older than this is considered dead and retaken.
-    lease_seconds: float = 600.0
-    progress: bool = True
-    # Debugging/testing only: every batch takes at least this long (to observe leases, kills and restarts).
-    throttle_seconds: float = 0.0
+    """`gift-dist score`: the instruct model's probability of every target token, written as confidence shards."""
+
+    max_batch_tokens: int = field(default=16384, metadata=doc(
+        "Upper bound on padded tokens per forward batch (length-bucketed inside a shard)."))
+    max_batch_size: int = field(default=64, metadata=doc("Upper bound on records per forward batch."))
+    logprob_chunk_tokens: int = field(default=1024, metadata=doc(
+        "Positions per chunk of the fp32 log-softmax, so [batch, seq, vocab] fp32 is never materialised."))
+    logprob_dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata=doc(
+        "The dtype the confidence shards store the per-token log-probabilities in (computed in fp32)."))
+    record_entropy: bool = field(default=False, metadata=doc(
+        "Also store the instruct model's entropy at every target position in the confidence shards (for "
+        "analysis: no weighting reads it)."))
+    gpus_per_replica: int = field(default=1, metadata=doc(
+        "Devices one scoring replica spans (1: the whole instruct model on one GPU). A 70B model in bf16 needs "
+        "more."))
+    parallel: Literal["auto", "replica", "tensor", "pipeline"] = field(default="auto", metadata=doc(
+        "How a replica of gpus_per_replica > 1 devices splits the model: `tensor` (transformers' tensor-parallel "
+        "plan, one process per GPU, every GPU of the replica busy on every batch, the output layer split by "
+        "vocabulary), `pipeline` (accelerate's device_map, one process per replica, its GPUs busy one at a time: "
+        "for architectures without a tensor-parallel plan), `replica` (no split: gpus_per_replica must be 1), "
+        "`auto` (replica at 1 GPU, else tensor where the architecture has a plan and its heads divide evenly, else "
+        "pipeline)."))
+    attn_implementation: str = field(default="auto", metadata=doc(
+        "The attention kernel the instruct model is loaded with: `auto` (flash_attention_2 on a GPU when "
+        "installed, else sdpa) or a transformers attn_implementation name."))
+    lease_seconds: float = field(default=600.0, metadata=doc(
+        "A worker that holds a shard refreshes its lease; a lease older than this is considered dead and "
+        "retaken."))
+    progress: bool = field(default=True, metadata=doc("Show a progress bar while scoring (one per replica leader)."))
+    throttle_seconds: float = field(default=0.0, metadata=doc(
+        "Debugging/testing only: every batch takes at least this long (to observe leases, kills and restarts)."))
 
     def __post_init__(self) -> None:
         for key in ("max_batch_tokens", "max_batch_size", "logprob_chunk_tokens", "gpus_per_replica"):
@@ -183,16 +246,23 @@ class ScoreConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    # Which linear layers LoRA adapts: `auto` (every linear layer of the decoder except the output layer and the
-    # mixture-of-experts routers and experts, resolved against the model when it is loaded: `gift-dist plan` and the
-    # train log print the names, the adapter's adapter_config.json records them; `gift-dist config` cannot know the
-    # model and shows `auto`), or a list of module names (q_proj, gate_proj, ...; all parts of a fused layer such
-    # as Phi-3's qkv_proj name it). A name the model has no linear layer of is an error listing the ones it has.
-    target_modules: Union[Literal["auto"], list[str]] = "auto"
-    use_rslora: bool = False
+    """The LoRA adapter trained (peft): ``train.lora``."""
+
+    r: int = field(default=16, metadata=doc("The LoRA rank."))
+    alpha: float = field(default=32.0, metadata=doc(
+        "The LoRA alpha: updates are scaled by alpha/r (alpha/sqrt(r) with use_rslora)."))
+    dropout: float = field(default=0.05, metadata=doc(
+        "Dropout on the LoRA input in training, in [0, 1) (masks seeded by train.seed, so a resume repeats them)."))
+    target_modules: Union[Literal["auto"], list[str]] = field(default="auto", metadata=doc(
+        "Which linear layers LoRA adapts: `auto` (every linear layer of the decoder except the output layer and "
+        "the mixture-of-experts routers and experts, resolved against the model when it is loaded: `gift-dist "
+        "plan` and the train log print the names, the adapter's adapter_config.json records them; `gift-dist "
+        "config` cannot know the model and shows `auto`), or a list of module names (q_proj, gate_proj, ...; all "
+        "parts of a fused layer such as Phi-3's qkv_proj name it). A name the model has no linear layer of is an "
+        "error listing the ones it has."))
+    use_rslora: bool = field(default=False, metadata=doc(
+        "Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r (recorded in adapter_config.json; merge "
+        "follows it)."))
 
     def __post_init__(self) -> None:
         _at_least("train.lora.r", self.r, 1)
@@ -214,86 +284,118 @@ TRACKERS = ("tensorboard", "wandb")
 
 @dataclass
 class TrainConfig:
-    # Which model the LoRA is trained on: `base` (GIFT / Shadow-FT / DFT) or `instruct` (direct fine-tuning).
-    train_model: Literal["base", "instruct"] = "base"
-    # Per-token weighting f(q): gift (q^gamma), clipped, mean_normalized, uniform (Shadow-FT), dft (own detached p).
-    weighting: Literal["gift", "clipped", "mean_normalized", "uniform", "dft"] = "gift"
-    gamma: float = 1.0
-    prob_floor: float = 1e-4
-    weight_min: float = 0.0
-    weight_max: float = 1.0
-    # The end-of-sequence target keeps weight 1 in the authors' reference; `scored` weights it like any token.
-    eos_weight: Union[float, Literal["scored"]] = 1.0
-    normalizer: Literal["sum_weights", "token_count"] = "sum_weights"
-    normalize_over: Literal["global_batch", "per_micro_batch"] = "global_batch"
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    # Where the frozen base lives: `replicate` (whole on every GPU; DeepSpeed manages only the LoRA states, ZeRO-1:
-    # the fastest, for every model that fits one GPU), `zero3` (partitioned over all GPUs: models that do not fit,
-    # 70B), `auto` (replicate when the memory model of `gift-dist plan` says it fits, else zero3).
-    sharding: Literal["auto", "replicate", "zero3"] = "auto"
-    # `auto` (the shipped config of the chosen sharding: ds_configs/replicate.json or zero3.json), a file path, or
-    # a shipped name (replicate, zero3, zero3_offload, zero3_nvme, zero3_multinode); it must agree with `sharding`.
-    ds_config: str = "auto"
-    # Keep the frozen base in int8 under ZeRO-3 (DeepSpeed ZeRO++ `zero_quantized_nontrainable_weights`): its
-    # partitions, hpZ copies and all-gathers take half the memory and traffic, but the LoRA then trains against an
-    # int8 copy of the base and is merged into bf16 weights. Off unless chosen here (a ds_config that turns it on
-    # by itself is refused); only with a ZeRO-3 layout. The log, the adapter's provenance and merge say so.
-    quantized_frozen_weights: bool = False
-    # A folder on each node's local NVMe for the `zero3_nvme` layout's parameter swap files (the shipped
-    # ds_configs/zero3_nvme.json takes it for its "auto" nvme_path; that layout is refused without it).
-    nvme_path: str = field(default="", metadata=OPERATIONAL)
-    # Attention kernel: `auto` = for packed rows on a GPU a varlen kernel (flash_attention_2 when installed, else
-    # torch's own, `gift_varlen`), else sdpa; or one of these by name.
+    """`gift-dist train`: the LoRA, the per-token weighting, the DeepSpeed layout and the optimisation."""
+
+    train_model: Literal["base", "instruct"] = field(default="base", metadata=doc(
+        "Which model the LoRA is trained on: `base` (GIFT / Shadow-FT / DFT) or `instruct` (direct fine-tuning)."))
+    weighting: Literal["gift", "clipped", "mean_normalized", "uniform", "dft"] = field(default="gift", metadata=doc(
+        "Per-token weight from the instruct model's probability q: gift (max(q, prob_floor)^gamma), clipped "
+        "(clamped to [weight_min, weight_max]), mean_normalized (divided by its mean over the sample), uniform "
+        "(1: Shadow-FT, no scoring needed), dft (the trained model's own detached probability)."))
+    gamma: float = field(default=1.0, metadata=doc(
+        "The exponent of q in the gift, clipped and mean_normalized weights (> 0; 1 in the authors' reference)."))
+    prob_floor: float = field(default=1e-4, metadata=doc(
+        "The floor under q before the exponent, in (0, 1) (1e-4 in the authors' reference)."))
+    weight_min: float = field(default=0.0, metadata=doc("The lower clamp of the `clipped` weighting."))
+    weight_max: float = field(default=1.0, metadata=doc("The upper clamp of the `clipped` weighting."))
+    eos_weight: Union[float, Literal["scored"]] = field(default=1.0, metadata=doc(
+        "The end-of-turn target's weight: a number (1.0 in the authors' reference), or `scored` to weight it like "
+        "any token."))
+    normalizer: Literal["sum_weights", "token_count"] = field(default="sum_weights", metadata=doc(
+        "What the weighted CE sum is divided by: the sum of the weights, or the number of target tokens (DFT, "
+        "whose weights exist only after the forward)."))
+    normalize_over: Literal["global_batch", "per_micro_batch"] = field(default="global_batch", metadata=doc(
+        "Normalise over the whole global batch (all ranks, all accumulation steps: results do not depend on how "
+        "a batch is split) or each micro-batch (reproduces the reference exactly)."))
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata=doc("The LoRA adapter (peft) trained."))
+    sharding: Literal["auto", "replicate", "zero3"] = field(default="auto", metadata=doc(
+        "Where the frozen base lives: `replicate` (whole on every GPU; DeepSpeed manages only the LoRA states, "
+        "ZeRO-1: the fastest, for every model that fits one GPU), `zero3` (partitioned over all GPUs: models that "
+        "do not fit, 70B), `auto` (replicate when the memory model of `gift-dist plan` says it fits, else zero3)."))
+    ds_config: str = field(default="auto", metadata=doc(
+        "`auto` (the shipped config of the chosen sharding: ds_configs/replicate.json or zero3.json), a file path, "
+        "or a shipped name (replicate, zero3, zero3_offload, zero3_nvme, zero3_multinode); it must agree with "
+        "`sharding`."))
+    quantized_frozen_weights: bool = field(default=False, metadata=doc(
+        "Keep the frozen base in int8 under ZeRO-3 (DeepSpeed ZeRO++ `zero_quantized_nontrainable_weights`): its "
+        "partitions, hpZ copies and all-gathers take half the memory and traffic, but the LoRA then trains against "
+        "an int8 copy of the base and is merged into bf16 weights. Off unless chosen here (a ds_config that turns "
+        "it on by itself is refused); only with a ZeRO-3 layout. The log, the adapter's provenance and merge say "
+        "so."))
+    nvme_path: str = field(default="", metadata=doc(
+        "A folder on each node's local NVMe for the `zero3_nvme` layout's parameter swap files (the shipped "
+        "ds_configs/zero3_nvme.json takes it for its \"auto\" nvme_path; that layout is refused without it).",
+        **OPERATIONAL))
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention",
-                                 "gift_varlen"] = "auto"
-    micro_batch_size: int = 4
-    # A token budget per micro-batch instead of a sample count (0: off): each micro-batch takes whole samples in
-    # order while their tokens (padding included when not packed) stay within it, so every micro-batch costs about
-    # the same memory and time, and activation memory is planned on the budget (`gradient_checkpointing: auto`).
-    # A step is still gradient_accumulation_steps micro-batches per rank; the samples per step vary.
-    micro_batch_tokens: int = 0
-    gradient_accumulation_steps: int = 1
-    epochs: int = 1
-    max_steps: int = -1
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float = 1.0
-    # Recompute each decoder layer in backward instead of keeping its activations: `auto` turns it off on a GPU
-    # when the memory model of `gift-dist plan` says the activations of the largest micro-batch fit (a step is then
-    # ~15-20% faster), on otherwise. Changes memory and speed, never results.
-    gradient_checkpointing: Union[bool, Literal["auto"]] = field(default="auto", metadata=OPERATIONAL)
-    # Each micro-batch as one row of samples back to back (no padding, attention kept within each sample); `auto`
-    # packs on GPUs, where padded positions cost real arithmetic, and pads on CPU.
-    packing: Union[bool, Literal["auto"]] = "auto"
-    # Positions per chunk through the output layer: full-vocab logits of a long sequence never sit in memory.
-    ce_chunk_tokens: int = 1024
-    # Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (GPU only; `pip install liger-kernel`). Off by default:
-    # benchmarks/RESULTS.md records where they measured faster. Our chunked weighted CE is kept either way.
-    liger_kernels: bool = field(default=False, metadata=OPERATIONAL)
-    save_every_steps: int = field(default=200, metadata=OPERATIONAL)
-    keep_checkpoints: int = field(default=2, metadata=OPERATIONAL)
-    log_every_steps: int = field(default=1, metadata=OPERATIONAL)
-    # With a held-out split (prepare.eval_fraction > 0): its CE every this many steps (0: only after the last step),
-    # in the metrics log, TensorBoard and the loss plot.
-    eval_every_steps: int = field(default=0, metadata=OPERATIONAL)
-    # How long the trainer waits for the scorer to finish the shard it needs next.
-    confidence_wait_seconds: float = field(default=3600.0, metadata=OPERATIONAL)
-    confidence_poll_seconds: float = field(default=5.0, metadata=OPERATIONAL)
-    progress: bool = field(default=True, metadata=OPERATIONAL)
-    # Where the per-step metrics go besides logs/train_metrics.jsonl and logs/train_loss.png, which every run
-    # writes: `tensorboard` (logs/tensorboard; pip install 'gift-dist[tensorboard]'), `wandb` (pip install
-    # 'gift-dist[wandb]'; WANDB_MODE=offline works without a network). Each also gets the run config and the
-    # scorer's confidence summary. Default []: no tracker, nothing that `pip install -e .` leaves out.
-    report_to: list[str] = field(default_factory=list, metadata=OPERATIONAL)
-    # The W&B project; the run is named after output_dir and resumes with it.
-    wandb_project: str = field(default="gift-dist", metadata=OPERATIONAL)
-    # Seeds the LoRA initialisation (identical on every rank), the per-step dropout masks (so a resumed run
-    # repeats them) and the data order of every epoch: epoch 0 shuffled within each scorer shard (the shards keep
-    # prepare's order, so training still streams them as the scorer finishes them), later epochs whole. The order
-    # is a function of (seed, epoch) only, so a resumed run continues it exactly; `compare`'s seeds differ in it.
-    seed: int = 42
+                                 "gift_varlen"] = field(default="auto", metadata=doc(
+        "Attention kernel: `auto` = for packed rows on a GPU a varlen kernel (flash_attention_2 when installed, "
+        "else torch's own, `gift_varlen`), else sdpa; or one of these by name."))
+    micro_batch_size: int = field(default=4, metadata=doc(
+        "Samples per micro-batch per rank (unless micro_batch_tokens is set)."))
+    micro_batch_tokens: int = field(default=0, metadata=doc(
+        "A token budget per micro-batch instead of a sample count (0: off): each micro-batch takes whole samples in "
+        "order while their tokens (padding included when not packed) stay within it, so every micro-batch costs "
+        "about the same memory and time, and activation memory is planned on the budget (`gradient_checkpointing: "
+        "auto`). A step is still gradient_accumulation_steps micro-batches per rank; the samples per step vary."))
+    gradient_accumulation_steps: int = field(default=1, metadata=doc(
+        "Micro-batches per rank per optimizer step: the global batch is micro_batch_size x this x ranks."))
+    epochs: int = field(default=1, metadata=doc(
+        "Passes over the prepared training records (max_steps may stop earlier)."))
+    max_steps: int = field(default=-1, metadata=doc(
+        "Stop after this many optimizer steps (-1: no cap, the epochs decide)."))
+    learning_rate: float = field(default=2e-4, metadata=doc(
+        "The peak learning rate (after warmup) of the optimizer: AdamW unless the ds_config names another."))
+    weight_decay: float = field(default=0.0, metadata=doc("The optimizer's weight decay on the LoRA weights."))
+    warmup_steps: int = field(default=0, metadata=doc("Optimizer steps of linear learning-rate warmup."))
+    lr_scheduler: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata=doc(
+        "The learning-rate schedule after warmup, down to 0 over the run (cosine, linear) or held (constant)."))
+    max_grad_norm: float = field(default=1.0, metadata=doc(
+        "Gradient clipping by global norm (DeepSpeed gradient_clipping); 0: no clipping."))
+    gradient_checkpointing: Union[bool, Literal["auto"]] = field(default="auto", metadata=doc(
+        "Recompute each decoder layer in backward instead of keeping its activations: `auto` turns it off on a "
+        "GPU when the memory model of `gift-dist plan` says the activations of the largest micro-batch fit (a step "
+        "is then ~15-20% faster), on otherwise. Changes memory and speed, never results.", **OPERATIONAL))
+    packing: Union[bool, Literal["auto"]] = field(default="auto", metadata=doc(
+        "Each micro-batch as one row of samples back to back (no padding, attention kept within each sample); "
+        "`auto` packs on GPUs, where padded positions cost real arithmetic, and pads on CPU."))
+    ce_chunk_tokens: int = field(default=1024, metadata=doc(
+        "Positions per chunk through the output layer: full-vocab logits of a long sequence never sit in memory."))
+    liger_kernels: bool = field(default=False, metadata=doc(
+        "Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (GPU only; `pip install liger-kernel`). Off by "
+        "default: benchmarks/RESULTS.md records where they measured faster. Our chunked weighted CE is kept "
+        "either way.", **OPERATIONAL))
+    save_every_steps: int = field(default=200, metadata=doc(
+        "A checkpoint (under checkpoints/, resumable with --resume) every this many optimizer steps.",
+        **OPERATIONAL))
+    keep_checkpoints: int = field(default=2, metadata=doc(
+        "How many of the latest checkpoints are kept; older ones are deleted.", **OPERATIONAL))
+    log_every_steps: int = field(default=1, metadata=doc(
+        "Metrics to logs/train_metrics.jsonl and the trackers (and a log line without a progress bar) every this "
+        "many steps; the last step always.", **OPERATIONAL))
+    eval_every_steps: int = field(default=0, metadata=doc(
+        "With a held-out split (prepare.eval_fraction > 0): its CE every this many steps (0: only after the last "
+        "step), in the metrics log, TensorBoard and the loss plot.", **OPERATIONAL))
+    confidence_wait_seconds: float = field(default=3600.0, metadata=doc(
+        "How long the trainer waits for the scorer to finish the shard it needs next.", **OPERATIONAL))
+    confidence_poll_seconds: float = field(default=5.0, metadata=doc(
+        "How often the waiting trainer looks for that shard.", **OPERATIONAL))
+    progress: bool = field(default=True, metadata=doc(
+        "Show a progress bar with loss and tokens/s on rank 0 (else a log line every log_every_steps).",
+        **OPERATIONAL))
+    report_to: list[str] = field(default_factory=list, metadata=doc(
+        "Where the per-step metrics go besides logs/train_metrics.jsonl and logs/train_loss.png, which every run "
+        "writes: `tensorboard` (logs/tensorboard; pip install 'gift-dist[tensorboard]'), `wandb` (pip install "
+        "'gift-dist[wandb]'; WANDB_MODE=offline works without a network). Each also gets the run config and the "
+        "scorer's confidence summary. Default []: no tracker, nothing that `pip install -e .` leaves out.",
+        **OPERATIONAL))
+    wandb_project: str = field(default="gift-dist", metadata=doc(
+        "The W&B project; the run is named after output_dir and resumes with it.", **OPERATIONAL))
+    seed: int = field(default=42, metadata=doc(
+        "Seeds the LoRA initialisation (identical on every rank), the per-step dropout masks (so a resumed run "
+        "repeats them) and the data order of every epoch: epoch 0 shuffled within each scorer shard (the shards "
+        "keep prepare's order, so training still streams them as the scorer finishes them), later epochs whole. "
+        "The order is a function of (seed, epoch) only, so a resumed run continues it exactly; `compare`'s seeds "
+        "differ in it."))
 
     def __post_init__(self) -> None:
         """Ranges, checked when the config is loaded: before any model, data or process group is touched."""
@@ -356,46 +458,72 @@ class EvalConfig:
     """`gift-dist eval` and `gift-dist compare`: task metrics on prepare's held-out split, preservation on a general
     chat set."""
 
-    # Chat records (jsonl with `messages`) the models should still handle like the instruct model; their last
-    # assistant replies are scored (CE, and KL to the instruct model). Relative paths resolve like data.files.
-    # `prepare` counts their prompts (user turns, as prepare.split_key `user_turns` compares them) that also appear
-    # in the training data: a warning, and `eval_files` in prepared.json (measured on the files named then).
-    general_files: list[str] = field(default_factory=list)
-    # How to find the answer in a reply: answer_is ("The answer is N"), gsm8k ("#### N"), boxed (\boxed{..}),
-    # last_number, or a regex whose first group is the answer.
-    answer_pattern: str = "answer_is"
-    max_new_tokens: int = 96
-    batch_size: int = 16
-    # Held-out samples whose replies are generated (greedy) and checked; 0: teacher-forced CE only.
-    max_generate_samples: int = 500
-    max_general_samples: int = 1000
-    # More models to evaluate beside instruct and the run's merged/: NAME=PATH or a path.
-    models: list[str] = field(default_factory=list)
-    # lm-evaluation-harness tasks run on every model too (needs `pip install 'gift-dist[eval]'`), e.g. gsm8k, ifeval;
-    # `lm_eval_include`: a folder of your own task YAMLs (local datasets work offline).
-    lm_eval_tasks: list[str] = field(default_factory=list)
-    lm_eval_include: Optional[str] = None
+    general_files: list[str] = field(default_factory=list, metadata=doc(
+        "Chat records (jsonl with `messages`) the models should still handle like the instruct model; their last "
+        "assistant replies are scored (CE, and KL to the instruct model). Relative paths resolve like data.files. "
+        "`prepare` counts their prompts (user turns, as prepare.split_key `user_turns` compares them) that also "
+        "appear in the training data: a warning, and `eval_files` in prepared.json (measured on the files named "
+        "then)."))
+    answer_pattern: str = field(default="answer_is", metadata=doc(
+        "How to find the answer in a reply: answer_is (\"The answer is N\"), gsm8k (\"#### N\"), boxed "
+        "(\\boxed{..}), last_number, or a regex whose first group is the answer."))
+    max_new_tokens: int = field(default=96, metadata=doc("Most tokens generated per reply (greedy)."))
+    batch_size: int = field(default=16, metadata=doc(
+        "Records per batch for the CE and KL passes and generation (and lm-evaluation-harness)."))
+    max_generate_samples: int = field(default=500, metadata=doc(
+        "Held-out samples whose replies are generated (greedy) and checked; 0: teacher-forced CE only."))
+    max_general_samples: int = field(default=1000, metadata=doc(
+        "The most records read from general_files (in file order)."))
+    models: list[str] = field(default_factory=list, metadata=doc(
+        "More models to evaluate beside instruct and the run's merged/: NAME=PATH or a path."))
+    lm_eval_tasks: list[str] = field(default_factory=list, metadata=doc(
+        "lm-evaluation-harness tasks run on every model too (needs `pip install 'gift-dist[eval]'`), e.g. gsm8k, "
+        "ifeval."))
+    lm_eval_include: Optional[str] = field(default=None, metadata=doc(
+        "A folder of your own lm-evaluation-harness task YAMLs (local datasets work offline); null: the "
+        "harness's own tasks only."))
+    lm_eval_chat_template: bool = field(default=False, metadata=doc(
+        "Format each lm-evaluation-harness request with the model's chat template (the harness's "
+        "apply_chat_template; few-shot examples as turns of the conversation): how instruct models are meant to "
+        "be prompted."))
+    lm_eval_fewshot: Optional[int] = field(default=None, metadata=doc(
+        "Few-shot examples per lm-evaluation-harness request; null: each task's own default."))
+    lm_eval_limit: Optional[int] = field(default=None, metadata=doc(
+        "The most documents lm-evaluation-harness scores per task; null: all (a smoke test, not a benchmark "
+        "number)."))
 
 
 @dataclass
 class MergeConfig:
-    # Which model the adapter is merged into: the instruct sibling (GIFT) or the base (for comparisons).
-    into: Literal["instruct", "base"] = "instruct"
-    scale: float = 1.0
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_shard_size: Optional[str] = None
-    threads: int = 2
-    memory_budget_gb: float = 8.0
-    verify: bool = True
-    overwrite: bool = False
-    # Verification: merged tensors recomputed from the inputs, and logits compared with peft only for checkpoints
-    # up to this size (both models are loaded whole, in fp32).
-    verify_sample_tensors: int = 8
-    verify_logits_max_gb: float = 2.0
-    progress: bool = True
-    # Merge into an instruct model other than the one the adapter was scored and trained for (its hash differs from
-    # the one gift_adapter.json records): refused unless true; the merge record then says so.
-    allow_other_instruct: bool = False
+    """`gift-dist merge`: the adapter merged into full model weights, streamed shard by shard."""
+
+    into: Literal["instruct", "base"] = field(default="instruct", metadata=doc(
+        "Which model the adapter is merged into: the instruct sibling (GIFT) or the base (for comparisons)."))
+    scale: float = field(default=1.0, metadata=doc(
+        "Blend strength: W + scale x (the adapter's delta); 1: the adapter as trained."))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata=doc(
+        "The merged weights' dtype: `auto` keeps each tensor's dtype of the target model (the delta is computed "
+        "in fp32 and cast)."))
+    max_shard_size: Optional[str] = field(default=None, metadata=doc(
+        "Largest output shard, a size like 5GB; null: the target model's own shard layout."))
+    threads: int = field(default=2, metadata=doc("Threads that merge tensors in parallel."))
+    memory_budget_gb: float = field(default=8.0, metadata=doc(
+        "The byte budget (GiB) that admits shards to the parallel merge threads, so parallelism never multiplies "
+        "the peak memory past it."))
+    verify: bool = field(default=True, metadata=doc(
+        "Verify the merged model after writing it (as `gift-dist verify-merge`)."))
+    overwrite: bool = field(default=False, metadata=doc(
+        "Replace an existing merged folder (also --overwrite); else a merged folder already there is refused."))
+    verify_sample_tensors: int = field(default=8, metadata=doc(
+        "Verification: how many merged tensors are recomputed from the inputs for checkpoints up to "
+        "verify_logits_max_gb (bigger ones get every adapted tensor recomputed)."))
+    verify_logits_max_gb: float = field(default=2.0, metadata=doc(
+        "Verification: logits compared with peft only for checkpoints up to this size (both models are loaded "
+        "whole, in fp32)."))
+    progress: bool = field(default=True, metadata=doc("Show a progress bar (bytes written) while merging."))
+    allow_other_instruct: bool = field(default=False, metadata=doc(
+        "Merge into an instruct model other than the one the adapter was scored and trained for (its hash differs "
+        "from the one gift_adapter.json records): refused unless true; the merge record then says so."))
 
     def __post_init__(self) -> None:
         if not isinstance(self.allow_other_instruct, bool):
@@ -415,7 +543,8 @@ def _at_least(key: str, value: int, minimum: int) -> None:
         raise ConfigError(f"config key '{key}' must be >= {minimum}, got {value}")
 
 
-# The methods users compare, each a complete set of train settings (what the paper's table compares):
+# The methods users compare, each a complete set of train settings (what the paper's table compares); the one list
+# of method names (RunConfig.method's choices, `compare`'s default methods):
 #   gift       the base model, weighted by the instruct model's confidence, merged into the instruct model
 #   shadow-ft  the same without weights (Shadow-FT): uniform weighting
 #   dft        the model's own detached probability as the weight (DFT); its normaliser is the token count,
@@ -427,23 +556,37 @@ METHODS: dict[str, dict[str, Any]] = {
     "dft": {"train.train_model": "base", "train.weighting": "dft", "train.normalizer": "token_count"},
     "direct": {"train.train_model": "instruct", "train.weighting": "uniform"},
 }
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 
 
 @dataclass
 class RunConfig:
-    base_model: str = ""
-    instruct_model: str = ""
-    output_dir: str = "runs/gift"
-    trust_remote_code: bool = False
-    # A named method (gift, shadow-ft, dft, direct; see METHODS) sets every train key it needs; a key the config
-    # sets explicitly to something else is an error. Empty: the train keys as given.
-    method: Optional[Literal["gift", "shadow-ft", "dft", "direct"]] = None
-    data: DataConfig = field(default_factory=DataConfig)
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    merge: MergeConfig = field(default_factory=MergeConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    base_model: str = field(default="", metadata=doc(
+        "The base model the LoRA is trained on (GIFT, Shadow-FT, DFT): a local folder (relative to the config "
+        "file) or a hub id."))
+    instruct_model: str = field(default="", metadata=doc(
+        "The instruct sibling of base_model: it scores the targets (GIFT's confidence) and the adapter is merged "
+        "into it; its tokenizer and chat template render the data."))
+    output_dir: str = field(default="runs/gift", metadata=doc(
+        "The run folder every stage reads and writes (prepared/, confidence/, checkpoints/, adapter/, merged/, "
+        "logs/); a relative path resolves against the config file."))
+    trust_remote_code: bool = field(default=False, metadata=doc(
+        "Let transformers run the models' own code from their folders or the hub (for architectures it lacks)."))
+    # The annotation names METHOD_NAMES: evaluated by typing.get_type_hints, it is Literal of the method names.
+    method: Optional[Literal[METHOD_NAMES]] = field(default=None, metadata=doc(  # type: ignore[valid-type]
+        "A named method sets every train key it needs: gift (train_model base, weighting gift), shadow-ft (base, "
+        "uniform), dft (base, dft, normalizer token_count), direct (instruct, uniform); a key the config sets "
+        "explicitly to something else is an error. null: the train keys as given."))
+    data: DataConfig = field(default_factory=DataConfig, metadata=doc("Where the training records come from."))
+    prepare: PrepareConfig = field(default_factory=PrepareConfig, metadata=doc(
+        "How the records are rendered, filtered, held out and sharded."))
+    score: ScoreConfig = field(default_factory=ScoreConfig, metadata=doc(
+        "How the instruct model scores the targets."))
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=doc(
+        "The LoRA training: weighting, layout, optimisation."))
+    merge: MergeConfig = field(default_factory=MergeConfig, metadata=doc("How the adapter is merged."))
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=doc(
+        "What `eval` and `compare` measure."))
 
     @property
     def paths(self) -> "RunPaths":
@@ -688,7 +831,7 @@ def require(cfg: RunConfig, *keys: str) -> None:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments every stage's command shares: a run config and ``section.key=value`` overrides (anywhere on the
     command line: ``gift_dist.cli.parse_command_line`` collects them)."""
-    parser.add_argument("--config", help="run config YAML (see examples/ and gift_dist/config.py for defaults)")
+    parser.add_argument("--config", help="run config YAML (see examples/; `gift-dist config` prints every key with its value and documentation)")
     parser.add_argument(
         "overrides", nargs="*", metavar="section.key=value",
         help="override config keys, e.g. train.lora.r=8 (before, between or after the flags; the last one wins)"

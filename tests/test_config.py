@@ -178,24 +178,84 @@ def test_compare_refuses_bad_settings_before_any_work(tmp_path, capsys, options,
     assert not (tmp_path / "run").exists()
 
 
-def test_config_command_prints_the_resolved_config_with_every_documented_key(tmp_path, capsys):
-    """`gift-dist config` shows what the stages will see, each key preceded by the comment that documents it in
-    config.py; the output is a config file that loads back to the same settings."""
+def _config_sections():
+    """Every config dataclass reachable from RunConfig (sections, and the entries of list keys: data.sources)."""
+    import dataclasses
+    import typing
+
+    from gift_dist.config import RunConfig
+
+    found, todo = [], [RunConfig]
+    while todo:
+        cls = todo.pop()
+        if cls in found:
+            continue
+        found.append(cls)
+        for hint in typing.get_type_hints(cls).values():
+            todo += [t for t in (hint, *typing.get_args(hint)) if isinstance(t, type) and dataclasses.is_dataclass(t)]
+    return found
+
+
+def test_every_config_key_is_documented_on_its_field():
+    """Key documentation is data: each field's ``help`` metadata, non-empty for every key of every section (the
+    OPERATIONAL mark kept beside it)."""
     import dataclasses
 
-    from gift_dist.cli import main
-    from gift_dist.config import TrainConfig, config_to_dict
-    from gift_dist.pipeline.show_config import field_docs
+    from gift_dist.config import DataSource, LoraConfig, PrepareConfig, TrainConfig, field_docs, operational_keys
 
-    assert main(["config", "train.lora.r=8", "method=dft"]) == 0
+    sections = _config_sections()
+    assert {DataSource, LoraConfig, TrainConfig} <= set(sections) and len(sections) == 9
+    undocumented = [f"{cls.__name__}.{name}" for cls in sections for name, text in field_docs(cls).items()
+                    if not text.strip()]
+    assert undocumented == []
+    for cls in sections:
+        assert set(field_docs(cls)) == {f.name for f in dataclasses.fields(cls)}
+    assert {"gradient_checkpointing", "save_every_steps", "report_to"} <= set(operational_keys(TrainConfig))
+    assert set(operational_keys(PrepareConfig)) == {"num_proc", "strict"}
+
+
+def test_config_command_prints_the_resolved_config_with_every_documented_key(tmp_path, capsys):
+    """`gift-dist config` shows what the stages will see, each key preceded by its documentation (the field's help
+    metadata), data.sources' entry keys under that list; the output is a config file that loads back to the same
+    settings."""
+    from gift_dist.cli import main
+    from gift_dist.config import config_to_dict, field_docs
+
+    overrides = ["train.lora.r=8", "method=dft", "data.sources=[{path: a.jsonl, weight: 2}]"]
+    assert main(["config", *overrides]) == 0
     out = capsys.readouterr().out
     saved = tmp_path / "run.yaml"
     saved.write_text(out)
-    assert config_to_dict(load_config(saved)) == config_to_dict(load_config(None, ["train.lora.r=8", "method=dft"]))
-    docs = field_docs(TrainConfig)
-    assert {"micro_batch_tokens", "gradient_checkpointing", "report_to", "sharding"} <= set(docs)
-    assert set(docs) <= {f.name for f in dataclasses.fields(TrainConfig)}
+    (tmp_path / "a.jsonl").write_text("")
+    expected = load_config(None, overrides)
+    expected.data.sources[0].path = str(tmp_path / "a.jsonl")  # paths in a config file are relative to it
+    assert config_to_dict(load_config(saved)) == config_to_dict(expected)
+    comments = " ".join(line.strip().lstrip("#").strip().removeprefix("- ") for line in out.splitlines()
+                        if line.strip().startswith("#"))
+    missing = [f"{cls.__name__}.{name}" for cls in _config_sections() for name, text in field_docs(cls).items()
+               if text not in comments]
+    assert missing == []
     assert "# A token budget per micro-batch instead of a sample count" in out
+    assert "#   - weight: How much of this source the mix takes" in out
+
+
+def test_one_list_of_methods_and_of_result_shaping_settings():
+    """The method names are config.METHODS' keys everywhere (RunConfig.method's choices, compare's default); the
+    settings that shape an adapter are one list (config.result_settings) for the trainer's record and `run`'s check."""
+    import typing
+
+    from gift_dist.config import METHOD_NAMES, METHODS, RunConfig, TrainConfig, config_to_dict, result_settings
+    from gift_dist.pipeline.compare import DEFAULT_METHODS
+    from gift_dist.train.recipe import result_settings as recipe_settings
+
+    choices = typing.get_args(typing.get_args(typing.get_type_hints(RunConfig)["method"])[0])
+    assert tuple(METHODS) == METHOD_NAMES == choices == DEFAULT_METHODS
+    train = TrainConfig(save_every_steps=7, progress=False)
+    shaping = result_settings(TrainConfig, train)
+    assert "save_every_steps" not in shaping and "progress" not in shaping and shaping["seed"] == 42
+    assert result_settings(TrainConfig, config_to_dict(train)) == shaping
+    assert result_settings(TrainConfig, TrainConfig()) == shaping
+    assert {k: v for k, v in recipe_settings(train).items() if k != "data_order"} == shaping
 
 
 def test_trackers_that_are_unknown_or_not_installed_are_refused_before_any_work(tmp_path, capsys, monkeypatch):

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from gift_dist.config import DataConfig, PrepareConfig, config_to_dict, operational_keys
+from gift_dist.config import DataConfig, PrepareConfig, config_to_dict, result_settings
 from gift_dist.contracts import (
     ContractError,
     changed_settings,
@@ -179,9 +179,6 @@ def read_manifest(prepared_dir: str | Path) -> PreparedManifest:
 # The fingerprint: what the prepared rows are a function of. Its parts are kept in the manifest, so a reader that
 # has the config and the tokenizer at hand can recompute them and say which one changed.
 
-# Settings that cannot change the prepared output are left out (marked on the config fields).
-NON_OUTPUT_SETTINGS = operational_keys(PrepareConfig)
-
 
 def _sha(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
@@ -203,7 +200,8 @@ def fingerprint_settings(data: DataConfig, prep: PrepareConfig) -> dict[str, Any
     if data.sources:
         data_settings["sources"] = [{k: v for k, v in source.items() if k != "path"}
                                     for source in config_to_dict(data)["sources"]]
-    prep_settings = {k: v for k, v in config_to_dict(prep).items() if k not in NON_OUTPUT_SETTINGS}
+    # Settings that cannot change the prepared output are left out (marked operational on the config fields).
+    prep_settings = result_settings(PrepareConfig, prep)
     return {"data": data_settings, "prepare": prep_settings}
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from gift_dist.config import (
+    METHOD_NAMES,
     METHODS,
     ConfigError,
     RunConfig,
@@ -52,7 +53,8 @@ from gift_dist.pipeline.run import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ("gift", "shadow-ft", "dft", "direct")
+# Every method, in config.METHODS' order (the one list of methods).
+DEFAULT_METHODS = METHOD_NAMES
 METRICS = ("task_accuracy", "task_ce", "general_exact_match", "general_ce", "kl_to_instruct")
 
 

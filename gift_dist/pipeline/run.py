@@ -30,10 +30,9 @@ from gift_dist.config import (
     TrainConfig,
     add_config_arguments,
     config_from_args,
-    config_to_dict,
     dump_config,
-    operational_keys,
     require,
+    result_settings,
 )
 from gift_dist.contracts import ContractError, changed_settings
 from gift_dist.contracts import adapter as adapter_contract
@@ -84,14 +83,6 @@ def confidence_is_complete(cfg: RunConfig, fingerprint: str) -> bool:
     return manifest is not None and manifest.prepared_fingerprint == fingerprint and manifest.complete
 
 
-# Train settings that change how a run is operated, not what it produces (marked on the config fields).
-OPERATIONAL_TRAIN_KEYS = operational_keys(TrainConfig)
-
-
-def _training_settings(train: dict) -> dict:
-    return {k: v for k, v in train.items() if k not in OPERATIONAL_TRAIN_KEYS}
-
-
 def adapter_is_complete(cfg: RunConfig, fingerprint: str) -> bool:
     """True when adapter/ was trained to the end on this prepared data with these settings; an adapter made
     with other settings is refused rather than silently kept or silently resumed from old checkpoints."""
@@ -104,7 +95,7 @@ def adapter_is_complete(cfg: RunConfig, fingerprint: str) -> bool:
         raise ConfigError(f"{cfg.paths.adapter} has no {adapter_contract.PROVENANCE_NAME}: it was not trained by "
                           f"this run; use a fresh output_dir, or delete it to retrain")
     same_data = provenance.prepared_fingerprint == fingerprint
-    same_settings = _training_settings(provenance.train_config) == _training_settings(config_to_dict(cfg.train))
+    same_settings = result_settings(TrainConfig, provenance.train_config) == result_settings(TrainConfig, cfg.train)
     if not (same_data and same_settings):
         raise ConfigError(
             f"{cfg.paths.adapter} was trained on other data or with other train settings than this config; "

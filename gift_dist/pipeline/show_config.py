@@ -5,47 +5,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import re
 import textwrap
+import typing
 from typing import Any
 
 import yaml
 
-from gift_dist.config import RunConfig, add_config_arguments, config_from_args, config_to_dict
-
-# A field of a config dataclass: `    name: annotation` at the class body's indentation.
-FIELD_LINE = re.compile(r"^    (\w+)\s*:")
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The ``#`` comment lines written right above each field of a config dataclass, by field name (the config
-    module documents its fields that way; one place for a key's meaning, shown here and in the source)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    docs, pending = {}, []
-    for line in inspect.getsource(cls).splitlines():
-        text = line.strip()
-        field_name = FIELD_LINE.match(line)
-        if text.startswith("#"):
-            pending.append(text.lstrip("#").strip())
-        elif field_name and field_name.group(1) in names:
-            if pending:
-                docs[field_name.group(1)] = " ".join(pending)
-            pending = []
-        else:
-            pending = []
-    return docs
+from gift_dist.config import RunConfig, add_config_arguments, config_from_args, config_to_dict, field_docs
 
 
 def explain(cfg: Any, indent: int = 0) -> str:
-    """``cfg`` as YAML, every documented key preceded by its documentation as a comment."""
+    """``cfg`` as YAML, every key preceded by its documentation (the field's ``help`` metadata) as a comment."""
     docs = field_docs(type(cfg))
+    hints = typing.get_type_hints(type(cfg))
     pad = " " * indent
     lines = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name in docs:
-            lines += [f"{pad}# {text}" for text in textwrap.wrap(docs[f.name], 116 - indent)]
+        if docs.get(f.name):
+            lines += _comment(docs[f.name], pad)
+        # A list of sections (data.sources): the keys of one entry, documented under the list's own comment.
+        item = next((t for t in typing.get_args(hints[f.name]) if dataclasses.is_dataclass(t)), None)
+        if typing.get_origin(hints[f.name]) is list and item is not None:
+            for key, text in field_docs(item).items():
+                lines += _comment(f"{key}: {text}", pad, first="  - ", rest="    ")
         if dataclasses.is_dataclass(value):
             lines.append(f"{pad}{f.name}:")
             lines.append(explain(value, indent + 2))
@@ -54,6 +37,14 @@ def explain(cfg: Any, indent: int = 0) -> str:
                                      _plain(value)}, sort_keys=False, width=120).rstrip("\n")
             lines += [pad + line for line in dumped.splitlines()]
     return "\n".join(lines)
+
+
+def _comment(text: str, pad: str, first: str = "", rest: str = "") -> list[str]:
+    """``text`` as YAML comment lines of at most 118 characters, broken at spaces only (the text reads back whole
+    by joining the lines)."""
+    width = 116 - len(pad) - max(len(first), len(rest))
+    wrapped = textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
+    return [f"{pad}# {first if i == 0 else rest}{line}" for i, line in enumerate(wrapped)]
 
 
 def _plain(value: Any) -> Any:

@@ -39,7 +39,7 @@ from gift_dist.config import (
     add_config_arguments,
     config_from_args,
     config_to_dict,
-    operational_keys,
+    result_settings as config_result_settings,
 )
 from gift_dist.contracts import ContractError, require_writable
 from gift_dist.contracts import confidence as conf_contract
@@ -271,11 +271,10 @@ def confidence_summary(cfg: RunConfig) -> Optional[dict]:
 
 
 def result_settings(train: TrainConfig) -> dict:
-    """The train settings that shape the trained adapter: all but those marked operational in the config, and the
-    scheme that draws the data order from the seed (``data.DATA_ORDER``)."""
-    operational = operational_keys(TrainConfig)
-    settings = {key: value for key, value in config_to_dict(train).items() if key not in operational}
-    return {**settings, "data_order": DATA_ORDER}
+    """The train settings that shape the trained adapter (``config.result_settings``: all but those marked
+    operational, the same list `run` compares), and the scheme that draws the data order from the seed
+    (``data.DATA_ORDER``)."""
+    return {**config_result_settings(TrainConfig, train), "data_order": DATA_ORDER}
 
 
 def set_single_process_env() -> None:
