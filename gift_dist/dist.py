@@ -8,6 +8,8 @@ gloo on CPU).
 from __future__ import annotations
 
 import datetime
+import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -17,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
@@ -156,8 +159,63 @@ def stop_when_launcher_exits(poll_seconds: float = 1.0) -> Optional[threading.Th
     return thread
 
 
+def private_extensions_dir() -> Path:
+    """A build folder for torch C++ extensions (DeepSpeed's JIT-built ops) private to this Python environment: under
+    the user's cache, keyed by the interpreter, the environment's prefix and the torch and DeepSpeed versions.
+    torch's default (~/.cache/torch_extensions/py311_cpu) is one folder for every environment of that Python version,
+    where each environment's build replaces the others' under one lock."""
+    try:
+        deepspeed_version = importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:
+        deepspeed_version = "none"
+    identity = "\n".join([os.path.abspath(sys.executable), os.path.abspath(sys.prefix), torch.__version__,
+                          deepspeed_version])
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    name = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-ds{deepspeed_version}-{digest}"
+    return Path(cache) / "gift_dist" / "torch_extensions" / name
+
+
+def use_private_extensions_dir() -> tuple[Path, bool]:
+    """Point TORCH_EXTENSIONS_DIR at ``private_extensions_dir()`` unless the user set it (then it is left alone).
+    Returns the folder in use and whether the user chose it. Called before DeepSpeed is imported for training."""
+    chosen = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if chosen:
+        return Path(chosen), True
+    path = private_extensions_dir()
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(path)
+    return path, False
+
+
+def _note_op_builds(extensions_dir: Path, user_chosen: bool) -> None:
+    """Log the extensions folder in use, and one line before DeepSpeed JIT-builds its CPU shared-memory
+    communication op there (no built library yet): the build takes minutes on a busy machine and prints nothing."""
+    if env_local_rank() != 0:
+        return
+    log.info("DeepSpeed op build folder: %s (%s)", extensions_dir,
+             "TORCH_EXTENSIONS_DIR as set" if user_chosen else "private to this environment; set TORCH_EXTENSIONS_DIR "
+             "to choose another")
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.git_version_info import installed_ops
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is None or installed_ops.get(builder.NAME, False) or \
+                not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            return
+        built = extensions_dir / builder.NAME / f"{builder.NAME}.so"
+    except Exception:  # best effort: a DeepSpeed without these internals just builds without the note
+        return
+    if not built.is_file():
+        log.warning("building DeepSpeed's %s op in %s: once per environment, a few minutes (longer on a busy "
+                    "machine)", builder.NAME, extensions_dir)
+
+
 def init(backend: Optional[str] = None, use_deepspeed: bool = False, timeout_minutes: float = 60.0) -> None:
-    """Create the process group when launched with several processes; a no-op for a single process."""
+    """Create the process group when launched with several processes; a no-op for a single process. With
+    ``use_deepspeed``, DeepSpeed's JIT-built ops go to a folder private to this environment (see
+    ``use_private_extensions_dir``)."""
     if is_initialized() or env_world_size() <= 1 and not use_deepspeed:
         return
     share_cpu_threads()
@@ -166,8 +224,10 @@ def init(backend: Optional[str] = None, use_deepspeed: bool = False, timeout_min
         torch.cuda.set_device(env_local_rank())
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if use_deepspeed:
+        extensions_dir, user_chosen = use_private_extensions_dir()
         import deepspeed
 
+        _note_op_builds(extensions_dir, user_chosen)
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     else:
         torch_dist.init_process_group(backend=backend, timeout=timeout)
