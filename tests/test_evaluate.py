@@ -155,6 +155,47 @@ def test_lm_eval_runs_a_local_task_on_every_model(held_out_run, tiny_llama, tmp_
     assert "lm-evaluation-harness:" in stage.markdown_table(results)
 
 
+@pytest.mark.slow  # lm-evaluation-harness end to end
+def test_lm_eval_takes_the_chat_template_the_fewshot_count_and_the_limit(held_out_run, tiny_llama, tmp_path,
+                                                                          monkeypatch):
+    """--lm-eval-chat-template / --lm-eval-fewshot / --lm-eval-limit reach the harness: on the local task, 2
+    documents scored with 1 few-shot example each, rendered through the instruct model's chat template."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is in the test extra")
+    from gift_dist.cli import build_parser, parse_command_line
+
+    records = [{"question": r["messages"][-2]["content"], "answer": r["messages"][-1]["content"]}
+               for r in read_jsonl(bundled_data_path())[:12]]
+    data = write_jsonl(records, tmp_path / "tasks" / "arith.jsonl")
+    (tmp_path / "tasks" / "gift_arith.yaml").write_text(
+        "task: gift_arith_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\nfewshot_split: test\noutput_type: loglikelihood\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_target: " {{answer}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    argv = ["eval", "--lm-eval", "gift_arith_local", "--lm-eval-include", str(tmp_path / "tasks"),
+            "--lm-eval-chat-template", "--lm-eval-fewshot", "1", "--lm-eval-limit", "2",
+            f"output_dir={held_out_run.paths.root}", f"base_model={tiny_llama.base}",
+            f"instruct_model={tiny_llama.instruct}"]
+    settings = stage.config_with_arguments(parse_command_line(build_parser("eval"), argv)).eval
+    seen = {}
+    real = lm_eval.simple_evaluate
+
+    def spy(**kwargs):
+        seen["out"] = real(**kwargs)
+        return seen["out"]
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", spy)
+    harness = stage.run_lm_eval(str(tiny_llama.instruct), settings)
+    out = seen["out"]
+    assert out["n-samples"]["gift_arith_local"]["effective"] == 2
+    assert out["configs"]["gift_arith_local"]["num_fewshot"] == 1
+    prompts = [json.dumps(sample["arguments"], default=str) for sample in out["samples"]["gift_arith_local"]]
+    assert len(prompts) == 2
+    for prompt in prompts:  # through the chat template, the one example as a turn before the question
+        assert "<|im_start|>" in prompt and prompt.count("Question:") == 2, prompt
+    assert 0.0 <= harness["gift_arith_local"]["acc,none"] <= 1.0
+
+
 # ------------------------------------------------------------------------ the general set's greedy exact match
 
 
@@ -212,3 +253,80 @@ def test_general_exact_match_is_off_with_max_generate_samples_zero(held_out_run,
     (instruct,) = stage.evaluate_models(held_out_run, {"instruct": held_out_run.instruct_model})
     assert instruct.general_exact_match is None and instruct.general_generated == 0
     assert instruct.general_ce is not None
+
+
+# ------------------------------------------------------------------------ the lm-evaluation-harness bridge, quick
+
+
+def _eval_args(*flags: str):
+    from gift_dist.cli import build_parser, parse_command_line
+
+    return parse_command_line(build_parser("eval"), ["eval", "--lm-eval", "gsm8k,ifeval", *flags,
+                                                     "output_dir=/tmp/nowhere", "base_model=b", "instruct_model=i"])
+
+
+def test_the_lm_eval_flags_reach_simple_evaluate(monkeypatch):
+    """The three flags land in eval.lm_eval_* and from there in the harness's apply_chat_template, num_fewshot
+    and limit (a stand-in harness records the call)."""
+    import sys
+    import types
+
+    cfg = stage.config_with_arguments(_eval_args("--lm-eval-chat-template", "--lm-eval-fewshot", "5",
+                                                 "--lm-eval-limit", "50"))
+    assert cfg.eval.lm_eval_tasks == ["gsm8k", "ifeval"]
+    assert (cfg.eval.lm_eval_chat_template, cfg.eval.lm_eval_fewshot, cfg.eval.lm_eval_limit) == (True, 5, 50)
+    calls = []
+    fake = types.ModuleType("lm_eval")
+    fake.simple_evaluate = lambda **kwargs: calls.append(kwargs) or {"results": {"gsm8k": {
+        "alias": "gsm8k", "exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": 0.1,
+        "sample_len": 50}}}
+    fake_tasks = types.ModuleType("lm_eval.tasks")
+    fake_tasks.TaskManager = lambda **kwargs: "manager"
+    monkeypatch.setitem(sys.modules, "lm_eval", fake)
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", fake_tasks)
+    harness = stage.run_lm_eval("/models/merged", cfg.eval)
+    assert len(calls) == 1
+    assert {key: calls[0][key] for key in ("apply_chat_template", "num_fewshot", "limit", "tasks")} == {
+        "apply_chat_template": True, "num_fewshot": 5, "limit": 50, "tasks": ["gsm8k", "ifeval"]}
+    assert harness["gsm8k"]["exact_match,strict-match"] == 0.5  # results.json keeps every number
+
+    defaults = stage.config_with_arguments(_eval_args())  # unset: the harness's own defaults
+    assert stage.lm_eval_options(defaults.eval) == {"apply_chat_template": False, "num_fewshot": None,
+                                                    "limit": None}
+
+
+@pytest.mark.parametrize("flags", [("--lm-eval-fewshot", "-1"), ("--lm-eval-limit", "0"),
+                                   ("--lm-eval-limit", "ten")])
+def test_a_bad_lm_eval_count_is_refused(flags, capsys):
+    with pytest.raises(SystemExit):
+        _eval_args(*flags)
+    assert flags[0] in capsys.readouterr().err
+
+
+def test_the_lm_eval_count_keys_are_checked(held_out_run):
+    held_out_run.eval.lm_eval_limit = 0
+    try:
+        with pytest.raises(ConfigError, match="eval.lm_eval_limit must be 1 or more"):
+            stage.lm_eval_options(held_out_run.eval)
+    finally:
+        held_out_run.eval.lm_eval_limit = None
+
+
+def test_the_harness_table_shows_metrics_with_their_stderr_beside_them():
+    def scores(name, harness):
+        return stage.ModelScores(name, f"/m/{name}", 1.0, 0.5, 10, None, None, 0, harness)
+
+    results = [
+        scores("instruct", {"gsm8k": {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.0125,
+                                      "exact_match,flexible-extract": 0.3, "sample_len": 1319},
+                            "local": {"acc,none": 0.41666, "acc_stderr,none": 0.14863, "sample_len": 12}}),
+        scores("merged", {"gsm8k": {"exact_match,strict-match": 0.5, "sample_len": 1319},
+                          "local": {"acc,none": 0.5, "acc_stderr,none": 0.15, "sample_len": 12}}),
+    ]
+    table = stage.markdown_table(results)
+    harness = table.split("lm-evaluation-harness:")[1].strip().splitlines()
+    assert harness[0] == ("| model | gsm8k exact_match (strict-match) | gsm8k exact_match (flexible-extract) | "
+                          "local acc |")
+    assert harness[2] == "| instruct | 0.2500 ± 0.0125 | 0.3000 | 0.4167 ± 0.1486 |"
+    assert harness[3] == "| merged | 0.5000 | n/a | 0.5000 ± 0.1500 |"
+    assert "sample_len" not in table and "stderr" not in table

@@ -18,7 +18,9 @@ For each model (the instruct model, the run's merged model, any others named) on
 Writes ``<output>/results.json``, ``results.md`` (a table) and ``tradeoff.png`` (task gain over the instruct model
 against KL to it). Batched on the GPU when there is one. Standard suites (GSM8K, IFEval, MMLU) are
 lm-evaluation-harness's job: ``--lm-eval gsm8k,ifeval`` runs it (its Python API, its hf backend) on every model too,
-``--lm-eval-include DIR`` adds task YAMLs of your own.
+``--lm-eval-include DIR`` adds task YAMLs of your own, ``--lm-eval-chat-template``, ``--lm-eval-fewshot N`` and
+``--lm-eval-limit N`` are its apply_chat_template, num_fewshot and limit. Its table shows each metric with its
+standard error beside it (``0.4167 ± 0.1486``).
 """
 
 from __future__ import annotations
@@ -269,6 +271,7 @@ def evaluate_models(cfg: RunConfig, models: dict[str, str]) -> list[ModelScores]
     regex = answer_regex(settings.answer_pattern)
     if settings.lm_eval_tasks:
         require_lm_eval()
+        lm_eval_options(settings)  # a bad count refused before any model loads
     tokenizer = load_tokenizer(cfg.instruct_model, cfg.trust_remote_code)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     task = task_samples(cfg)
@@ -320,6 +323,17 @@ def require_lm_eval() -> None:
                           "(or pip install lm-eval)") from exc
 
 
+def lm_eval_options(settings: EvalConfig) -> dict:
+    """The keywords of lm-evaluation-harness's ``simple_evaluate`` that eval.lm_eval_* set (as its own CLI's
+    --apply_chat_template, --num_fewshot, --limit would)."""
+    if settings.lm_eval_fewshot is not None and settings.lm_eval_fewshot < 0:
+        raise ConfigError(f"eval.lm_eval_fewshot must be 0 or more, got {settings.lm_eval_fewshot}")
+    if settings.lm_eval_limit is not None and settings.lm_eval_limit < 1:
+        raise ConfigError(f"eval.lm_eval_limit must be 1 or more (or null for all), got {settings.lm_eval_limit}")
+    return {"apply_chat_template": bool(settings.lm_eval_chat_template), "num_fewshot": settings.lm_eval_fewshot,
+            "limit": settings.lm_eval_limit}
+
+
 def run_lm_eval(path: str, settings: EvalConfig) -> dict:
     """lm-evaluation-harness's own evaluation of one HF checkpoint (its Python API, its hf backend): task ->
     {metric: value}, the numeric entries of its results."""
@@ -330,7 +344,8 @@ def run_lm_eval(path: str, settings: EvalConfig) -> dict:
     manager = TaskManager(include_path=settings.lm_eval_include) if settings.lm_eval_include else TaskManager()
     out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={path},dtype={dtype}",
                                   tasks=list(settings.lm_eval_tasks), task_manager=manager,
-                                  batch_size=settings.batch_size, device=str(_device()))
+                                  batch_size=settings.batch_size, device=str(_device()),
+                                  **lm_eval_options(settings))
     return {task: {metric: value for metric, value in values.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
             for task, values in out["results"].items()}
@@ -352,15 +367,47 @@ def markdown_table(results: list[ModelScores]) -> str:
     for r in results:
         lines.append(f"| {r.name} | {fmt(r.task_accuracy, 3)} | {fmt(r.task_ce)} | "
                      f"{match(r)} | {fmt(r.general_ce)} | {fmt(r.kl_to_instruct)} |")
-    harness = [(task, metric) for task, metrics in (results[0].lm_eval or {}).items() for metric in metrics
-               if not metric.endswith("_stderr,none")]
+    harness = harness_columns(results)
     if harness:
-        lines += ["", "lm-evaluation-harness:", "", "| model | " + " | ".join(f"{t} {m}" for t, m in harness) + " |",
+        lines += ["", "lm-evaluation-harness:", "",
+                  "| model | " + " | ".join(harness_header(t, m) for t, m in harness) + " |",
                   "|---|" + "---|" * len(harness)]
         for r in results:
-            lines.append(f"| {r.name} | " + " | ".join(fmt((r.lm_eval or {}).get(t, {}).get(m)) for t, m in harness)
+            lines.append(f"| {r.name} | " + " | ".join(harness_cell(r.lm_eval or {}, t, m) for t, m in harness)
                          + " |")
     return "\n".join(lines) + "\n"
+
+
+def harness_columns(results: list[ModelScores]) -> list[tuple[str, str]]:
+    """(task, metric key) of every lm-evaluation-harness metric, in the order first met over the models. Its
+    metric keys read ``metric,filter``; the rest of a task's numbers (``sample_len``, ...) are no metric, and
+    ``metric_stderr,filter`` is shown beside its metric, not as one."""
+    columns: dict[tuple[str, str], None] = {}
+    for r in results:
+        for task, metrics in (r.lm_eval or {}).items():
+            for key in metrics:
+                name = key.split(",", 1)[0]
+                if "," in key and not name.endswith("_stderr"):
+                    columns[(task, key)] = None
+    return list(columns)
+
+
+def harness_header(task: str, key: str) -> str:
+    metric, filter_name = key.split(",", 1)
+    return f"{task} {metric}" if filter_name == "none" else f"{task} {metric} ({filter_name})"
+
+
+def harness_cell(metrics_of: dict, task: str, key: str) -> str:
+    """``0.4167 ± 0.1486``: the value and, when the harness gave one, its standard error."""
+    metrics = metrics_of.get(task, {})
+    value = metrics.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    metric, filter_name = key.split(",", 1)
+    stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+    if isinstance(stderr, (int, float)) and not isinstance(stderr, bool) and not math.isnan(stderr):
+        return f"{value:.4f} ± {stderr:.4f}"
+    return f"{value:.4f}"
 
 
 def tradeoff_plot(points: list[tuple[str, float, float]], out_path: Path, xlabel: str, ylabel: str) -> Path:
@@ -410,14 +457,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks to run too "
                         "(eval.lm_eval_tasks); --lm-eval-include DIR adds your own task YAMLs")
     parser.add_argument("--lm-eval-include", metavar="DIR", help="folder of lm-evaluation-harness task YAMLs")
+    parser.add_argument("--lm-eval-chat-template", action="store_true", default=None,
+                        help="apply each model's chat template to the lm-evaluation-harness requests (its "
+                        "apply_chat_template; eval.lm_eval_chat_template): how instruct models are prompted")
+    parser.add_argument("--lm-eval-fewshot", type=_count(0), metavar="N",
+                        help="few-shot examples per lm-evaluation-harness request (eval.lm_eval_fewshot; default: "
+                        "each task's own)")
+    parser.add_argument("--lm-eval-limit", type=_count(1), metavar="N",
+                        help="score at most N documents per lm-evaluation-harness task (eval.lm_eval_limit; a "
+                        "smoke test, not a benchmark number)")
 
 
-def run(args: argparse.Namespace) -> int:
+def _count(least: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected {least} or more, got {value}")
+        return value
+    return parse
+
+
+def config_with_arguments(args: argparse.Namespace) -> RunConfig:
+    """The run config with the command line's --lm-eval* flags laid over eval.lm_eval_*."""
     cfg = config_from_args(args)
     if args.lm_eval:
         cfg.eval.lm_eval_tasks = [task for task in args.lm_eval.split(",") if task]
     if args.lm_eval_include:
         cfg.eval.lm_eval_include = args.lm_eval_include
+    if args.lm_eval_chat_template:
+        cfg.eval.lm_eval_chat_template = True
+    if args.lm_eval_fewshot is not None:
+        cfg.eval.lm_eval_fewshot = args.lm_eval_fewshot
+    if args.lm_eval_limit is not None:
+        cfg.eval.lm_eval_limit = args.lm_eval_limit
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_with_arguments(args)
     out_dir = Path(args.output) if args.output else cfg.paths.root / "eval"
     root = cfg.paths.root.absolute()
     # One writer per report folder: the run folder's eval lock (or that of --output's parent, outside it).
