@@ -89,10 +89,8 @@ def configure_logging(level_name: str, log_all_ranks: bool = False) -> int:
     level = level if isinstance(level, int) else logging.INFO
     log_all_ranks = log_all_ranks or env_flag(LOG_ALL_RANKS_ENV)
     rank_label = ""
-    if os.environ.get("RANK") or os.environ.get("WORLD_SIZE"):  # launched (torch imported only then)
-        from gift_dist.dist import env_rank, env_world_size
-
-        rank, world = env_rank(), env_world_size()
+    if os.environ.get("RANK") or os.environ.get("WORLD_SIZE"):  # launched: the variables every launcher sets
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         if rank != 0 and not log_all_ranks:
             level = max(level, logging.WARNING)
         if log_all_ranks and world > 1:
