@@ -187,9 +187,12 @@ def hf_trainer_step_times(cfg, prepared, ds_config: dict, args) -> list[float]:
                                                  else torch.float32)
     model.config.use_cache = False
     model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=cfg.train.lora.r, lora_alpha=cfg.train.lora.alpha,
-                                             lora_dropout=cfg.train.lora.dropout,
-                                             target_modules=cfg.train.lora.target_modules, task_type="CAUSAL_LM"))
+    from gift_dist.models.lora_targets import resolve_target_modules
+
+    lora = cfg.train.lora
+    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                             target_modules=resolve_target_modules(model, lora.target_modules),
+                                             task_type="CAUSAL_LM"))
     data = prepared.dataset.select(range((args.steps + 1) * args.micro_batch)).select_columns(["input_ids", "labels"])
     trainer = Trainer(model=model, args=training_args, train_dataset=data, data_collator=collate,
                       callbacks=[StepTimer()])

@@ -347,9 +347,12 @@ def hf_trainer_times(cfg, steps, layout: str, device: str, profiler: StepProfile
     if cfg.train.liger_kernels:
         apply_liger_kernels(model)
     model.enable_input_require_grads()
+    from gift_dist.models.lora_targets import resolve_target_modules
+
     lora = cfg.train.lora
     model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+                                             target_modules=resolve_target_modules(model, lora.target_modules),
+                                             task_type="CAUSAL_LM"))
     flat = [mb for mbs in steps for mb in mbs]
 
     def collate(indices):

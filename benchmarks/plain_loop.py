@@ -32,9 +32,12 @@ def plain_lora_model(cfg, device: str = "cpu", attention: Optional[str] = None):
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    from gift_dist.models.lora_targets import resolve_target_modules
+
     lora = cfg.train.lora
     model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"),
+                                             target_modules=resolve_target_modules(model, lora.target_modules),
+                                             task_type="CAUSAL_LM"),
                            autocast_adapter_dtype=False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

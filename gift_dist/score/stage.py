@@ -416,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"score: {summary.shards_finished}/{summary.shards_total} shards, {summary.tokens} target tokens, "
             f"{summary.tokens_per_second:.0f} tokens/s per replica, mean confidence {summary.mean_confidence:.4f}, "
-            f"p<0.1 for {summary.low_confidence_share:.1%} of tokens; this worker scored {summary.worker_shards} shards "
-            f"-> {Path(cfg.paths.confidence)}"
+            f"p<0.1 for {summary.low_confidence_share:.1%} of tokens; this worker scored {summary.worker_shards} "
+            f"shards -> {Path(cfg.paths.confidence)}"
         )
     return 0
