@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,14 @@ def prepared_llama(tiny_llama, tmp_path_factory):
                                                                 "prepare.samples_per_shard": 64})
     prepare(cfg)
     return cfg
+
+
+@pytest.fixture
+def single_rank(monkeypatch):
+    """The environment torchrun gives a one-process job, on a free port (DeepSpeed's process group in-process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(key, value)

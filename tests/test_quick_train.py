@@ -10,24 +10,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 
 import pytest
 import torch
 
 STEPS = 3
 MID = 2
-
-
-@pytest.fixture
-def single_rank(monkeypatch):
-    """The environment torchrun gives a one-process job, on a free port (DeepSpeed's process group in-process)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"}.items():
-        monkeypatch.setenv(key, value)
 
 
 def _safetensors(folder) -> dict[str, torch.Tensor]:

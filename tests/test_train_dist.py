@@ -10,7 +10,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -295,16 +294,6 @@ def test_resume_from_a_chosen_checkpoint_folder(setup, tmp_path, single_rank):
 
 
 # ---- bad input: the recipe in-process on one rank, errors must be clean ContractErrors naming the culprit ----
-
-@pytest.fixture
-def single_rank(monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"}.items():
-        monkeypatch.setenv(key, value)
-
 
 def test_confidence_of_another_prepared_dataset_is_refused(setup, tmp_path, single_rank, capsys):
     from gift_dist.cli import main

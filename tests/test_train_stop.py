@@ -23,7 +23,6 @@ from tests.test_train_dist import (  # noqa: F401  (fixtures)
     REPO,
     run_config,
     setup,
-    single_rank,
     write_confidence,
 )
 
