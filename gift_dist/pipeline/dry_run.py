@@ -27,7 +27,6 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -81,15 +80,15 @@ def _hf_shards(model: torch.nn.Module, dtype_bytes: int, max_shard_bytes: int) -
     return shards
 
 
-def _merge_plan(model_config, instruct: torch.nn.Module, peft_config: dict, lora_shapes: dict[str, tuple[int, int]],
-                max_shard_bytes: int) -> tuple[int, int, int]:
-    """(shards, largest shard bytes, largest shard job's bytes) of merging the adapter into the instruct model."""
+def _merge_plan(model_config, shards: list[list[tuple[str, tuple]]], peft_config: dict,
+                lora_shapes: dict[str, tuple[int, int]]) -> tuple[int, int, int]:
+    """(shards, largest shard bytes, largest shard job's bytes) of merging the adapter into the instruct checkpoint
+    cut into ``shards`` (``_hf_shards``)."""
     from gift_dist.contracts.shardio import TensorRange
     from gift_dist.merge.names import map_adapter
     from gift_dist.merge.stream import TensorSource, plan_shards, working_bytes
 
     sources = []
-    shards = _hf_shards(instruct, BF16, max_shard_bytes)
     for index, shard in enumerate(shards):
         file = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
         offset = 0
@@ -139,6 +138,9 @@ def dry_run(cfg: RunConfig, model: str, world: int, ranks_per_node: int,
 
     model_config = _load_config(model, cfg.trust_remote_code)
     net = _meta_model(model_config)
+    # The instruct checkpoint's tensors as transformers shards them (same names and shapes as the base's), read
+    # before peft wraps the model in place.
+    instruct_shards = _hf_shards(net, BF16, max_shard_bytes)
     targets = resolve_target_modules(net, lora.target_modules)
     if tuple(targets) != shape.lora_targets:
         raise ContractError(f"dry run: the trainer's LoRA targets {targets} are not the memory model's "
@@ -175,8 +177,7 @@ def dry_run(cfg: RunConfig, model: str, world: int, ranks_per_node: int,
         raise ContractError(f"dry run: LoRA tensors {empty[:3]} would be gathered empty or misshapen")
 
     peft_dict = json.loads(json.dumps(peft_config.to_dict(), default=sorted))
-    shards, largest_shard, largest_job = _merge_plan(model_config, _meta_model(model_config), peft_dict, expected,
-                                                     max_shard_bytes)
+    shards, largest_shard, largest_job = _merge_plan(model_config, instruct_shards, peft_dict, expected)
     from gift_dist.merge.stream import BLOCK_ELEMENTS
 
     if largest_job > 2 * largest_shard + 4 * 4 * BLOCK_ELEMENTS:  # a shard, its merged copy, the fp32 blocks
