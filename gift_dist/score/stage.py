@@ -35,7 +35,7 @@ from gift_dist.models.pair import check_pair, load_tokenizer
 from gift_dist.models.prepared_inputs import check_prepared_inputs
 from gift_dist.score.logprobs import length_batches, target_logprobs
 from gift_dist.score.parallel import Replica, VocabSlice, join_replica, resolve_parallel, vocab_slice
-from gift_dist.score.pool import LeaseLost, ShardLease, ShardPool
+from gift_dist.score.pool import LeaseLost, ShardLease, ShardPool, worker_id
 from gift_dist.score.report import ScoreSummary, summarize, write_report, write_token_view
 
 log = logging.getLogger(__name__)
@@ -303,8 +303,6 @@ class _Scorer:
         """The lease owner's name: the default (host:pid:rank), with the replica's size when it spans ranks."""
         if self.replica.size == 1:
             return None
-        from gift_dist.score.pool import worker_id
-
         return f"{worker_id()}x{self.replica.size}"
 
     def _next(self, pool: ShardPool, conf_dir: Path, state: dict) -> tuple[str, Optional[int]]:
