@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gift_dist.contracts.prepared import IGNORE_INDEX  # noqa: E402
-from gift_dist.score.logprobs import collate, length_batches, reference_logprobs, target_logprobs  # noqa: E402
+from gift_dist.score.logprobs import collate, length_batches, reference_logprobs, score_batch  # noqa: E402
 
 METHODS = ("forward", "score", "naive")
 
@@ -82,7 +82,7 @@ def run_method(method: str, model, batches, chunk: int) -> None:
         if method == "forward":
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         elif method == "score":
-            target_logprobs(model, ids, mask, lab, chunk_tokens=chunk)
+            score_batch(model, ids, mask, lab, chunk_tokens=chunk)
         else:
             reference_logprobs(model, ids, mask, lab)
 
@@ -168,13 +168,13 @@ def _tensor_parallel_rank(rank: int, args, model_dir: str, port: int, out_dir: s
         part = vocab_slice(model, replica)
         device = f"cuda:{rank}" if on_gpu else "cpu"
         batches = [tuple(t.to(device) for t in b) for b in build_batches(args, "cpu")]
-        values = [target_logprobs(model, *b, chunk_tokens=args.chunk, vocab_part=part).logprobs for b in batches[:1]]
+        values = [score_batch(model, *b, chunk_tokens=args.chunk, vocab_part=part).logprobs for b in batches[:1]]
         seconds = []
         for _ in range(args.repeats):
             torch_dist.barrier()
             _sync(args.device)
             start = time.perf_counter()
-            values = [target_logprobs(model, *b, chunk_tokens=args.chunk, vocab_part=part).logprobs
+            values = [score_batch(model, *b, chunk_tokens=args.chunk, vocab_part=part).logprobs
                       for b in batches]
             _sync(args.device)
             torch_dist.barrier()
@@ -187,12 +187,12 @@ def _tensor_parallel_rank(rank: int, args, model_dir: str, port: int, out_dir: s
 
 def _time_one_process(args, model, batches, threads: int) -> tuple[float, torch.Tensor]:
     torch.set_num_threads(threads)
-    target_logprobs(model, *batches[0], chunk_tokens=args.chunk)
+    score_batch(model, *batches[0], chunk_tokens=args.chunk)
     seconds, values = [], None
     for _ in range(args.repeats):
         _sync(args.device)
         start = time.perf_counter()
-        values = [target_logprobs(model, *b, chunk_tokens=args.chunk).logprobs for b in batches]
+        values = [score_batch(model, *b, chunk_tokens=args.chunk).logprobs for b in batches]
         _sync(args.device)
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds), torch.cat(values)

@@ -96,7 +96,7 @@ def main() -> int:
                         help="overrides for both trainer runs, e.g. train.sharding=zero3")
     args = parser.parse_args()
 
-    from gift_dist.models.tiny import build_demo_pair
+    from gift_dist.tiny_pairs import build_demo_pair
     from gift_dist.pipeline.demo import demo_data
     from gift_dist.prepare.stage import prepare
     from gift_dist.score.stage import score

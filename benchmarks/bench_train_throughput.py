@@ -306,7 +306,7 @@ def hf_trainer_times(cfg, steps, layout: str, device: str, profiler: StepProfile
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from gift_dist.models.memory import model_shape
+    from gift_dist.memory_plan import model_shape
     from gift_dist.train.engine import (apply_liger_kernels, attention_implementation, build_ds_config,
                                         choose_layout)
 
@@ -365,7 +365,7 @@ def hf_trainer_times(cfg, steps, layout: str, device: str, profiler: StepProfile
 
 
 def resolved_checkpointing(cfg) -> bool:
-    from gift_dist.models.memory import model_shape
+    from gift_dist.memory_plan import model_shape
     from gift_dist.train.engine import choose_checkpointing, choose_layout
 
     shape = model_shape(cfg.base_model, cfg.train.lora.r, cfg.train.lora.target_modules)

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 # Exit status of a job stopped by SIGTERM/SIGINT after saving its checkpoint (EX_TEMPFAIL: "try again"), so
 # schedulers and scripts can tell a preempted run, to be resumed, from a finished or failed one.
 PREEMPTED_EXIT_CODE = 75
+# How often a rank waiting on another process (a shard being scored, a lease held) says so in the log.
+WAIT_LOG_SECONDS = 60.0
 # Launchers (torchrun, deepspeed) exit 1 when signalled, whatever their workers did: a wrapper that sets this to a
 # file path learns from that file that the workers saved and stopped, and can end with 75 itself.
 PREEMPT_MARKER_ENV = "GIFT_PREEMPT_MARKER"

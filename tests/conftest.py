@@ -15,7 +15,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from gift_dist.bundled import bundled_data_path  # noqa: E402
 from gift_dist.config import load_config  # noqa: E402
-from gift_dist.models.tiny import build_tiny_pair  # noqa: E402
+from gift_dist.tiny_pairs import build_tiny_pair  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from gift_dist import bundled
-from gift_dist.models import tiny
+from gift_dist import tiny_pairs
 
 
 def _prompts(records: list[dict]) -> set[str]:
@@ -45,10 +45,10 @@ def test_the_demo_instruct_model_is_never_tuned_on_the_demo_general_set(tmp_path
         tuned.extend(records)
         return [[1, 2]], [[1, 2]]
 
-    monkeypatch.setattr(tiny, "_chat_examples", capture)
-    monkeypatch.setattr(tiny, "_train", lambda *args, **kwargs: 0.0)
-    tiny.build_demo_pair(tmp_path / "models")
-    assert len(tuned) == tiny.DEMO_INSTRUCT_RECORDS
+    monkeypatch.setattr(tiny_pairs, "_chat_examples", capture)
+    monkeypatch.setattr(tiny_pairs, "_train", lambda *args, **kwargs: 0.0)
+    tiny_pairs.build_demo_pair(tmp_path / "models")
+    assert len(tuned) == tiny_pairs.DEMO_INSTRUCT_RECORDS
     cfg = demo_config(tmp_path, [])
     assert cfg.eval.general_files == [str(bundled.bundled_general_path())]
     general = _prompts(bundled.read_jsonl(cfg.eval.general_files[0]))

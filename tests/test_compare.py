@@ -18,7 +18,7 @@ from gift_dist.bundled import bundled_data_path, bundled_general_path, read_json
 from gift_dist.config import dump_config
 from gift_dist.contracts.adapter import read_adapter
 from gift_dist.evaluate.stage import ModelScores
-from gift_dist.pipeline.compare import report, summarise
+from gift_dist.pipeline.compare import compare_report, summarise
 from tests.conftest import make_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def test_differences_within_two_standard_errors_are_marked_within_noise():
     # dft: +0.03 over gift and +0.09 over instruct, both within 2 SE (~0.14)
     assert dft["vs_gift"]["within_noise"] and dft["vs_instruct"]["within_noise"]
     assert "vs_instruct" not in summary["instruct"]
-    table = report(summary, 2, "(per model)")
+    table = compare_report(summary, 2, "(per model)")
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
     assert "| 0.560 ± 0.014 | 0.050 (n=100) | +0.060 (within noise: 2 SE = 0.141) | — |" in rows["gift"]
     assert "+0.310 (2 SE = 0.127)" in rows["shadow-ft"] and "+0.250 (2 SE = 0.127)" in rows["shadow-ft"]
@@ -143,7 +143,7 @@ def test_summary_without_generated_answers_reports_no_accuracy_or_noise():
     summary = summarise(results, ["gift", "direct"], max_generate_samples=0)
     assert summary["gift"]["task_accuracy"] == (None, None) and summary["gift"]["task_accuracy_se"] is None
     assert summary["direct"]["vs_gift"] is None and summary["direct"]["vs_instruct"] is None
-    table = report(summary, 1, "")
+    table = compare_report(summary, 1, "")
     assert "| direct | n/a | n/a | — | — | 1.0000 ± 0.0000 |" in table
     json.dumps(summary)  # written as compare/summary.json
 
@@ -165,7 +165,7 @@ def test_general_exact_match_gets_mean_std_and_its_standard_error_over_prompts()
     assert summary["gift"]["general_exact_match_se"] == pytest.approx(math.sqrt(0.375 * 0.625 / 64))
     assert summary["direct"]["general_exact_match"] == (None, None)
     assert summary["direct"]["general_exact_match_se"] is None
-    rows = {line.split("|")[1].strip(): line for line in report(summary, 2, "").splitlines() if line.startswith("| ")}
+    rows = {line.split("|")[1].strip(): line for line in compare_report(summary, 2, "").splitlines() if line.startswith("| ")}
     assert "| 0.375 ± 0.177 | 0.061 (n=64) |" in rows["gift"]
     assert "| 0.750 ± 0.000 | 0.054 (n=64) |" in rows["instruct"]
     assert "| n/a | n/a | 2.0000 ± 0.0000 |" in rows["direct"]

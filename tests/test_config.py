@@ -246,7 +246,7 @@ def test_one_list_of_methods_and_of_result_shaping_settings():
 
     from gift_dist.config import METHOD_NAMES, METHODS, RunConfig, TrainConfig, config_to_dict, result_settings
     from gift_dist.pipeline.compare import DEFAULT_METHODS
-    from gift_dist.train.recipe import result_settings as recipe_settings
+    from gift_dist.train.recipe import adapter_result_settings as recipe_settings
 
     choices = typing.get_args(typing.get_args(typing.get_type_hints(RunConfig)["method"])[0])
     assert tuple(METHODS) == METHOD_NAMES == choices == DEFAULT_METHODS
@@ -299,7 +299,7 @@ def test_quantized_frozen_weights_is_a_zero3_choice(tmp_path):
             load_config(None, overrides)
     on = load_config(None, ["train.quantized_frozen_weights=true", "train.sharding=zero3",
                             "train.ds_config=zero3_multinode"]).train
-    from gift_dist.models.memory import ModelShape
+    from gift_dist.memory_plan import ModelShape
 
     shape = ModelShape(name="t", total_params=100, largest_layer_params=10, decoder_layer_params=10, lora_params=4,
                        largest_lora_tensor=2, hidden_size=4, intermediate_size=8, num_layers=2, vocab_size=10,

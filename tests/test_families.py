@@ -1,4 +1,4 @@
-"""The family matrix: every tiny family of ``models.tiny.FAMILIES`` through the pipeline's checks.
+"""The family matrix: every tiny family of ``tiny_pairs.FAMILIES`` through the pipeline's checks.
 
 For each family: the pair check, prepare's labels under a template of the family's shape (Gemma's refuses a
 system turn: its text is folded into the first user turn), scoring == a full fp32 log_softmax of the model's own
@@ -13,15 +13,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gift_dist.chat import TemplateError, fold_system_turns, render_conversation
 from gift_dist.config import TrainConfig
 from gift_dist.contracts.prepared import IGNORE_INDEX
-from gift_dist.models.lora_targets import resolve_target_modules
 from gift_dist.models.logprob import softcap_of
+from gift_dist.models.lora_targets import resolve_target_modules
 from gift_dist.models.pair import check_pair
-from gift_dist.models.render import TemplateError, fold_system_turns, render_conversation
-from gift_dist.models.tiny import FAMILIES, GEMMA_SHAPED
 from gift_dist.models.weights import confidence_weights
-from gift_dist.score.logprobs import collate, reference_logprobs, target_logprobs
+from gift_dist.score.logprobs import collate, reference_logprobs, score_batch
+from gift_dist.tiny_pairs import FAMILIES, GEMMA_SHAPED
 from tests.merge_helpers import logits, merge_config, peft_merged
 
 QUICK = "qwen2_tied"
@@ -85,7 +85,7 @@ def test_pair_check_labels_scoring_and_evaluation(arch, family):
     ids, mask, lab = _batch(tokenizer)
     expected = torch.cat(reference_logprobs(model, ids, mask, lab))
     for chunk in (5, 4096):
-        scores = target_logprobs(model, ids, mask, lab, chunk_tokens=chunk)
+        scores = score_batch(model, ids, mask, lab, chunk_tokens=chunk)
         torch.testing.assert_close(scores.logprobs, expected, rtol=0, atol=1e-5)
     samples = [Sample(r[m.bool()].tolist(), l[m.bool()].tolist()) for r, l, m in zip(ids, lab, mask)]
     task_ce, count = teacher_forced_ce(model, samples, batch_size=2, pad=tokenizer.pad_token_id)
@@ -114,7 +114,7 @@ def test_one_training_step_and_the_merge(arch, family, tmp_path):
     pair = family(arch)
     tokenizer = load_tokenizer(str(pair.instruct))
     ids, mask, lab = _batch(tokenizer)
-    inst_logprobs = target_logprobs(_load(pair.instruct), ids, mask, lab).logprobs
+    inst_logprobs = score_batch(_load(pair.instruct), ids, mask, lab).logprobs
     positions, target_ids = target_positions(lab)
     is_eos = target_ids == tokenizer.eos_token_id
     cfg = TrainConfig()
@@ -186,7 +186,7 @@ def test_fused_targets_stand_for_their_parts_and_unknown_names_list_the_layers()
     from transformers import AutoModelForCausalLM
 
     from gift_dist.errors import ConfigError
-    from gift_dist.models.tiny import tiny_config
+    from gift_dist.tiny_pairs import tiny_config
 
     phi3 = AutoModelForCausalLM.from_config(tiny_config("phi3", 128, hidden_size=32, num_layers=1))
     assert resolve_target_modules(phi3, ["q_proj", "k_proj", "v_proj"]) == ["qkv_proj"]
@@ -204,4 +204,4 @@ def test_readme_lists_every_family_of_the_matrix():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     rows = ["| tiny family (`gift-dist make-tiny --arch`) | stands for and exercises |", "|---|---|"]
     rows += [f"| `{arch}` | {what} |" for arch, what in FAMILIES.items()]
-    assert "\n".join(rows) + "\n\n" in readme, "regenerate the README's families table from models.tiny.FAMILIES"
+    assert "\n".join(rows) + "\n\n" in readme, "regenerate the README's families table from tiny_pairs.FAMILIES"

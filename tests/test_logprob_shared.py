@@ -14,7 +14,7 @@ import torch
 from gift_dist.contracts.prepared import IGNORE_INDEX
 from gift_dist.evaluate.stage import Sample, ce_and_kl, teacher_forced_ce
 from gift_dist.models.logprob import softcap_of, unsupported_output_transform
-from gift_dist.score.logprobs import collate, target_logprobs
+from gift_dist.score.logprobs import collate, score_batch
 from gift_dist.train.loss import ChunkedTargetCE, target_positions, target_token_ce
 
 VOCAB = 97
@@ -77,7 +77,7 @@ def test_scorer_equals_the_models_own_log_softmax(chunk):
     model = _gemma2(0)
     rows, labels = _batch()
     ids, mask, lab = collate(rows, labels, 0, "cpu")
-    scores = target_logprobs(model, ids, mask, lab, chunk_tokens=chunk, with_entropy=True)
+    scores = score_batch(model, ids, mask, lab, chunk_tokens=chunk, with_entropy=True)
     expected, log_p = _reference(model, ids, mask, lab)
     torch.testing.assert_close(scores.logprobs, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(scores.entropy, -(log_p.exp() * log_p).sum(-1), rtol=0, atol=1e-5)

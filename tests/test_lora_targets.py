@@ -12,9 +12,9 @@ import torch
 from gift_dist.cli import main
 from gift_dist.config import LoraConfig, load_config
 from gift_dist.errors import ConfigError
+from gift_dist.memory_plan import model_shape
 from gift_dist.models.lora_targets import resolve_target_modules
-from gift_dist.models.memory import model_shape
-from gift_dist.models.tiny import tiny_config
+from gift_dist.tiny_pairs import tiny_config
 
 ATTENTION_AND_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 AUTO = {

@@ -15,11 +15,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gift_dist.contracts import ContractError, file_sha256
+from gift_dist.contracts import model_folder
 from gift_dist.contracts.adapter import AdapterProvenance, read_adapter
 from gift_dist.contracts.merged import read_merged
 from gift_dist.merge.stage import merge
 from gift_dist.merge.verify import verify_merged
-from gift_dist.models import checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,7 @@ def adapters(pairs, tmp_path_factory):
 
 
 def tensor(model_dir: Path, name: str) -> torch.Tensor:
-    for path in checkpoint.weight_files(model_dir):
+    for path in model_folder.weight_files(model_dir):
         with safe_open(str(path), framework="pt") as fh:
             if name in fh.keys():
                 return fh.get_tensor(name)
@@ -47,9 +47,9 @@ def test_merge_matches_peft_merge_and_unload(arch, pairs, adapters, tmp_path):
     from transformers import AutoModelForCausalLM
 
     pair = pairs[arch]
-    assert len(checkpoint.weight_files(pair.instruct)) >= 3
+    assert len(model_folder.weight_files(pair.instruct)) >= 3
     out = merge(merge_config(tmp_path, pair), adapter_dir=str(adapters[arch]))
-    assert [p.name for p in checkpoint.weight_files(out)] == [p.name for p in checkpoint.weight_files(pair.instruct)]
+    assert [p.name for p in model_folder.weight_files(out)] == [p.name for p in model_folder.weight_files(pair.instruct)]
     ids = sample_ids()
     expected = logits(peft_merged(pair.instruct, adapters[arch]), ids)
     unmerged = logits(pair.instruct, ids)
@@ -114,7 +114,7 @@ def test_strength_dtype_and_reshard(pairs, adapters, tmp_path):
     pair = pairs["llama"]
     cfg = merge_config(tmp_path, pair, scale=0.5, dtype="bfloat16", max_shard_size="60KB")
     out = merge(cfg, adapter_dir=str(adapters["llama"]))
-    files = checkpoint.weight_files(out)
+    files = model_folder.weight_files(out)
     sizes = [p.stat().st_size for p in files]
     # ~240 KB of bf16 weights in shards of at most 60 KB of data (+ a small header each).
     assert len(files) >= 4 and max(sizes) <= 60_000 + 8_000
@@ -149,7 +149,7 @@ def test_verify_detects_a_tampered_tensor(pairs, adapters, tmp_path):
     cfg = merge_config(tmp_path, pair)
     out = merge(cfg, adapter_dir=str(adapters["llama"]))
     name = read_merged(out).record.merged_tensors[0]  # the sample always includes the first merged tensor
-    shard = out / json.loads((out / checkpoint.SAFE_INDEX).read_text())["weight_map"][name]
+    shard = out / json.loads((out / model_folder.SAFE_INDEX).read_text())["weight_map"][name]
     tensors = load_file(str(shard))
     tensors[name] = tensors[name] + 1e-2
     save_file(tensors, str(shard), metadata={"format": "pt"})
@@ -248,14 +248,14 @@ def test_adapter_for_another_instruct_model_is_refused_unless_allowed(pairs, ada
     from gift_dist.cli import main
 
     pair = pairs["llama"]
-    base = checkpoint.model_identity(str(pair.base))
+    base = model_folder.model_identity(str(pair.base))
     other = {"name": "/models/other-instruct", "hash": "feedfacefeedface"}
     if train_model == "base":  # GIFT: the instruct model scored the data; the base was trained
         changes = dict(model_identity=base, base_model=base, instruct_model=other)
     else:  # direct fine-tuning: the instruct model was trained itself (a run without instruct_model recorded)
         changes = dict(train_model="instruct", model_identity=other, base_model=base, instruct_model=None)
     tagged = _tag(adapters["llama"], tmp_path / "adapter", **changes)
-    target_hash = checkpoint.model_identity(str(pair.instruct))["hash"]
+    target_hash = model_folder.model_identity(str(pair.instruct))["hash"]
     with pytest.raises(ContractError, match=f"hash feedfacefeedface.*hash {target_hash}.*allow_other_instruct"):
         merge(merge_config(tmp_path, pair), adapter_dir=str(tagged))
     assert not (tmp_path / "run" / "merged").exists()
@@ -270,7 +270,7 @@ def test_adapter_for_another_instruct_model_is_refused_unless_allowed(pairs, ada
 
 def test_adapter_for_this_instruct_model_merges_without_a_note(pairs, adapters, tmp_path):
     pair = pairs["llama"]
-    base, instruct = (checkpoint.model_identity(str(m)) for m in (pair.base, pair.instruct))
+    base, instruct = (model_folder.model_identity(str(m)) for m in (pair.base, pair.instruct))
     tagged = _tag(adapters["llama"], tmp_path / "adapter", model_identity=base, base_model=base,
                   instruct_model=instruct)
     assert read_merged(merge(merge_config(tmp_path, pair), adapter_dir=str(tagged))).record.other_instruct is None
@@ -359,7 +359,7 @@ def test_output_onto_an_input_model_is_refused(pairs, adapters, tmp_path):
     cfg = merge_config(tmp_path, pairs["llama"], overwrite=True)
     with pytest.raises(ConfigError, match="would replace or sit inside the input model"):
         merge(cfg, adapter_dir=str(adapters["llama"]), output_dir=str(pairs["llama"].instruct))
-    assert checkpoint.weight_files(pairs["llama"].instruct)
+    assert model_folder.weight_files(pairs["llama"].instruct)
 
 
 def test_bad_max_shard_size_names_the_key(pairs, adapters, tmp_path):
@@ -412,7 +412,7 @@ def test_verify_merge_fails_on_nan_in_the_merged_weights(pairs, adapters, tmp_pa
     cfg = merge_config(tmp_path, pair)
     out = merge(cfg, adapter_dir=str(adapters["llama"]))
     name = read_merged(out).record.merged_tensors[0]
-    shard = out / json.loads((out / checkpoint.SAFE_INDEX).read_text())["weight_map"][name]
+    shard = out / json.loads((out / model_folder.SAFE_INDEX).read_text())["weight_map"][name]
     tensors = load_file(str(shard))
     tensors[name][:] = float("nan")
     save_file(tensors, str(shard), metadata={"format": "pt"})
@@ -433,9 +433,9 @@ def test_verify_merge_recomputes_the_shard_checksums(pairs, adapters, tmp_path):
     assert report.checksums_verified == len(record.shards) and not report.logits_compared
     # No logits to compare: every adapted tensor is recomputed, not a sample of merge.verify_sample_tensors.
     assert set(record.merged_tensors) <= set(report.checked_tensors) and len(record.merged_tensors) > 8
-    untouched = next(name for name in json.loads((out / checkpoint.SAFE_INDEX).read_text())["weight_map"]
+    untouched = next(name for name in json.loads((out / model_folder.SAFE_INDEX).read_text())["weight_map"]
                      if name not in record.merged_tensors and "norm" in name)
-    shard = out / json.loads((out / checkpoint.SAFE_INDEX).read_text())["weight_map"][untouched]
+    shard = out / json.loads((out / model_folder.SAFE_INDEX).read_text())["weight_map"][untouched]
     tensors = load_file(str(shard))
     tensors[untouched] = tensors[untouched] * 1.5
     save_file(tensors, str(shard), metadata={"format": "pt"})
@@ -468,7 +468,7 @@ def test_merge_reports_an_adapter_trained_against_int8_base_weights(pairs, adapt
     from gift_dist.cli import main
 
     pair = pairs["llama"]
-    base = checkpoint.model_identity(str(pair.base))
+    base = model_folder.model_identity(str(pair.base))
     record = _provenance(model_identity=base, base_model=base, **changes).to_json()
     if "quantized_frozen_weights" not in changes:  # written before the key existed
         del record["quantized_frozen_weights"]

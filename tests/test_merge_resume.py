@@ -14,9 +14,9 @@ import torch
 from tests.merge_helpers import logits, make_adapter, merge_config, peft_merged, sample_ids
 
 from gift_dist.contracts import ContractError
+from gift_dist.contracts import model_folder
 from gift_dist.contracts.merged import read_merged
 from gift_dist.merge.stage import WORK_SUFFIX, merge
-from gift_dist.models import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def merge_command(pair, adapter: Path, output: Path, *extra: str) -> list[str]:
 @pytest.mark.slow  # a merge process killed mid-way, then rerun
 def test_killed_merge_leaves_nothing_finished_and_rerun_completes(pair_and_adapter, tmp_path):
     pair, adapter = pair_and_adapter
-    shards = [p.name for p in checkpoint.weight_files(pair.instruct)]
+    shards = [p.name for p in model_folder.weight_files(pair.instruct)]
     assert len(shards) >= 4
     output = tmp_path / "merged"
     work = output.with_name(output.name + WORK_SUFFIX)
@@ -75,7 +75,7 @@ def test_leftover_work_dir_of_another_plan_is_discarded(pair_and_adapter, tmp_pa
     cfg = merge_config(tmp_path, pair, verify=True)
     work = cfg.paths.merged.with_name(cfg.paths.merged.name + WORK_SUFFIX)
     work.mkdir(parents=True)
-    first_shard = checkpoint.weight_files(pair.instruct)[0]
+    first_shard = model_folder.weight_files(pair.instruct)[0]
     # A shard of the right name but unmerged content, from a plan the rerun does not share.
     (work / first_shard.name).write_bytes(first_shard.read_bytes())
     (work / ".gift_merge_plan.json").write_text('{"identity": "another merge"}')

@@ -49,7 +49,7 @@ def test_copy_and_read_by_byte_range(tmp_path):
     from safetensors.torch import save_file
 
     from gift_dist.contracts.shardio import read_tensor, tensor_ranges
-    from gift_dist.models.checkpoint import read_header
+    from gift_dist.contracts.shardio import read_header
 
     source = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(7, dtype=torch.int32), "c": torch.randn(4)}
     src = tmp_path / "src.safetensors"

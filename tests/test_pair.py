@@ -72,7 +72,7 @@ def test_pickle_only_checkpoint_is_refused(tiny_llama, tmp_path):
 def test_identity_sees_the_weights_and_caches_their_digests(tiny_llama, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from gift_dist.models.checkpoint import DIGEST_CACHE_NAME, model_identity
+    from gift_dist.contracts.model_folder import DIGEST_CACHE_NAME, model_identity
 
     # Same config and tensor shapes, different weights: a base and its instruct sibling are two models.
     assert model_identity(str(tiny_llama.base))["hash"] != model_identity(str(tiny_llama.instruct))["hash"]
@@ -139,7 +139,7 @@ def _rewrite_keeping_times(path, offset, data):
 
 @pytest.mark.parametrize("where", ["whole file", "outside the sampled bytes"])
 def test_identity_sees_a_rewrite_whose_mtime_was_put_back(tmp_path, where):
-    from gift_dist.models.checkpoint import DIGEST_SAMPLE_BYTES, model_identity
+    from gift_dist.contracts.model_folder import DIGEST_SAMPLE_BYTES, model_identity
 
     weights = _model_with_one_tensor(tmp_path / "instruct")
     before = model_identity(str(tmp_path / "instruct"))["hash"]

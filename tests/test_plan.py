@@ -78,7 +78,7 @@ def test_zero3_model_states_against_deepspeeds_estimator_for_70b():
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     from gift_dist.config import LoraConfig
-    from gift_dist.models.memory import GIB, model_shape, training_plan
+    from gift_dist.memory_plan import GIB, model_shape, training_plan
 
     shape = model_shape(str(LLAMA_70B), 16, LoraConfig().target_modules)
     gpus, nodes = 8, 2
@@ -98,7 +98,7 @@ def test_plan_counts_each_ds_config_item(capsys):
     """hpZ's secondary copy, int8 frozen weights, prefetch/live limits and reduce buckets from the ds_configs,
     activations at the token budget and the LoRA gather are line items of their own."""
     from gift_dist.config import LoraConfig
-    from gift_dist.models.memory import GIB, model_shape, training_plan
+    from gift_dist.memory_plan import GIB, model_shape, training_plan
 
     shape = model_shape(str(LLAMA_70B), 16, LoraConfig().target_modules)
     plans = training_plan(shape, 8, 2, 4096, 1024)

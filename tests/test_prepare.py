@@ -317,7 +317,7 @@ def test_tool_turns_of_openai_and_sharegpt_records_train_on_the_calls_not_the_re
     ShareGPT form (function_call / observation turns, `tools` as a JSON string) render identically; the
     assistant's tool call and final answer are labelled, the tool schemas and the tool's result are not."""
     from gift_dist.config import DataConfig
-    from gift_dist.models.render import render_conversation
+    from gift_dist.chat import render_conversation
     from gift_dist.prepare.readers import normalize_record
 
     tok = AutoTokenizer.from_pretrained(tiny_llama.instruct)

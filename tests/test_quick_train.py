@@ -33,7 +33,7 @@ def test_train_checkpoint_resume_gather_merge_in_one_process(tiny_pair, tmp_path
     from gift_dist.contracts.adapter import read_adapter
     from gift_dist.merge.stage import merge
     from gift_dist.prepare.stage import prepare
-    from gift_dist.train.checkpoint import LATEST_NAME, tag_for
+    from gift_dist.contracts.checkpoint import LATEST_NAME, tag_for
     from gift_dist.train.metrics import METRICS_NAME, read_metrics
     from gift_dist.train.recipe import train
 

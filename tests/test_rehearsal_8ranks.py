@@ -25,7 +25,7 @@ import torch
 
 from gift_dist.config import RunConfig, dump_config
 from gift_dist.contracts.adapter import read_adapter
-from gift_dist.train.checkpoint import LATEST_NAME, tag_for
+from gift_dist.contracts.checkpoint import LATEST_NAME, tag_for
 from gift_dist.train.metrics import METRICS_NAME, read_metrics
 from tests.test_train_dist import losses, run_config, setup, write_confidence  # noqa: F401 (setup: a fixture)
 

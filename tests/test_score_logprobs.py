@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gift_dist.contracts.prepared import IGNORE_INDEX
-from gift_dist.score.logprobs import collate, length_batches, reference_logprobs, target_logprobs
+from gift_dist.score.logprobs import collate, length_batches, reference_logprobs, score_batch
 
 
 def _load(pair):
@@ -36,7 +36,7 @@ def test_chunked_logprobs_match_reference_on_padded_batches(request, fixture, ch
     model = _load(request.getfixturevalue(fixture))
     rows, labels = _random_examples(model.config.vocab_size, [37, 5, 20, 64, 12], seed=3)
     ids, mask, lab = collate(rows, labels, pad_token_id=0, device="cpu")
-    scores = target_logprobs(model, ids, mask, lab, chunk_tokens=chunk, with_entropy=True)
+    scores = score_batch(model, ids, mask, lab, chunk_tokens=chunk, with_entropy=True)
     for values, row, label in zip(scores.logprobs.split(scores.counts), rows, labels):
         # Each row alone, unpadded, through the plain HF forward: padding must not change any value.
         single = collate([row], [label], 0, "cpu")
@@ -52,7 +52,7 @@ def test_entropy_matches_full_distribution(tiny_llama):
     model = _load(tiny_llama)
     rows, labels = _random_examples(model.config.vocab_size, [30, 18], seed=5)
     ids, mask, lab = collate(rows, labels, 0, "cpu")
-    scores = target_logprobs(model, ids, mask, lab, chunk_tokens=8, with_entropy=True)
+    scores = score_batch(model, ids, mask, lab, chunk_tokens=8, with_entropy=True)
     log_p = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)[:, :-1]
     keep = lab[:, 1:] != IGNORE_INDEX
     expected = -(log_p.exp() * log_p).sum(-1)[keep]

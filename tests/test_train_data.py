@@ -380,7 +380,7 @@ def test_packed_micro_batch_gives_the_same_per_token_loss_as_one_by_one(prepared
     gift_varlen attends within each sample from the batch's cumulative lengths instead (no mask at all)."""
     from transformers import AutoModelForCausalLM
 
-    from gift_dist.models.tiny import tiny_config
+    from gift_dist.tiny_pairs import tiny_config
     from gift_dist.train import attention
 
     attention.register()
@@ -469,15 +469,16 @@ def test_token_budget_below_the_longest_sample_names_it(prepared, scored):
 def test_a_checkpoint_from_before_seeded_epoch_zero_orders_is_not_resumed(tmp_path):
     """Resuming is exact only under the same order scheme: a checkpoint whose settings lack (or differ in) the
     data order is refused, naming it."""
-    from gift_dist.train.checkpoint import CheckpointRecord, Checkpoints
+    from gift_dist.contracts.checkpoint import CheckpointRecord
+    from gift_dist.train.checkpointing import Checkpoints
     from gift_dist.train.data import DATA_ORDER
-    from gift_dist.train.recipe import result_settings
+    from gift_dist.train.recipe import adapter_result_settings
 
     def record(settings):
         return CheckpointRecord(step=3, world_size=1, global_batch_size=4, model_identity={"hash": "h"},
                                 prepared_fingerprint="fp", train_model="base", train_settings=settings)
 
-    now = result_settings(TrainConfig())
+    now = adapter_result_settings(TrainConfig())
     assert now["data_order"] == DATA_ORDER
     Checkpoints._check(tmp_path, record(now), record(now))
     before = {key: value for key, value in now.items() if key != "data_order"}

@@ -24,9 +24,9 @@ from gift_dist.config import RunConfig, dump_config, load_config
 from gift_dist.contracts import ContractError, file_sha256
 from gift_dist.contracts import confidence as conf
 from gift_dist.contracts.adapter import read_adapter
+from gift_dist.contracts.checkpoint import LATEST_NAME, RECORD_NAME, tag_for
+from gift_dist.contracts.model_folder import model_identity
 from gift_dist.contracts.prepared import Prepared, load_prepared
-from gift_dist.models.checkpoint import model_identity
-from gift_dist.train.checkpoint import LATEST_NAME, RECORD_NAME, tag_for
 from gift_dist.train.metrics import METRICS_NAME, read_metrics
 
 # Multi-process DeepSpeed / end-to-end runs: left out of the quick loop (-m "not slow").
@@ -405,7 +405,7 @@ def test_train_refuses_a_base_whose_tokenizer_does_not_pair_with_the_instruct_mo
     import shutil
 
     from gift_dist.models.pair import PairMismatch
-    from gift_dist.models.tiny import build_tokenizer
+    from gift_dist.tiny_pairs import build_tokenizer
     from gift_dist.train.recipe import train
 
     base = tmp_path / "base"
@@ -488,7 +488,7 @@ def test_checkpoints_hold_no_frozen_weights_and_a_corrupt_file_is_refused_on_res
     resumes and trains on."""
     import shutil
 
-    from gift_dist.train.checkpoint import RECORD_NAME, tag_for
+    from gift_dist.contracts.checkpoint import RECORD_NAME, tag_for
     from gift_dist.train.recipe import train
 
     cfg = run_config(setup, tmp_path / "run", weighting="uniform", max_steps=2, save_every_steps=2,
@@ -627,7 +627,7 @@ def test_resume_on_another_number_of_ranks_loads_the_gathered_lora(reference, se
     with a warning that the moments restart."""
     import shutil
 
-    from gift_dist.train.checkpoint import OPTIMIZER_STATE_NAME, VERSION
+    from gift_dist.contracts.checkpoint import OPTIMIZER_STATE_NAME, VERSION
     from gift_dist.train.recipe import train
 
     ref = reference[0]
@@ -637,7 +637,7 @@ def test_resume_on_another_number_of_ranks_loads_the_gathered_lora(reference, se
     _resume_from(ref, SAVE_EVERY, mid)
     record = json.loads((mid.paths.checkpoints / tag_for(SAVE_EVERY) / RECORD_NAME).read_text())
     assert record["version"] == VERSION and OPTIMIZER_STATE_NAME in record["file_sha256"]
-    with caplog.at_level("INFO", logger="gift_dist.train.checkpoint"):
+    with caplog.at_level("INFO", logger="gift_dist.train.checkpointing"):
         result = train(mid, resume=True)
     assert result.steps == STEPS and "FRESH optimizer" not in caplog.text
     assert "AdamW state (step count 4)" in caplog.text
@@ -666,7 +666,7 @@ def test_resume_on_another_number_of_ranks_loads_the_gathered_lora(reference, se
     del record["file_sha256"][OPTIMIZER_STATE_NAME]
     (folder / RECORD_NAME).write_text(json.dumps({**record, "version": 1}))
     caplog.clear()
-    with caplog.at_level("INFO", logger="gift_dist.train.checkpoint"):
+    with caplog.at_level("INFO", logger="gift_dist.train.checkpointing"):
         result = train(old, resume=True)
     assert result.steps == STEPS
     assert "FRESH optimizer state, because it was written by checkpoint format version 1" in caplog.text

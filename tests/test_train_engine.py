@@ -10,20 +10,15 @@ import torch
 
 from gift_dist.config import ConfigError, load_config
 from gift_dist.contracts import ContractError
-from gift_dist.models.memory import ModelShape
-from gift_dist.train.checkpoint import (
-    LATEST_NAME,
-    RECORD_NAME,
-    CheckpointRecord,
-    Checkpoints,
-    tag_for,
-)
+from gift_dist.contracts.checkpoint import LATEST_NAME, RECORD_NAME, CheckpointRecord, tag_for
+from gift_dist.memory_plan import ModelShape
+from gift_dist.train.checkpointing import Checkpoints
 from gift_dist.train.engine import (
     build_ds_config,
     choose_layout,
     resolve_ds_config,
-    resolve_target_modules,
 )
+from gift_dist.models.lora_targets import resolve_target_modules
 from gift_dist.train.metrics import (
     CURVE_NAME,
     METRICS_NAME,
@@ -191,7 +186,7 @@ def test_explicit_deepspeed_scheduler_gets_its_auto_values(tmp_path):
 def test_unknown_lora_targets_are_refused_listing_the_linear_layers():
     from transformers import AutoModelForCausalLM
 
-    from gift_dist.models.tiny import tiny_config
+    from gift_dist.tiny_pairs import tiny_config
 
     model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=384))
     assert resolve_target_modules(model, ["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
@@ -206,11 +201,11 @@ def test_unknown_lora_targets_are_refused_listing_the_linear_layers():
 
 
 def _record(step=4, world=2, gbs=8, model_hash="h1", fingerprint="fp1", train_model="base", **train):
-    from gift_dist.train.recipe import result_settings
+    from gift_dist.train.recipe import adapter_result_settings
 
     return CheckpointRecord(step=step, world_size=world, global_batch_size=gbs,
                             model_identity={"name": "m", "hash": model_hash}, prepared_fingerprint=fingerprint,
-                            train_model=train_model, train_settings=result_settings(_train_cfg(**train)))
+                            train_model=train_model, train_settings=adapter_result_settings(_train_cfg(**train)))
 
 
 def _fake_checkpoint(root: Path, record: CheckpointRecord) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from gift_dist import dist
 from gift_dist.config import dump_config
-from gift_dist.train.checkpoint import LATEST_NAME, tag_for
+from gift_dist.contracts.checkpoint import LATEST_NAME, tag_for
 from tests.test_train_dist import (  # noqa: F401  (fixtures)
     LAUNCH_TIMEOUT,
     REPO,

@@ -36,7 +36,7 @@ class AdapterProvenance:
 
     # "base" (GIFT, Shadow-FT, DFT) or "instruct" (direct fine-tuning): the model the LoRA was trained on.
     train_model: str
-    # Content identity (``models.checkpoint.model_identity``) of the model the LoRA was trained on.
+    # Content identity (``contracts.model_folder.model_identity``) of the model the LoRA was trained on.
     model_identity: dict[str, Any]
     # Identity of the base model of the pair (the same as ``model_identity`` unless train_model is instruct).
     base_model: dict[str, Any]

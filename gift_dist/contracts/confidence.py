@@ -47,7 +47,7 @@ from gift_dist.contracts import (
     read_json,
     record_from,
 )
-from gift_dist.contracts.shardio import SAFE_DTYPE_OF, ShardWriter, TensorSlot
+from gift_dist.contracts.shardio import SAFE_DTYPE_OF, TORCH_DTYPE_BY_NAME, ShardWriter, TensorSlot
 
 FORMAT = "gift_dist.confidence"
 VERSION = 1
@@ -57,7 +57,6 @@ SUMMARY_NAME = "summary.json"
 # The held-out split's confidence, under the same contract, in this subfolder of confidence/.
 EVAL_DIR = "eval"
 LOCK_NAME = "manifest.lock"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A manifest lock older than this belongs to a killed writer (the lock is held for milliseconds).
 STALE_LOCK_SECONDS = 30.0
 
@@ -205,7 +204,7 @@ def write_shard(
     directory.
     """
     conf_dir = Path(conf_dir)
-    dtype = DTYPES[manifest.logprob_dtype]
+    dtype = TORCH_DTYPE_BY_NAME[manifest.logprob_dtype]
     tensors = {
         "sample_index": sample_index.to(torch.int64).contiguous(),
         "offsets": offsets.to(torch.int64).contiguous(),

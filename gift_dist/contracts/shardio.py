@@ -19,20 +19,47 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from gift_dist.contracts import ContractError
 
+# A safetensors header larger than this is not a real header (the format caps it at 100 MB).
+MAX_HEADER_BYTES = 100_000_000
 SAFE_DTYPE_OF = {
     torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
+# The floating dtypes a config may name (score.logprob_dtype, merge.dtype), by their config names.
+TORCH_DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TORCH_DTYPE_OF = {name: dtype for dtype, name in SAFE_DTYPE_OF.items()}
 SAFE_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file: {tensor name: {dtype, shape, data_offsets}} (+ __metadata__)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise ContractError(f"{path} is truncated: no safetensors header")
+            (length,) = struct.unpack("<Q", raw)
+            if length > MAX_HEADER_BYTES:
+                raise ContractError(f"{path} has a corrupt safetensors header (length {length})")
+            header_bytes = fh.read(length)
+        if len(header_bytes) != length:
+            raise ContractError(f"{path} is truncated inside its safetensors header")
+        header = json.loads(header_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ContractError(f"{path} has a corrupt safetensors header: {exc}") from exc
+    data_len = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if path.stat().st_size < 8 + length + data_len:
+        raise ContractError(f"{path} is truncated: header promises {data_len} data bytes")
+    return header
 
 
 @dataclass(frozen=True)

@@ -209,7 +209,7 @@ def task_samples(cfg: RunConfig) -> list[Sample]:
 
 def general_samples(files: list[str], tokenizer, limit: int) -> list[Sample]:
     """The general chat set: each record's last assistant reply is the target (rendered like prepare does)."""
-    from gift_dist.models.render import render_conversation
+    from gift_dist.chat import render_conversation
 
     samples = []
     for file in files:
@@ -261,7 +261,7 @@ def models_to_evaluate(cfg: RunConfig, named: list[str]) -> dict[str, str]:
 
 
 def evaluate_models(cfg: RunConfig, models: dict[str, str]) -> list[ModelScores]:
-    from gift_dist.models.checkpoint import require_model
+    from gift_dist.contracts.model_folder import require_model
     from gift_dist.models.pair import load_tokenizer
 
     # Every model checked before any is loaded: a folder that is no model is named, not found an hour in.
@@ -438,7 +438,7 @@ def task_gain(result: ModelScores, instruct: ModelScores) -> float:
     return instruct.task_ce - result.task_ce
 
 
-def write_report(results: list[ModelScores], out_dir: Path) -> Path:
+def write_eval_report(results: list[ModelScores], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / RESULTS_NAME, json.dumps([asdict(r) for r in results], indent=2) + "\n")
     atomic_write_text(out_dir / "results.md", markdown_table(results))
@@ -503,6 +503,6 @@ def run(args: argparse.Namespace) -> int:
     # One writer per report folder: the run folder's eval lock (or that of --output's parent, outside it).
     with dist.stage_lock(root if root in out_dir.absolute().parents else out_dir.absolute().parent, "eval"):
         results = evaluate_models(cfg, models_to_evaluate(cfg, args.model))
-        path = write_report(results, out_dir)
+        path = write_eval_report(results, out_dir)
     print(markdown_table(results) + f"\nresults: {path}")
     return 0

@@ -26,8 +26,8 @@ from gift_dist.config import ConfigError, RunConfig, add_config_arguments, confi
 from gift_dist.contracts import ContractError, require_writable
 from gift_dist.contracts import adapter as adapter_contract
 from gift_dist.contracts import merged as merged_contract
+from gift_dist.contracts import model_folder
 from gift_dist.merge import names, stream
-from gift_dist.models import checkpoint
 from gift_dist.models.pair import SHAPE_KEYS, check_pair
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def check_adapter_fits(adapter: adapter_contract.Adapter, target: Path, base: Op
                 )
     recorded = adapter.provenance.base_model if adapter.provenance is not None else None
     if recorded and base is not None:
-        actual = checkpoint.model_identity(str(base))
+        actual = model_folder.model_identity(str(base))
         if actual["hash"] != recorded["hash"]:
             raise ContractError(
                 f"adapter {adapter.path} was trained on {recorded.get('name')} (hash {recorded['hash']}) but the "
@@ -152,14 +152,14 @@ def _merge(cfg: RunConfig, adapter_path: Path, target: Path, output: Path, base:
             raise ConfigError(f"output directory {output} would replace or sit inside the input model {model}")
     if output.exists() and not opts.overwrite:
         raise ContractError(f"output directory {output} exists; pass --overwrite (merge.overwrite=true) to replace")
-    checkpoint.require_model(target, "the merge target")
+    model_folder.require_model(target, "the merge target")
     if base is not None:
-        checkpoint.require_model(base, "the base model")
+        model_folder.require_model(base, "the base model")
     adapter = adapter_contract.read_adapter(adapter_path)
     int8_base = adapter_contract.int8_base_note(adapter.provenance)
     if int8_base:
         log.warning("adapter %s was %s", adapter_path, int8_base)
-    shapes = checkpoint.tensor_shapes(target)
+    shapes = model_folder.tensor_shapes(target)
     if base is not None and base != target:
         check_pair(str(base), str(target), cfg.trust_remote_code)
     check_adapter_fits(adapter, target, base)
@@ -173,8 +173,8 @@ def _merge(cfg: RunConfig, adapter_path: Path, target: Path, output: Path, base:
             f"model: set config key 'base_model' or pass --base"
         )
     identity = {
-        "target": checkpoint.model_identity(str(target)),
-        "base": checkpoint.model_identity(str(base)) if base is not None else None,
+        "target": model_folder.model_identity(str(target)),
+        "base": model_folder.model_identity(str(base)) if base is not None else None,
         "adapter": {"path": str(adapter_path.resolve()), "hash": adapter_contract.adapter_hash(adapter_path)},
     }
     other_instruct = check_instruct_target(adapter, identity["target"], opts.into, opts.allow_other_instruct)

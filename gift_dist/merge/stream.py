@@ -31,15 +31,15 @@ from gift_dist.config import ConfigError, MergeConfig
 from gift_dist.contracts import ContractError, atomic_write_text, check_finite
 from gift_dist.merge.names import MergeTargets, lora_factors
 from gift_dist.contracts.shardio import (
-    SAFE_DTYPE_OF, TORCH_DTYPE_OF, ShardWriter, TensorRange, TensorSlot, read_tensor, tensor_ranges,
+    SAFE_DTYPE_OF, TORCH_DTYPE_BY_NAME, TORCH_DTYPE_OF, ShardWriter, TensorRange, TensorSlot, read_tensor,
+    tensor_ranges,
 )
-from gift_dist.models import checkpoint
+from gift_dist.contracts import model_folder
 
 log = logging.getLogger(__name__)
 
 PLAN_NAME = ".gift_merge_plan.json"
 PARTIAL_SUFFIX = ".partial"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # fp32 elements per block of rows merged at once (1 MiB: a few such blocks fit in a core's L2 cache).
 BLOCK_ELEMENTS = 1 << 18
 FLOAT_SAFE_DTYPES = {"F64", "F32", "BF16", "F16"}
@@ -77,13 +77,13 @@ class ShardPlan:
 def read_sources(model_dir: Path) -> list[TensorSource]:
     """Every tensor of a checkpoint with its file, dtype and shape, from headers only, in index/file order."""
     sources = []
-    for path in checkpoint.weight_files(model_dir):
-        for name, where in tensor_ranges(path, checkpoint.read_header(path)).items():
+    for path in model_folder.weight_files(model_dir):
+        for name, where in tensor_ranges(path, model_folder.read_header(path)).items():
             sources.append(TensorSource(name, path.name, where.safe_dtype, list(where.shape), where))
     return sources
 
 
-def plan_shards(
+def plan_output_shards(
     sources: list[TensorSource], out_dtype: Optional[torch.dtype], max_shard_bytes: Optional[int]
 ) -> list[ShardPlan]:
     """Keep the input's shard layout, or regroup tensors greedily into shards of at most ``max_shard_bytes``."""
@@ -103,7 +103,7 @@ def plan_shards(
             groups[-1].append(source)
             size += nbytes
         if len(groups) == 1:
-            names = [checkpoint.SAFE_SINGLE]
+            names = [model_folder.SAFE_SINGLE]
         else:
             names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     return [ShardPlan(n, g, [t.out_slot(out_dtype) for t in g]) for n, g in zip(names, groups)]
@@ -192,7 +192,7 @@ def merged_tensor(
     return out
 
 
-def write_shard(
+def write_merged_shard(
     plan: ShardPlan,
     work_dir: Path,
     targets: MergeTargets,
@@ -250,7 +250,7 @@ def prepare_work_dir(work_dir: Path, fingerprint: dict) -> set[str]:
             path.unlink()
         elif path.name in shard_names:
             try:
-                checkpoint.read_header(path)
+                model_folder.read_header(path)
                 done.add(path.name)
             except ContractError:
                 path.unlink()
@@ -262,14 +262,14 @@ def prepare_work_dir(work_dir: Path, fingerprint: dict) -> set[str]:
 def write_index(work_dir: Path, plans: list[ShardPlan]) -> None:
     weight_map = {t.name: p.name for p in plans for t in p.tensors}
     index = {"metadata": {"total_size": sum(p.nbytes for p in plans)}, "weight_map": weight_map}
-    (work_dir / checkpoint.SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (work_dir / model_folder.SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def copy_model_files(source_dir: Path, work_dir: Path, out_dtype_name: str) -> None:
     """Config, generation config, tokenizer and chat template come from the target model unchanged (dtype aside)."""
     for path in source_dir.iterdir():
         if path.is_file() and not path.name.startswith(".") and not path.name.endswith(WEIGHT_SUFFIXES) \
-                and path.name != checkpoint.SAFE_INDEX:
+                and path.name != model_folder.SAFE_INDEX:
             shutil.copy2(path, work_dir / path.name)
     config_path = work_dir / "config.json"
     if out_dtype_name != "auto" and config_path.is_file():
@@ -309,13 +309,13 @@ def stream_merge(
     from tqdm.auto import tqdm
     from transformers.utils.hub import convert_file_size_to_int
 
-    out_dtype = DTYPES.get(dtype)
+    out_dtype = TORCH_DTYPE_BY_NAME.get(dtype)
     try:
         max_bytes = convert_file_size_to_int(max_shard_size) if max_shard_size else None
     except ValueError as exc:
         raise ConfigError(f"config key 'merge.max_shard_size': {max_shard_size!r} is not a size like 5GB") from exc
     sources = read_sources(source_dir)
-    plans = plan_shards(sources, out_dtype, max_bytes)
+    plans = plan_output_shards(sources, out_dtype, max_bytes)
     done = prepare_work_dir(work_dir, plan_fingerprint(plans, {**identity, "strength": strength, "dtype": dtype}))
     todo = [p for p in plans if p.name not in done]
     base = BaseReader(base_dir) if targets.full and base_dir is not None else None
@@ -326,7 +326,7 @@ def stream_merge(
     def run(plan: ShardPlan) -> None:
         held = budget.acquire(working_bytes(plan, targets))
         try:
-            write_shard(plan, work_dir, targets, strength, base)
+            write_merged_shard(plan, work_dir, targets, strength, base)
         finally:
             budget.release(held)
         bar.update(plan.nbytes)
@@ -343,6 +343,6 @@ def stream_merge(
     elapsed = max(time.perf_counter() - started, 1e-9)
     log.info("merged %d shards (%.2f GB) in %.1f s: %.2f GB/s", len(todo), written / 1e9, elapsed,
              written / 1e9 / elapsed)
-    if len(plans) > 1 or (source_dir / checkpoint.SAFE_INDEX).is_file():
+    if len(plans) > 1 or (source_dir / model_folder.SAFE_INDEX).is_file():
         write_index(work_dir, plans)
     return [p.name for p in plans]

@@ -24,8 +24,8 @@ from gift_dist.config import RunConfig, add_config_arguments, config_from_args
 from gift_dist.contracts import ContractError, check_finite, max_abs_diff
 from gift_dist.contracts import adapter as adapter_contract
 from gift_dist.contracts import merged as merged_contract
+from gift_dist.contracts import model_folder
 from gift_dist.merge import names, stream
-from gift_dist.models import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ NUM_PROMPTS = 3
 
 
 @dataclass
-class VerifyReport:
+class MergeVerifyReport:
     checked_tensors: list[str] = field(default_factory=list)
     max_tensor_diff: float = 0.0
     logits_compared: bool = False
@@ -58,7 +58,7 @@ class Inputs:
         self.adapter = adapter_contract.read_adapter(adapter_dir)
         config = json.loads((target_dir / "config.json").read_text())
         self.targets = names.map_adapter(self.adapter.config, self.adapter.tensors,
-                                         checkpoint.tensor_shapes(target_dir), config.get("model_type"),
+                                         model_folder.tensor_shapes(target_dir), config.get("model_type"),
                                          merged.record.strength)
         into_base = merged.record.into == "base"
         self.base = stream.BaseReader(base_dir) if self.targets.full and base_dir and not into_base else None
@@ -91,7 +91,7 @@ def sample_names(merged_names: list[str], all_names: list[str], count: int) -> l
     return list(dict.fromkeys(picked + ([untouched] if untouched else [])))
 
 
-def check_tensors(inputs: Inputs, count: int, report: VerifyReport) -> None:
+def check_tensors(inputs: Inputs, count: int, report: MergeVerifyReport) -> None:
     from safetensors import safe_open
 
     merged_at = tensor_locations(inputs.merged.path)
@@ -154,7 +154,7 @@ def graft_full_weights(peft_model: torch.nn.Module, inputs: Inputs) -> None:
                 param.copy_(wanted[plain].to(param.dtype))
 
 
-def compare_logits(inputs: Inputs, report: VerifyReport) -> None:
+def compare_logits(inputs: Inputs, report: MergeVerifyReport) -> None:
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -195,7 +195,7 @@ def stored_precision(model_dir: Path) -> str:
 
 
 def checkpoint_bytes(model_dir: Path) -> int:
-    return sum(path.stat().st_size for path in checkpoint.weight_files(model_dir))
+    return sum(path.stat().st_size for path in model_folder.weight_files(model_dir))
 
 
 def verify_merged(
@@ -204,16 +204,16 @@ def verify_merged(
     adapter_dir: Optional[str] = None,
     target_dir: Optional[str] = None,
     base_dir: Optional[str] = None,
-) -> VerifyReport:
+) -> MergeVerifyReport:
     """Recompute sample tensors and compare logits with peft (models up to merge.verify_logits_max_gb), or
     recompute every adapted tensor (bigger models); recompute the shard checksums; ContractError on mismatch."""
     merged = merged_contract.read_merged(merged_dir or cfg.paths.merged)
     target = target_dir or merged.record.target["name"]
     base = base_dir or (merged.record.base or {}).get("name") or cfg.base_model or None
-    checkpoint.require_model(target, "the model merged into")
+    model_folder.require_model(target, "the model merged into")
     inputs = Inputs(merged, Path(adapter_dir or merged.record.adapter["path"]), Path(target),
                     Path(base) if base else None)
-    report = VerifyReport()
+    report = MergeVerifyReport()
     small = checkpoint_bytes(inputs.target_dir) <= cfg.merge.verify_logits_max_gb * 1024**3
     # A model too big for the logit comparison gets every adapted tensor recomputed (streamed, one at a time)
     # instead of a sample: the recomputation is then the only end-to-end check of the merge arithmetic.

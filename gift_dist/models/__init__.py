@@ -1,2 +1,3 @@
-"""Model loading, the base/instruct pair check, checkpoint headers, the tiny offline pairs and the per-token weight
-formulas of the confidence weightings (shared by train and score)."""
+"""What every stage does with the pair's models: load and check them (``pair``), compute target-token log-probs
+(``logprob``) and the confidence weights made from them (``weights``), resolve LoRA targets (``lora_targets``),
+batch rows for them (``batch``) and check prepared data against their tokenizer (``prepared_inputs``)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gift_dist.config import add_config_arguments, config_from_args
 from gift_dist.contracts import ContractError
-from gift_dist.models import checkpoint
+from gift_dist.contracts import model_folder
 from gift_dist.models.logprob import unsupported_output_transform
 
 log = logging.getLogger(__name__)
@@ -72,11 +72,11 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
         raise ContractError(f"cannot load the tokenizer of {model}: {' '.join(str(exc).split())}") from exc
 
 
-def load_config(model: str, trust_remote_code: bool = False):
+def load_model_config(model: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     require_local_model(model)
-    checkpoint.require_model(model)
+    model_folder.require_model(model)
     try:
         return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -96,7 +96,7 @@ def _differences(a: dict, b: dict, limit: int = 5) -> list[str]:
 
 def check_pair(base: str, instruct: str, trust_remote_code: bool = False) -> PairReport:
     """Raise PairMismatch naming the first differences; return a short report when the pair is compatible."""
-    base_cfg, inst_cfg = load_config(base, trust_remote_code), load_config(instruct, trust_remote_code)
+    base_cfg, inst_cfg = load_model_config(base, trust_remote_code), load_model_config(instruct, trust_remote_code)
     base_arch = (base_cfg.architectures or [base_cfg.model_type])[0]
     inst_arch = (inst_cfg.architectures or [inst_cfg.model_type])[0]
     if base_arch != inst_arch:
@@ -113,8 +113,8 @@ def check_pair(base: str, instruct: str, trust_remote_code: bool = False) -> Pai
         raise PairMismatch(f"model shapes differ between base {base} and instruct {instruct}: " + "; ".join(diffs))
 
     num_tensors = 0
-    if checkpoint.is_local(base) and checkpoint.is_local(instruct):
-        base_tensors, inst_tensors = checkpoint.tensor_shapes(base), checkpoint.tensor_shapes(instruct)
+    if model_folder.is_local(base) and model_folder.is_local(instruct):
+        base_tensors, inst_tensors = model_folder.tensor_shapes(base), model_folder.tensor_shapes(instruct)
         # A tied lm_head may be stored in one checkpoint and not the other; that is not a shape difference.
         for tensors in (base_tensors, inst_tensors):
             tensors.pop("lm_head.weight", None)
@@ -135,8 +135,8 @@ def check_pair(base: str, instruct: str, trust_remote_code: bool = False) -> Pai
         )
     vocab_size = getattr(inst_text, "vocab_size", None) or 0
     tokenizer_size = len(inst_tok)
-    if checkpoint.is_local(base) and checkpoint.is_local(instruct):
-        if checkpoint.model_identity(base)["hash"] == checkpoint.model_identity(instruct)["hash"]:
+    if model_folder.is_local(base) and model_folder.is_local(instruct):
+        if model_folder.model_identity(base)["hash"] == model_folder.model_identity(instruct)["hash"]:
             raise PairMismatch(
                 f"base {base} and instruct {instruct} hold the same weights: GIFT trains on the base and merges "
                 f"into its instruct sibling, so they must be two models (check base_model / instruct_model)"
@@ -158,7 +158,7 @@ def relative_weight_difference(base: str, instruct: str) -> float:
 
     def locations(model: str) -> dict:
         where = {}
-        for path in checkpoint.weight_files(model):
+        for path in model_folder.weight_files(model):
             with safe_open(str(path), framework="pt") as fh:
                 where.update({name: path for name in fh.keys()})
         return where
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         f"ok: {report.architecture}, vocab {report.tokenizer_size} tokens in {report.vocab_size} embedding rows, "
         f"{report.num_tensors or 'unchecked (hub)'} tensors with equal shapes"
     )
-    if not args.no_weight_diff and checkpoint.is_local(cfg.base_model) and checkpoint.is_local(cfg.instruct_model):
+    if not args.no_weight_diff and model_folder.is_local(cfg.base_model) and model_folder.is_local(cfg.instruct_model):
         difference = relative_weight_difference(cfg.base_model, cfg.instruct_model)
         print(f"instruct differs from base by {difference:.1%} of the base's weight norm (real pairs: a few %; "
               f"the further apart, the less a base-trained LoRA transfers)")

@@ -110,7 +110,7 @@ def compare(cfg: RunConfig, methods: list[str], seeds: int, launch: Optional[Lau
     atomic_write_text(out / "results.json", json.dumps([asdict(r) for r in results], indent=2) + "\n")
     summary = summarise(results, methods, cfg.eval.max_generate_samples)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(out / "report.md", report(summary, seeds, markdown_table(results)))
+    atomic_write_text(out / "report.md", compare_report(summary, seeds, markdown_table(results)))
     instruct = summary["instruct"]
     gain_key = "task_accuracy" if instruct["task_accuracy"][0] is not None else "task_ce"
     sign = 1.0 if gain_key == "task_accuracy" else -1.0
@@ -185,7 +185,7 @@ def summarise(results, methods: list[str], max_generate_samples: Optional[int] =
     return summary
 
 
-def report(summary: dict, seeds: int, per_model: str) -> str:
+def compare_report(summary: dict, seeds: int, per_model: str) -> str:
     def cell(pair, digits: int) -> str:
         mean, std = pair
         return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"

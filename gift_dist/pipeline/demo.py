@@ -15,8 +15,8 @@ from pathlib import Path
 from gift_dist.bundled import bundled_general_path
 from gift_dist.config import RunConfig, load_config
 from gift_dist.contracts import confidence as confidence_contract
-from gift_dist.models.tiny import build_demo_pair
 from gift_dist.pipeline.run import add_launch_arguments, exit_status, launch_from_args, run_pipeline
+from gift_dist.tiny_pairs import build_demo_pair
 
 # One epoch of one-digit arithmetic in chat form (~170 steps of 16 samples): a minute on two CPU ranks, enough
 # for the held-out accuracy to move. Learning rate 1e-3 (not 3e-3): the LoRA stays a small enough change for the
@@ -45,7 +45,7 @@ DEMO_DATA = "data/arithmetic.jsonl"
 def demo_data(output: Path) -> Path:
     """The demo's fine-tuning data: 3000 one-digit arithmetic problems in chat form, generated (deterministic)."""
     from gift_dist.bundled import generate_arithmetic, write_jsonl
-    from gift_dist.models.tiny import DEMO_MAX_OPERAND
+    from gift_dist.tiny_pairs import DEMO_MAX_OPERAND
 
     path = output / DEMO_DATA
     if not path.is_file():
@@ -66,8 +66,8 @@ def demo_config(output: Path, overrides: list[str]) -> RunConfig:
     ])
 
 
-def report(cfg: RunConfig) -> str:
-    from gift_dist.evaluate.stage import evaluate_models, markdown_table, models_to_evaluate, write_report
+def demo_report(cfg: RunConfig) -> str:
+    from gift_dist.evaluate.stage import evaluate_models, markdown_table, models_to_evaluate, write_eval_report
     from gift_dist.merge.verify import verify_merged
     from gift_dist.train.metrics import METRICS_NAME, read_metrics
 
@@ -89,7 +89,7 @@ def report(cfg: RunConfig) -> str:
     places = [f"  {name:<12} {getattr(cfg.paths, name)}" for name in
               ("prepared", "confidence", "checkpoints", "adapter", "merged", "logs")]
     results = evaluate_models(cfg, models_to_evaluate(cfg, []))
-    write_report(results, cfg.paths.root / "eval")
+    write_eval_report(results, cfg.paths.root / "eval")
     evaluation = ["", "held-out arithmetic (task) and general chat (preservation), eval/results.md:",
                   markdown_table(results)]
     return "\n".join(["gift-dist demo finished.", f"  {'models':<12} {cfg.paths.root / 'models'}", *places,
@@ -120,6 +120,6 @@ def run(args: argparse.Namespace) -> int:
             print(path.read_text() + f"\nreport: {path}")
             return
         run_pipeline(cfg, launch_from_args(args))
-        print(report(cfg))
+        print(demo_report(cfg))
 
     return exit_status("demo", work)

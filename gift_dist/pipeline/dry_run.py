@@ -5,7 +5,7 @@ executes is run on it, as far as it goes without data or a process group:
 
 1. the layout and the DeepSpeed config the trainer would use at this world size (``train.engine.choose_layout``
    and ``build_ds_config``, every "auto" filled, contradictions refused);
-2. LoRA through peft with the trainer's target resolution (``train.engine.resolve_target_modules``), the same
+2. LoRA through peft with the trainer's target resolution (``models.lora_targets.resolve_target_modules``), the same
    targets the memory model counted (``model_shape``);
 3. ZeRO-3's partition of every parameter (DeepSpeed gives each rank ceil(numel / world) elements of every
    parameter above the persistence threshold, and hpZ a second partition over the node's ranks): the bytes each
@@ -15,7 +15,7 @@ executes is run on it, as far as it goes without data or a process group:
 5. nothing that gathers the whole frozen model on one rank at save time
    (``stage3_gather_16bit_weights_on_model_save`` must be off);
 6. the merge's plan over the instruct checkpoint as transformers shards it (``merge.names.map_adapter``,
-   ``merge.stream.plan_shards``, ``working_bytes``): every LoRA pair finds its tensor, and no shard job holds more
+   ``merge.stream.plan_output_shards``, ``working_bytes``): every LoRA pair finds its tensor, and no shard job holds more
    than one shard's bytes (plus one merged copy) in host memory.
 
 Any failure is raised as the error the real run would raise, before a GPU is ever booked.
@@ -32,10 +32,10 @@ import torch
 
 from gift_dist.config import ConfigError, RunConfig
 from gift_dist.contracts import ContractError
+from gift_dist.memory_plan import BF16
 
 # transformers' default max_shard_size: what an instruct checkpoint on the hub is cut into.
 HF_SHARD_BYTES = 5 * 10**9
-BF16 = 2
 
 
 @dataclass
@@ -86,7 +86,7 @@ def _merge_plan(model_config, shards: list[list[tuple[str, tuple]]], peft_config
     cut into ``shards`` (``_hf_shards``)."""
     from gift_dist.contracts.shardio import TensorRange
     from gift_dist.merge.names import map_adapter
-    from gift_dist.merge.stream import TensorSource, plan_shards, working_bytes
+    from gift_dist.merge.stream import TensorSource, plan_output_shards, working_bytes
 
     sources = []
     for index, shard in enumerate(shards):
@@ -103,7 +103,7 @@ def _merge_plan(model_config, shards: list[list[tuple[str, tuple]]], peft_config
     if len(targets.lora) != len(lora_shapes) // 2:
         raise ContractError(f"dry run: {len(lora_shapes) // 2} LoRA pairs but {len(targets.lora)} found their "
                             f"checkpoint tensor")
-    plans = plan_shards(sources, torch.bfloat16, None)
+    plans = plan_output_shards(sources, torch.bfloat16, None)
     largest = max(plan.nbytes for plan in plans)
     job = max(working_bytes(plan, targets) for plan in plans)
     return len(plans), largest, job
@@ -114,9 +114,10 @@ def dry_run(cfg: RunConfig, model: str, world: int, ranks_per_node: int,
     """Walk the code paths of training ``model`` with ``cfg`` at ``world`` ranks and merging its adapter."""
     from peft import LoraConfig, get_peft_model
 
-    from gift_dist.models.memory import _load_config, model_shape
+    from gift_dist.memory_plan import load_shape_config, model_shape
     from gift_dist.train.adapter_io import _state_names, expected_lora_shapes
-    from gift_dist.train.engine import build_ds_config, choose_layout, resolve_target_modules
+    from gift_dist.models.lora_targets import resolve_target_modules
+    from gift_dist.train.engine import build_ds_config, choose_layout
 
     lora = cfg.train.lora
     shape = model_shape(model, lora.r, lora.target_modules, cfg.trust_remote_code)
@@ -136,7 +137,7 @@ def dry_run(cfg: RunConfig, model: str, world: int, ranks_per_node: int,
                           f"ranks of a node; set it to the GPUs per node")
     threshold = int(zero["stage3_param_persistence_threshold"])
 
-    model_config = _load_config(model, cfg.trust_remote_code)
+    model_config = load_shape_config(model, cfg.trust_remote_code)
     net = _meta_model(model_config)
     # The instruct checkpoint's tensors as transformers shards them (same names and shapes as the base's), read
     # before peft wraps the model in place.
@@ -193,7 +194,7 @@ def dry_run(cfg: RunConfig, model: str, world: int, ranks_per_node: int,
                   largest_shard_bytes=largest_shard, largest_merge_job_bytes=largest_job, notes=notes)
 
 
-def report(result: DryRun) -> str:
+def dry_run_report(result: DryRun) -> str:
     gib = 2**30
     lines = [
         f"dry run at world size {result.world} ({result.world // result.ranks_per_node} node(s) x "

@@ -1,6 +1,6 @@
 """`gift-dist plan`: how much memory training, scoring and merging a model needs, and which layout fits.
 
-The training figures are ``gift_dist.models.memory``'s (the same model ``train.sharding: auto`` decides with);
+The training figures are ``gift_dist.memory_plan``'s (the same model ``train.sharding: auto`` decides with);
 the model is built on the meta device from its config, so a 70B plan runs on a laptop.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from gift_dist.models.memory import (
+from gift_dist.memory_plan import (
     BF16,
     GIB,
     LINE_ITEMS,
@@ -128,12 +128,12 @@ def print_training_plan(args: argparse.Namespace, shape: ModelShape, train: dict
 def run_dry(args: argparse.Namespace) -> int:
     """``--dry-run``: the ZeRO-3 training and merge code paths walked on the meta-device model (``dry_run``)."""
     from gift_dist.config import load_config
-    from gift_dist.pipeline.dry_run import dry_run, report
+    from gift_dist.pipeline.dry_run import dry_run, dry_run_report
 
     ds_config = "zero3_multinode" if args.nodes > 1 else "zero3"
     cfg = load_config(None, [f"base_model={args.model}", "train.sharding=zero3", f"train.ds_config={ds_config}",
                              f"train.lora.r={args.lora_r}", f"train.micro_batch_size={args.micro_batch_size}"])
-    print(report(dry_run(cfg, args.model, args.nodes * args.gpus_per_node, args.gpus_per_node)))
+    print(dry_run_report(dry_run(cfg, args.model, args.nodes * args.gpus_per_node, args.gpus_per_node)))
     return 0
 
 

@@ -112,7 +112,7 @@ def merged_is_complete(cfg: RunConfig) -> bool:
     only splits the same weights into other files."""
     from gift_dist.contracts import merged as merged_contract
     from gift_dist.merge.stage import merge_paths
-    from gift_dist.models.checkpoint import model_identity
+    from gift_dist.contracts.model_folder import model_identity
 
     try:
         record = merged_contract.read_merged(cfg.paths.merged).record

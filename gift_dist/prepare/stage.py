@@ -41,7 +41,7 @@ from gift_dist.prepare.readers import (
     normalize_record,
     prompt_keys,
 )
-from gift_dist.models.render import TemplateError, render_conversation, require_chat_template
+from gift_dist.chat import TemplateError, render_conversation, require_chat_template
 
 log = logging.getLogger(__name__)
 # Part of the datasets cache keys of the intermediate tables: the data fingerprint says what the rows are made

@@ -53,7 +53,7 @@ def length_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size
 
 
 @torch.no_grad()
-def target_logprobs(
+def score_batch(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,

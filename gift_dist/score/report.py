@@ -18,7 +18,6 @@ from gift_dist.contracts import atomic_write, atomic_write_text
 from gift_dist.contracts import confidence as contract
 from gift_dist.models import weights
 
-SUMMARY_NAME = contract.SUMMARY_NAME
 HISTOGRAM_NAME = "confidence_histogram.png"
 HISTOGRAM_BINS = 50
 LOW_CONFIDENCE = 0.1
@@ -83,7 +82,7 @@ def summarize(conf_dir: str | Path, manifest: contract.ConfidenceManifest) -> Sc
     )
 
 
-def write_report(conf_dir: str | Path, summary: ScoreSummary) -> tuple[Path, Path]:
+def write_confidence_report(conf_dir: str | Path, summary: ScoreSummary) -> tuple[Path, Path]:
     """summary.json and the histogram PNG, each replaced whole."""
     import matplotlib
 
@@ -91,7 +90,7 @@ def write_report(conf_dir: str | Path, summary: ScoreSummary) -> tuple[Path, Pat
     import matplotlib.pyplot as plt
 
     conf_dir = Path(conf_dir)
-    summary_path, histogram_path = conf_dir / SUMMARY_NAME, conf_dir / HISTOGRAM_NAME
+    summary_path, histogram_path = conf_dir / contract.SUMMARY_NAME, conf_dir / HISTOGRAM_NAME
     text = json.dumps(summary.to_json(), indent=2) + "\n"
     atomic_write_text(summary_path, text)
 

@@ -28,19 +28,17 @@ from gift_dist import dist
 from gift_dist.config import RunConfig, ScoreConfig, add_config_arguments, config_from_args, require
 from gift_dist.contracts import ContractError, first_non_finite, require_writable
 from gift_dist.contracts import confidence as contract
+from gift_dist.contracts.model_folder import model_identity
 from gift_dist.contracts.prepared import IGNORE_INDEX, Prepared, ShardSpec, load_eval_split, load_prepared
 from gift_dist.models.batch import choose_attention, collate
-from gift_dist.models.checkpoint import model_identity
-from gift_dist.models.pair import check_pair, load_tokenizer
+from gift_dist.models.pair import check_pair, load_model_config, load_tokenizer
 from gift_dist.models.prepared_inputs import check_prepared_inputs
-from gift_dist.score.logprobs import length_batches, target_logprobs
+from gift_dist.score.logprobs import length_batches, score_batch
 from gift_dist.score.parallel import Replica, VocabSlice, join_replica, resolve_parallel, vocab_slice
 from gift_dist.score.pool import LeaseLost, ShardLease, ShardPool, worker_id
-from gift_dist.score.report import ScoreSummary, summarize, write_report, write_token_view
+from gift_dist.score.report import ScoreSummary, summarize, write_confidence_report, write_token_view
 
 log = logging.getLogger(__name__)
-# While every unfinished shard is held by other workers, say which at most this often.
-WAIT_LOG_SECONDS = 60.0
 # How long a worker waits for another one's short hold of the run folder's score lock (dist.stage_lock).
 SCORE_LOCK_WAIT_SECONDS = 300.0
 
@@ -65,15 +63,6 @@ def choose_devices(score_cfg: ScoreConfig, parallel: str) -> list[int]:
             f"visible; launch {per_node}"
         )
     return devices
-
-
-def load_model_config(cfg: RunConfig):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(cfg.instruct_model, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError, ImportError) as exc:
-        raise ContractError(f"cannot read the instruct model's config {cfg.instruct_model}: {exc}") from exc
 
 
 def load_scoring_model(cfg: RunConfig, parallel: str = "replica", replica: Optional[Replica] = None):
@@ -128,7 +117,7 @@ def open_confidence_dir(cfg: RunConfig, prepared: Prepared, instruct_identity: d
     return manifest
 
 
-def check_finite(values: torch.Tensor, counts: list[int], sample_indices: list[int], shard: int, what: str) -> None:
+def check_scores_finite(values: torch.Tensor, counts: list[int], sample_indices: list[int], shard: int, what: str) -> None:
     """Fail naming the sample and target position of the first NaN/inf value of a batch."""
     bad = first_non_finite(values)
     if bad is None:
@@ -182,11 +171,11 @@ def score_shard(
         started = time.perf_counter()
         ids, mask, lab = collate([input_ids[i] for i in batch], [labels[i] for i in batch],
                                  prepared.manifest.pad_token_id, input_device)
-        scores = target_logprobs(model, ids, mask, lab, cfg.logprob_chunk_tokens, cfg.record_entropy, vocab_part)
+        scores = score_batch(model, ids, mask, lab, cfg.logprob_chunk_tokens, cfg.record_entropy, vocab_part)
         samples = [spec.start + i for i in batch]
-        check_finite(scores.logprobs, scores.counts, samples, spec.index, "logprob")
+        check_scores_finite(scores.logprobs, scores.counts, samples, spec.index, "logprob")
         if scores.entropy is not None:
-            check_finite(scores.entropy, scores.counts, samples, spec.index, "entropy")
+            check_scores_finite(scores.entropy, scores.counts, samples, spec.index, "entropy")
         logprob_parts = scores.logprobs.split(scores.counts)
         entropy_parts = scores.entropy.split(scores.counts) if scores.entropy is not None else [None] * len(batch)
         for local, values, ent in zip(batch, logprob_parts, entropy_parts):
@@ -269,7 +258,7 @@ class _Scorer:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.parallel = resolve_parallel(cfg.score, load_model_config(cfg))
+        self.parallel = resolve_parallel(cfg.score, load_model_config(cfg.instruct_model, cfg.trust_remote_code))
         self.replica = join_replica(cfg.score, self.parallel)
         self.model = self.input_device = self.vocab_part = None
         self.lease: Optional[ShardLease] = None
@@ -315,7 +304,7 @@ class _Scorer:
             if time.monotonic() >= state["next_wait_log"]:
                 log.info("%s: waiting for %s shards held by other workers: %s", pool.worker, conf_dir.name,
                          pool.holders(manifest.shards))
-                state["next_wait_log"] = time.monotonic() + WAIT_LOG_SECONDS
+                state["next_wait_log"] = time.monotonic() + dist.WAIT_LOG_SECONDS
             return "wait", None
         if lease.shard_index in contract.read_manifest(conf_dir).shards:
             lease.release()  # finished between our manifest read and our claim
@@ -384,7 +373,7 @@ class _Scorer:
     def _summarize(conf_dir: Path) -> ScoreSummary:
         summary = summarize(conf_dir, contract.read_manifest(conf_dir))
         try:
-            write_report(conf_dir, summary)
+            write_confidence_report(conf_dir, summary)
         except OSError as exc:
             raise ContractError(f"cannot write the scoring summary into {conf_dir}: {exc}") from exc
         return summary

@@ -18,7 +18,7 @@ from gift_dist.contracts.prepared import Prepared, load_prepared
 
 
 @dataclass
-class VerifyReport:
+class ConfidenceVerifyReport:
     conf_dir: Path
     shards_ok: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -32,7 +32,7 @@ class VerifyReport:
 
 
 def verify_confidence(conf_dir: str | Path, prepared_dir: str | Path,
-                      prepared: Optional[Prepared] = None) -> VerifyReport:
+                      prepared: Optional[Prepared] = None) -> ConfidenceVerifyReport:
     """``prepared``: the dataset at ``prepared_dir`` when the caller has it open already (not read again)."""
     conf_dir = Path(conf_dir)
     manifest = contract.read_manifest(conf_dir)
@@ -43,7 +43,7 @@ def verify_confidence(conf_dir: str | Path, prepared_dir: str | Path,
     plan = prepared.manifest.shards
     if manifest.num_shards != len(plan):
         raise ContractError(f"{conf_dir} plans {manifest.num_shards} shards, the prepared dataset {len(plan)}")
-    report = VerifyReport(conf_dir)
+    report = ConfidenceVerifyReport(conf_dir)
     target_counts = list(prepared.dataset["num_target_tokens"])
     for spec in plan:
         if spec.index not in manifest.shards:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gift_dist import dist
 from gift_dist.config import ConfigError, TrainConfig
 from gift_dist.contracts import ContractError
 from gift_dist.contracts import confidence as conf_contract
@@ -36,8 +37,6 @@ log = logging.getLogger(__name__)
 
 # Shards kept decoded at once: a rank's micro-batches touch one or two neighbouring shards at a time.
 SHARD_CACHE_SIZE = 4
-# While waiting for the scorer, say so at most this often (the poll itself may be much more frequent).
-WAIT_LOG_SECONDS = 60.0
 # How epoch orders are drawn from train.seed (recorded in checkpoints: a checkpoint of another scheme is not
 # resumed, its step would point elsewhere in the data). 2: epoch 0 shuffled within each shard, by the seed.
 DATA_ORDER = 2
@@ -98,7 +97,7 @@ class ConfidenceReader:
         """The manifest once ``shard_index`` is finished; ContractError naming the shard after wait_seconds."""
         spec = self.prepared.manifest.shards[shard_index]
         started = time.monotonic()
-        last_log = -WAIT_LOG_SECONDS
+        last_log = -dist.WAIT_LOG_SECONDS
         while True:
             manifest = self._refresh_manifest()
             if manifest is not None and shard_index in manifest.shards:
@@ -114,7 +113,7 @@ class ConfidenceReader:
                     f"[{spec.start}, {spec.end})) did not appear in {self.conf_dir} within {self.wait_seconds:.0f}s "
                     f"({progress}). Is `gift-dist score` running? Raise train.confidence_wait_seconds to wait longer."
                 )
-            if waited - last_log >= WAIT_LOG_SECONDS:
+            if waited - last_log >= dist.WAIT_LOG_SECONDS:
                 log.info("waiting for confidence shard %d in %s (%s)", shard_index, self.conf_dir, progress)
                 last_log = waited
             next_poll = time.monotonic() + min(self.poll_seconds, max(self.wait_seconds - waited, 0.0))

@@ -13,7 +13,7 @@ Two layouts (``train.sharding``), one engine:
   rank (persistence threshold above them), the output layer is gathered once per micro-batch
   (``loss.ChunkedTargetCE``), prefetch and live-parameter limits come from the decoder layer's size.
 
-``auto`` picks ``replicate`` when ``gift_dist.models.memory`` (what ``gift-dist plan`` prints) says it fits the GPU.
+``auto`` picks ``replicate`` when ``gift_dist.memory_plan`` (what ``gift-dist plan`` prints) says it fits the GPU.
 The optimizer is torch's AdamW (fused on CUDA) unless the ds_config names another: no JIT-built op on the default
 path. The LR schedule is the run config's.
 """
@@ -32,9 +32,10 @@ import torch
 
 from gift_dist.config import ConfigError, RunConfig, TrainConfig
 from gift_dist.dist import env_local_world_size
+from gift_dist.models import lora_targets
 from gift_dist.models.batch import choose_attention
 from gift_dist.train import attention
-from gift_dist.models.memory import (
+from gift_dist.memory_plan import (
     GIB, USABLE_FRACTION, ModelShape, decoder_layer_classes, model_shape, training_plan, zero3_auto_sizes,
 )
 
@@ -116,7 +117,7 @@ def micro_batch_token_bound(cfg: RunConfig) -> int:
 
 
 def planned_gpu_gib(cfg: RunConfig, world: int, shape: ModelShape, checkpointing: bool) -> dict[str, float]:
-    """GiB per GPU of each layout (``models.memory.training_plan``) for this run's largest micro-batch."""
+    """GiB per GPU of each layout (``memory_plan.training_plan``) for this run's largest micro-batch."""
     local = env_local_world_size() or world  # ranks on this node, from whichever launcher started us
     plans = training_plan(shape, local, max(world // max(local, 1), 1), micro_batch_token_bound(cfg),
                           cfg.train.ce_chunk_tokens, checkpointing,
@@ -335,15 +336,6 @@ def training_model_path(cfg: RunConfig) -> str:
     return cfg.instruct_model if cfg.train.train_model == "instruct" else cfg.base_model
 
 
-def resolve_target_modules(model: torch.nn.Module, wanted: str | list[str]) -> list[str]:
-    """``train.lora.target_modules`` (``auto`` or names) as the model's linear layer names: auto is every linear
-    layer of the decoder but the output layer and MoE routers/experts, fused layers (Phi-3's qkv_proj and
-    gate_up_proj) stand in for their parts, an unknown name is an error (``models.lora_targets``)."""
-    from gift_dist.models import lora_targets
-
-    return lora_targets.resolve_target_modules(model, wanted)
-
-
 class TargetTokenCE(torch.nn.Module):
     """The module the DeepSpeed engine runs: decoder -> last hidden states -> chunked CE through the lm_head.
 
@@ -511,7 +503,7 @@ def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
         # With frozen embeddings nothing upstream requires grad; checkpointed blocks still need a grad path.
         model.enable_input_require_grads()
     lora = cfg.train.lora
-    targets = resolve_target_modules(model, lora.target_modules)
+    targets = lora_targets.resolve_target_modules(model, lora.target_modules)
     log.info("LoRA r=%d on %s (train.lora.target_modules: %s)", lora.r, targets, lora.target_modules)
     peft_config = LoraConfig(
         r=lora.r,

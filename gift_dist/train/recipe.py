@@ -44,12 +44,13 @@ from gift_dist.config import (
 from gift_dist.contracts import ContractError, require_writable
 from gift_dist.contracts import confidence as conf_contract
 from gift_dist.contracts.adapter import AdapterProvenance
+from gift_dist.contracts.checkpoint import LATEST_NAME, RECORD_NAME, CheckpointRecord, read_checkpoint_record
+from gift_dist.contracts.model_folder import model_identity, require_model
 from gift_dist.contracts.prepared import load_eval_split, load_prepared
-from gift_dist.models.checkpoint import model_identity, require_model
 from gift_dist.models.pair import check_pair
 from gift_dist.models.prepared_inputs import check_prepared_inputs
 from gift_dist.train import adapter_io, weighting
-from gift_dist.train.checkpoint import LATEST_NAME, RECORD_NAME, CheckpointRecord, Checkpoints, read_checkpoint_record
+from gift_dist.train.checkpointing import Checkpoints
 from gift_dist.train.data import (
     DATA_ORDER,
     ConfidenceReader,
@@ -64,7 +65,6 @@ from gift_dist.train.metrics import MetricsLogger, check_trackers, open_trackers
 
 log = logging.getLogger(__name__)
 
-PREEMPTED_EXIT_CODE = dist.PREEMPTED_EXIT_CODE
 
 
 def mark_preempted(step: int, checkpoint: Optional[Path]) -> None:
@@ -173,7 +173,7 @@ def _train(cfg: RunConfig, resume: bool | str | Path, resume_if_exists: bool,
     record = CheckpointRecord(
         step=0, world_size=world, global_batch_size=cfg.train.global_batch(world), model_identity=identity,
         prepared_fingerprint=fingerprint, train_model=cfg.train.train_model,
-        train_settings=result_settings(cfg.train),
+        train_settings=adapter_result_settings(cfg.train),
     )
     checkpoints = Checkpoints(cfg.paths.checkpoints, cfg.train.keep_checkpoints)
     start_step, resumed_from = 0, checkpoints
@@ -270,7 +270,7 @@ def confidence_summary(cfg: RunConfig) -> Optional[dict]:
             if key in data}
 
 
-def result_settings(train: TrainConfig) -> dict:
+def adapter_result_settings(train: TrainConfig) -> dict:
     """The train settings that shape the trained adapter (``config.result_settings``: all but those marked
     operational, the same list `run` compares), and the scheme that draws the data order from the seed
     (``data.DATA_ORDER``)."""
@@ -498,7 +498,7 @@ def run(args: argparse.Namespace) -> int:
             saved = (f"checkpoint {result.checkpoint}; rerun with --resume to continue" if result.checkpoint
                      else "no step had run, nothing to save; rerun to start")
             print(f"gift-dist train: PREEMPTED at step {result.steps}/{result.total_steps}; {saved}")
-        return PREEMPTED_EXIT_CODE
+        return dist.PREEMPTED_EXIT_CODE
     if dist.is_rank0():
         if result.final_loss is None:
             # Resumed from a checkpoint of the last step: no step ran, the adapter was written from it.

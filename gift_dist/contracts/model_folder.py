@@ -1,4 +1,4 @@
-"""Reading HF checkpoint directories without loading weights: weight files, safetensors headers, identity.
+"""Reading HF model folders without loading weights: weight files, tensor shapes from headers, identity.
 
 Written by hand because neither transformers nor safetensors exposes "the shapes of every tensor of a sharded
 checkpoint, from headers only" as an API; the pair check and the streaming merge need exactly that.
@@ -9,17 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from pathlib import Path
-from typing import Any
 
 from gift_dist.contracts import ContractError, check_inside
+from gift_dist.contracts.shardio import read_header
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-# A safetensors header larger than this is not a real header (the format caps it at 100 MB).
-MAX_HEADER_BYTES = 100_000_000
 
 
 def is_local(model: str) -> bool:
@@ -71,29 +68,6 @@ def require_model(model: str | Path, role: str = "model") -> None:
         weight_files(path)
     except ContractError as exc:
         raise ContractError(f"{role} {exc}") from None
-
-
-def read_header(path: str | Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file: {tensor name: {dtype, shape, data_offsets}} (+ __metadata__)."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) != 8:
-                raise ContractError(f"{path} is truncated: no safetensors header")
-            (length,) = struct.unpack("<Q", raw)
-            if length > MAX_HEADER_BYTES:
-                raise ContractError(f"{path} has a corrupt safetensors header (length {length})")
-            header_bytes = fh.read(length)
-        if len(header_bytes) != length:
-            raise ContractError(f"{path} is truncated inside its safetensors header")
-        header = json.loads(header_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ContractError(f"{path} has a corrupt safetensors header: {exc}") from exc
-    data_len = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if path.stat().st_size < 8 + length + data_len:
-        raise ContractError(f"{path} is truncated: header promises {data_len} data bytes")
-    return header
 
 
 def tensor_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:

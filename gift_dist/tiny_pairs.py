@@ -30,7 +30,7 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 # Gemma 2's shape: turns of "user" and "model", and a system turn refused with an error (gift_dist's prepare folds
-# system text into the first user turn for such a template: models/render.py). The tiny tokenizer's special
+# system text into the first user turn for such a template: chat.py). The tiny tokenizer's special
 # tokens stand in for Gemma's <start_of_turn> / <end_of_turn>.
 GEMMA_TEMPLATE = (
     "{%- for message in messages %}"
@@ -193,7 +193,7 @@ def _train(model, token_lists, label_lists, steps: int, pad_id: int, seed: int, 
 def _chat_examples(tokenizer, records: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
     """Chat-formatted token ids with labels on the assistant replies (prefix rendering, like `prepare`)."""
     token_lists, label_lists = [], []
-    from gift_dist.models.render import template_messages
+    from gift_dist.chat import template_messages
 
     for record in records:
         messages = template_messages(tokenizer, record["messages"])

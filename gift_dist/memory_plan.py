@@ -77,7 +77,7 @@ class ModelShape:
     lora_targets: tuple[str, ...] = ()
 
 
-def _load_config(model: str, trust_remote_code: bool = False):
+def load_shape_config(model: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     path = Path(model)
@@ -98,7 +98,7 @@ def model_shape(model: str, lora_r: int, target_modules: Union[str, list[str]],
     ``target_modules`` (``auto`` or names) as the trainer resolves them (``models.lora_targets``)."""
     from transformers import AutoModelForCausalLM
 
-    config = _load_config(model, trust_remote_code)
+    config = load_shape_config(model, trust_remote_code)
     with torch.device("meta"):
         net = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     total = sum(p.numel() for p in net.parameters())
@@ -116,7 +116,7 @@ def model_shape(model: str, lora_r: int, target_modules: Union[str, list[str]],
     largest_lora = max((lora_r * max(m.in_features, m.out_features) for m in targets), default=0)
     shard_bytes = None
     if Path(model).is_dir():
-        from gift_dist.models.checkpoint import weight_files
+        from gift_dist.contracts.model_folder import weight_files
 
         shard_bytes = max(p.stat().st_size for p in weight_files(model))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -161,7 +161,7 @@ def shipped_ds_config(name: str) -> dict:
             return json.loads(shipped.read_text())
     except ModuleNotFoundError:
         pass
-    return json.loads((Path(__file__).resolve().parents[2] / "ds_configs" / f"{name}.json").read_text())
+    return json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / f"{name}.json").read_text())
 
 
 def zero3_auto_sizes(shape: ModelShape) -> dict[str, int]:

@@ -1,18 +1,9 @@
-"""Training checkpoints that are complete or invisible, and resuming from them.
+"""Writing training checkpoints that are complete or invisible, and resuming from them.
 
-Layout of ``cfg.paths.checkpoints``::
-
-    checkpoints/
-      latest                    # the tag of the newest complete checkpoint (replaced atomically)
-      step-00000200/            # DeepSpeed's checkpoint (every rank's ZeRO-3 partitions + optimizer state)
-        gift_checkpoint.json    # step, world size, model identity, prepared fingerprint (checked on resume)
-        adapter/                # the gathered LoRA as a PEFT adapter (resume on another number of ranks)
-        optimizer_state.safetensors  # the LoRA tensors' full AdamW moments and step count (idem)
-      .tmp/                     # a checkpoint being written; never read
-
-All ranks write their partitions into ``.tmp/<tag>``; after a barrier rank 0 adds the record and the adapter,
-renames the folder into place and only then points ``latest`` at it. A kill at any moment leaves the previous
-checkpoint loadable. The data position is the step: ``TrainBatches.micro_batches(step)`` is stateless.
+What a checkpoint is (its layout and record) is the contract ``gift_dist.contracts.checkpoint``. All ranks write
+their partitions into ``.tmp/<tag>``; after a barrier rank 0 adds the record and the adapter, renames the folder
+into place and only then points ``latest`` at it. A kill at any moment leaves the previous checkpoint loadable.
+The data position is the step: ``TrainBatches.micro_batches(step)`` is stateless.
 """
 
 from __future__ import annotations
@@ -22,79 +13,37 @@ import logging
 import os
 import shutil
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from gift_dist import contracts, dist
+from gift_dist import dist
 from gift_dist.contracts import (
     ContractError,
     atomic_write_text,
     changed_settings,
     folder_digests,
-    verify_folder_digests,
 )
 from gift_dist.contracts.adapter import AdapterProvenance
+from gift_dist.contracts.checkpoint import (
+    ADAPTER_DIR,
+    CheckpointRecord,
+    LATEST_NAME,
+    OPTIMIZER_STATE_NAME,
+    RECORD_NAME,
+    TMP_DIR,
+    read_checkpoint_record,
+    tag_for,
+    verify_checkpoint_files,
+)
 from gift_dist.train import adapter_io
 
 log = logging.getLogger(__name__)
-
-LATEST_NAME = "latest"
-RECORD_NAME = "gift_checkpoint.json"
-ADAPTER_DIR = "adapter"
-OPTIMIZER_STATE_NAME = "optimizer_state.safetensors"
-TMP_DIR = ".tmp"
-FORMAT = "gift_dist.checkpoint"
-# 2: the gathered optimizer state (OPTIMIZER_STATE_NAME) beside the adapter. Version 1 checkpoints are still
-# resumed; on another number of ranks their optimizer restarts (with a warning).
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
-
-
-@dataclass(frozen=True)
-class CheckpointRecord:
-    """What a checkpoint must agree with to be resumed from."""
-
-    step: int
-    world_size: int
-    global_batch_size: int
-    model_identity: dict
-    prepared_fingerprint: str
-    train_model: str
-    format: str = FORMAT
-    version: int = VERSION
-    # The train settings that shape the result (every key not marked operational); compared on resume.
-    train_settings: dict = field(default_factory=dict)
-    # sha256 of every file of the checkpoint but this record, by path relative to the checkpoint folder; checked
-    # before anything is loaded (DeepSpeed's files are torch pickles: only files this run wrote are unpickled).
-    file_sha256: dict = field(default_factory=dict)
-
 
 # Result-changing settings a resumed run may still change, with --resume-anyway: how long it trains.
 RESUME_ANYWAY_KEYS = ("max_steps", "epochs")
 # How the global batch is split may change with the number of ranks; the global batch itself is checked apart.
 BATCH_SPLIT_KEYS = ("micro_batch_size", "gradient_accumulation_steps")
-
-
-def verify_checkpoint_files(folder: Path, record: CheckpointRecord) -> None:
-    """Every file the record lists is there with its checksum, and no other file is (checkpoints written before
-    checksums were recorded have none to check)."""
-    if not record.file_sha256:
-        log.warning("checkpoint %s records no file checksums (written by an older version): not verified", folder)
-        return
-    verify_folder_digests(folder, record.file_sha256, "checkpoint", "the checkpoint",
-                          f"resume from an earlier checkpoint (point {folder.parent / LATEST_NAME} at it) or train "
-                          f"afresh", skip=(RECORD_NAME,))
-
-
-def tag_for(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def read_checkpoint_record(record_path: Path) -> CheckpointRecord:
-    """A checkpoint's record, its format and version checked (every readable version accepted)."""
-    return contracts.read_record(record_path, CheckpointRecord, FORMAT, VERSION, "train afresh in another output_dir",
-                                 "checkpoint record", readable=tuple(READABLE_VERSIONS))
 
 
 class Checkpoints:
