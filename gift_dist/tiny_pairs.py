@@ -5,13 +5,23 @@ instruct model is the base model further trained on chat data; the tiny pair is 
 tokenizer (``tokenizers``) with a ChatML chat template is trained on the bundled data, the BASE model is
 pre-trained for a few steps on the raw text, and the INSTRUCT model continues from it on chat-formatted
 records with the loss on assistant tokens.
+
+Building runs hundreds of tiny optimizer steps: it logs its progress, and it runs on one intra-op thread (unless
+``OMP_NUM_THREADS`` says otherwise). On a tiny model a step is a few milliseconds of kernels and the rest is
+overhead, so a second thread gains little alone (measured 31 against 42 ms per demo-pair step on 2 idle cores),
+while several builds or ranks on a shared machine, each spinning a thread per core, ran 15-30x slower than alone.
+One thread also makes the pair the same on every machine, whatever its core count (a reduction's order
+depends on the thread count).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -155,6 +165,27 @@ def tiny_config(arch: str, vocab_size: int, hidden_size: int = 64, num_layers: i
     raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
 
 
+# How often a build logs its progress: this many times per training phase.
+PROGRESS_LOGS_PER_PHASE = 5
+
+
+def _on_one_thread(build):
+    """Run a pair build on one intra-op thread (the module docstring says why), restoring the count afterwards."""
+
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        if os.environ.get("OMP_NUM_THREADS"):
+            return build(*args, **kwargs)
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return build(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
+
+
 def _batches(token_lists: list[list[int]], label_lists: list[list[int]], batch_size: int, pad_id: int, rng):
     order = torch.randperm(len(token_lists), generator=rng).tolist()
     for start in range(0, len(order) - batch_size + 1, batch_size):
@@ -171,12 +202,14 @@ def _batches(token_lists: list[list[int]], label_lists: list[list[int]], batch_s
         yield ids, labels, mask
 
 
-def _train(model, token_lists, label_lists, steps: int, pad_id: int, seed: int, lr: float = 3e-3) -> float:
+def _train(model, token_lists, label_lists, steps: int, pad_id: int, seed: int, lr: float = 3e-3,
+           phase: str = "training") -> float:
     """A few AdamW steps: enough for the models to be a meaningful pair, fast enough for a test fixture."""
     rng = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     loss_value, step = float("nan"), 0
+    log_every, started = max(1, steps // PROGRESS_LOGS_PER_PHASE), time.monotonic()
     while step < steps:
         for ids, labels, mask in _batches(token_lists, label_lists, 16, pad_id, rng):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -184,6 +217,9 @@ def _train(model, token_lists, label_lists, steps: int, pad_id: int, seed: int, 
             optimizer.step()
             optimizer.zero_grad()
             loss_value, step = loss.item(), step + 1
+            if step % log_every == 0 or step == steps:
+                log.info("tiny pair, %s: step %d/%d, loss %.3f (%.0f s)", phase, step, steps, loss_value,
+                         time.monotonic() - started)
             if step >= steps:
                 break
     model.eval()
@@ -210,6 +246,7 @@ def _chat_examples(tokenizer, records: list[dict]) -> tuple[list[list[int]], lis
     return token_lists, label_lists
 
 
+@_on_one_thread
 def build_tiny_pair(
     out_dir: str | Path,
     arch: str = "llama",
@@ -245,12 +282,14 @@ def build_tiny_pair(
 
     model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab, hidden_size, num_layers, kv_heads))
     plain_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.pad_token_id] for t in plain]
-    base_loss = _train(model, plain_ids, plain_ids, base_steps, tokenizer.pad_token_id, seed)
+    base_loss = _train(model, plain_ids, plain_ids, base_steps, tokenizer.pad_token_id, seed,
+                       phase="base pre-training")
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(str(base_dir), max_shard_size=max_shard_size or "2GB")
 
     chat_ids, chat_labels = _chat_examples(tokenizer, records)
-    inst_loss = _train(model, chat_ids, chat_labels, instruct_steps, tokenizer.pad_token_id, seed + 1)
+    inst_loss = _train(model, chat_ids, chat_labels, instruct_steps, tokenizer.pad_token_id, seed + 1,
+                       phase="instruct chat-tuning")
     model.save_pretrained(str(inst_dir), max_shard_size=max_shard_size or "2GB")
     log.info("tiny %s pair in %s: base loss %.3f, instruct chat loss %.3f", arch, out_dir, base_loss, inst_loss)
     return TinyPair(base_dir, inst_dir, arch)
@@ -268,6 +307,7 @@ DEMO_INSTRUCT_STEPS = 400
 DEMO_INSTRUCT_LR = 1e-3
 
 
+@_on_one_thread
 def build_demo_pair(out_dir: str | Path, arch: str = "llama", seed: int = 0) -> TinyPair:
     """The pair ``gift-dist demo`` shows the method on, built like a real pair:
 
@@ -294,12 +334,13 @@ def build_demo_pair(out_dir: str | Path, arch: str = "llama", seed: int = 0) -> 
     vocab = ((len(tokenizer) + 63) // 64) * 64
     model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab, **DEMO_SHAPE))
     plain_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.pad_token_id] for t in plain]
-    base_loss = _train(model, plain_ids, plain_ids, DEMO_BASE_STEPS, tokenizer.pad_token_id, seed)
+    base_loss = _train(model, plain_ids, plain_ids, DEMO_BASE_STEPS, tokenizer.pad_token_id, seed,
+                       phase="base pre-training")
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(str(base_dir))
     chat_ids, chat_labels = _chat_examples(tokenizer, chat_skill)
     inst_loss = _train(model, chat_ids, chat_labels, DEMO_INSTRUCT_STEPS, tokenizer.pad_token_id, seed + 1,
-                       lr=DEMO_INSTRUCT_LR)
+                       lr=DEMO_INSTRUCT_LR, phase="instruct chat-tuning")
     model.save_pretrained(str(inst_dir))
     log.info("demo %s pair in %s: base loss %.3f, instruct chat loss %.3f", arch, out_dir, base_loss, inst_loss)
     return TinyPair(base_dir, inst_dir, arch)

@@ -61,3 +61,27 @@ def test_the_demo_instruct_model_is_never_tuned_on_the_demo_general_set(tmp_path
 def test_unknown_split_is_refused():
     with pytest.raises(ValueError):
         bundled.word_tasks("train")
+
+
+def test_a_pair_build_logs_progress_on_one_thread_and_restores_the_count(tmp_path, monkeypatch, caplog):
+    """Several builds on a shared machine each spinning a thread per core ran 15-30x slower: a build runs on one
+    intra-op thread unless OMP_NUM_THREADS says otherwise, and says how far it is."""
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads_seen = []
+    train = tiny_pairs._train
+    monkeypatch.setattr(tiny_pairs, "_train", lambda *a, **k: threads_seen.append(torch.get_num_threads())
+                        or train(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with caplog.at_level("INFO", logger="gift_dist.tiny_pairs"):
+            tiny_pairs.build_tiny_pair(tmp_path, base_steps=5, instruct_steps=5, num_records=40)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert threads_seen == [1, 1]
+    progress = [r.getMessage() for r in caplog.records if "step" in r.getMessage()]
+    assert any("base pre-training: step 5/5" in line for line in progress), progress
+    assert any("instruct chat-tuning: step 5/5" in line for line in progress), progress

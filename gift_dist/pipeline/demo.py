@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from gift_dist.bundled import bundled_general_path
@@ -17,6 +18,8 @@ from gift_dist.config import RunConfig, load_config
 from gift_dist.contracts import confidence as confidence_contract
 from gift_dist.pipeline.run import add_launch_arguments, exit_status, launch_from_args, run_pipeline
 from gift_dist.tiny_pairs import build_demo_pair
+
+log = logging.getLogger(__name__)
 
 # One epoch of one-digit arithmetic in chat form (~170 steps of 16 samples): a minute on two CPU ranks, enough
 # for the held-out accuracy to move. Learning rate 1e-3 (not 3e-3): the LoRA stays a small enough change for the
@@ -111,7 +114,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = demo_config(output, args.overrides)
     demo_data(output)
     if not (Path(cfg.instruct_model) / "config.json").is_file():
+        log.info("building the demo's base/instruct pair in %s (a minute or two on 2 cores; progress below)",
+                 output / "models")
         build_demo_pair(output / "models", arch=args.arch)
+
     def work() -> None:
         if args.compare:
             from gift_dist.pipeline.compare import DEFAULT_METHODS, compare
