@@ -11,6 +11,8 @@ import argparse
 
 import dataclasses
 import difflib
+import importlib.util
+import json
 import math
 import types
 import typing
@@ -322,6 +324,13 @@ class TrainConfig:
         "an int8 copy of the base and is merged into bf16 weights. Off unless chosen here (a ds_config that turns "
         "it on by itself is refused); only with a ZeRO-3 layout. The log, the adapter's provenance and merge say "
         "so."))
+    quantize_base: Literal["none", "nf4", "int8"] = field(default="none", metadata=doc(
+        "Load the model the LoRA trains on (the base; the instruct model with train_model=instruct) quantized by "
+        "bitsandbytes, frozen: `nf4` (QLoRA: 4-bit NormalFloat, blocks of 64 with double-quantized constants, "
+        "computing in the training dtype), `int8` (LLM.int8), `none` (the training dtype). Needs `pip install "
+        "'gift-dist[qlora]'`. Works under replicate and zero3 (ZeRO-3 with gradient checkpointing on: see "
+        "README, QLoRA); `gift-dist plan --quantize-base` counts it. The LoRA learns against the quantized base but "
+        "is merged into the full-precision instruct weights: the adapter's provenance records it and merge says so."))
     nvme_path: str = field(default="", metadata=doc(
         "A folder on each node's local NVMe for the `zero3_nvme` layout's parameter swap files (the shipped "
         "ds_configs/zero3_nvme.json takes it for its \"auto\" nvme_path; that layout is refused without it).",
@@ -438,6 +447,25 @@ class TrainConfig:
         if self.quantized_frozen_weights and self.sharding == "auto" and self.ds_config == "auto":
             raise ConfigError("train.quantized_frozen_weights=true needs a ZeRO-3 layout, which train.sharding=auto "
                               "may not pick: set train.sharding=zero3 (or train.ds_config=zero3_multinode)")
+        self._check_quantize_base()
+
+    def _check_quantize_base(self) -> None:
+        """``quantize_base``: refused, one line each, where it cannot work."""
+        if self.quantize_base == "none":
+            return
+        setting = f"train.quantize_base={self.quantize_base}"
+        if self.quantized_frozen_weights:
+            raise ConfigError(f"{setting} and train.quantized_frozen_weights=true both quantize the frozen base: "
+                              f"choose one (train.quantized_frozen_weights=false keeps {self.quantize_base})")
+        # bitsandbytes' matmul keeps a view of the packed weight for its backward, whose storage ZeRO-3 has released
+        # by then; gradient checkpointing's recompute multiplies again with the weight gathered anew (the engine
+        # checks the same once a ds_config has resolved the layout).
+        if self.sharding == "zero3" and self.gradient_checkpointing is False:
+            raise ConfigError(f"{setting} under train.sharding=zero3 needs gradient checkpointing: set "
+                              f"train.gradient_checkpointing=auto (or true)")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(f"{setting} needs bitsandbytes, which is not installed: pip install "
+                              f"'gift-dist[qlora]' (or set train.quantize_base=none)")
 
     def global_batch(self, world: int) -> int:
         """Samples per optimizer step over all ranks: micro batch x gradient accumulation x ranks. With a token
@@ -828,14 +856,49 @@ def require(cfg: RunConfig, *keys: str) -> None:
             raise ConfigError(f"config key '{key}' is required for this command but is empty")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def config_keys_help(sections: tuple[str, ...]) -> str:
+    """The keys a command reads, for its ``--help``: the run-level keys, then every key of ``sections`` (nested
+    sections as ``train.lora.r``), each with its default and its documentation (the field's ``help``)."""
+    import textwrap
+
+    def entries(cls: type, prefix: str, instance: Any) -> list[str]:
+        lines = []
+        for f in dataclasses.fields(cls):
+            value = getattr(instance, f.name)
+            if dataclasses.is_dataclass(value):
+                if not prefix and f.name not in sections:
+                    continue
+                lines += entries(type(value), f"{prefix}{f.name}.", value)
+                continue
+            default = json.dumps(config_to_dict(value) if dataclasses.is_dataclass(value) else value)
+            if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+                default = f"[{len(value)} entries]"
+            lines.append(f"  {prefix}{f.name} (default {default})")
+            lines += textwrap.wrap(f.metadata.get("help", ""), 100, initial_indent=" " * 6,
+                                   subsequent_indent=" " * 6, break_on_hyphens=False)
+        return lines
+
+    listed = " and ".join(f"{name}.*" for name in sections) or "no section"
+    header = textwrap.wrap(f"config keys this command reads (the run-level keys and {listed}; set them in "
+                           "--config or as key=value; `gift-dist config` prints the resolved values):", 100)
+    return "\n".join(header + entries(RunConfig, "", RunConfig()))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, sections: Optional[tuple[str, ...]] = None) -> None:
     """The arguments every stage's command shares: a run config and ``section.key=value`` overrides (anywhere on the
-    command line: ``gift_dist.cli.parse_command_line`` collects them)."""
+    command line: ``gift_dist.cli.parse_command_line`` collects them). ``sections``: the config sections the
+    command reads, listed key by key in its ``--help`` (None: every section)."""
     parser.add_argument("--config", help="run config YAML (see examples/; `gift-dist config` prints every key with its value and documentation)")
     parser.add_argument(
         "overrides", nargs="*", metavar="section.key=value",
         help="override config keys, e.g. train.lora.r=8 (before, between or after the flags; the last one wins)"
     )
+    if sections is None:
+        defaults = RunConfig()
+        sections = tuple(f.name for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(getattr(defaults,
+                                                                                                          f.name)))
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = config_keys_help(sections)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from gift_dist.cli import build_parser, main, parse_command_line
+from gift_dist.config import MergeConfig, ScoreConfig, TrainConfig
 
 
 def parse(argv: list[str]):
@@ -76,3 +79,24 @@ def test_train_resume_takes_an_optional_checkpoint_folder(argv, resume, override
 
     args = parse(argv)
     assert resume_argument(args) == resume and (args.overrides or []) == overrides
+
+
+@pytest.mark.parametrize("command,section,absent", [("train", TrainConfig, "merge.dtype"),
+                                                    ("merge", MergeConfig, "train.gamma"),
+                                                    ("score", ScoreConfig, "train.gamma")])
+def test_a_commands_help_lists_every_key_it_reads_with_its_documentation(command, section, absent, capsys):
+    """`gift-dist train --help` documents train.* key by key from the fields' own help (no second copy)."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    prefix = {TrainConfig: "train", MergeConfig: "merge", ScoreConfig: "score"}[section]
+    defaults = section()
+    for f in dataclasses.fields(section):
+        if dataclasses.is_dataclass(getattr(defaults, f.name)):  # a nested section: its keys are listed instead
+            continue
+        assert f"{prefix}.{f.name} (default" in text, f.name
+        assert " ".join(f.metadata["help"].split()[:6]) in text, f.name
+    assert "base_model (default" in text
+    assert f"{absent} (default" not in text
+    if command == "train":
+        assert "train.lora.r (default" in text and "train.lora.target_modules (default" in text

@@ -450,7 +450,7 @@ def write_eval_report(results: list[ModelScores], out_dir: Path) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
+    add_config_arguments(parser, sections=("eval",))
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                         help="another model to evaluate (repeatable); instruct and the run's merged/ always are")
     parser.add_argument("--output", help="folder for results.json, results.md, tradeoff.png (default <run>/eval)")

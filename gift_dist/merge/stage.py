@@ -204,7 +204,7 @@ def _merge(cfg: RunConfig, adapter_path: Path, target: Path, output: Path, base:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
+    add_config_arguments(parser, sections=("merge",))
     parser.add_argument("--adapter", help="adapter dir (default: the run's adapter/)")
     parser.add_argument("--target", help="model dir to merge into (default: instruct_model, or base_model with "
                                          "--into base)")

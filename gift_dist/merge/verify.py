@@ -228,7 +228,7 @@ def verify_merged(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
+    add_config_arguments(parser, sections=("merge",))
     parser.add_argument("--merged", help="merged model dir (default: the run's merged/)")
     parser.add_argument("--adapter", help="adapter dir (default: the one recorded in gift_merge.json)")
     parser.add_argument("--target", help="model merged into (default: the one recorded in gift_merge.json)")

@@ -175,7 +175,7 @@ def relative_weight_difference(base: str, instruct: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
+    add_config_arguments(parser, sections=())
     parser.add_argument("--no-weight-diff", action="store_true",
                         help="skip reading every weight for the relative base/instruct difference")
 

@@ -377,7 +377,7 @@ def eval_count(kept: int, prep: PrepareConfig) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
+    add_config_arguments(parser, sections=("data", "prepare"))
     parser.add_argument("--strict", action="store_true", help="fail on the first unusable record instead of dropping")
 
 

@@ -380,7 +380,7 @@ class _Scorer:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
+    add_config_arguments(parser, sections=("score",))
     parser.add_argument(
         "--rescore-corrupt", action="store_true",
         help="verify the finished shards first and score again those that fail (corrupt or missing files), "

@@ -465,7 +465,7 @@ def save_checkpoint(te: TrainEngine, checkpoints: Checkpoints, record: Checkpoin
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
+    add_config_arguments(parser, sections=("train",))
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                        help="continue from the latest checkpoint in <output_dir>/checkpoints (an error if none), or "
