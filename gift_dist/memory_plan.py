@@ -9,11 +9,15 @@ printed by ``gift-dist plan``:
   ZeRO-1's formula when replicated.
 - frozen weights: bf16 (int8 with ``zero_quantized_nontrainable_weights``), whole when replicated, partitioned over
   all GPUs under ZeRO-3, in host memory when offloaded. DeepSpeed's estimator would count them as trainable
-  (18 bytes/param); the frozen base has no gradients, fp32 master or Adam moments.
+  (18 bytes/param); the frozen base has no gradients, fp32 master or Adam moments. With ``train.quantize_base``
+  (bitsandbytes) the quantized weights are packed (``frozen_weight_bytes``) and their constants are held whole on
+  every GPU.
 - hpZ secondary copy (``zero_hpz_partition_size``): a second partition of the frozen weights over that many GPUs
   (a node), so backward gathers stay inside the node: weights / hpz_partition_size per GPU.
-- gathered layer: the largest ZeRO-3 leaf module gathered in bf16 while it computes (the output layer or one
-  decoder layer).
+- gathered layer: the largest ZeRO-3 leaf module gathered while it computes (the output layer or one decoder
+  layer, as stored: bf16, or packed with ``train.quantize_base``).
+- dequantized weight (``train.quantize_base``): bitsandbytes multiplies by a bf16 copy of each quantized weight, one
+  at a time: the largest one's.
 - prefetch: ``stage3_prefetch_bucket_size`` parameters gathered ahead, at most ``stage3_max_live_parameters`` less
   the gathered layer (DeepSpeed caps the two together).
 - reduce bucket: ``reduce_bucket_size`` elements of gradient buffer (twice with ``overlap_comm`` under ZeRO-1/2;
@@ -22,6 +26,11 @@ printed by ``gift-dist plan``:
   ``activation_bytes``.
 - LoRA gather: each LoRA tensor gathered whole in fp32 for an adapter or checkpoint save (one tensor at a time on
   the GPU; the whole adapter in fp32 in every rank's host memory).
+
+A quantized base (``train.quantize_base``) also has a load peak: transformers builds a bitsandbytes model without
+``zero.Init``, quantizing every weight onto the rank's GPU, and ZeRO-3 partitions it only in
+``deepspeed.initialize``; so each GPU holds the whole quantized base once (``load_gib``), and a layout's
+``gpu_gib`` is the larger of that and its line items.
 
 ``gift-dist plan`` prints these figures; ``train.sharding: auto`` decides with them.
 """
@@ -48,11 +57,19 @@ LINE_ITEMS = {
     "frozen_weights": "frozen weights",
     "hpz_secondary": "hpZ secondary copy",
     "gathered_layer": "gathered layer",
+    "dequantized_weight": "dequantized weight",
     "prefetch": "prefetch",
     "reduce_bucket": "reduce bucket",
     "activations": "activations",
     "lora_gather": "LoRA gather (save)",
 }
+# Bytes per element of a weight bitsandbytes quantizes (train.quantize_base), as packed: nf4 holds two 4-bit codes
+# per byte (in a tensor of the compute dtype, bnb_4bit_quant_storage, so ZeRO-3 partitions it like any weight).
+QUANTIZED_WEIGHT_BYTES = {"nf4": 0.5, "int8": 1.0}
+# bitsandbytes' nf4 blocks (transformers' BitsAndBytesConfig defaults): one absmax per 64 weights, and with double
+# quantization one fp32 constant per 256 of those 8-bit absmaxes.
+NF4_BLOCK = 64
+NF4_NESTED_BLOCK = 256
 # A plan "fits" when it needs at most this share of a GPU's (or node's) memory: the rest is the CUDA context,
 # the allocator's fragmentation and the communication buffers.
 USABLE_FRACTION = 0.9
@@ -75,6 +92,13 @@ class ModelShape:
     num_key_value_heads: int = 0
     # The LoRA target names lora_params counts (train.lora.target_modules resolved against the model).
     lora_targets: tuple[str, ...] = ()
+    # The weights bitsandbytes quantizes (train.quantize_base: every nn.Linear but those transformers keeps in full
+    # precision, the output layer and tied weights): their elements and output rows, the largest one's elements,
+    # and those of the largest decoder layer.
+    quantizable_params: int = 0
+    quantizable_rows: int = 0
+    largest_quantizable_params: int = 0
+    decoder_layer_quantizable_params: int = 0
 
 
 def load_shape_config(model: str, trust_remote_code: bool = False):
@@ -106,6 +130,9 @@ def model_shape(model: str, lora_r: int, target_modules: Union[str, list[str]],
     layer_classes = tuple(decoder_layer_classes(net))
     layers = [m for m in net.modules() if layer_classes and isinstance(m, layer_classes)]
     layer_params = max((sum(p.numel() for p in m.parameters()) for m in layers), default=largest)
+    quantizable = quantizable_linears(net)
+    layer_quantizable = max((sum(m.weight.numel() for m in layer.modules() if m in quantizable) for layer in layers),
+                            default=0)
     from gift_dist.models.lora_targets import resolve_target_modules
 
     # The trainer's resolution (auto, fused layers, unknown names refused); peft adapts every layer of each name.
@@ -128,7 +155,54 @@ def model_shape(model: str, lora_r: int, target_modules: Union[str, list[str]],
         num_attention_heads=getattr(text, "num_attention_heads", 0) or 0,
         num_key_value_heads=getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", 0) or 0,
         lora_targets=tuple(resolved),
+        quantizable_params=sum(m.weight.numel() for m in quantizable),
+        quantizable_rows=sum(m.out_features for m in quantizable),
+        largest_quantizable_params=max((m.weight.numel() for m in quantizable), default=0),
+        decoder_layer_quantizable_params=layer_quantizable,
     )
+
+
+def quantizable_linears(net: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The linear layers bitsandbytes replaces when transformers loads ``net`` quantized: all but the modules its
+    ``get_keys_to_not_convert`` keeps in full precision (the output layer, tied weights)."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    kept = set(get_keys_to_not_convert(net))
+    return [m for name, m in net.named_modules() if isinstance(m, torch.nn.Linear) and name not in kept]
+
+
+def quantization_constant_bytes(quantize: str, params: int, rows: int) -> float:
+    """Bytes of the constants bitsandbytes keeps beside ``params`` packed weights of ``rows`` output rows. They are
+    attributes of the parameters (nf4's QuantState, int8's SCB), not parameters: ZeRO-3 leaves them whole on every
+    GPU.
+
+    nf4 with double quantization: one 8-bit absmax per block of 64 weights and one fp32 constant per 256 of those,
+    ``params/64 + 4 params/(64 x 256)`` bytes (0.127 bits per weight, the QLoRA paper's figure); int8 (LLM.int8):
+    one fp32 scale per output row, ``4 rows``. Per-tensor constants (nf4's code book, ~1 KiB a weight) are left
+    out."""
+    if quantize == "nf4":
+        return params / NF4_BLOCK + 4 * params / (NF4_BLOCK * NF4_NESTED_BLOCK)
+    return 4.0 * rows
+
+
+def frozen_weight_bytes(shape: ModelShape, quantize: str) -> tuple[float, float]:
+    """(parameters, constants): bytes of the frozen weights as ZeRO-3 sees them. ``quantize`` "none": all bf16, no
+    constants; "nf4" / "int8" (``train.quantize_base``): the quantizable weights packed
+    (``QUANTIZED_WEIGHT_BYTES``), the rest (embeddings, output layer, norms) in bf16, plus
+    ``quantization_constant_bytes``."""
+    if quantize == "none":
+        return float(BF16 * shape.total_params), 0.0
+    packed = QUANTIZED_WEIGHT_BYTES[quantize] * shape.quantizable_params
+    kept = BF16 * (shape.total_params - shape.quantizable_params)
+    return packed + kept, quantization_constant_bytes(quantize, shape.quantizable_params, shape.quantizable_rows)
+
+
+def gathered_layer_bytes(shape: ModelShape, quantize: str) -> float:
+    """The largest ZeRO-3 leaf as stored: the output layer (never quantized, bf16) or a decoder layer (its
+    quantizable weights packed, the rest bf16)."""
+    quantized = shape.decoder_layer_quantizable_params if quantize != "none" else 0
+    layer = BF16 * (shape.decoder_layer_params - quantized) + QUANTIZED_WEIGHT_BYTES.get(quantize, 0) * quantized
+    return max(BF16 * shape.largest_layer_params, layer)
 
 
 def activation_bytes(shape: ModelShape, tokens: int, ce_chunk_tokens: int, checkpointing: bool = True) -> int:
@@ -241,25 +315,31 @@ def zero3_model_states_bytes(shape: ModelShape, gpus_per_node: int, nodes: int, 
 
 def training_plan(shape: ModelShape, gpus_per_node: int, nodes: int, tokens_per_micro_batch: int,
                   ce_chunk_tokens: int, checkpointing: bool = True, quantized_frozen_weights: bool = False,
-                  hpz_partition_size: Optional[int] = None,
-                  ds_configs: Optional[dict[str, dict]] = None) -> dict[str, dict]:
+                  hpz_partition_size: Optional[int] = None, ds_configs: Optional[dict[str, dict]] = None,
+                  quantize_base: str = "none") -> dict[str, dict]:
     """Per-GPU and per-node GiB for each layout of ``LAYOUTS`` (its shipped ds_config, or ``ds_configs[name]``),
-    with or without gradient checkpointing: ``gpu_gib`` and ``cpu_per_node_gib`` totals, and ``items`` /
-    ``cpu_items``, the line items they sum (GiB)."""
+    with or without gradient checkpointing: ``gpu_gib`` and ``cpu_per_node_gib`` totals, ``items`` /
+    ``cpu_items``, the line items they sum (GiB), and ``load_gib``, the whole quantized base each GPU holds while a
+    ``quantize_base`` model loads (0 otherwise; ``gpu_gib`` is the larger of it and the items' sum)."""
     world = gpus_per_node * nodes
     activations = activation_bytes(shape, tokens_per_micro_batch, ce_chunk_tokens, checkpointing)
-    leaf = max(shape.largest_layer_params, shape.decoder_layer_params)
+    quantized_params, constants = frozen_weight_bytes(shape, quantize_base)
+    gathered = gathered_layer_bytes(shape, quantize_base)
+    # DeepSpeed counts the prefetch and live limits in stored elements: bf16, or nf4 packed into bf16 storage.
+    leaf = gathered / BF16
     plans = {}
     for name in LAYOUTS:
         config = (ds_configs or {}).get(name) or shipped_ds_config(name)
         ds = ds_settings(config, shape, quantized_frozen_weights and name != "replicate", hpz_partition_size)
-        frozen_bytes = (INT8 if ds.quantized_frozen_weights else BF16) * shape.total_params
+        # ZeRO++ int8 (train.quantized_frozen_weights) and bitsandbytes (train.quantize_base) exclude each other.
+        params_bytes, constants_bytes = ((INT8 * shape.total_params, 0.0) if ds.quantized_frozen_weights
+                                         else (quantized_params, constants))
         gpu: dict[str, float] = dict.fromkeys(LINE_ITEMS, 0.0)
         cpu: dict[str, float] = {"LoRA optimizer": 0.0, "frozen weights": 0.0, "LoRA gather (save)": 0.0}
         if ds.stage < 3:
             # LoRA under ZeRO-1: bf16 weights and gradients everywhere, fp32 master + Adam moments partitioned.
             gpu["lora_states"] = (2 + 2) * shape.lora_params + 12 * shape.lora_params / world
-            gpu["frozen_weights"] = frozen_bytes
+            gpu["frozen_weights"] = params_bytes + constants_bytes
             buffer = 4 if ds.fp32_grad_accum else BF16
             gpu["reduce_bucket"] = buffer * ds.reduce_bucket_size * (2 if ds.overlap_comm else 1)
         else:
@@ -269,23 +349,29 @@ def training_plan(shape: ModelShape, gpus_per_node: int, nodes: int, tokens_per_
                                                               offload_params)
             gpu["lora_states"] = states_gpu + BF16 * shape.lora_params * (1 - 1 / world)
             cpu["LoRA optimizer"] = states_cpu
+            # bitsandbytes' constants are not parameters: neither partitioned nor offloaded.
+            gpu["frozen_weights"] = constants_bytes
             if ds.offload_param == "cpu":
-                cpu["frozen weights"] = frozen_bytes / nodes
+                cpu["frozen weights"] = params_bytes / nodes
             elif ds.offload_param == "nvme":
                 # Parameters live on NVMe; the host holds pinned swap buffers (a few layers per GPU).
                 cpu["frozen weights"] = 4 * BF16 * shape.largest_layer_params * gpus_per_node
             else:
-                gpu["frozen_weights"] = frozen_bytes / world
+                gpu["frozen_weights"] += params_bytes / world
             if ds.hpz_partition_size > 1:
-                gpu["hpz_secondary"] = frozen_bytes / ds.hpz_partition_size
-            gpu["gathered_layer"] = BF16 * leaf
+                gpu["hpz_secondary"] = params_bytes / ds.hpz_partition_size
+            gpu["gathered_layer"] = gathered
             gpu["prefetch"] = BF16 * min(ds.prefetch_bucket_size, max(ds.max_live_parameters - leaf, 0))
             gpu["reduce_bucket"] = BF16 * ds.reduce_bucket_size
+        if quantize_base != "none":
+            gpu["dequantized_weight"] = BF16 * shape.largest_quantizable_params
         gpu["activations"] = activations
         gpu["lora_gather"] = 4 * shape.largest_lora_tensor
         cpu["LoRA gather (save)"] = 4 * shape.lora_params * gpus_per_node
+        load = params_bytes + constants_bytes if quantize_base != "none" else 0.0
         plans[name] = {
-            "gpu_gib": sum(gpu.values()) / GIB, "cpu_per_node_gib": sum(cpu.values()) / GIB,
+            "gpu_gib": max(sum(gpu.values()), load) / GIB, "cpu_per_node_gib": sum(cpu.values()) / GIB,
+            "load_gib": load / GIB, "frozen_params_gib": params_bytes / GIB,
             "items": {key: value / GIB for key, value in gpu.items()},
             "cpu_items": {key: value / GIB for key, value in cpu.items()},
             "hpz_partition_size": ds.hpz_partition_size, "quantized_frozen_weights": ds.quantized_frozen_weights,
@@ -295,12 +381,12 @@ def training_plan(shape: ModelShape, gpus_per_node: int, nodes: int, tokens_per_
     return plans
 
 
-def gathered_traffic_gib(shape: ModelShape, plan: dict, checkpointing: bool) -> float:
-    """GiB of frozen weights each GPU receives by all-gather per micro-batch under ZeRO-3: the whole base once per
-    pass (forward, the recompute when checkpointing, backward), int8 when quantized."""
+def gathered_traffic_gib(plan: dict, checkpointing: bool) -> float:
+    """GiB of frozen weights each GPU receives by all-gather per micro-batch under ZeRO-3: the base's parameters as
+    stored (bf16, int8 with ZeRO++, packed with ``train.quantize_base``) once per pass (forward, the recompute when
+    checkpointing, backward)."""
     passes = 3 if checkpointing else 2
-    per_param = INT8 if plan["quantized_frozen_weights"] else BF16
-    return passes * per_param * shape.total_params / GIB
+    return passes * plan["frozen_params_gib"]
 
 
 def first_fitting(plans: dict[str, dict[str, float]], gpu_memory_gib: float,

@@ -83,6 +83,7 @@ def test_the_memory_plan_reads_the_node_rank_count_of_any_launcher(monkeypatch, 
         class train:
             ce_chunk_tokens = 0
             quantized_frozen_weights = False
+            quantize_base = "none"
 
     assert engine.planned_gpu_gib(Cfg, 8, None, checkpointing=True) == {"replicate": 1.0}
     assert seen == {"local": expected, "nodes": 8 // expected}

@@ -30,6 +30,10 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
+# The values of train.quantize_base a provenance may record.
+QUANTIZED_BASES = ("none", "nf4", "int8")
+
+
 @dataclass
 class AdapterProvenance:
     """``gift_adapter.json``: how an adapter was made. Written by train, read by merge and ``gift-dist run``."""
@@ -63,6 +67,9 @@ class AdapterProvenance:
     # before this was recorded (still readable: a new optional key keeps the version); ``int8_base_note`` says
     # what can be told of those.
     quantized_frozen_weights: Optional[bool] = None
+    # How bitsandbytes quantized the model the LoRA trained on (train.quantize_base: none, nf4 or int8). Adapters
+    # written before it was recorded read as "none", which they are: gift_dist could not load a quantized base then.
+    quantize_base: str = "none"
     format: str = FORMAT
     version: int = VERSION
 
@@ -80,6 +87,9 @@ class AdapterProvenance:
         if self.quantized_frozen_weights not in (None, True, False):
             raise ContractError(f"adapter provenance: quantized_frozen_weights must be true, false or absent, got "
                                 f"{self.quantized_frozen_weights!r}")
+        if self.quantize_base not in QUANTIZED_BASES:
+            raise ContractError(f"adapter provenance: quantize_base must be one of {list(QUANTIZED_BASES)}, got "
+                                f"{self.quantize_base!r}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,6 +118,17 @@ def int8_base_note(provenance: Optional[AdapterProvenance]) -> Optional[str]:
             return (f"may have been trained against int8 base weights: its provenance predates the record of "
                     f"it, and train.ds_config={ds_config} quantized the frozen base then")
     return None
+
+
+def quantized_base_note(provenance: Optional[AdapterProvenance]) -> Optional[str]:
+    """What merge reports about an adapter trained on a bitsandbytes base (QLoRA): a line, or None when the base
+    was not quantized (or nothing is recorded)."""
+    if provenance is None or provenance.quantize_base == "none":
+        return None
+    quantize = provenance.quantize_base
+    return (f"trained against a {quantize} copy of its base quantized by bitsandbytes (train.quantize_base="
+            f"{quantize}, QLoRA) and merged into the target's full-precision weights: the delta was fitted to the "
+            f"quantized weights, not to these")
 
 
 @dataclass

@@ -53,6 +53,9 @@ class MergeRecord:
     # quantized_frozen_weights; ``contracts.adapter.int8_base_note``): the line merge reported. None otherwise and in
     # records written before it was recorded.
     int8_base_weights: Optional[str] = None
+    # Set when the adapter was trained on a bitsandbytes base (its provenance's quantize_base, QLoRA;
+    # ``contracts.adapter.quantized_base_note``): the line merge reported. None otherwise and in older records.
+    quantized_base: Optional[str] = None
 
     @property
     def scale(self) -> float:

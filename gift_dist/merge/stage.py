@@ -159,6 +159,9 @@ def _merge(cfg: RunConfig, adapter_path: Path, target: Path, output: Path, base:
     int8_base = adapter_contract.int8_base_note(adapter.provenance)
     if int8_base:
         log.warning("adapter %s was %s", adapter_path, int8_base)
+    quantized_base = adapter_contract.quantized_base_note(adapter.provenance)
+    if quantized_base:
+        log.warning("adapter %s was %s", adapter_path, quantized_base)
     shapes = model_folder.tensor_shapes(target)
     if base is not None and base != target:
         check_pair(str(base), str(target), cfg.trust_remote_code)
@@ -188,7 +191,7 @@ def _merge(cfg: RunConfig, adapter_path: Path, target: Path, output: Path, base:
         base=identity["base"], target=identity["target"], into=opts.into, adapter=identity["adapter"],
         lora_scaling=adapter.scale, strength=opts.scale, dtype=opts.dtype, merged_tensors=sorted(targets.names()),
         shards=shards, shard_sha256=merged_contract.shard_checksums(work_dir, shards), other_instruct=other_instruct,
-        int8_base_weights=int8_base,
+        int8_base_weights=int8_base, quantized_base=quantized_base,
     )
     merged_contract.write_record(work_dir, record)
     if opts.verify:
@@ -235,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = apply_arguments(config_from_args(args), args)
     output = merge(cfg, args.adapter, args.target, args.output, args.base, args.throttle_seconds)
     print(f"merged model: {output}")
-    note = merged_contract.read_merged(output).record.int8_base_weights
-    if note:
-        print(f"adapter {note}")
+    record = merged_contract.read_merged(output).record
+    for note in (record.int8_base_weights, record.quantized_base):
+        if note:
+            print(f"adapter {note}")
     return 0

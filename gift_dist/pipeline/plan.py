@@ -16,6 +16,7 @@ from gift_dist.memory_plan import (
     USABLE_FRACTION,
     ModelShape,
     first_fitting,
+    frozen_weight_bytes,
     gathered_traffic_gib,
     model_shape,
     training_plan,
@@ -76,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "instead of micro batch size x sequence length")
     parser.add_argument("--quantized-frozen-weights", action="store_true",
                         help="train.quantized_frozen_weights: the frozen base in int8 under ZeRO-3 (ZeRO++)")
+    parser.add_argument("--quantize-base", choices=["none", "nf4", "int8"], default="none",
+                        help="train.quantize_base: the frozen base loaded quantized by bitsandbytes (nf4: QLoRA)")
     parser.add_argument("--hpz-partition-size", type=int, default=None,
                         help="zero_hpz_partition_size of zero3_multinode (default: the shipped config's)")
     parser.add_argument("--lora-r", type=int, default=16)
@@ -94,6 +97,8 @@ def print_training_plan(args: argparse.Namespace, shape: ModelShape, train: dict
     batch = (f"micro-batches of {args.micro_batch_tokens} tokens (train.micro_batch_tokens)"
              if args.micro_batch_tokens else f"micro batch {args.micro_batch_size} x {args.seq_len} tokens")
     frozen = "int8" if args.quantized_frozen_weights else "bf16"
+    if args.quantize_base != "none":
+        frozen = f"{args.quantize_base} (bitsandbytes, train.quantize_base)"
     print(f"training on {args.nodes} node(s) x {args.gpus_per_node} GPU(s), {batch}, frozen weights {frozen} "
           f"under ZeRO-3, gradient checkpointing on:")
     print(f"  LoRA targets (train.lora.target_modules: auto): {', '.join(shape.lora_targets)}")
@@ -104,6 +109,8 @@ def print_training_plan(args: argparse.Namespace, shape: ModelShape, train: dict
     print(f"  {'per GPU GiB':<21}" + "".join(f"{name:>{width}}" for name in layouts))
     for key, label in LINE_ITEMS.items():
         print(f"  {label:<21}" + "".join(f"{train[name]['items'][key]:>{width}.2f}" for name in layouts))
+    if args.quantize_base != "none":
+        print(f"  {'load (whole base)':<21}" + "".join(f"{train[name]['load_gib']:>{width}.2f}" for name in layouts))
     print(f"  {'per node CPU GiB':<21}" + "".join(f"{name:>{width}}" for name in layouts))
     for key in train["zero3"]["cpu_items"]:
         print(f"  {key:<21}" + "".join(f"{train[name]['cpu_items'][key]:>{width}.2f}" for name in layouts))
@@ -112,8 +119,10 @@ def print_training_plan(args: argparse.Namespace, shape: ModelShape, train: dict
           f"{zero3['prefetch_bucket_size'] / 1e6:.0f}M, stage3_max_live_parameters "
           f"{zero3['max_live_parameters'] / 1e6:.0f}M params, reduce_bucket_size {zero3['reduce_bucket_size'] / 1e6:.0f}M "
           f"(replicate: {train['replicate']['reduce_bucket_size'] / 1e6:.0f}M, fp32)")
-    print(f"  all-gathered per micro-batch under ZeRO-3: {gathered_traffic_gib(shape, zero3, True):.0f} GiB of frozen "
+    print(f"  all-gathered per micro-batch under ZeRO-3: {gathered_traffic_gib(zero3, True):.0f} GiB of frozen "
           f"weights per GPU ({frozen}; forward, recompute, backward)")
+    if args.quantize_base != "none":
+        print_quantized_base(shape, args.quantize_base)
     if args.nodes > 1:
         multi = train["zero3_multinode"]
         hpz = multi["hpz_partition_size"]
@@ -123,6 +132,17 @@ def print_training_plan(args: argparse.Namespace, shape: ModelShape, train: dict
               f"inside a node, for {multi['items']['hpz_secondary']:.1f} GiB more per GPU{note}; "
               f"train.quantized_frozen_weights=true halves the frozen weights and the gathers (the LoRA then trains "
               f"against int8 base weights)")
+
+
+def print_quantized_base(shape: ModelShape, quantize: str) -> None:
+    """What a bitsandbytes base is made of, and why it has a load peak (``memory_plan``'s ``load_gib``)."""
+    params, constants = frozen_weight_bytes(shape, quantize)
+    kept = BF16 * (shape.total_params - shape.quantizable_params)
+    print(f"  {quantize} base: {shape.quantizable_params / 1e9:.2f}B weights packed {(params - kept) / GIB:.1f} GiB + "
+          f"constants {constants / GIB:.2f} GiB (whole on every GPU: not parameters, ZeRO-3 leaves them) + "
+          f"{kept / GIB:.1f} GiB kept in bf16 (embeddings, output layer, norms); while the model loads each GPU "
+          f"holds all {(params + constants) / GIB:.1f} GiB (transformers quantizes onto the GPU without zero.Init; "
+          f"ZeRO-3 partitions it after), the \"load\" row, counted in the totals")
 
 
 def run_dry(args: argparse.Namespace) -> int:
@@ -143,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     shape = model_shape(args.model, args.lora_r, LoraConfig().target_modules)
     tokens = args.micro_batch_tokens or args.micro_batch_size * args.seq_len
     options = {"quantized_frozen_weights": args.quantized_frozen_weights,
-               "hpz_partition_size": args.hpz_partition_size}
+               "hpz_partition_size": args.hpz_partition_size, "quantize_base": args.quantize_base}
     train = training_plan(shape, args.gpus_per_node, args.nodes, tokens, args.ce_chunk_tokens, **options)
     fits = first_fitting(train, args.gpu_memory_gb, args.cpu_memory_gb)
     score = scoring_plan(shape, args.gpu_memory_gb, args.gpus_per_node, args.score_batch_tokens, args.ce_chunk_tokens)
@@ -152,11 +172,16 @@ def run(args: argparse.Namespace) -> int:
           f"{shape.largest_layer_params / 1e6:.0f}M, LoRA r={args.lora_r}: {shape.lora_params / 1e6:.1f}M trainable")
     print_training_plan(args, shape, train, tokens)
     choice = "none: add nodes or GPUs"
+    if args.quantize_base != "none" and train["zero3"]["load_gib"] > USABLE_FRACTION * args.gpu_memory_gb:
+        choice = (f"none: each GPU holds the whole {args.quantize_base} base ({train['zero3']['load_gib']:.1f} GiB) "
+                  f"while it loads, however many GPUs share it after")
     if fits:
         sharding = "replicate" if fits == "replicate" else "zero3"
         choice = f"ds_configs/{fits}.json (train.sharding: auto -> {sharding})"
     print(f"  fits {args.gpu_memory_gb:g} GiB GPUs / {args.cpu_memory_gb:g} GiB nodes: {choice}")
-    if fits:
+    if fits and fits != "replicate" and args.quantize_base != "none":
+        print("  gradient checkpointing: on, required under ZeRO-3 with a quantized base (README, QLoRA)")
+    elif fits:
         without = training_plan(shape, args.gpus_per_node, args.nodes, tokens, args.ce_chunk_tokens,
                                 checkpointing=False, **options)[fits]["gpu_gib"]
         recompute = "off" if without <= USABLE_FRACTION * args.gpu_memory_gb else "on"

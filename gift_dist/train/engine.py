@@ -14,6 +14,7 @@ Two layouts (``train.sharding``), one engine:
   (``loss.ChunkedTargetCE``), prefetch and live-parameter limits come from the decoder layer's size.
 
 ``auto`` picks ``replicate`` when ``gift_dist.memory_plan`` (what ``gift-dist plan`` prints) says it fits the GPU.
+With ``train.quantize_base`` the frozen model is loaded quantized by bitsandbytes in either layout (QLoRA).
 The optimizer is torch's AdamW (fused on CUDA) unless the ds_config names another: no JIT-built op on the default
 path. The LR schedule is the run config's.
 """
@@ -121,7 +122,8 @@ def planned_gpu_gib(cfg: RunConfig, world: int, shape: ModelShape, checkpointing
     local = env_local_world_size() or world  # ranks on this node, from whichever launcher started us
     plans = training_plan(shape, local, max(world // max(local, 1), 1), micro_batch_token_bound(cfg),
                           cfg.train.ce_chunk_tokens, checkpointing,
-                          quantized_frozen_weights=cfg.train.quantized_frozen_weights)
+                          quantized_frozen_weights=cfg.train.quantized_frozen_weights,
+                          quantize_base=cfg.train.quantize_base)
     return {name: plan["gpu_gib"] for name, plan in plans.items()}
 
 
@@ -129,6 +131,13 @@ def choose_checkpointing(cfg: RunConfig, layout: Layout, world: int, shape: Opti
     """Resolve ``train.gradient_checkpointing``: ``auto`` recomputes only when the activations of the largest
     micro-batch would not fit beside the layout's weights (recomputing costs a third more forward work)."""
     setting = cfg.train.gradient_checkpointing
+    if cfg.train.quantize_base != "none" and layout.sharding == "zero3":
+        # bitsandbytes' matmul keeps a view of the packed weight for its backward, whose storage ZeRO-3 has
+        # released by then (a shape error in backward); the recompute multiplies again with the weight gathered anew.
+        if setting is False:
+            raise ConfigError(f"train.quantize_base={cfg.train.quantize_base} under ZeRO-3 ({layout.reason}) needs "
+                              f"gradient checkpointing: set train.gradient_checkpointing=auto (or true)")
+        return True, f"required: train.quantize_base={cfg.train.quantize_base} under ZeRO-3"
     if setting != "auto":
         return bool(setting), f"train.gradient_checkpointing={str(setting).lower()}"
     if not on_gpu() or shape is None:
@@ -279,11 +288,15 @@ def _fill_quantized_frozen_weights(zero: dict, train: TrainConfig, stage: int, c
         zero.pop(key, None)
 
 
-def frozen_weights_note(ds_config: dict) -> str:
-    """How the frozen base is held, for the start-up log: int8 (ZeRO++) or bf16, and hpZ's secondary copy."""
+def frozen_weights_note(ds_config: dict, quantize_base: str = "none") -> str:
+    """How the frozen base is held, for the start-up log: bitsandbytes' nf4/int8 (``train.quantize_base``), int8
+    (ZeRO++) or bf16, and hpZ's secondary copy."""
     zero = ds_config.get("zero_optimization", {})
     note = ("int8 (train.quantized_frozen_weights=true: the LoRA trains against an int8 copy of the base)"
             if zero.get("zero_quantized_nontrainable_weights") else "bf16")
+    if quantize_base != "none":
+        note = (f"{quantize_base} by bitsandbytes (train.quantize_base: the LoRA trains against a quantized copy of "
+                f"the base, merged into full-precision weights)")
     hpz = zero.get("zero_hpz_partition_size", 1)
     if zero.get("stage") == 3 and isinstance(hpz, int) and hpz > 1:
         note += f", hpZ secondary copy over {hpz} GPUs"
@@ -464,6 +477,23 @@ def apply_liger_kernels(model: torch.nn.Module) -> None:
     log.info("Liger kernels (RMSNorm, SwiGLU, RoPE) applied to the %s model", model_type)
 
 
+def bnb_quantization_config(quantize_base: str, dtype: torch.dtype):
+    """transformers' ``BitsAndBytesConfig`` for ``train.quantize_base`` (None for ``none``).
+
+    nf4 as the QLoRA paper and peft's DeepSpeed ZeRO-3 recipe set it: NormalFloat-4 with double-quantized constants,
+    computing in the training dtype, and the packed codes stored in that dtype too (``bnb_4bit_quant_storage``), so
+    ZeRO-3 partitions and gathers them like any other weight of the model. int8 is LLM.int8 (frozen int8 weights,
+    ``has_fp16_weights=False``)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize_base == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+    if quantize_base == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
 def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
     """Load the model in the chosen layout, add LoRA with peft, and build the DeepSpeed engine."""
     import deepspeed
@@ -483,9 +513,16 @@ def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
     attention_name = attention_implementation(cfg.train)
     checkpointing, checkpointing_reason = choose_checkpointing(cfg, layout, world, shape)
     log.info("layout %s (%s), ds_config %s, frozen weights %s, %s attention, gradient checkpointing %s (%s)",
-             layout.sharding, layout.reason, layout.ds_config, frozen_weights_note(ds_config), attention_name,
-             "on" if checkpointing else "off", checkpointing_reason)
+             layout.sharding, layout.reason, layout.ds_config, frozen_weights_note(ds_config, cfg.train.quantize_base),
+             attention_name, "on" if checkpointing else "off", checkpointing_reason)
     load = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "attn_implementation": attention_name}
+    quantization = bnb_quantization_config(cfg.train.quantize_base, dtype)
+    if quantization is not None:
+        # Under ZeRO-3 transformers builds a quantized model without zero.Init, whole on this rank's device, and
+        # deepspeed.initialize partitions it (the load peak of `gift-dist plan`). peft's prepare_model_for_kbit_training
+        # is left out: its gradient checkpointing is done below, and its cast of every unquantized weight
+        # (embeddings, output layer, norms) to fp32 would cost 4 GiB more on a 70B.
+        load["quantization_config"] = quantization
     if layout.sharding == "zero3":
         # Must stay referenced while from_pretrained runs: it is how transformers knows to build under zero.Init.
         hf_ds_config = HfDeepSpeedConfig(ds_config)

@@ -451,6 +451,7 @@ def provenance(cfg: RunConfig, identity: dict, fingerprint: str, step: int, worl
         complete=complete,
         # build_ds_config makes the ds_config agree with this setting (or refuses to start).
         quantized_frozen_weights=cfg.train.quantized_frozen_weights,
+        quantize_base=cfg.train.quantize_base,
     )
 
 
