@@ -170,3 +170,15 @@ def test_general_exact_match_gets_mean_std_and_its_standard_error_over_prompts()
     assert "| 0.750 ± 0.000 | 0.054 (n=64) |" in rows["instruct"]
     assert "| n/a | n/a | 2.0000 ± 0.0000 |" in rows["direct"]
     json.dumps(summary)
+
+
+def test_points_without_a_measured_kl_are_left_out_of_the_tradeoff_plot_and_named(tmp_path):
+    """Without eval.general_files there is no KL: drawn at 0 it would sit on the instruct model."""
+    from gift_dist.evaluate.stage import measured_points, tradeoff_plot
+
+    points = [("instruct", 0.0, 0.0), ("gift", 0.2, None), ("direct", 0.3, float("nan")), ("shadow-ft", 0.1, 0.4)]
+    shown, left_out = measured_points(points)
+    assert shown == [("instruct", 0.0, 0.0), ("shadow-ft", 0.1, 0.4)]
+    assert left_out == ["gift", "direct"]
+    path = tradeoff_plot(points, tmp_path / "tradeoff.png", "gain", "KL")
+    assert path.read_bytes().startswith(b"\x89PNG")

@@ -1,5 +1,5 @@
 """train.quantize_base (QLoRA): the config's refusals, the memory plan's bitsandbytes bytes (against a model
-bitsandbytes loaded, and against peft's published 70B figure), the adapter's record, merge's note,
+bitsandbytes loaded, and against peft's published 70B figure), the adapter's record, merge's note, compare's rows,
 and training through bitsandbytes' CPU backend: in-process under `replicate` (train, resume, merge, verify), and on
 2 ranks under ZeRO-3 against 1 rank x GA 2 (slow). The bf16 GPU path (quant storage in bf16, the load onto each
 GPU) needs a GPU and is not run here.
@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -180,6 +181,38 @@ def test_the_adapter_records_the_quantized_base_and_older_ones_read_as_none():
     assert quantized_base_note(AdapterProvenance.from_json(older, "here")) is None
     with pytest.raises(ContractError, match="quantize_base must be one of"):
         AdapterProvenance.from_json({**record, "quantize_base": "fp4"}, "here")
+
+
+def test_compare_puts_each_quantized_row_beside_its_method(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from gift_dist.pipeline.compare import compared_rows, split_row, summarise, variant_config
+
+    assert compared_rows(["gift", "shadow-ft"], ["nf4"]) == ["gift", "gift+nf4", "shadow-ft", "shadow-ft+nf4"]
+    assert split_row("dft+int8") == ("dft", "int8") and split_row("dft") == ("dft", "none")
+    cfg = _config(f"output_dir={tmp_path / 'run'}")
+    variant = variant_config(cfg, "shadow-ft+nf4", 1)
+    assert variant.train.quantize_base == "nf4" and variant.train.weighting == "uniform"
+    assert variant.train.seed == cfg.train.seed + 1
+    assert Path(variant.output_dir) == tmp_path / "run" / "compare" / "shadow-ft+nf4" / "seed-1"
+
+    def scores(name: str, accuracy: float):
+        return SimpleNamespace(name=name, task_accuracy=accuracy, task_ce=1.0, general_exact_match=None,
+                               general_ce=None, kl_to_instruct=None, task_samples=100, general_generated=0)
+
+    summary = summarise([scores("instruct", 0.1), scores("gift/seed-0", 0.5), scores("gift+nf4/seed-0", 0.3)],
+                        ["gift", "gift+nf4"])
+    assert summary["gift"]["task_accuracy"][0] == 0.5 and summary["gift+nf4"]["task_accuracy"][0] == 0.3
+    assert summary["gift+nf4"]["vs_gift"]["diff"] == pytest.approx(-0.2)
+
+
+def test_compare_refuses_unknown_or_redundant_quantize_variants(tmp_path):
+    from gift_dist.cli import main
+
+    options = ["--seeds", "1", "prepare.eval_fraction=0.1", "base_model=b", "instruct_model=i"]
+    assert main(["compare", "--quantize-variants", "nf3", *options, f"output_dir={tmp_path / 'a'}"]) == 2
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        assert main(["compare", "--quantize-variants", "nf4", *options, f"output_dir={tmp_path / 'b'}",
+                     "train.quantize_base=nf4"]) == 2
 
 
 def _safetensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -410,22 +410,39 @@ def harness_cell(metrics_of: dict, task: str, key: str) -> str:
     return f"{value:.4f}"
 
 
-def tradeoff_plot(points: list[tuple[str, float, float]], out_path: Path, xlabel: str, ylabel: str) -> Path:
-    """Named points (x = task gain over the instruct model, y = distance from it)."""
+def measured_points(points: list[tuple[str, Optional[float], Optional[float]]]
+                    ) -> tuple[list[tuple[str, float, float]], list[str]]:
+    """The points with both values measured, and the names of the others (a None or NaN value)."""
+    def measured(value: Optional[float]) -> bool:
+        return value is not None and not math.isnan(value)
+
+    shown = [(name, x, y) for name, x, y in points if measured(x) and measured(y)]
+    return shown, [name for name, x, y in points if not (measured(x) and measured(y))]
+
+
+def tradeoff_plot(points: list[tuple[str, Optional[float], Optional[float]]], out_path: Path, xlabel: str,
+                  ylabel: str) -> Path:
+    """Named points (x = task gain over the instruct model, y = distance from it). A point with a value that was
+    not measured (None or NaN: no general set, hence no KL) is left out, and a note under the plot names it:
+    drawn at 0 it would sit on the instruct model and read as "no distance"."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    shown, left_out = measured_points(points)
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name, x, y in points:
+    for index, (name, x, y) in enumerate(shown):
         ax.scatter([x], [y])
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4))
+        # Labels of nearby points are staggered vertically so that they stay readable.
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4 + 9 * (index % 3)))
     ax.axvline(0.0, color="grey", lw=0.5)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    if left_out:
+        fig.text(0.01, 0.01, f"not plotted (a value is n/a): {', '.join(left_out)}", fontsize=8)
+    fig.tight_layout(rect=(0, 0.04 if left_out else 0, 1, 1))
     atomic_write(out_path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return out_path
@@ -444,7 +461,7 @@ def write_eval_report(results: list[ModelScores], out_dir: Path) -> Path:
     atomic_write_text(out_dir / "results.md", markdown_table(results))
     instruct = results[0]
     gain = "task accuracy gain" if instruct.task_accuracy is not None else "task CE saved"
-    tradeoff_plot([(r.name, task_gain(r, instruct), r.kl_to_instruct or 0.0) for r in results],
+    tradeoff_plot([(r.name, task_gain(r, instruct), r.kl_to_instruct) for r in results],
                   out_dir / "tradeoff.png", f"{gain} over instruct", "KL to instruct (general set, per token)")
     return out_dir / RESULTS_NAME
 

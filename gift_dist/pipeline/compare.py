@@ -114,7 +114,7 @@ def compare(cfg: RunConfig, methods: list[str], seeds: int, launch: Optional[Lau
     instruct = summary["instruct"]
     gain_key = "task_accuracy" if instruct["task_accuracy"][0] is not None else "task_ce"
     sign = 1.0 if gain_key == "task_accuracy" else -1.0
-    tradeoff_plot([(name, sign * (row[gain_key][0] - instruct[gain_key][0]), row["kl_to_instruct"][0] or 0.0)
+    tradeoff_plot([(name, sign * (row[gain_key][0] - instruct[gain_key][0]), row["kl_to_instruct"][0])
                    for name, row in summary.items()], out / "tradeoff.png",
                   "task accuracy gain over instruct" if sign > 0 else "task CE saved over instruct",
                   "KL to instruct (general set, per token; mean over seeds)")
