@@ -8,6 +8,9 @@ staying closer to the instruct model elsewhere. This command runs it from one co
    and merges in ``<output_dir>/compare/<method>/seed-<k>/`` on the shared ``prepared/`` and ``confidence/``
    (``gift-dist run`` per variant, so a killed comparison resumes: finished variants are skipped, a half-trained
    one continues from its checkpoint);
+   With ``--quantize-variants nf4`` (or int8) every method also trains on its base quantized by bitsandbytes
+   (``train.quantize_base``, QLoRA), as the row ``<method>+nf4`` beside the full-precision one, so the table
+   shows what the quantized base costs;
 3. ``gift-dist eval`` scores the instruct model and every merged model on the same held-out task samples and
    the same general chat set;
 4. ``compare/report.md`` (mean +- std over seeds per method; for task accuracy also its standard error over the
@@ -56,12 +59,30 @@ log = logging.getLogger(__name__)
 # Every method, in config.METHODS' order (the one list of methods).
 DEFAULT_METHODS = METHOD_NAMES
 METRICS = ("task_accuracy", "task_ce", "general_exact_match", "general_ce", "kl_to_instruct")
+# The train.quantize_base values --quantize-variants takes, and what joins one to its method in a row's name.
+QUANTIZE_VARIANTS = ("nf4", "int8")
+QUANTIZED_MARK = "+"
 
 
-def variant_config(cfg: RunConfig, method: str, seed_index: int) -> RunConfig:
-    """The run config of one method and seed: its own output folder, the shared data linked into it."""
-    variant = apply_method(replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + seed_index)), method)
-    variant.output_dir = str(cfg.paths.root / "compare" / method / f"seed-{seed_index}")
+def compared_rows(methods: list[str], quantize_variants: list[str]) -> list[str]:
+    """The rows compared: each method, followed by its quantized-base variants (``gift``, ``gift+nf4``, ...)."""
+    return [row for method in methods for row in (method, *(method + QUANTIZED_MARK + q for q in quantize_variants))]
+
+
+def split_row(row: str) -> tuple[str, str]:
+    """A row's method and train.quantize_base: ``gift+nf4`` -> (``gift``, ``nf4``), ``gift`` -> (``gift``,
+    ``none``)."""
+    method, _, quantize = row.partition(QUANTIZED_MARK)
+    return method, quantize or "none"
+
+
+def variant_config(cfg: RunConfig, row: str, seed_index: int) -> RunConfig:
+    """The run config of one row (a method, with its base quantized for a ``+nf4`` row) and seed: its own output
+    folder, the shared data linked into it."""
+    method, quantize = split_row(row)
+    train = replace(cfg.train, seed=cfg.train.seed + seed_index, quantize_base=quantize)
+    variant = apply_method(replace(cfg, train=train), method)
+    variant.output_dir = str(cfg.paths.root / "compare" / row / f"seed-{seed_index}")
     root = variant.paths.root
     root.mkdir(parents=True, exist_ok=True)
     for shared, link in ((cfg.paths.prepared, variant.paths.prepared), (cfg.paths.confidence,
@@ -71,7 +92,8 @@ def variant_config(cfg: RunConfig, method: str, seed_index: int) -> RunConfig:
     return variant
 
 
-def compare(cfg: RunConfig, methods: list[str], seeds: int, launch: Optional[Launch] = None) -> Path:
+def compare(cfg: RunConfig, methods: list[str], seeds: int, launch: Optional[Launch] = None,
+            quantize_variants: tuple[str, ...] = ()) -> Path:
     from gift_dist.contracts import prepared as prepared_contract
     from gift_dist.evaluate.stage import evaluate_models, markdown_table, tradeoff_plot
     from gift_dist.prepare.stage import prepare
@@ -82,6 +104,17 @@ def compare(cfg: RunConfig, methods: list[str], seeds: int, launch: Optional[Lau
         raise ConfigError(f"compare: unknown methods {unknown}; choose from {sorted(METHODS)}")
     if seeds < 1:
         raise ConfigError(f"compare: --seeds must be >= 1, got {seeds}")
+    unknown = sorted(set(quantize_variants) - set(QUANTIZE_VARIANTS))
+    if unknown:
+        raise ConfigError(f"compare: unknown --quantize-variants {unknown}; choose from {list(QUANTIZE_VARIANTS)}")
+    if quantize_variants and cfg.train.quantize_base != "none":
+        raise ConfigError(f"compare --quantize-variants puts quantized-base rows beside full-precision ones, but "
+                          f"train.quantize_base={cfg.train.quantize_base} quantizes them all: set "
+                          f"train.quantize_base=none")
+    for quantize in quantize_variants:
+        # The train section's own checks (bitsandbytes installed, the layout) before any row trains.
+        replace(cfg.train, quantize_base=quantize)
+    rows = compared_rows(methods, list(quantize_variants))
     if cfg.prepare.eval_fraction <= 0:
         raise ConfigError("compare evaluates on held-out data: set prepare.eval_fraction (e.g. 0.1)")
     if not cfg.eval.general_files:
@@ -98,17 +131,17 @@ def compare(cfg: RunConfig, methods: list[str], seeds: int, launch: Optional[Lau
         score_and_train(cfg, config_file, launch, needs_scoring=True, needs_training=False)
 
     merged: dict[str, str] = {}
-    for method in methods:
+    for row in rows:
         for seed_index in range(seeds):
-            variant = variant_config(cfg, method, seed_index)
-            log.info("compare: %s seed %d in %s", method, seed_index, variant.paths.root)
+            variant = variant_config(cfg, row, seed_index)
+            log.info("compare: %s seed %d in %s", row, seed_index, variant.paths.root)
             run_pipeline(variant, launch)
-            merged[f"{method}/seed-{seed_index}"] = str(variant.paths.merged)
+            merged[f"{row}/seed-{seed_index}"] = str(variant.paths.merged)
 
     results = evaluate_models(cfg, {"instruct": cfg.instruct_model, **merged})
     out = cfg.paths.root / "compare"
     atomic_write_text(out / "results.json", json.dumps([asdict(r) for r in results], indent=2) + "\n")
-    summary = summarise(results, methods, cfg.eval.max_generate_samples)
+    summary = summarise(results, rows, cfg.eval.max_generate_samples)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "report.md", compare_report(summary, seeds, markdown_table(results)))
     instruct = summary["instruct"]
@@ -227,6 +260,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated, from {sorted(METHODS)} (default: all)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method (train.seed + 0..N-1)")
+    parser.add_argument("--quantize-variants", default="",
+                        help=f"comma-separated train.quantize_base values from {list(QUANTIZE_VARIANTS)}: every "
+                             f"method also trains on its base so quantized (QLoRA), as rows like gift+nf4 beside the "
+                             f"full-precision ones")
     add_launch_arguments(parser)
 
 
@@ -235,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
 
     def work() -> None:
         path = compare(config_from_args(args), [m for m in args.methods.split(",") if m], args.seeds,
-                       launch_from_args(args))
+                       launch_from_args(args), tuple(q for q in args.quantize_variants.split(",") if q))
         print(path.read_text())
         print(f"report: {path}")
 
