@@ -57,7 +57,8 @@ def test_zero3_recomputes_with_a_quantized_base_and_nf4_is_stored_in_the_compute
     """A zero3 ds_config under train.sharding=auto passes the config's check; the engine resolves the layout and
     turns recompute on (auto) or refuses it off."""
     pytest.importorskip("bitsandbytes")
-    from gift_dist.train.engine import Layout, bnb_quantization_config, choose_checkpointing, resolve_ds_config
+    from gift_dist.train.engine import (Layout, bnb_quantization_config, choose_checkpointing, frozen_weights_note,
+                                        resolve_ds_config)
 
     layout = Layout("zero3", resolve_ds_config("zero3"), "train.ds_config=zero3")
     cfg = _config("train.quantize_base=nf4", "train.ds_config=zero3")
@@ -74,6 +75,9 @@ def test_zero3_recomputes_with_a_quantized_base_and_nf4_is_stored_in_the_compute
     assert nf4.bnb_4bit_quant_storage == nf4.bnb_4bit_compute_dtype == torch.bfloat16
     assert bnb_quantization_config("int8", torch.bfloat16).load_in_8bit
     assert bnb_quantization_config("none", torch.bfloat16) is None
+    zero3 = {"zero_optimization": {"stage": 3}}
+    assert frozen_weights_note(zero3, "nf4").startswith("nf4 by bitsandbytes") and frozen_weights_note(zero3, "none") \
+        == "bf16"
 
 
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])

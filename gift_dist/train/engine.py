@@ -288,7 +288,7 @@ def _fill_quantized_frozen_weights(zero: dict, train: TrainConfig, stage: int, c
         zero.pop(key, None)
 
 
-def frozen_weights_note(ds_config: dict, quantize_base: str = "none") -> str:
+def frozen_weights_note(ds_config: dict, quantize_base: str) -> str:
     """How the frozen base is held, for the start-up log: bitsandbytes' nf4/int8 (``train.quantize_base``), int8
     (ZeRO++) or bf16, and hpZ's secondary copy."""
     zero = ds_config.get("zero_optimization", {})
@@ -477,7 +477,7 @@ def apply_liger_kernels(model: torch.nn.Module) -> None:
     log.info("Liger kernels (RMSNorm, SwiGLU, RoPE) applied to the %s model", model_type)
 
 
-def bnb_quantization_config(quantize_base: str, dtype: torch.dtype):
+def bnb_quantization_config(quantize_base: str, dtype: torch.dtype) -> Optional[Any]:
     """transformers' ``BitsAndBytesConfig`` for ``train.quantize_base`` (None for ``none``).
 
     nf4 as the QLoRA paper and peft's DeepSpeed ZeRO-3 recipe set it: NormalFloat-4 with double-quantized constants,
