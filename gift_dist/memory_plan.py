@@ -323,7 +323,7 @@ def training_plan(shape: ModelShape, gpus_per_node: int, nodes: int, tokens_per_
     ``quantize_base`` model loads (0 otherwise; ``gpu_gib`` is the larger of it and the items' sum)."""
     world = gpus_per_node * nodes
     activations = activation_bytes(shape, tokens_per_micro_batch, ce_chunk_tokens, checkpointing)
-    quantized_params, constants = frozen_weight_bytes(shape, quantize_base)
+    stored_params, stored_constants = frozen_weight_bytes(shape, quantize_base)
     gathered = gathered_layer_bytes(shape, quantize_base)
     # DeepSpeed counts the prefetch and live limits in stored elements: bf16, or nf4 packed into bf16 storage.
     leaf = gathered / BF16
@@ -333,7 +333,7 @@ def training_plan(shape: ModelShape, gpus_per_node: int, nodes: int, tokens_per_
         ds = ds_settings(config, shape, quantized_frozen_weights and name != "replicate", hpz_partition_size)
         # ZeRO++ int8 (train.quantized_frozen_weights) and bitsandbytes (train.quantize_base) exclude each other.
         params_bytes, constants_bytes = ((INT8 * shape.total_params, 0.0) if ds.quantized_frozen_weights
-                                         else (quantized_params, constants))
+                                         else (stored_params, stored_constants))
         gpu: dict[str, float] = dict.fromkeys(LINE_ITEMS, 0.0)
         cpu: dict[str, float] = {"LoRA optimizer": 0.0, "frozen weights": 0.0, "LoRA gather (save)": 0.0}
         if ds.stage < 3:

@@ -80,6 +80,24 @@ def test_zero3_recomputes_with_a_quantized_base_and_nf4_is_stored_in_the_compute
         == "bf16"
 
 
+def test_a_gpu_smaller_than_the_quantized_base_is_refused_before_loading(monkeypatch):
+    """Llama-3-70B in nf4 is 36.8 GiB whole, which each GPU holds while it loads: a 24 GiB GPU is refused in one
+    line, an 80 GiB one is not."""
+    pytest.importorskip("bitsandbytes")
+    from gift_dist.config import LoraConfig
+    from gift_dist.memory_plan import model_shape
+    from gift_dist.train import engine
+
+    shape = model_shape(str(LLAMA3_70B), 16, LoraConfig().target_modules)
+    cfg = _config("train.quantize_base=nf4")
+    monkeypatch.setattr(engine, "on_gpu", lambda: True)
+    monkeypatch.setattr(engine, "gpu_memory_gib", lambda: 24.0)
+    with pytest.raises(ConfigError, match=r"whole quantized base \(~36.8 GiB\) while it loads, more than this 24 GiB"):
+        engine.check_quantized_load(cfg, shape)
+    monkeypatch.setattr(engine, "gpu_memory_gib", lambda: 80.0)
+    engine.check_quantized_load(cfg, shape)
+
+
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])
 def test_the_plan_counts_the_bytes_bitsandbytes_holds(tiny_pair, quantize):
     """model_shape's quantizable weights are the ones bitsandbytes replaced in a loaded model, and

@@ -477,6 +477,19 @@ def apply_liger_kernels(model: torch.nn.Module) -> None:
     log.info("Liger kernels (RMSNorm, SwiGLU, RoPE) applied to the %s model", model_type)
 
 
+def check_quantized_load(cfg: RunConfig, shape: ModelShape) -> None:
+    """A bitsandbytes base is quantized whole onto each rank's GPU before ZeRO-3 (if any) partitions it
+    (``memory_plan``'s load peak): refused, before any weight is read, when that alone exceeds the GPU."""
+    if cfg.train.quantize_base == "none" or not on_gpu():
+        return
+    load = training_plan(shape, 1, 1, 1, cfg.train.ce_chunk_tokens, quantize_base=cfg.train.quantize_base)
+    need, gpu_gib = load["replicate"]["load_gib"], gpu_memory_gib()
+    if need > gpu_gib:
+        raise ConfigError(f"train.quantize_base={cfg.train.quantize_base}: each GPU holds the whole quantized base "
+                          f"(~{need:.1f} GiB) while it loads, more than this {gpu_gib:.0f} GiB GPU, whatever the "
+                          f"sharding; use larger GPUs (gift-dist plan --quantize-base {cfg.train.quantize_base})")
+
+
 def bnb_quantization_config(quantize_base: str, dtype: torch.dtype) -> Optional[Any]:
     """transformers' ``BitsAndBytesConfig`` for ``train.quantize_base`` (None for ``none``).
 
@@ -508,6 +521,7 @@ def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
     model_path = training_model_path(cfg)
     shape = model_shape(model_path, cfg.train.lora.r, cfg.train.lora.target_modules, cfg.trust_remote_code)
     layout = choose_layout(cfg, world, shape)
+    check_quantized_load(cfg, shape)
     ds_config = build_ds_config(cfg.train, layout, world, total_steps, shape)
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     attention_name = attention_implementation(cfg.train)
