@@ -126,7 +126,7 @@ def quantized_base_note(provenance: Optional[AdapterProvenance]) -> Optional[str
     if provenance is None or provenance.quantize_base == "none":
         return None
     quantize = provenance.quantize_base
-    return (f"trained against a {quantize} copy of its base quantized by bitsandbytes (train.quantize_base="
+    return (f"trained against an {quantize} copy of its base quantized by bitsandbytes (train.quantize_base="
             f"{quantize}, QLoRA) and merged into the target's full-precision weights: the delta was fitted to the "
             f"quantized weights, not to these")
 
