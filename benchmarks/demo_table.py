@@ -9,6 +9,10 @@ wall time, between the README's markers::
     ...
     <!-- demo-table:end -->
 
+The table's first row is the BASE model the LoRAs train on, evaluated on the same held-out task prompts and
+general set (``OUT/compare/base.json``; the comparison itself evaluates the instruct and the merged models only):
+it shows where the pair starts, the instruct model's general skill against the base's, and both on the task.
+
 ``--check`` runs nothing: it only fails when the README's block is missing. ``--print`` prints the block instead
 of writing it. Two runs on one machine give the same table (the demo is deterministic there); another machine
 (other CPU, thread count, torch build) may give other numbers, which is why the block names where it came from.
@@ -53,15 +57,46 @@ def _se(row: dict, metric: str) -> str:
     return "" if se is None else f" (SE {se:.3f}, n={row[f'{metric}_n']})"
 
 
+BASE_ROW = "base (no fine-tuning)"
+
+
+def base_row(scores: dict, max_generate_samples: Optional[int]) -> dict:
+    """A summary row of the base model's scores (a ``ModelScores`` as a dict), its standard errors computed as
+    ``compare.summarise`` computes the instruct row's (it is summarised under that name, then renamed)."""
+    from gift_dist.evaluate.stage import ModelScores
+    from gift_dist.pipeline.compare import summarise
+
+    return summarise([ModelScores(**{**scores, "name": "instruct"})], [], max_generate_samples)["instruct"]
+
+
+def evaluate_base(out: Path, overrides: list[str]) -> Optional[dict]:
+    """The base model's scores on the comparison's held-out task prompts and general set: read from
+    ``OUT/compare/base.json``, or evaluated (and written there) when the run has its models; None otherwise."""
+    path = out / "compare" / "base.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if not (out / "models" / "base" / "config.json").is_file():
+        return None
+    from dataclasses import asdict
+
+    from gift_dist.evaluate.stage import evaluate_models
+    from gift_dist.pipeline.demo import demo_config
+
+    cfg = demo_config(out.resolve(), overrides)
+    scores = asdict(evaluate_models(cfg, {"base": str(out.resolve() / "models" / "base")})[0])
+    path.write_text(json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
 def table(summary: dict, seeds: int) -> str:
-    """The markdown table of a compare summary: one row per method (instruct first), mean ± std over seeds; the
-    accuracies with their standard error over the n prompts."""
+    """The markdown table of a compare summary: one row per method (the base, when it is in the summary, and
+    instruct first), mean ± std over seeds; the accuracies with their standard error over the n prompts."""
     header = f"| method ({seeds} seed(s), mean ± std) | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
     lines = [header, "|---|" + "---|" * len(COLUMNS)]
     for name, row in summary.items():
         cells = []
         for key, _, digits in COLUMNS:
-            text = _cell(row[key], digits, with_std=name != "instruct")
+            text = _cell(row[key], digits, with_std=name not in ("instruct", BASE_ROW))
             if key in ("task_accuracy", "general_exact_match") and text != "n/a":
                 text += _se(row, key)
             cells.append(text)
@@ -124,6 +159,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "--seeds", str(args.seeds), *args.overrides], check=True)
         wall = time.monotonic() - start
     summary = json.loads((out / "compare" / "summary.json").read_text())
+    base = evaluate_base(out, args.overrides)
+    if base is not None:
+        from gift_dist.pipeline.demo import demo_config
+
+        limit = demo_config(out.resolve(), args.overrides).eval.max_generate_samples
+        summary = {BASE_ROW: base_row(base, limit), **summary}
     text = block(summary, args.seeds, commit, command, wall, date.today().isoformat())
     if args.print:
         print(text)

@@ -137,6 +137,29 @@ def generate_general_chat(num_records: Optional[int] = None, seed: int = 1, spli
     return [_chat(*rng.choice(tasks)) for _ in range(300 if num_records is None else num_records)]
 
 
+# Arithmetic in another shape than the demo's task (`_problem`): a bare request and a terse worked answer, no
+# names. The demo's instruct model is chat-tuned on a little of it, as a real instruct model is tuned on some
+# maths; no prompt of it is a prompt of the demo's task (its templates share no question with `_problem`'s).
+def generate_chat_maths(num_records: int, seed: int, max_operand: int = 9) -> list[dict]:
+    """Single-turn chat records: add, take away or multiply operands up to ``max_operand``; replies
+    "a + b = c. The answer is c."."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(num_records):
+        op = rng.choice("+-*")
+        a, b = rng.randint(1, max_operand), rng.randint(1, max_operand)
+        item = rng.choice(ITEMS)
+        if op == "+":
+            question, value = f"Add {a} {item} to {b} {item}. How many {item} is that?", a + b
+        elif op == "-":
+            a += b
+            question, value = f"Take {b} {item} away from {a} {item}. How many {item} remain?", a - b
+        else:
+            question, value = f"{a} bags hold {b} {item} each. What is the total number of {item}?", a * b
+        records.append(_chat(question, f"{a} {op} {b} = {value}. The answer is {value}."))
+    return records
+
+
 def bundled_data_path() -> Path:
     return Path(str(resources.files("gift_dist") / "resources" / RESOURCE))
 

@@ -40,15 +40,22 @@ def test_the_demo_instruct_model_is_never_tuned_on_the_demo_general_set(tmp_path
     from gift_dist.pipeline.demo import demo_config, demo_data
 
     tuned: list[dict] = []
+    trained: list[list[list[int]]] = []
 
     def capture(tokenizer, records):
         tuned.extend(records)
         return [[1, 2]], [[1, 2]]
 
+    def train(model, token_lists, *args, **kwargs):
+        trained.append(token_lists)
+        return 0.0
+
     monkeypatch.setattr(tiny_pairs, "_chat_examples", capture)
-    monkeypatch.setattr(tiny_pairs, "_train", lambda *args, **kwargs: 0.0)
+    monkeypatch.setattr(tiny_pairs, "_train", train)
     tiny_pairs.build_demo_pair(tmp_path / "models")
-    assert len(tuned) == tiny_pairs.DEMO_INSTRUCT_RECORDS
+    assert len(tuned) == tiny_pairs.DEMO_INSTRUCT_RECORDS + tiny_pairs.DEMO_INSTRUCT_MATHS
+    maths = [r for r in tuned if "The answer is" in r["messages"][-1]["content"]]
+    assert len(maths) == tiny_pairs.DEMO_INSTRUCT_MATHS  # a real instruct model is tuned on some maths
     cfg = demo_config(tmp_path, [])
     assert cfg.eval.general_files == [str(bundled.bundled_general_path())]
     general = _prompts(bundled.read_jsonl(cfg.eval.general_files[0]))
@@ -56,6 +63,30 @@ def test_the_demo_instruct_model_is_never_tuned_on_the_demo_general_set(tmp_path
     # nor on any prompt of the demo's task data
     task = _prompts(bundled.read_jsonl(demo_data(tmp_path)))
     assert len(task) > 200 and not _prompts(tuned) & task
+    # The base's pre-training: a share of its documents as one chat user turn (the template's tokens are not new
+    # to it), never a reply in an assistant turn (answering in chat form stays the instruct model's skill).
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "models" / "base"))
+    texts = [tokenizer.decode(ids) for ids in trained[0]]
+    chat = [t for t in texts if t.startswith("<|im_start|>")]
+    assert abs(len(chat) / len(texts) - tiny_pairs.DEMO_BASE_CHAT_SHARE) < 0.05
+    assert all(t.startswith("<|im_start|>user\n") and t.count("<|im_start|>") == 1 for t in chat)
+    assert not any("<|im_start|>assistant" in t for t in texts)
+
+
+def test_the_chat_maths_is_right_and_never_a_prompt_of_the_task():
+    import re
+
+    maths = bundled.generate_chat_maths(500, seed=3, max_operand=9)
+    for record in maths:
+        a, op, b, value = re.fullmatch(r"(\d+) ([-+*]) (\d+) = (\d+)\. The answer is \4\.",
+                                       record["messages"][-1]["content"]).groups()
+        assert int(value) == eval(f"{a} {op} {b}") >= 0
+    assert len({r["messages"][1]["content"].split(" = ")[0] for r in maths}) > 100
+    task = _prompts(bundled.generate_arithmetic(3000, seed=0, max_operand=9) + bundled.read_jsonl(
+        bundled.bundled_data_path()))
+    assert not _prompts(maths) & task
 
 
 def test_unknown_split_is_refused():

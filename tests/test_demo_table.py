@@ -50,3 +50,22 @@ def test_the_table_comes_from_the_summary_and_replaces_only_the_block(tmp_path):
 
 def test_the_readme_has_the_block_the_script_writes():
     assert _module().main(["--check"]) == 0
+
+
+def test_the_base_row_comes_first_with_its_standard_errors(tmp_path):
+    """A run with compare/base.json (the base model's scores, evaluated once by the script) gets a base row above
+    instruct, its SEs computed like the instruct row's."""
+    from dataclasses import asdict
+
+    table = _module()
+    summary = summarise([_scores("instruct", 0.1, 0.3), _scores("gift/seed-0", 0.2, 0.2)], ["gift"], 200)
+    run = tmp_path / "run" / "compare"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "base.json").write_text(json.dumps(asdict(_scores("base", 0.1, 0.0))))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{table.START}\n{table.END}\n")
+    assert table.main(["--from-run", str(tmp_path / "run"), "--seeds", "1", "--readme", str(readme)]) == 0
+    rows = [line for line in readme.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split("|")[1].strip() for row in rows] == [table.BASE_ROW, "instruct", "gift"]
+    assert "| 0.100 (SE 0.021, n=200) | 1.000 | 0.000 (SE 0.000, n=91) |" in rows[0]

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 # One epoch of one-digit arithmetic in chat form (~170 steps of 16 samples): a minute on two CPU ranks, enough
 # for the held-out accuracy to move. Learning rate 1e-3 (not 3e-3): the LoRA stays a small enough change for the
-# merge to keep about half of the instruct model's word-task skill (Shadow-FT, issue 24); at 3e-3 it learns the
-# task faster and the merged model loses that skill.
+# merge to keep most of the instruct model's word-task skill (Shadow-FT, issue 24; the README's table); at 3e-3
+# it learnt the task faster and the merged model lost that skill.
 DEMO_SETTINGS = [
     "prepare.max_length=256",
     "prepare.samples_per_shard=256",
