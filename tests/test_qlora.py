@@ -252,7 +252,9 @@ def _qlora_config(pair, data: Path, output: Path, *extra: str):
         "prepare.max_length=96", "prepare.samples_per_shard=8", "train.weighting=uniform", "train.quantize_base=nf4",
         f"train.max_steps={STEPS}", "train.save_every_steps=2", "train.micro_batch_size=2",
         "train.learning_rate=1e-2", "train.warmup_steps=0", "train.lora.r=4", "train.lora.alpha=8",
-        "train.lora.dropout=0.0", "train.progress=false", "merge.progress=false", *extra,
+        "train.lora.dropout=0.0", "train.progress=false", "merge.progress=false",
+        # A held-out split evaluated at every step: the trainer's evaluation runs the quantized layers in eval mode.
+        "prepare.eval_fraction=0.25", "train.eval_every_steps=1", *extra,
     ])
 
 
@@ -260,12 +262,13 @@ def _qlora_config(pair, data: Path, output: Path, *extra: str):
 def qlora_data(tmp_path):
     from gift_dist.bundled import bundled_data_path, read_jsonl, write_jsonl
 
-    return write_jsonl(read_jsonl(bundled_data_path())[:12], tmp_path / "data.jsonl")
+    return write_jsonl(read_jsonl(bundled_data_path())[:24], tmp_path / "data.jsonl")
 
 
 def test_a_qlora_adapter_trains_resumes_merges_and_verifies_on_cpu(tiny_pair, tmp_path, single_rank, qlora_data):
     """nf4 through bitsandbytes' CPU backend, `replicate`: the loss moves and differs from the full-precision run's
-    (the base really is quantized), a resume from the step-2 checkpoint repeats step 3, the adapter records nf4,
+    (the base really is quantized), a resume from the step-2 checkpoint repeats step 3 (so the held-out evaluation
+    after steps 1 and 2 left the quantized base as it was), the adapter records nf4,
     merge (verify on) writes W_inst + (alpha/r) B A into the full-precision instruct weights and says why."""
     pytest.importorskip("bitsandbytes")
     from gift_dist.contracts import merged as merged_contract

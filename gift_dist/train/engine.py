@@ -490,6 +490,16 @@ def check_quantized_load(cfg: RunConfig, shape: ModelShape) -> None:
                           f"sharding; use larger GPUs (gift-dist plan --quantize-base {cfg.train.quantize_base})")
 
 
+def keep_quantized_weights_as_loaded(model: torch.nn.Module) -> None:
+    """bitsandbytes' 4-bit layers repack their weight in place, the first time they run on CPU in eval mode without
+    grad, into the layout of its CPU inference kernel (``support_avx512bf16_for_cpu``): the trainer's held-out
+    evaluation would change the frozen base the later steps train against (a resumed run then differs from the
+    unbroken one), and under ZeRO-3 rewrite a partitioned parameter. Turned off on every such layer."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def bnb_quantization_config(quantize_base: str, dtype: torch.dtype) -> Optional[Any]:
     """transformers' ``BitsAndBytesConfig`` for ``train.quantize_base`` (None for ``none``).
 
@@ -547,6 +557,8 @@ def build_engine(cfg: RunConfig, world: int, total_steps: int) -> TrainEngine:
         device_map = {"": torch.cuda.current_device()} if on_gpu() else None
         model = AutoModelForCausalLM.from_pretrained(model_path, device_map=device_map, **load)
     model.config.use_cache = False
+    if quantization is not None:
+        keep_quantized_weights_as_loaded(model)
     if cfg.train.liger_kernels:
         apply_liger_kernels(model)
     if checkpointing:
