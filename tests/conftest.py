@@ -18,6 +18,20 @@ from gift_dist.config import load_config  # noqa: E402
 from gift_dist.tiny_pairs import build_tiny_pair  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _torch_extensions_dir_restored():
+    """TORCH_EXTENSIONS_DIR as it was before each test. ``dist.use_private_extensions_dir()`` writes it into
+    os.environ itself, which monkeypatch does not undo when the variable was unset: a test calling it with a
+    temporary cache (tests/test_extensions_dir.py) left every later DeepSpeed start of the session (and the
+    subprocesses inheriting the variable) JIT-building DeepSpeed's shm op in a fresh folder: a minute or more."""
+    before = os.environ.get("TORCH_EXTENSIONS_DIR")
+    yield
+    if before is None:
+        os.environ.pop("TORCH_EXTENSIONS_DIR", None)
+    else:
+        os.environ["TORCH_EXTENSIONS_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory):
     """The one tiny-pair factory of the test run: ``tiny_pair(**build_tiny_pair_kwargs)`` builds each distinct
