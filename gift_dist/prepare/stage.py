@@ -145,7 +145,9 @@ def _prepare(cfg: RunConfig) -> contract.Prepared:
             raise exc.__cause__ from None
         raise
 
-    reasons = tokenized["drop_reason"]
+    # A list: a dataset column (datasets >= 4: a lazy Column) reads one row per index, and reasons[i] is read
+    # for every record below (per source); ~0.2 ms a read.
+    reasons = list(tokenized["drop_reason"])
     dropped = Counter(r for r in reasons if r)
     if dropped and cfg.prepare.strict:
         first = next(i for i, r in enumerate(reasons) if r)
