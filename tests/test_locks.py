@@ -82,6 +82,26 @@ def test_the_lock_records_its_holder_and_goes_at_the_end_of_the_block_even_on_an
 
 
 def test_a_stale_lock_after_sigkill_of_its_holder_is_taken_over(tmp_path, caplog):
+    # The holder's record as acquire_stage_lock writes it (its fields: the test above); the holder is a bare
+    # interpreter (no torch import), so this stays quick. A holder that took the lock itself: the slow test below.
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        path = held_by(holder, tmp_path, "train")
+        with pytest.raises(UserError):  # alive: refused
+            dist.acquire_stage_lock(tmp_path, "train")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with caplog.at_level(logging.WARNING, logger="gift_dist.dist"):
+        with dist.stage_lock(tmp_path, "train"):
+            assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert f"taking over the stale lock {path} (pid {holder.pid}" in caplog.text
+    assert f"process {holder.pid} is gone" in caplog.text
+    assert not path.exists()
+
+
+@pytest.mark.slow
+def test_a_lock_another_process_took_is_taken_over_after_its_sigkill(tmp_path, caplog):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom gift_dist import dist\n"
                                f"dist.acquire_stage_lock({str(tmp_path)!r}, 'train')\nprint('held', flush=True)\n"
@@ -127,7 +147,34 @@ def test_a_waiting_writer_gets_the_lock_once_it_is_released(tmp_path, sleeper):
         assert json.loads(path.read_text())["pid"] == os.getpid()
 
 
-def test_gift_dist_prepare_refuses_while_another_holds_the_folder_exit_2_one_line(tmp_path, sleeper):
+def test_gift_dist_prepare_refuses_while_another_holds_the_folder_exit_2_one_line(tmp_path, sleeper, capsys):
+    """In-process (``cli.main``), with the root logger as a fresh process has it (no handlers), so the INFO logging
+    the command sets up goes to the captured stderr: a line logged before the refusal would show. The same
+    command in a subprocess of its own: the slow test below."""
+    from gift_dist.cli import main
+
+    run = tmp_path / "run"
+    held_by(sleeper, run, "prepare")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"instruct_model: {tmp_path / 'instruct'}\noutput_dir: {run}\n")
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers = []
+    try:
+        code = main(["prepare", "--config", str(config)])
+    finally:
+        root.handlers, root.level = handlers, level
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("gift-dist prepare: error: another `gift-dist prepare` is writing into")
+    assert f"pid {sleeper.pid}" in lines[0]
+    assert not (run / "prepared").exists()
+
+
+@pytest.mark.slow
+def test_gift_dist_prepare_in_a_process_of_its_own_refuses_exit_2_one_line(tmp_path, sleeper):
     run = tmp_path / "run"
     held_by(sleeper, run, "prepare")
     config = tmp_path / "run.yaml"
