@@ -79,24 +79,33 @@ def test_bundled_manifest_and_determinism(tiny_llama, tmp_path):
 
 
 def test_held_out_split_is_disjoint_deterministic_and_fingerprinted(tiny_llama, tmp_path):
+    from gift_dist.bundled import bundled_data_path, read_jsonl
     from gift_dist.contracts.prepared import load_eval_split
 
+    # The whole bundled set once (every record kept, a tenth held out); the rerun and the variants on 600 of its
+    # records (the split's maths is the same for any count, at a fifth of the tokenizing).
     settings = {"prepare.max_length": 512, "prepare.samples_per_shard": 500, "prepare.eval_fraction": 0.1}
-    cfg = make_run_config(tiny_llama, tmp_path / "a", **settings)
-    train_split = prepare(cfg)
-    held_out = load_eval_split(cfg.paths.prepared)
+    whole = make_run_config(tiny_llama, tmp_path / "whole", **settings)
+    train_split = prepare(whole)
+    held_out = load_eval_split(whole.paths.prepared)
     assert len(held_out) == 300 and len(train_split) == 2700
     assert train_split.manifest.counts["held_out"] == 300 and held_out.manifest.split == "eval"
     assert held_out.manifest.fingerprint == train_split.manifest.fingerprint
     trained_on, held = set(train_split.dataset["record_index"]), set(held_out.dataset["record_index"])
     assert not trained_on & held and len(trained_on | held) == 3000
-    again = make_run_config(tiny_llama, tmp_path / "b", **settings)
+
+    part = write_jsonl(read_jsonl(bundled_data_path())[:600], tmp_path / "part.jsonl")
+    first = make_run_config(tiny_llama, tmp_path / "a", [part], **settings)
+    prepare(first)
+    held_out = load_eval_split(first.paths.prepared)
+    assert len(held_out) == 60
+    again = make_run_config(tiny_llama, tmp_path / "b", [part], **settings)
     prepare(again)
     assert load_eval_split(again.paths.prepared).dataset["record_index"] == held_out.dataset["record_index"]
-    capped = make_run_config(tiny_llama, tmp_path / "c", **{**settings, "prepare.eval_max_samples": 50})
-    assert len(load_eval_split(prepare(capped).path)) == 50
-    none = make_run_config(tiny_llama, tmp_path / "d", **{**settings, "prepare.eval_fraction": 0.0})
-    assert prepare(none).manifest.fingerprint != train_split.manifest.fingerprint
+    capped = make_run_config(tiny_llama, tmp_path / "c", [part], **{**settings, "prepare.eval_max_samples": 25})
+    assert len(load_eval_split(prepare(capped).path)) == 25
+    none = make_run_config(tiny_llama, tmp_path / "d", [part], **{**settings, "prepare.eval_fraction": 0.0})
+    assert prepare(none).manifest.fingerprint != held_out.manifest.fingerprint
     assert load_eval_split(none.paths.prepared) is None
 
 
