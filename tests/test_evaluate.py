@@ -102,7 +102,7 @@ def test_eval_writes_results_for_every_model(held_out_run, tiny_llama, tmp_path,
     dump_config(held_out_run, config_file)
     out = tmp_path / "eval"
     assert main(["eval", "--config", str(config_file), "--model", f"base={tiny_llama.base}", "--output", str(out),
-                 "eval.max_generate_samples=6", "eval.max_general_samples=8"]) == 0
+                 "eval.max_generate_samples=3", "eval.max_new_tokens=16", "eval.max_general_samples=8"]) == 0
     results = {r["name"]: r for r in json.loads((out / "results.json").read_text())}
     assert list(results) == ["instruct", "base"]
     assert results["instruct"]["kl_to_instruct"] == pytest.approx(0.0, abs=1e-6)
