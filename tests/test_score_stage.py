@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -402,13 +403,39 @@ def test_rescore_corrupt_scores_damaged_and_missing_shards_again_byte_for_byte(s
 
 def test_a_worker_waiting_on_shards_held_elsewhere_says_which_and_by_whom(prepared_llama, tmp_path, caplog):
     """Every shard leased by a live worker on another host: this worker logs what it waits for (shard -> holder),
-    then takes the shards over once their leases go stale, and finishes."""
-    cfg = _config(prepared_llama, tmp_path / "run", lease_seconds=2.0)
+    then takes the shards over once their leases go stale, and finishes.
+
+    The leases are kept fresh (dated in the future) until the worker has said it waits, then aged past
+    lease_seconds: the worker must wait whatever its start-up takes, and takes over at its next poll."""
+    import logging
+
+    cfg = _config(prepared_llama, tmp_path / "run", lease_seconds=1.0)
     num_shards = len(prepared_contract.read_manifest(cfg.paths.prepared).shards)
-    for index in range(num_shards):
-        path = lease_path(cfg.paths.confidence, index)
+    leases = [lease_path(cfg.paths.confidence, index) for index in range(num_shards)]
+    for path in leases:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"worker": "gpu-node-7:4242:0", "host": "gpu-node-7", "pid": 4242}))
-    with caplog.at_level("INFO", logger="gift_dist.score.stage"):
-        assert score(cfg).complete
+        os.utime(path, (time.time() + 600, time.time() + 600))
+
+    def holder_stops():
+        for path in leases:
+            if path.exists():
+                os.utime(path, (time.time() - 120, time.time() - 120))
+
+    class HolderStopsOnceWaitedFor(logging.Handler):
+        def emit(self, record):
+            if "waiting for confidence shards held by other workers" in record.getMessage():
+                holder_stops()
+
+    stage_log = logging.getLogger("gift_dist.score.stage")
+    handler = HolderStopsOnceWaitedFor()
+    stage_log.addHandler(handler)
+    backstop = threading.Timer(120, holder_stops)  # no waiting line: the test ends (and fails below), no hang
+    backstop.start()
+    try:
+        with caplog.at_level("INFO", logger="gift_dist.score.stage"):
+            assert score(cfg).complete
+    finally:
+        backstop.cancel()
+        stage_log.removeHandler(handler)
     assert "waiting for confidence shards held by other workers: {0: 'gpu-node-7:4242:0'" in caplog.text
