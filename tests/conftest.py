@@ -50,12 +50,16 @@ def tiny_pair(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_pair):
-    return tiny_pair(arch="llama", seed=0)
+    """The default pair. No test asserts what training taught it (only that instruct differs from base, a little),
+    so 20 + 20 steps instead of build_tiny_pair's 40 + 40."""
+    return tiny_pair(arch="llama", seed=0, base_steps=20, instruct_steps=20)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(tiny_pair):
-    return tiny_pair(arch="qwen2", seed=1)
+    """The other architecture: the tests use it as a pair of another family and for log-prob maths, none for what
+    its training taught it, so it trains 4 + 4 steps (instruct still differs from base) instead of 40 + 40."""
+    return tiny_pair(arch="qwen2", seed=1, base_steps=4, instruct_steps=4)
 
 
 def make_run_config(pair, output_dir: Path, data_files=None, **overrides):
