@@ -265,6 +265,9 @@ def qlora_data(tmp_path):
     return write_jsonl(read_jsonl(bundled_data_path())[:24], tmp_path / "data.jsonl")
 
 
+# Slow (about 7 s, the quick loop's largest test): the quick loop trains, resumes and merges in full precision
+# (tests/test_quick_train.py); the QLoRA config, plan and refusals stay quick.
+@pytest.mark.slow
 def test_a_qlora_adapter_trains_resumes_merges_and_verifies_on_cpu(tiny_pair, tmp_path, single_rank, qlora_data):
     """nf4 through bitsandbytes' CPU backend, `replicate`: the loss moves and differs from the full-precision run's
     (the base really is quantized), a resume from the step-2 checkpoint repeats step 3 (so the held-out evaluation
