@@ -81,6 +81,16 @@ def test_the_lock_records_its_holder_and_goes_at_the_end_of_the_block_even_on_an
     assert not path.exists()
 
 
+def assert_taken_over(folder, path, dead_pid: int, caplog) -> None:
+    """The lock of a killed holder is taken over by this process, said in the log, and released after."""
+    with caplog.at_level(logging.WARNING, logger="gift_dist.dist"):
+        with dist.stage_lock(folder, "train"):
+            assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert f"taking over the stale lock {path} (pid {dead_pid}" in caplog.text
+    assert f"process {dead_pid} is gone" in caplog.text
+    assert not path.exists()
+
+
 def test_a_stale_lock_after_sigkill_of_its_holder_is_taken_over(tmp_path, caplog):
     # The holder's record as acquire_stage_lock writes it (its fields: the test above); the holder is a bare
     # interpreter (no torch import), so this stays quick. A holder that took the lock itself: the slow test below.
@@ -92,12 +102,7 @@ def test_a_stale_lock_after_sigkill_of_its_holder_is_taken_over(tmp_path, caplog
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    with caplog.at_level(logging.WARNING, logger="gift_dist.dist"):
-        with dist.stage_lock(tmp_path, "train"):
-            assert json.loads(path.read_text())["pid"] == os.getpid()
-    assert f"taking over the stale lock {path} (pid {holder.pid}" in caplog.text
-    assert f"process {holder.pid} is gone" in caplog.text
-    assert not path.exists()
+    assert_taken_over(tmp_path, path, holder.pid, caplog)
 
 
 @pytest.mark.slow
@@ -112,12 +117,7 @@ def test_a_lock_another_process_took_is_taken_over_after_its_sigkill(tmp_path, c
     assert json.loads(path.read_text())["pid"] == holder.pid
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    with caplog.at_level(logging.WARNING, logger="gift_dist.dist"):
-        with dist.stage_lock(tmp_path, "train"):
-            assert json.loads(path.read_text())["pid"] == os.getpid()
-    assert f"taking over the stale lock {path} (pid {holder.pid}" in caplog.text
-    assert f"process {holder.pid} is gone" in caplog.text
-    assert not path.exists()
+    assert_taken_over(tmp_path, path, holder.pid, caplog)
 
 
 def test_a_reused_pid_and_an_old_unreadable_lock_are_stale_a_fresh_unreadable_one_is_not(tmp_path):
