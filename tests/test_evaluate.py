@@ -124,23 +124,27 @@ def test_eval_without_a_held_out_split_says_how_to_make_one(tiny_llama, tmp_path
     assert "prepare.eval_fraction > 0" in capsys.readouterr().err
 
 
+def write_local_lm_eval_task(folder):
+    """An lm-evaluation-harness task YAML ``gift_arith_local`` over 12 bundled arithmetic records in ``folder``
+    (a local dataset: no hub), its test split also its few-shot split."""
+    records = [{"question": r["messages"][-2]["content"], "answer": r["messages"][-1]["content"]}
+               for r in read_jsonl(bundled_data_path())[:12]]
+    data = write_jsonl(records, folder / "arith.jsonl")
+    (folder / "gift_arith.yaml").write_text(
+        "task: gift_arith_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\nfewshot_split: test\noutput_type: loglikelihood\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_target: " {{answer}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+
+
 @pytest.mark.slow  # lm-evaluation-harness end to end
 def test_lm_eval_runs_a_local_task_on_every_model(held_out_run, tiny_llama, tmp_path):
     """lm-evaluation-harness through its Python API, on a task YAML with a local dataset (no hub)."""
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is in the test extra; install gift-dist[test]")
     from gift_dist.evaluate.stage import evaluate_models
 
-    records = []
-    for record in read_jsonl(bundled_data_path())[:12]:
-        question, answer = record["messages"][-2]["content"], record["messages"][-1]["content"]
-        records.append({"question": question, "answer": answer})
-    data = write_jsonl(records, tmp_path / "tasks" / "arith.jsonl")
-    (tmp_path / "tasks" / "gift_arith.yaml").write_text(
-        "task: gift_arith_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {data}\ntest_split: test\noutput_type: loglikelihood\n"
-        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_target: " {{answer}}"\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    )
+    write_local_lm_eval_task(tmp_path / "tasks")
     held_out_run.eval.lm_eval_tasks = ["gift_arith_local"]
     held_out_run.eval.lm_eval_include = str(tmp_path / "tasks")
     held_out_run.eval.max_generate_samples = 0
@@ -163,15 +167,7 @@ def test_lm_eval_takes_the_chat_template_the_fewshot_count_and_the_limit(held_ou
     lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is in the test extra")
     from gift_dist.cli import build_parser, parse_command_line
 
-    records = [{"question": r["messages"][-2]["content"], "answer": r["messages"][-1]["content"]}
-               for r in read_jsonl(bundled_data_path())[:12]]
-    data = write_jsonl(records, tmp_path / "tasks" / "arith.jsonl")
-    (tmp_path / "tasks" / "gift_arith.yaml").write_text(
-        "task: gift_arith_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {data}\ntest_split: test\nfewshot_split: test\noutput_type: loglikelihood\n"
-        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_target: " {{answer}}"\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    )
+    write_local_lm_eval_task(tmp_path / "tasks")
     argv = ["eval", "--lm-eval", "gift_arith_local", "--lm-eval-include", str(tmp_path / "tasks"),
             "--lm-eval-chat-template", "--lm-eval-fewshot", "1", "--lm-eval-limit", "2",
             f"output_dir={held_out_run.paths.root}", f"base_model={tiny_llama.base}",
