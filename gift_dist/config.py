@@ -284,6 +284,10 @@ class LoraConfig:
 TRACKERS = ("tensorboard", "wandb")
 
 
+# train.quantize_base's values: the one list (the adapter contract, `plan` and `compare` read it).
+QUANTIZE_BASES: tuple[str, ...] = ("none", "nf4", "int8")
+
+
 @dataclass
 class TrainConfig:
     """`gift-dist train`: the LoRA, the per-token weighting, the DeepSpeed layout and the optimisation."""
@@ -324,7 +328,8 @@ class TrainConfig:
         "an int8 copy of the base and is merged into bf16 weights. Off unless chosen here (a ds_config that turns "
         "it on by itself is refused); only with a ZeRO-3 layout. The log, the adapter's provenance and merge say "
         "so."))
-    quantize_base: Literal["none", "nf4", "int8"] = field(default="none", metadata=doc(
+    # The annotation names QUANTIZE_BASES: evaluated by typing.get_type_hints, it is Literal of its values.
+    quantize_base: Literal[QUANTIZE_BASES] = field(default="none", metadata=doc(  # type: ignore[valid-type]
         "Load the model the LoRA trains on (the base; the instruct model with train_model=instruct) quantized by "
         "bitsandbytes, frozen: `nf4` (QLoRA: 4-bit NormalFloat, blocks of 64 with double-quantized constants, "
         "computing in the training dtype), `int8` (LLM.int8), `none` (the training dtype). Needs `pip install "

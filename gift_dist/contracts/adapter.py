@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+from gift_dist.config import QUANTIZE_BASES
 from gift_dist.contracts import ContractError, check_finite, file_sha256, read_json, record_from, staged_directory
 
 FORMAT = "gift_dist.adapter"
@@ -28,10 +29,6 @@ VERSION = 1
 PROVENANCE_NAME = "gift_adapter.json"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-# The values of train.quantize_base a provenance may record.
-QUANTIZED_BASES = ("none", "nf4", "int8")
 
 
 @dataclass
@@ -87,8 +84,8 @@ class AdapterProvenance:
         if self.quantized_frozen_weights not in (None, True, False):
             raise ContractError(f"adapter provenance: quantized_frozen_weights must be true, false or absent, got "
                                 f"{self.quantized_frozen_weights!r}")
-        if self.quantize_base not in QUANTIZED_BASES:
-            raise ContractError(f"adapter provenance: quantize_base must be one of {list(QUANTIZED_BASES)}, got "
+        if self.quantize_base not in QUANTIZE_BASES:
+            raise ContractError(f"adapter provenance: quantize_base must be one of {list(QUANTIZE_BASES)}, got "
                                 f"{self.quantize_base!r}")
 
     def to_json(self) -> dict[str, Any]:

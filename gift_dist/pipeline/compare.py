@@ -36,6 +36,7 @@ from typing import Optional
 from gift_dist.config import (
     METHOD_NAMES,
     METHODS,
+    QUANTIZE_BASES,
     ConfigError,
     RunConfig,
     add_config_arguments,
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 DEFAULT_METHODS = METHOD_NAMES
 METRICS = ("task_accuracy", "task_ce", "general_exact_match", "general_ce", "kl_to_instruct")
 # The train.quantize_base values --quantize-variants takes, and what joins one to its method in a row's name.
-QUANTIZE_VARIANTS = ("nf4", "int8")
+QUANTIZE_VARIANTS = tuple(q for q in QUANTIZE_BASES if q != "none")
 QUANTIZED_MARK = "+"
 
 

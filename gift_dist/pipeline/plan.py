@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from gift_dist.config import QUANTIZE_BASES
 from gift_dist.memory_plan import (
     BF16,
     GIB,
@@ -77,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "instead of micro batch size x sequence length")
     parser.add_argument("--quantized-frozen-weights", action="store_true",
                         help="train.quantized_frozen_weights: the frozen base in int8 under ZeRO-3 (ZeRO++)")
-    parser.add_argument("--quantize-base", choices=["none", "nf4", "int8"], default="none",
+    parser.add_argument("--quantize-base", choices=QUANTIZE_BASES, default="none",
                         help="train.quantize_base: the frozen base loaded quantized by bitsandbytes (nf4: QLoRA)")
     parser.add_argument("--hpz-partition-size", type=int, default=None,
                         help="zero_hpz_partition_size of zero3_multinode (default: the shipped config's)")
