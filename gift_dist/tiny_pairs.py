@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from gift_dist import bundled
+from gift_dist.models.batch import collate
 
 log = logging.getLogger(__name__)
 
@@ -187,19 +188,11 @@ def _on_one_thread(build):
 
 
 def _batches(token_lists: list[list[int]], label_lists: list[list[int]], batch_size: int, pad_id: int, rng):
+    """Shuffled full batches of ``batch_size`` rows, padded as every stage pads (``models.batch.collate``)."""
     order = torch.randperm(len(token_lists), generator=rng).tolist()
     for start in range(0, len(order) - batch_size + 1, batch_size):
         rows = order[start : start + batch_size]
-        length = max(len(token_lists[r]) for r in rows)
-        ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(token_lists[r])
-            ids[i, :n] = torch.tensor(token_lists[r])
-            labels[i, :n] = torch.tensor(label_lists[r])
-            mask[i, :n] = 1
-        yield ids, labels, mask
+        yield collate([token_lists[r] for r in rows], [label_lists[r] for r in rows], pad_id)
 
 
 def _train(model, token_lists, label_lists, steps: int, pad_id: int, seed: int, lr: float = 3e-3,
@@ -211,7 +204,7 @@ def _train(model, token_lists, label_lists, steps: int, pad_id: int, seed: int, 
     loss_value, step = float("nan"), 0
     log_every, started = max(1, steps // PROGRESS_LOGS_PER_PHASE), time.monotonic()
     while step < steps:
-        for ids, labels, mask in _batches(token_lists, label_lists, 16, pad_id, rng):
+        for ids, mask, labels in _batches(token_lists, label_lists, 16, pad_id, rng):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             optimizer.step()
