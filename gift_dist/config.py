@@ -875,9 +875,10 @@ def config_keys_help(sections: tuple[str, ...]) -> str:
                     continue
                 lines += entries(type(value), f"{prefix}{f.name}.", value)
                 continue
-            default = json.dumps(config_to_dict(value) if dataclasses.is_dataclass(value) else value)
             if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
-                default = f"[{len(value)} entries]"
+                default = f"[{len(value)} entries]"  # a list of sections (data.sources): its keys are in its help
+            else:
+                default = json.dumps(value)
             lines.append(f"  {prefix}{f.name} (default {default})")
             lines += textwrap.wrap(f.metadata.get("help", ""), 100, initial_indent=" " * 6,
                                    subsequent_indent=" " * 6, break_on_hyphens=False)

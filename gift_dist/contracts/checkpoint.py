@@ -73,4 +73,4 @@ def tag_for(step: int) -> str:
 def read_checkpoint_record(record_path: Path) -> CheckpointRecord:
     """A checkpoint's record, its format and version checked (every readable version accepted)."""
     return read_record(record_path, CheckpointRecord, FORMAT, VERSION, "train afresh in another output_dir",
-                                 "checkpoint record", readable=tuple(READABLE_VERSIONS))
+                       "checkpoint record", readable=READABLE_VERSIONS)

@@ -31,8 +31,8 @@ from gift_dist.config import ConfigError, MergeConfig
 from gift_dist.contracts import ContractError, atomic_write_text, check_finite
 from gift_dist.merge.names import MergeTargets, lora_factors
 from gift_dist.contracts.shardio import (
-    SAFE_DTYPE_OF, TORCH_DTYPE_BY_NAME, TORCH_DTYPE_OF, ShardWriter, TensorRange, TensorSlot, read_tensor,
-    tensor_ranges,
+    SAFE_DTYPE_OF, TORCH_DTYPE_BY_NAME, TORCH_DTYPE_OF, ShardWriter, TensorRange, TensorSlot, read_header,
+    read_tensor, tensor_ranges,
 )
 from gift_dist.contracts import model_folder
 
@@ -78,7 +78,7 @@ def read_sources(model_dir: Path) -> list[TensorSource]:
     """Every tensor of a checkpoint with its file, dtype and shape, from headers only, in index/file order."""
     sources = []
     for path in model_folder.weight_files(model_dir):
-        for name, where in tensor_ranges(path, model_folder.read_header(path)).items():
+        for name, where in tensor_ranges(path, read_header(path)).items():
             sources.append(TensorSource(name, path.name, where.safe_dtype, list(where.shape), where))
     return sources
 
@@ -250,7 +250,7 @@ def prepare_work_dir(work_dir: Path, fingerprint: dict) -> set[str]:
             path.unlink()
         elif path.name in shard_names:
             try:
-                model_folder.read_header(path)
+                read_header(path)
                 done.add(path.name)
             except ContractError:
                 path.unlink()

@@ -117,7 +117,8 @@ def open_confidence_dir(cfg: RunConfig, prepared: Prepared, instruct_identity: d
     return manifest
 
 
-def check_scores_finite(values: torch.Tensor, counts: list[int], sample_indices: list[int], shard: int, what: str) -> None:
+def check_scores_finite(values: torch.Tensor, counts: list[int], sample_indices: list[int], shard: int,
+                        what: str) -> None:
     """Fail naming the sample and target position of the first NaN/inf value of a batch."""
     bad = first_non_finite(values)
     if bad is None:

@@ -33,12 +33,13 @@ import torch
 
 from gift_dist.config import ConfigError, RunConfig, TrainConfig
 from gift_dist.dist import env_local_world_size
+from gift_dist.memory_plan import (
+    GIB, USABLE_FRACTION, ModelShape, decoder_layer_classes, frozen_weight_bytes, model_shape, training_plan,
+    zero3_auto_sizes,
+)
 from gift_dist.models import lora_targets
 from gift_dist.models.batch import choose_attention
 from gift_dist.train import attention
-from gift_dist.memory_plan import (
-    GIB, USABLE_FRACTION, ModelShape, decoder_layer_classes, model_shape, training_plan, zero3_auto_sizes,
-)
 
 log = logging.getLogger(__name__)
 
@@ -482,8 +483,7 @@ def check_quantized_load(cfg: RunConfig, shape: ModelShape) -> None:
     (``memory_plan``'s load peak): refused, before any weight is read, when that alone exceeds the GPU."""
     if cfg.train.quantize_base == "none" or not on_gpu():
         return
-    load = training_plan(shape, 1, 1, 1, cfg.train.ce_chunk_tokens, quantize_base=cfg.train.quantize_base)
-    need, gpu_gib = load["replicate"]["load_gib"], gpu_memory_gib()
+    need, gpu_gib = sum(frozen_weight_bytes(shape, cfg.train.quantize_base)) / GIB, gpu_memory_gib()
     if need > gpu_gib:
         raise ConfigError(f"train.quantize_base={cfg.train.quantize_base}: each GPU holds the whole quantized base "
                           f"(~{need:.1f} GiB) while it loads, more than this {gpu_gib:.0f} GiB GPU, whatever the "
