@@ -134,12 +134,12 @@ def test_plan_counts_each_ds_config_item(capsys):
 def test_the_70b_dry_run_passes_at_world_size_16(capsys):
     out = _plan(capsys, "--gpus-per-node", "8", "--nodes", "2", "--dry-run")
     assert "dry run at world size 16 (2 node(s) x 8), zero3_multinode.json: passed" in out
-    assert "ZeRO-3 partition of 70.55B params: 8.21 GiB of frozen bf16 weights per rank + hpZ copy 16.43 GiB" in out
+    assert "ZeRO-3 partition of 70.55B params: 8.21 GiB of frozen weights (bf16) per rank + hpZ copy 16.43 GiB" in out
     assert "adapter gather: 1120 LoRA tensors (207.1M params)" in out  # 80 layers x 7 projections x (A, B)
     assert "merge: 30 instruct shards of <= 4.7 GiB, every LoRA pair mapped" in out
 
 
-def _dry_run_config(tiny_llama, tmp_path, **zero):
+def _dry_run_config(tiny_llama, tmp_path, *overrides, **zero):
     import json
 
     from gift_dist.config import load_config
@@ -148,7 +148,35 @@ def _dry_run_config(tiny_llama, tmp_path, **zero):
     ds["zero_optimization"].update(zero)
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     return load_config(None, [f"base_model={tiny_llama.base}", "train.sharding=zero3",
-                              f"train.ds_config={tmp_path / 'ds.json'}", "train.lora.r=4"])
+                              f"train.ds_config={tmp_path / 'ds.json'}", "train.lora.r=4", *overrides])
+
+
+def test_the_dry_run_partitions_a_quantized_base_as_packed_weights(tiny_llama, tmp_path):
+    """With train.quantize_base=nf4 each packed weight is a bf16 tensor of a quarter of its elements: the partition
+    loses 3/4 of the quantizable weights' bf16 bytes (memory_plan counts them on its own), the rest is unchanged."""
+    import json
+
+    from gift_dist.memory_plan import BF16, model_shape
+    from gift_dist.pipeline.dry_run import dry_run, dry_run_report
+
+    # Llama-shaped, built on the meta device: every projection above the 10,000-element persistence threshold even
+    # packed (512 x 256 / 4), so ZeRO-3 partitions all 14 of them.
+    small = dict(json.loads((LLAMA_70B.parent / "llama3-8b-config.json").read_text()), vocab_size=1000,
+                 hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=4)
+    (tmp_path / "small.json").write_text(json.dumps(small))
+    world = 16
+    full, packed = (dry_run(_dry_run_config(tiny_llama, tmp_path, f"train.quantize_base={quantize}"),
+                            str(tmp_path / "small.json"), world=world, ranks_per_node=8) for quantize in ("none", "nf4"))
+    shape = model_shape(str(tmp_path / "small.json"), 16, "auto")
+    saved = full.partitioned_bytes_per_rank - packed.partitioned_bytes_per_rank
+    expected = 0.75 * BF16 * shape.quantizable_params / world
+    assert shape.quantizable_params == 2 * (2 * 512 * 512 + 2 * 512 * 256 + 3 * 512 * 1024)
+    assert abs(saved - expected) <= 2 * BF16 * 14  # a ceil per packed weight
+    assert packed.persistent_bytes == full.persistent_bytes and packed.frozen_storage == "nf4"
+    report = dry_run_report(packed)
+    assert "of frozen weights (nf4 packed, the rest bf16) per rank" in report
+    assert "nf4 base (train.quantize_base): 14 weights packed" in report and "constants" in report
 
 
 def test_the_dry_run_refuses_what_would_gather_frozen_or_lora_weights_whole(tiny_llama, tmp_path):

@@ -9,7 +9,10 @@ executes is run on it, as far as it goes without data or a process group:
    targets the memory model counted (``model_shape``);
 3. ZeRO-3's partition of every parameter (DeepSpeed gives each rank ceil(numel / world) elements of every
    parameter above the persistence threshold, and hpZ a second partition over the node's ranks): the bytes each
-   rank holds, and that every LoRA tensor is persistent (never partitioned, so never gathered);
+   rank holds, and that every LoRA tensor is persistent (never partitioned, so never gathered). With
+   ``train.quantize_base`` a weight bitsandbytes packs (``memory_plan.quantizable_linears``) is a bf16 tensor of
+   ``numel x QUANTIZED_WEIGHT_BYTES / 2`` elements (``bnb_4bit_quant_storage`` = bf16, as the trainer loads it):
+   that is what ZeRO-3 partitions, and its constants stay whole on every rank;
 4. the adapter gather's plan (``train.adapter_io``): exactly the LoRA tensors, each with its full shape: never a
    frozen tensor, never an empty or shape-[0] tensor (what peer tools have saved under ZeRO-3);
 5. nothing that gathers the whole frozen model on one rank at save time
@@ -32,7 +35,7 @@ import torch
 
 from gift_dist.config import ConfigError, RunConfig
 from gift_dist.contracts import ContractError
-from gift_dist.memory_plan import BF16
+from gift_dist.memory_plan import BF16, QUANTIZED_WEIGHT_BYTES
 
 # transformers' default max_shard_size: what an instruct checkpoint on the hub is cut into.
 HF_SHARD_BYTES = 5 * 10**9
@@ -55,6 +58,8 @@ class DryRun:
     merge_shards: int
     largest_shard_bytes: int
     largest_merge_job_bytes: int
+    # "bf16", or train.quantize_base ("nf4", "int8") for the weights bitsandbytes packs (the rest stay bf16).
+    frozen_storage: str = "bf16"
     notes: list[str] = field(default_factory=list)
 
 
@@ -114,7 +119,7 @@ def dry_run(cfg: RunConfig, model: str, world: int, ranks_per_node: int,
     """Walk the code paths of training ``model`` with ``cfg`` at ``world`` ranks and merging its adapter."""
     from peft import LoraConfig, get_peft_model
 
-    from gift_dist.memory_plan import load_shape_config, model_shape
+    from gift_dist.memory_plan import frozen_weight_bytes, load_shape_config, model_shape, quantizable_linears
     from gift_dist.train.adapter_io import _state_names, expected_lora_shapes
     from gift_dist.models.lora_targets import resolve_target_modules
     from gift_dist.train.engine import build_ds_config, choose_layout
@@ -142,6 +147,8 @@ def dry_run(cfg: RunConfig, model: str, world: int, ranks_per_node: int,
     # The instruct checkpoint's tensors as transformers shards them (same names and shapes as the base's), read
     # before peft wraps the model in place.
     instruct_shards = _hf_shards(net, BF16, max_shard_bytes)
+    quantize = cfg.train.quantize_base
+    packed = {id(m.weight) for m in quantizable_linears(net)} if quantize != "none" else set()
     targets = resolve_target_modules(net, lora.target_modules)
     if tuple(targets) != shape.lora_targets:
         raise ContractError(f"dry run: the trainer's LoRA targets {targets} are not the memory model's "
@@ -158,12 +165,14 @@ def dry_run(cfg: RunConfig, model: str, world: int, ranks_per_node: int,
                                     f"persistence threshold {threshold}: it would be partitioned and gathered")
             persistent += param.numel() * BF16
             continue
-        if param.numel() < threshold:
-            persistent += param.numel() * BF16
+        stored = math.ceil(param.numel() * QUANTIZED_WEIGHT_BYTES[quantize] / BF16) if id(param) in packed \
+            else param.numel()  # bf16 elements ZeRO-3 sees
+        if stored < threshold:
+            persistent += stored * BF16
             continue
-        partitioned += math.ceil(param.numel() / world) * BF16
+        partitioned += math.ceil(stored / world) * BF16
         if hpz > 1:
-            hpz_bytes += math.ceil(param.numel() / hpz) * BF16
+            hpz_bytes += math.ceil(stored / hpz) * BF16
 
     gathered = _state_names(peft_model)
     expected = expected_lora_shapes(peft_model)
@@ -186,12 +195,23 @@ def dry_run(cfg: RunConfig, model: str, world: int, ranks_per_node: int,
                             f"({largest_shard / 2**30:.1f} GiB) and its merged copy")
     if hpz > 1:
         notes.append(f"hpZ: a second copy of the frozen weights over each node's {hpz} ranks")
+    if quantize != "none":
+        weights, constants = frozen_weight_bytes(shape, quantize)
+        notes.append(f"{quantize} base (train.quantize_base): {len(packed)} weights packed; bitsandbytes' constants "
+                     f"{constants / 2**30:.2f} GiB whole on every rank; while it loads each rank holds the whole "
+                     f"quantized base ({(weights + constants) / 2**30:.1f} GiB, plan's load row), checked against "
+                     f"the GPU before any weight is read")
     return DryRun(world=world, ranks_per_node=ranks_per_node, ds_config=str(layout.ds_config),
                   params=shape.total_params, lora_tensors=len(expected),
                   lora_params=sum(math.prod(s) for s in expected.values()), partitioned_bytes_per_rank=partitioned,
                   hpz_bytes_per_rank=hpz_bytes, persistent_bytes=persistent,
                   largest_gathered_layer_params=shape.decoder_layer_params, merge_shards=shards,
-                  largest_shard_bytes=largest_shard, largest_merge_job_bytes=largest_job, notes=notes)
+                  largest_shard_bytes=largest_shard, largest_merge_job_bytes=largest_job,
+                  frozen_storage=quantize if quantize != "none" else "bf16", notes=notes)
+
+
+def _storage(frozen_storage: str) -> str:
+    return "bf16" if frozen_storage == "bf16" else f"{frozen_storage} packed, the rest bf16"
 
 
 def dry_run_report(result: DryRun) -> str:
@@ -200,7 +220,7 @@ def dry_run_report(result: DryRun) -> str:
         f"dry run at world size {result.world} ({result.world // result.ranks_per_node} node(s) x "
         f"{result.ranks_per_node}), {Path(result.ds_config).name}: passed",
         f"  ZeRO-3 partition of {result.params / 1e9:.2f}B params: {result.partitioned_bytes_per_rank / gib:.2f} GiB "
-        f"of frozen bf16 weights per rank" + (f" + hpZ copy {result.hpz_bytes_per_rank / gib:.2f} GiB"
+        f"of frozen weights ({_storage(result.frozen_storage)}) per rank" + (f" + hpZ copy {result.hpz_bytes_per_rank / gib:.2f} GiB"
                                               if result.hpz_bytes_per_rank else ""),
         f"  persistent (never partitioned): {result.persistent_bytes / gib:.3f} GiB per rank, every LoRA tensor among "
         f"them; one decoder layer gathered at a time ({result.largest_gathered_layer_params / 1e6:.0f}M params)",

@@ -153,7 +153,8 @@ def run_dry(args: argparse.Namespace) -> int:
 
     ds_config = "zero3_multinode" if args.nodes > 1 else "zero3"
     cfg = load_config(None, [f"base_model={args.model}", "train.sharding=zero3", f"train.ds_config={ds_config}",
-                             f"train.lora.r={args.lora_r}", f"train.micro_batch_size={args.micro_batch_size}"])
+                             f"train.lora.r={args.lora_r}", f"train.micro_batch_size={args.micro_batch_size}",
+                             f"train.quantize_base={args.quantize_base}"])
     print(dry_run_report(dry_run(cfg, args.model, args.nodes * args.gpus_per_node, args.gpus_per_node)))
     return 0
 
