@@ -59,12 +59,11 @@ def _args(path: Path) -> list[str]:
 
 
 def test_slurm_trainer_exports_what_its_node_command_reads(tmp_path):
-    """srun runs a single-quoted command in a new shell on each node: every variable it reads must be exported.
-    Without any setting the default of defaults.sh reaches the node's shell."""
-    result = _run_sbatch(tmp_path, "train.sbatch")
+    """srun runs a single-quoted command in a new shell on each node: every variable it reads must be exported."""
+    result = _run_sbatch(tmp_path, "train.sbatch", GPUS_PER_NODE="4")
     assert result.returncode == 0, result.stdout + result.stderr
     args = _args(tmp_path / "torchrun.args")
-    assert args[args.index("--nproc_per_node") + 1] == _slurm_defaults()["GPUS_PER_NODE"]
+    assert args[args.index("--nproc_per_node") + 1] == "4"
     assert args[args.index("--master_addr") + 1] == "node-a"
     assert args[args.index("--config") + 1] == str(tmp_path / "run.yaml") and "--resume-if-exists" in args
     assert "--resume" not in args
@@ -81,6 +80,16 @@ def test_slurm_trainer_takes_the_gpus_per_node_of_the_shape(tmp_path, nodes, gpu
     args = _args(tmp_path / "torchrun.args")
     assert args[args.index("--nproc_per_node") + 1] == str(gpus)
     assert args[args.index("--nnodes") + 1] == str(nodes)
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "score.sbatch"])
+def test_a_gpu_job_given_no_gpus_says_how_to_submit_it(tmp_path, script):
+    """The shape has one home (defaults.sh, read by submit.sh): a plain sbatch that names no GPUs is refused in one
+    line, before anything starts, instead of a default GPU count written into the file."""
+    result = _run_sbatch(tmp_path, script)
+    assert result.returncode == 2
+    assert "this job was given no GPUs: submit it with launch/slurm/submit.sh, or sbatch" in result.stderr
+    assert not (tmp_path / "srun.args").exists()
 
 
 @pytest.mark.parametrize("gpus,per_replica", [(4, 1), (8, 1), (4, 2), (8, 4)])
@@ -154,19 +163,27 @@ def test_slurm_submit_passes_the_shape_and_prepares_in_a_job(tmp_path, nodes, gp
     assert f"{nodes} x {gpus} GPUs" in result.stdout
 
 
+# The shape: what a plain sbatch of a GPU job must name itself (the .sbatch files hold no default for it).
+SHAPE_OPTIONS = {"nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task"}
+
+
 def test_slurm_sbatch_lines_hold_the_defaults(tmp_path):
-    """A plain `sbatch file` gets what submit.sh passes by default: every option submit.sh gives a job that the
-    file's #SBATCH lines also set has the same value there (the defaults live in defaults.sh)."""
+    """A plain `sbatch file` gets what submit.sh passes by default (memory, time, requeue; the CPU jobs' cores):
+    every option submit.sh gives a job is in the file's #SBATCH lines with the same value, but a GPU job's shape,
+    which is in none of them (the defaults live in defaults.sh)."""
     result, jobs = _submit(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     for name, options, _ in jobs:
         lines = [line.split(None, 1)[1] for line in (LAUNCH / "slurm" / name).read_text().splitlines()
                  if line.startswith("#SBATCH ")]
         in_file = dict((w[2:].split("=", 1) + [""])[:2] for w in lines)
-        shared = {"nodes", "ntasks-per-node", "gpus-per-node", "gpus-per-task", "cpus-per-task", "mem", "time",
-                  "requeue"} & set(options)
+        gpu_job = "requeue" in options
+        shared = ({"gpus-per-task", "cpus-per-task", "mem", "time", "requeue"} - (SHAPE_OPTIONS if gpu_job else set())
+                  ) & set(options)
         assert shared <= set(in_file), (name, shared - set(in_file))
         assert {key: in_file[key] for key in shared} == {key: options[key] for key in shared}, name
+        if gpu_job:
+            assert not {key for key in SHAPE_OPTIONS & set(in_file) if in_file[key] != "1"}, name
 
 
 def test_slurm_submit_activates_the_environment(tmp_path):
@@ -209,16 +226,14 @@ GPU_COUNT = re.compile(r"(--gpus-per-node|--ntasks-per-node|--nproc_per_node|npr
 
 
 def test_no_literal_gpu_count_in_launch_outside_the_defaults():
-    """The shape lives in launch/slurm/defaults.sh and launch/k8s/values.env; the #SBATCH lines mirror those
-    defaults (test_slurm_sbatch_lines_hold_the_defaults); comments and the README may show examples."""
+    """The shape lives in launch/slurm/defaults.sh and launch/k8s/values.env, #SBATCH lines included; comments and
+    the README may show examples."""
     defaults = {LAUNCH / "slurm" / "defaults.sh", LAUNCH / "k8s" / "values.env"}
     found = []
     for path in sorted(p for p in LAUNCH.rglob("*") if p.is_file() and p not in defaults and p.suffix != ".md"):
         for number, line in enumerate(path.read_text().splitlines(), 1):
             code = line.strip()
             if code.startswith("#") and not code.startswith("#SBATCH"):
-                continue
-            if code.startswith("#SBATCH"):
                 continue
             if GPU_COUNT.search(code):
                 found.append(f"{path.relative_to(REPO)}:{number}: {code}")
