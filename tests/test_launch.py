@@ -145,7 +145,9 @@ def test_slurm_submit_passes_the_shape_and_prepares_in_a_job(tmp_path, nodes, gp
     """GPUs per node, nodes, CPUs, memory and time reach sbatch as options (they override the #SBATCH lines);
     prepare is a job the GPU jobs depend on, never run on the login node; both GPU jobs requeue."""
     result, jobs = _submit(tmp_path, GPUS_PER_NODE=str(gpus), TRAIN_NODES=str(nodes), SCORE_NODES=str(nodes),
-                           CPUS_PER_GPU="6", TRAIN_MEM="500G", TRAIN_TIME="12:00:00")
+                           CPUS_PER_GPU="6", TRAIN_MEM="500G", TRAIN_TIME="12:00:00", SCORE_MEM="300G",
+                           SCORE_TIME="06:00:00", PREPARE_CPUS="3", PREPARE_MEM="20G", PREPARE_TIME="01:00:00",
+                           MERGE_CPUS="5", MERGE_MEM="40G", MERGE_TIME="02:00:00")
     assert result.returncode == 0, result.stdout + result.stderr
     assert not (tmp_path / "gift-dist.args").exists(), "submit.sh ran gift-dist on the login node"
     assert [name for name, _, _ in jobs] == ["prepare.sbatch", "score.sbatch", "train.sbatch", "merge.sbatch"]
@@ -157,6 +159,9 @@ def test_slurm_submit_passes_the_shape_and_prepares_in_a_job(tmp_path, nodes, gp
     assert train["gpus-per-node"] == str(gpus) and train["ntasks-per-node"] == "1"
     assert train["cpus-per-task"] == str(6 * gpus) and train["mem"] == "500G" and train["time"] == "12:00:00"
     assert "requeue" in score and "requeue" in train
+    assert (score["mem"], score["time"]) == ("300G", "06:00:00")
+    assert (prepare["cpus-per-task"], prepare["mem"], prepare["time"]) == ("3", "20G", "01:00:00")
+    assert (merge["cpus-per-task"], merge["mem"], merge["time"]) == ("5", "40G", "02:00:00")
     for options in (prepare, score, train, merge):
         assert {"mem", "time", "cpus-per-task", "export"} <= set(options), options
     assert train_env["GPUS_PER_NODE"] == str(gpus) and train_env["LAUNCH_DIR"] == str(LAUNCH)
@@ -280,11 +285,11 @@ def _validate_pytorchjob(job: dict, version: str) -> None:
                                       "template": replica["template"]}, version, strict=True)
 
 
-def _render(**env: str) -> list[dict]:
+def _render(*manifests: str, **env: str) -> list[dict]:
     import yaml
 
-    result = subprocess.run(["bash", str(LAUNCH / "k8s" / "render.sh")], env={"PATH": "/usr/bin:/bin", **env},
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["bash", str(LAUNCH / "k8s" / "render.sh"), *manifests],
+                            env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc is not None]
 
@@ -333,7 +338,28 @@ def test_kubernetes_manifests_validate_against_their_schemas(nodes, gpus):
 
 def test_kubernetes_render_refuses_an_impossible_shape():
     for env, message in [({"GPUS_PER_NODE": "0"}, "GPUS_PER_NODE=0 is not a positive whole number"),
-                         ({"GPUS_PER_NODE": "4", "GPUS_PER_REPLICA": "3"}, "does not divide")]:
+                         ({"GPUS_PER_NODE": "4", "GPUS_PER_REPLICA": "3"}, "does not divide"),
+                         ({"GPUS_PER_NODE": "1"}, "score-tensor-job.yaml: GPUS_PER_REPLICA=2 does not divide")]:
         result = subprocess.run(["bash", str(LAUNCH / "k8s" / "render.sh")], env={"PATH": "/usr/bin:/bin", **env},
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and message in result.stderr
+
+
+def test_kubernetes_resources_come_from_the_variables():
+    """One-GPU nodes render for every manifest but the tensor scorer (its replicas group a node's GPUs); every
+    pod's requests are the values given, not the defaults."""
+    env = {"GPUS_PER_NODE": "1", "TRAIN_NODES": "1", "CPUS_PER_GPU": "6", "MEMORY_GIB_PER_GPU": "40",
+           "PREPARE_CPUS": "3", "PREPARE_MEMORY": "12Gi", "MERGE_CPUS": "5", "MERGE_MEMORY": "20Gi"}
+    manifests = sorted(p.name for p in (LAUNCH / "k8s").glob("*.yaml") if p.name != "score-tensor-job.yaml")
+    jobs = {r["metadata"]["name"]: r for r in _render(*manifests, **env) if r["kind"] in ("Job", "PyTorchJob")}
+
+    def requests(name: str) -> dict:
+        spec = jobs[name]["spec"]
+        pod = spec["template"] if "template" in spec else spec["pytorchReplicaSpecs"]["Master"]["template"]
+        return pod["spec"]["containers"][0]["resources"]["requests"]
+
+    assert requests("gift-prepare") == {"cpu": "3", "memory": "12Gi"}
+    assert requests("gift-merge") == {"cpu": "5", "memory": "20Gi"}
+    assert requests("gift-score") == {"cpu": "6", "memory": "40Gi"}
+    assert requests("gift-train") == {"cpu": "6", "memory": "40Gi"}
+    assert jobs["gift-train"]["spec"]["nprocPerNode"] == "1"

@@ -21,15 +21,16 @@ for name in GPUS_PER_NODE TRAIN_NODES SCORE_WORKERS SCORE_TENSOR_NODES GPUS_PER_
     exit 2
   fi
 done
-if (( GPUS_PER_NODE % GPUS_PER_REPLICA != 0 )); then
-  echo "error: GPUS_PER_REPLICA=$GPUS_PER_REPLICA does not divide GPUS_PER_NODE=$GPUS_PER_NODE" >&2
-  exit 2
-fi
 (( $# )) || set -- "$here"/*.yaml
 for file in "$@"; do
   [[ -f "$file" ]] || file="$here/$file"
   require_file "$file" "manifest"
   text="$(<"$file")"
+  # Only the tensor-parallel scorer groups a node's GPUs into replicas: a 1-GPU node trains and scores one by one.
+  if [[ "$text" == *'${GPUS_PER_REPLICA}'* ]] && (( GPUS_PER_NODE % GPUS_PER_REPLICA != 0 )); then
+    echo "error: $file: GPUS_PER_REPLICA=$GPUS_PER_REPLICA does not divide GPUS_PER_NODE=$GPUS_PER_NODE" >&2
+    exit 2
+  fi
   for name in "${names[@]}"; do
     text="${text//"\${$name}"/"${!name}"}"
   done
