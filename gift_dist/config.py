@@ -58,7 +58,7 @@ def result_settings(cls: type, values: Any) -> dict[str, Any]:
 
 RECORD_FORMATS = ("auto", "messages", "sharegpt", "prompt_response", "alpaca")
 # How prepare groups records into prompts before it holds some out (prepare.split_key).
-SPLIT_KEYS = ("user_turns", "first_user_turn", "none")
+SPLIT_KEYS = ("any_user_turn", "user_turns", "first_user_turn", "none")
 
 
 @dataclass
@@ -182,13 +182,15 @@ class PrepareConfig:
         "`seed`), at most `eval_max_samples` of them. 0: no held-out split."))
     eval_max_samples: int = field(default=2000, metadata=doc(
         "The most records held out for evaluation, whatever eval_fraction gives."))
-    split_key: Literal["user_turns", "first_user_turn", "none"] = field(default="user_turns", metadata=doc(
-        "What makes two records \"the same prompt\" for the held-out split: records with the same key go whole to "
-        "one side, so no held-out prompt is trained on. `user_turns` (default): the text of all user turns, "
-        "whitespace collapsed and lower-cased; `first_user_turn`: the first user turn only (coarser: conversations "
-        "that open with the same question stay on one side even when their later turns differ); `none`: record by "
-        "record (the same prompt may then be on both sides). prepared.json reports the held-out prompts found in "
-        "training either way."))
+    split_key: Literal["any_user_turn", "user_turns", "first_user_turn", "none"] = field(
+        default="any_user_turn", metadata=doc(
+            "What makes two records \"the same prompt\" for the held-out split: records with the same key go whole "
+            "to one side. User text is compared whitespace collapsed and lower-cased. `any_user_turn` (default): "
+            "records sharing any user turn are one group, transitively, so no held-out user turn is trained on, "
+            "whichever turn it is in either record; `user_turns`: the text of all user turns together (a question "
+            "asked alone and as a follow-up may then be on both sides); `first_user_turn`: the first user turn only; "
+            "`none`: record by record. prepared.json reports the held-out records with a user turn trained on "
+            "either way (0 by construction with `any_user_turn`)."))
 
     def __post_init__(self) -> None:
         for key in ("max_length", "samples_per_shard", "num_proc", "eval_max_samples"):
@@ -494,9 +496,8 @@ class EvalConfig:
     general_files: list[str] = field(default_factory=list, metadata=doc(
         "Chat records (jsonl with `messages`) the models should still handle like the instruct model; their last "
         "assistant replies are scored (CE, and KL to the instruct model). Relative paths resolve like data.files. "
-        "`prepare` counts their prompts (user turns, as prepare.split_key `user_turns` compares them) that also "
-        "appear in the training data: a warning, and `eval_files` in prepared.json (measured on the files named "
-        "then)."))
+        "`prepare` counts their records with a user turn (whitespace collapsed, lower-cased) that also appears "
+        "in the training data: a warning, and `eval_files` in prepared.json (measured on the files named then)."))
     answer_pattern: str = field(default="answer_is", metadata=doc(
         "How to find the answer in a reply: answer_is (\"The answer is N\"), gsm8k (\"#### N\"), boxed "
         "(\\boxed{..}), last_number, or a regex whose first group is the answer."))

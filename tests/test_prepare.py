@@ -55,7 +55,7 @@ def test_bundled_manifest_and_determinism(tiny_llama, tmp_path):
     cfg = make_run_config(tiny_llama, tmp_path / "a", **{"prepare.max_length": 512, "prepare.samples_per_shard": 500})
     first = prepare(cfg)
     m = first.manifest
-    assert m.format == "gift_dist.prepared" and m.version == 2
+    assert m.format == "gift_dist.prepared" and m.version == 3
     assert m.counts["records_read"] == 3000 and m.counts["kept"] == len(first.dataset) == 3000
     assert m.counts["dropped"] == {}
     assert [s.num_samples for s in m.shards] == [500] * 6
@@ -465,7 +465,7 @@ def _sides(prepared_dir: Path) -> tuple[set[int], set[int]]:
 
 
 def test_planted_duplicate_prompts_end_up_on_one_side_only(tiny_llama, tmp_path, caplog):
-    """prepare.split_key user_turns (default): each planted question's three records (same words, other case and
+    """prepare.split_key any_user_turn (default): each planted question's three records (same words, other case and
     spacing) are all trained on or all held out, on every run; prepared.json reports no held-out prompt in
     training. Split record by record (split_key none) the same data has held-out prompts that are trained on:
     counted and warned about."""
@@ -479,7 +479,7 @@ def test_planted_duplicate_prompts_end_up_on_one_side_only(tiny_llama, tmp_path,
     planted_trained = {q for row, q in planted.items() if row in trained}
     assert planted_held and not planted_held & planted_trained  # some question held out, each on one side only
     overlap = prepared.manifest.prompt_overlap
-    assert overlap["key"] == "user_turns" and overlap["split_key"] == "user_turns"
+    assert overlap["key"] == "any_user_turn" and overlap["split_key"] == "any_user_turn"
     assert overlap["held_out"] == 15 and overlap["held_out_prompts_in_training"] == 0
     again = prepare(make_run_config(tiny_llama, tmp_path / "b", [data], **settings))
     assert _sides(again.path) == (trained, held)
@@ -492,8 +492,53 @@ def test_planted_duplicate_prompts_end_up_on_one_side_only(tiny_llama, tmp_path,
         other in trained for other, q in planted.items() if q == planted[row])]
     assert shared  # this data split record by record puts a planted question on both sides
     assert by_record.manifest.prompt_overlap["held_out_prompts_in_training"] == len(shared)
-    assert f"{len(shared)} of 15 held-out samples have a prompt that is also trained on" in caplog.text
+    assert f"{len(shared)} of 15 held-out samples have a user turn that is also trained on" in caplog.text
     assert by_record.manifest.fingerprint != prepared.manifest.fingerprint
+
+
+def _conversation(*questions: str) -> dict:
+    messages = []
+    for n, question in enumerate(questions):
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": f"Reply {n}."}]
+    return {"messages": messages}
+
+
+def test_a_question_asked_alone_and_as_a_follow_up_is_held_out_on_one_side(tiny_llama, tmp_path, caplog):
+    """prepare.split_key any_user_turn (default) links records that share any user turn, transitively: a chain
+    q0 -> (q0, q1) -> (q1, q2) -> ... is one group, so no held-out user turn is asked in training, whichever turn it
+    is. split_key user_turns (whole conversations) splits the chain and prepared.json counts the held-out records
+    whose turn training asks."""
+    chain = [_conversation("Tell me about q0.")] + [
+        _conversation(f"Tell me about q{i}.", f"Tell me about q{i + 1}.") for i in range(5)]  # 6 records, 1 group
+    alone = [_conversation(f"Tell me about r{i}.") for i in range(6)] + [
+        _conversation(f"Say {i}.", f"Tell me about r{i}.") for i in range(6)]  # 6 groups of 2: alone and after
+    data = write_jsonl(chain + alone + [_chat(f"Count to {i}.", f"{i}.") for i in range(18)], tmp_path / "d.jsonl")
+    settings = {"prepare.eval_fraction": 0.25, "prepare.max_length": 128}  # 9 of 36 records
+    linked = prepare(make_run_config(tiny_llama, tmp_path / "a", [data], **settings))
+    trained, held = _sides(linked.path)
+    assert len(held) == 9 and not trained & held
+    assert set(range(6)) <= trained or set(range(6)) <= held
+    for i in range(6):
+        assert {6 + i, 12 + i} <= trained or {6 + i, 12 + i} <= held
+    assert linked.manifest.prompt_overlap["held_out_prompts_in_training"] == 0
+
+    with caplog.at_level("WARNING", logger="gift_dist.prepare.stage"):
+        whole = prepare(make_run_config(tiny_llama, tmp_path / "b", [data],
+                                        **{**settings, "prepare.split_key": "user_turns"}))
+    trained, held = _sides(whole.path)
+    split_pairs = sum(1 for i in range(6) if len({6 + i, 12 + i} & held) == 1)
+    split_chain = sum(1 for row in held if row < 6 and ({row - 1, row + 1} & trained) - {-1, 6})
+    leaked = whole.manifest.prompt_overlap["held_out_prompts_in_training"]
+    assert leaked == split_pairs + split_chain and leaked > 0  # this split asks some held-out turn in training
+    assert "held-out samples have a user turn that is also trained on (prepare.split_key=user_turns" in caplog.text
+
+
+def test_linked_groups_join_records_through_any_shared_turn():
+    from gift_dist.prepare.stage import linked_groups
+
+    groups = linked_groups([["b", "c"], ["a"], ["c", "d"], [], ["d"], ["e", "a"], ["f"]])
+    assert groups[0] == groups[2] == groups[4] and groups[1] == groups[5]
+    assert len({groups[0], groups[1], groups[6]}) == 3 and groups[3] == ""
 
 
 def test_split_key_first_user_turn_groups_conversations_that_open_alike(tiny_llama, tmp_path):
@@ -531,7 +576,8 @@ def test_prompt_keys_collapse_whitespace_and_case_and_ignore_replies():
     one = prompt_keys(_chat("What  is\n2+2?", "4")["messages"])
     assert one == prompt_keys(_chat("what is 2+2? ", "four")["messages"])
     assert one != prompt_keys(_chat("what is 2+3?", "5")["messages"])
-    assert prompt_keys([{"role": "assistant", "content": "hi"}]) == {"user_turns": "", "first_user_turn": ""}
+    assert prompt_keys([{"role": "assistant", "content": "hi"}]) == {"turns": [], "user_turns": "",
+                                                                     "first_user_turn": ""}
 
 
 def test_an_eval_file_overlapping_training_is_counted_and_warned_about(tiny_llama, tmp_path, caplog):

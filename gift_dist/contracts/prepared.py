@@ -36,7 +36,9 @@ from gift_dist.contracts import (
 FORMAT = "gift_dist.prepared"
 # 2: the held-out split is taken by prompt (prepare.split_key) and the training manifest reports
 #    ``prompt_overlap``; a version-1 split may share prompts with training, so it is refused (rerun prepare).
-VERSION = 2
+# 3: records sharing any user turn are one prompt group (split_key any_user_turn) and the overlap is counted turn
+#    by turn; a version-2 split may hold out a question that training asks in another record (rerun prepare).
+VERSION = 3
 MANIFEST_NAME = "prepared.json"
 DATA_DIR = "data"
 EVAL_DIR = "eval"
@@ -77,7 +79,7 @@ class PreparedManifest:
     split: str = "train"
     # sha256 of every file of data/ by name, checked on load (empty in manifests written before it was recorded).
     data_sha256: dict[str, str] = field(default_factory=dict)
-    # Training split only: prompts (the ``user_turns`` key) seen in training, as prepare measured them:
+    # Training split only: held-out records with a user turn (any of them) seen in training, as prepare measured:
     # {"key", "split_key", "held_out", "held_out_prompts_in_training", "eval_files": [{"file", "sha256", "records",
     # "prompts", "prompts_in_training"}]} (eval.general_files at prepare time). Empty for the eval split.
     prompt_overlap: dict[str, Any] = field(default_factory=dict)

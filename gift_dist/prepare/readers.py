@@ -325,10 +325,11 @@ def _normalised(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-def prompt_keys(messages: list[dict[str, Any]]) -> dict[str, str]:
-    """A record's prompt keys by ``prepare.split_key``: ``user_turns`` (every user turn's text, whitespace collapsed
-    and lower-cased, in order) and ``first_user_turn``, each as a sha256 hex digest; "" when the record has no user
-    text (such a record is a group of its own)."""
+def prompt_keys(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """A record's prompt keys by ``prepare.split_key``, each a sha256 hex digest of user text (whitespace collapsed,
+    lower-cased): ``turns``, one per user turn (``any_user_turn`` links records sharing any of them);
+    ``user_turns``, all of them in order; ``first_user_turn``. "" (no turns) when the record has no user text: such
+    a record is a group of its own."""
     users = [_normalised(m["content"]) for m in messages
              if m.get("role") == "user" and isinstance(m.get("content"), str)]
     users = [text for text in users if text]
@@ -336,4 +337,9 @@ def prompt_keys(messages: list[dict[str, Any]]) -> dict[str, str]:
     def digest(parts: list[str]) -> str:
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32] if parts else ""
 
-    return {"user_turns": digest(users), "first_user_turn": digest(users[:1])}
+    return {"turns": sorted({digest([text]) for text in users}), "user_turns": digest(users),
+            "first_user_turn": digest(users[:1])}
+
+
+# The keys of a record without user text (a dropped record too): a prompt group of its own.
+NO_PROMPT_KEYS = prompt_keys([])

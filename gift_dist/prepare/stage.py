@@ -35,6 +35,7 @@ from gift_dist.contracts import ContractError, require_writable
 from gift_dist.contracts import prepared as contract
 from gift_dist.models.pair import check_pair, load_tokenizer
 from gift_dist.prepare.readers import (
+    NO_PROMPT_KEYS,
     DropRecord,
     describe_sources,
     load_raw_records,
@@ -65,13 +66,13 @@ def _tokenize_batch(batch: dict, tokenizer, data_cfg: DataConfig, prep_cfg: Prep
     """datasets.map worker: one output row per input record, with an empty drop_reason when it is kept;
     ``formats``: each source's record shape (None: data.format)."""
     out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "end_of_turn_ids", "drop_reason", "drop_detail",
-                                            "prompt_key", "first_prompt_key")}
+                                            "prompt_key", "first_prompt_key", "turn_keys")}
     for raw, source_index in zip(batch["record"], batch["source_index"]):
         ids: list[int] = []
         labels: list[int] = []
         eot: list[int] = []
         reason = detail = ""
-        keys = {"user_turns": "", "first_user_turn": ""}
+        keys = NO_PROMPT_KEYS
         try:
             conversation = normalize_record(raw, data_cfg, formats[source_index])
             keys = prompt_keys(conversation.messages)
@@ -85,7 +86,7 @@ def _tokenize_batch(batch: dict, tokenizer, data_cfg: DataConfig, prep_cfg: Prep
                 raise DropRecord("no_target_tokens", "no assistant token left (truncated away by max_length)")
         except DropRecord as drop:
             ids, labels, eot, reason, detail = [], [], [], drop.reason, drop.detail
-            keys = {"user_turns": "", "first_user_turn": ""}
+            keys = NO_PROMPT_KEYS
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["end_of_turn_ids"].append(sorted(set(eot)))
@@ -93,6 +94,7 @@ def _tokenize_batch(batch: dict, tokenizer, data_cfg: DataConfig, prep_cfg: Prep
         out["drop_detail"].append(detail)
         out["prompt_key"].append(keys["user_turns"])
         out["first_prompt_key"].append(keys["first_user_turn"])
+        out["turn_keys"].append(keys["turns"])
     out["num_tokens"] = [len(x) for x in out["input_ids"]]
     out["num_target_tokens"] = [sum(1 for v in x if v != contract.IGNORE_INDEX) for x in out["labels"]]
     return out
@@ -124,7 +126,7 @@ def _prepare(cfg: RunConfig) -> contract.Prepared:
         "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
         "end_of_turn_ids": Sequence(Value("int32")), "drop_reason": Value("string"),
         "drop_detail": Value("string"), "num_tokens": Value("int32"), "num_target_tokens": Value("int32"),
-        "prompt_key": Value("string"), "first_prompt_key": Value("string"),
+        "prompt_key": Value("string"), "first_prompt_key": Value("string"), "turn_keys": Sequence(Value("string")),
     })
     try:
         tokenized = raw.map(
@@ -167,10 +169,10 @@ def _prepare(cfg: RunConfig) -> contract.Prepared:
     # The held-out samples are whole prompt groups taken from the end of the seeded order: disjoint from training
     # by content (prepare.split_key), the same on every run (and taken before the mix, so an up-sampled record
     # never lands on both sides).
-    prompt_of = list(tokenized["prompt_key"])
-    group_of = {"user_turns": prompt_of, "none": None}.get(cfg.prepare.split_key)
-    if cfg.prepare.split_key == "first_user_turn":
-        group_of = list(tokenized["first_prompt_key"])
+    turns_of = list(tokenized["turn_keys"])
+    group_of = {"any_user_turn": lambda: linked_groups(turns_of), "user_turns": lambda: list(tokenized["prompt_key"]),
+                "first_user_turn": lambda: list(tokenized["first_prompt_key"]), "none": lambda: None,
+                }[cfg.prepare.split_key]()
     order, eval_order = split_held_out(order, group_of, eval_count(len(order), cfg.prepare), cfg.prepare)
     held_out = len(eval_order)
     source_of = np.asarray(tokenized["source_index"])
@@ -181,8 +183,8 @@ def _prepare(cfg: RunConfig) -> contract.Prepared:
                                 f"{drop_summary(Counter(mine), cfg.prepare)}; nothing to sample from")
     order = mix_sources(order, source_of, cfg.data.all_sources(), cfg.prepare.seed)
     per_source = source_counts(cfg.data.all_sources(), source_of, reasons, order, eval_order)
-    trained_prompts = {prompt_of[row] for row in order.tolist()} - {""}
-    overlap = prompt_overlap(cfg, prompt_of, trained_prompts, eval_order)
+    trained_turns = {turn for row in order.tolist() for turn in turns_of[row]}
+    overlap = prompt_overlap(cfg, turns_of, trained_turns, eval_order)
     eos_ids = sorted({int(i) for ids in tokenized.select(kept_rows)["end_of_turn_ids"] for i in ids}
                      | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
     def split(rows: np.ndarray, name: str):
@@ -191,7 +193,7 @@ def _prepare(cfg: RunConfig) -> contract.Prepared:
             .map(lambda row: {"record_index": row}, input_columns="row",
                  new_fingerprint=f"{fingerprint}-{name}-indexed-{TABLE_LAYOUT}")
             .remove_columns(["source", "source_index", "row", "record", "end_of_turn_ids", "drop_reason",
-                             "drop_detail", "prompt_key", "first_prompt_key"])
+                             "drop_detail", "prompt_key", "first_prompt_key", "turn_keys"])
             .flatten_indices(new_fingerprint=f"{fingerprint}-{name}-flat-{TABLE_LAYOUT}")
         )
         num_tokens, num_targets = samples["num_tokens"], samples["num_target_tokens"]
@@ -263,17 +265,38 @@ def split_held_out(order: np.ndarray, group_of: Optional[list[str]], count: int,
     return order[~held], order[held]
 
 
-def prompt_overlap(cfg: RunConfig, prompt_of: list[str], trained: set[str], eval_rows: np.ndarray) -> dict:
-    """What prepare.json reports of prompts seen in training (by the ``user_turns`` key): held-out samples whose
-    prompt is trained on (0 by construction unless prepare.split_key is none), and per eval.general_files file its
-    records whose prompt is; each non-zero count is logged as a warning."""
-    in_training = sum(1 for row in eval_rows.tolist() if prompt_of[row] in trained)
-    report: dict[str, Any] = {"key": "user_turns", "split_key": cfg.prepare.split_key,
+def linked_groups(turns_of: list[list[str]]) -> list[str]:
+    """Each row's prompt group under ``any_user_turn``: rows sharing a user turn are linked, and linked rows form one
+    group, transitively (a union-find over turns; its name is the group's smallest turn digest). "" for a row
+    without user text (a group of its own)."""
+    parent: dict[str, str] = {}
+
+    def root(turn: str) -> str:
+        while parent.setdefault(turn, turn) != turn:
+            parent[turn] = parent[parent[turn]]
+            turn = parent[turn]
+        return turn
+
+    for turns in turns_of:
+        for turn in turns[1:]:
+            first, other = root(turns[0]), root(turn)
+            if first != other:
+                parent[max(first, other)] = min(first, other)  # the smaller digest names the group
+    return [root(turns[0]) if turns else "" for turns in turns_of]
+
+
+def prompt_overlap(cfg: RunConfig, turns_of: list[list[str]], trained: set[str], eval_rows: np.ndarray) -> dict:
+    """What prepare.json reports of user turns seen in training: held-out samples with any user turn that is
+    trained on (in any training record, as any turn; 0 by construction with prepare.split_key any_user_turn), and
+    per eval.general_files file its records with one; each non-zero count is logged as a warning."""
+    in_training = sum(1 for row in eval_rows.tolist() if not trained.isdisjoint(turns_of[row]))
+    report: dict[str, Any] = {"key": "any_user_turn", "split_key": cfg.prepare.split_key,
                               "held_out": int(len(eval_rows)), "held_out_prompts_in_training": int(in_training),
                               "eval_files": []}
     if in_training:
-        log.warning("prepare: %d of %d held-out samples have a prompt that is also trained on "
-                    "(prepare.split_key=%s)", in_training, len(eval_rows), cfg.prepare.split_key)
+        log.warning("prepare: %d of %d held-out samples have a user turn that is also trained on "
+                    "(prepare.split_key=%s; any_user_turn holds none out)", in_training, len(eval_rows),
+                    cfg.prepare.split_key)
     for name in cfg.eval.general_files:
         counted = eval_file_overlap(Path(name), trained)
         if counted is None:
@@ -281,14 +304,15 @@ def prompt_overlap(cfg: RunConfig, prompt_of: list[str], trained: set[str], eval
             continue
         report["eval_files"].append(counted)
         if counted["prompts_in_training"]:
-            log.warning("prepare: %d of %d records of eval file %s have a prompt that is also in the training data",
+            log.warning("prepare: %d of %d records of eval file %s have a user turn that is also in the training "
+                        "data",
                         counted["prompts_in_training"], counted["records"], name)
     return report
 
 
 def eval_file_overlap(path: Path, trained: set[str]) -> Optional[dict]:
-    """A user's evaluation file (chat records with ``messages``, jsonl) against the training prompts: records read,
-    records with a usable prompt, and those whose prompt is trained on; None when the file does not exist."""
+    """A user's evaluation file (chat records with ``messages``, jsonl) against the training user turns: records
+    read, records with a usable prompt, and those with a user turn trained on; None when the file does not exist."""
     from gift_dist.contracts import file_sha256
 
     if not path.is_file():
@@ -300,12 +324,12 @@ def eval_file_overlap(path: Path, trained: set[str]) -> Optional[dict]:
                 continue
             records += 1
             try:
-                key = prompt_keys(normalize_record(line, DataConfig(), "messages").messages)["user_turns"]
+                turns = prompt_keys(normalize_record(line, DataConfig(), "messages").messages)["turns"]
             except DropRecord:
                 continue
-            if key:
+            if turns:
                 prompts += 1
-                in_training += key in trained
+                in_training += not trained.isdisjoint(turns)
     return {"file": path.name, "sha256": file_sha256(path), "records": records, "prompts": prompts,
             "prompts_in_training": in_training}
 
