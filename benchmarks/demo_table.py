@@ -88,11 +88,25 @@ def evaluate_base(out: Path, overrides: list[str]) -> Optional[dict]:
     return scores
 
 
+def _versus_instruct(row: dict) -> str:
+    """The task accuracy and general exact match differences to instruct (``compare.summarise``), each marked "≈"
+    when it lies within noise; "—" for a row without them (base, instruct)."""
+    parts = []
+    for key in ("vs_instruct", "general_vs_instruct"):
+        change = row.get(key)
+        parts.append("—" if change is None else ("≈ " if change["within_noise"] else "") + f"{change['diff']:+.3f}")
+    return " / ".join(parts)
+
+
 def table(summary: dict, seeds: int) -> str:
     """The markdown table of a compare summary: one row per method (the base, when it is in the summary, and
-    instruct first), mean ± std over seeds; the accuracies with their standard error over the n prompts."""
-    header = f"| method ({seeds} seed(s), mean ± std) | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-    lines = [header, "|---|" + "---|" * len(COLUMNS)]
+    instruct first), mean ± std over seeds; the accuracies with their standard error over the n prompts, and each
+    method's differences to instruct with those within noise marked; a note saying what the mark means."""
+    from gift_dist.pipeline.compare import NOISE_SE
+
+    header = (f"| method ({seeds} seed(s), mean ± std) | " + " | ".join(h for _, h, _ in COLUMNS)
+              + " | vs instruct (task / general) |")
+    lines = [header, "|---|" + "---|" * (len(COLUMNS) + 1)]
     for name, row in summary.items():
         cells = []
         for key, _, digits in COLUMNS:
@@ -100,7 +114,9 @@ def table(summary: dict, seeds: int) -> str:
             if key in ("task_accuracy", "general_exact_match") and text != "n/a":
                 text += _se(row, key)
             cells.append(text)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_versus_instruct(row)} |")
+    lines += ["", f"vs instruct: the method's task accuracy and general exact match minus the instruct model's; ≈: "
+                  f"within {NOISE_SE:g} standard errors of the difference (sqrt(SE² + SE²)), not evidence either way."]
     return "\n".join(lines)
 
 

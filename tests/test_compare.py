@@ -168,7 +168,13 @@ def test_general_exact_match_gets_mean_std_and_its_standard_error_over_prompts()
     rows = {line.split("|")[1].strip(): line for line in compare_report(summary, 2, "").splitlines() if line.startswith("| ")}
     assert "| 0.375 ± 0.177 | 0.061 (n=64) |" in rows["gift"]
     assert "| 0.750 ± 0.000 | 0.054 (n=64) |" in rows["instruct"]
-    assert "| n/a | n/a | 2.0000 ± 0.0000 |" in rows["direct"]
+    assert "| n/a | n/a | — | — | 2.0000 ± 0.0000 |" in rows["direct"]
+    # gift kept 0.375 of instruct's 0.75: -0.375, beyond 2 SE of the difference (2 sqrt(0.0605² + 0.0541²) = 0.162).
+    kept = summary["gift"]["general_vs_instruct"]
+    assert kept["diff"] == pytest.approx(-0.375) and not kept["within_noise"]
+    assert kept["se"] == pytest.approx(math.hypot(math.sqrt(0.375 * 0.625 / 64), math.sqrt(0.75 * 0.25 / 64)))
+    assert "| -0.375 (2 SE = 0.162) | — |" in rows["gift"]
+    assert summary["direct"]["general_vs_instruct"] is None and summary["direct"]["general_vs_gift"] is None
     json.dumps(summary)
 
 

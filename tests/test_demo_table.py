@@ -33,9 +33,13 @@ def test_the_table_comes_from_the_summary_and_replaces_only_the_block(tmp_path):
         [_scores("instruct", 0.1, 0.3), _scores("shadow-ft/seed-0", 0.2, 0.2), _scores("shadow-ft/seed-1", 0.3, 0.1)],
         ["shadow-ft"], 200)))  # as read back from summary.json
     text = table.table(summary, 2)
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines()[2:]}
-    assert "| 0.100 (SE 0.021, n=200) | 1.000 | 0.300 (SE 0.048, n=91) | 2.000 | 0.000 |" in rows["instruct"]
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines()[2:] if line.startswith("| ")}
+    assert "| 0.100 (SE 0.021, n=200) | 1.000 | 0.300 (SE 0.048, n=91) | 2.000 | 0.000 | — / — |" in rows["instruct"]
     assert "| 0.250 ± 0.071 (SE 0.031, n=200) |" in rows["shadow-ft"]
+    # +0.15 on the task beyond 2 SE (0.074), -0.15 on the general set beyond 2 SE (0.122): neither marked.
+    assert rows["shadow-ft"].endswith("| +0.150 / -0.150 |") and "≈: within 2 standard errors" in text
+    assert table._versus_instruct({"vs_instruct": {"diff": 0.01, "se": 0.02, "within_noise": True},
+                                   "general_vs_instruct": None}) == "≈ +0.010 / —"
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{table.START}\nold numbers\n{table.END}\nafter\n")
     (tmp_path / "run" / "compare").mkdir(parents=True)

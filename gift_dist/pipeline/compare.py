@@ -166,14 +166,16 @@ def accuracy_se(p: float, n: int) -> float:
     return math.sqrt(p * (1.0 - p) / n)
 
 
-def difference(row: dict, reference: dict) -> Optional[dict]:
-    """Task accuracy of ``row`` minus ``reference``'s, with the difference's standard error (the two rows' SEs
-    combined as if independent, sqrt(se_a^2 + se_b^2): conservative, since both are measured on the same prompts)
-    and whether it lies within NOISE_SE of them; None when either accuracy was not measured."""
-    (mean, _), (ref_mean, _) = row["task_accuracy"], reference["task_accuracy"]
-    if mean is None or ref_mean is None or row["task_accuracy_se"] is None or reference["task_accuracy_se"] is None:
+def difference(row: dict, reference: dict, metric: str = "task_accuracy") -> Optional[dict]:
+    """An accuracy of ``row`` (``metric``: task accuracy or general exact match) minus ``reference``'s, with the
+    difference's standard error (the two rows' SEs combined as if independent, sqrt(se_a^2 + se_b^2):
+    conservative, since both are measured on the same prompts) and whether it lies within NOISE_SE of them; None
+    when either was not measured."""
+    (mean, _), (ref_mean, _) = row[metric], reference[metric]
+    se_a, se_b = row[f"{metric}_se"], reference[f"{metric}_se"]
+    if mean is None or ref_mean is None or se_a is None or se_b is None:
         return None
-    se = math.hypot(row["task_accuracy_se"], reference["task_accuracy_se"])
+    se = math.hypot(se_a, se_b)
     diff = mean - ref_mean
     return {"diff": diff, "se": se, "within_noise": bool(abs(diff) <= NOISE_SE * se)}
 
@@ -183,7 +185,9 @@ def summarise(results, methods: list[str], max_generate_samples: Optional[int] =
     task accuracy also ``task_accuracy_n`` (prompts whose replies were generated and checked: the held-out
     samples, at most ``max_generate_samples``), ``task_accuracy_se`` (sqrt(p(1-p)/n) at the mean p: the
     uncertainty from the choice of prompts, which averaging seeds on the same prompts does not reduce), and the
-    difference to instruct (``vs_instruct``) and, for the other methods, to gift (``vs_gift``): see `difference`."""
+    difference to instruct (``vs_instruct``) and, for the other methods, to gift (``vs_gift``): see `difference`;
+    the same for general exact match (``general_exact_match_n``, ``_se``, ``general_vs_instruct``,
+    ``general_vs_gift``): whether a method kept the instruct model's skill, or only looks as if it lost some."""
     groups = {"instruct": [r for r in results if r.name == "instruct"]}
     for method in methods:
         groups[method] = [r for r in results if r.name.split("/")[0] == method]
@@ -214,8 +218,10 @@ def summarise(results, methods: list[str], max_generate_samples: Optional[int] =
         if name == "instruct":
             continue
         row["vs_instruct"] = difference(row, summary["instruct"])
+        row["general_vs_instruct"] = difference(row, summary["instruct"], "general_exact_match")
         if name != "gift" and "gift" in summary:
             row["vs_gift"] = difference(row, summary["gift"])
+            row["general_vs_gift"] = difference(row, summary["gift"], "general_exact_match")
     return summary
 
 
@@ -237,19 +243,22 @@ def compare_report(summary: dict, seeds: int, per_model: str) -> str:
 
     lines = [f"# GIFT vs Shadow-FT vs DFT vs direct fine-tuning ({seeds} seed(s) each, mean ± std over seeds)", "",
              "| method | task accuracy | SE of accuracy | vs instruct | vs gift | task CE | general exact match | "
-             "SE of general match | general CE | KL to instruct |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "SE of general match | general vs instruct | general vs gift | general CE | KL to instruct |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in summary.items():
         lines.append(f"| {name} | {cell(row['task_accuracy'], 3)} | {se_cell(row)} | "
                      f"{diff_cell(row.get('vs_instruct'))} | {diff_cell(row.get('vs_gift'))} | "
                      f"{cell(row['task_ce'], 4)} | {cell(row['general_exact_match'], 3)} | "
-                     f"{se_cell(row, 'general_exact_match')} | {cell(row['general_ce'], 4)} | "
+                     f"{se_cell(row, 'general_exact_match')} | {diff_cell(row.get('general_vs_instruct'))} | "
+                     f"{diff_cell(row.get('general_vs_gift'))} | {cell(row['general_ce'], 4)} | "
                      f"{cell(row['kl_to_instruct'], 4)} |")
     lines += ["", "Task: held-out samples of the prepared data (accuracy of greedy answers, teacher-forced CE).",
               "Preservation: the general chat set (greedy exact match of its replies, with its standard error "
               "sqrt(p(1-p)/n) over the n prompts generated; CE of its replies; per-token KL(instruct || model)).",
               "SE of accuracy: sqrt(p(1-p)/n) over the n prompts evaluated, the uncertainty from which prompts were "
               "drawn (the ± std is the spread over seeds on the same prompts). vs instruct / vs gift: the difference "
-              f"in task accuracy; \"within noise\" when it lies within {NOISE_SE:g} standard errors of the "
+              "in task accuracy (general ...: in general exact match); \"within noise\" when it lies within "
+              f"{NOISE_SE:g} standard errors of the "
               "difference (the two rows' SEs combined, sqrt(se1² + se2²)): such a difference is not evidence that "
               "either is better.", "",
               "## Every model", "", per_model]
