@@ -26,6 +26,7 @@ once against a shared filesystem.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -155,6 +156,26 @@ def read_manifest(conf_dir: str | Path) -> Optional[ConfidenceManifest]:
     if not path.is_file():
         return None
     return ConfidenceManifest.from_json(read_json(path), str(path))
+
+
+# What every reader of summary.json uses; the scorer writes more (histogram counts, throughput).
+SUMMARY_KEYS = ("mean_confidence", "low_confidence_share", "tokens", "samples")
+
+
+def read_summary(conf_dir: str | Path) -> Optional[dict]:
+    """The scorer's totals (``SUMMARY_NAME``, written by ``score.report.write_confidence_report``), or None when
+    scoring has not written them yet; a ContractError naming the file when it is not JSON or lacks a key of
+    ``SUMMARY_KEYS`` or a value there is not a finite number."""
+    path = Path(conf_dir) / SUMMARY_NAME
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    bad = [key for key in SUMMARY_KEYS if not isinstance(data, dict) or not isinstance(data.get(key), (int, float))
+           or isinstance(data.get(key), bool) or not math.isfinite(data[key])]
+    if bad:
+        raise ContractError(f"{path}: the scoring summary lacks finite values for {bad}; rerun `gift-dist score` "
+                            f"(it rewrites the summary from the finished shards)")
+    return data
 
 
 def init_manifest(conf_dir: str | Path, template: ConfidenceManifest) -> ConfidenceManifest:

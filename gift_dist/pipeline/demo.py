@@ -9,7 +9,6 @@ every method (GIFT, Shadow-FT, DFT, direct fine-tuning) over seeds instead: ``gi
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -80,9 +79,8 @@ def demo_report(cfg: RunConfig) -> str:
         first, last = metrics[0], metrics[-1]
         rows.append(("train loss (start -> end)", f"{first['loss']:.4f} -> {last['loss']:.4f} "
                                                    f"over {last['step']} steps"))
-    summary_path = cfg.paths.confidence / confidence_contract.SUMMARY_NAME
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
+    summary = confidence_contract.read_summary(cfg.paths.confidence)
+    if summary is not None:
         rows.append(("mean instruct confidence", f"{summary['mean_confidence']:.4f} "
                                                  f"({summary['tokens']} target tokens)"))
     check = verify_merged(cfg)

@@ -19,7 +19,6 @@ Run it inside a launched job (``deepspeed`` launcher, ``torchrun``) or as a sing
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -258,16 +257,14 @@ def _train(cfg: RunConfig, resume: bool | str | Path, resume_if_exists: bool,
 
 def confidence_summary(cfg: RunConfig) -> Optional[dict]:
     """The scorer's totals (mean confidence, share below 0.1, tokens) for the trackers, when scoring is done."""
-    path = cfg.paths.confidence / conf_contract.SUMMARY_NAME
-    if not weighting.needs_confidence(cfg.train) or not path.is_file():
+    if not weighting.needs_confidence(cfg.train):
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        log.warning("cannot read the confidence summary %s for the trackers: %s", path, exc)
+        data = conf_contract.read_summary(cfg.paths.confidence)
+    except (OSError, ContractError) as exc:
+        log.warning("cannot read the confidence summary for the trackers: %s", exc)
         return None
-    return {f"confidence/{key}": data[key] for key in ("mean_confidence", "low_confidence_share", "tokens", "samples")
-            if key in data}
+    return None if data is None else {f"confidence/{key}": data[key] for key in conf_contract.SUMMARY_KEYS}
 
 
 def adapter_result_settings(train: TrainConfig) -> dict:
