@@ -114,3 +114,35 @@ def test_train_checkpoint_resume_gather_merge_in_one_process(tiny_pair, tmp_path
     assert changed
     for name in set(instruct) - changed:
         assert torch.equal(merged[name], instruct[name]), name
+
+
+def test_train_resume_of_a_run_at_its_last_step_says_it_is_complete(tiny_pair, tmp_path, single_rank, capsys):
+    """`gift-dist train --resume` on a run whose latest checkpoint is its last step trains nothing, rewrites the
+    adapter from that checkpoint and says so (exit 0), instead of failing to format the loss of a step that never
+    ran (it raised TypeError on final_loss=None)."""
+    from gift_dist.bundled import bundled_data_path, read_jsonl, write_jsonl
+    from gift_dist.cli import main
+    from gift_dist.config import dump_config, load_config
+    from gift_dist.contracts.adapter import read_adapter
+    from gift_dist.prepare.stage import prepare
+    from gift_dist.train.recipe import train
+
+    pair = tiny_pair(arch="llama", seed=0, base_steps=2, instruct_steps=2)
+    data = write_jsonl(read_jsonl(bundled_data_path())[:4], tmp_path / "data.jsonl")
+    cfg = load_config(None, [
+        f"base_model={pair.base}", f"instruct_model={pair.instruct}", f"output_dir={tmp_path / 'run'}",
+        f"data.files=[{data}]", "prepare.max_length=96", "train.weighting=uniform", "train.sharding=replicate",
+        f"train.max_steps={MID}", f"train.save_every_steps={MID}", "train.micro_batch_size=2", "train.lora.r=4",
+        "train.progress=false", "train.gradient_checkpointing=false"])
+    prepare(cfg)
+    trained = read_adapter(train(cfg).adapter).tensors
+    shutil.rmtree(cfg.paths.adapter)
+    dump_config(cfg, tmp_path / "run.yaml")
+    capsys.readouterr()
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--resume"]) == 0
+    assert f"already complete at step {MID}/{MID}, nothing to train" in capsys.readouterr().out
+    resumed = read_adapter(cfg.paths.adapter)
+    assert resumed.provenance.complete and resumed.provenance.steps == MID
+    assert resumed.tensors.keys() == trained.keys()
+    for name, tensor in trained.items():
+        assert torch.equal(resumed.tensors[name], tensor), name
