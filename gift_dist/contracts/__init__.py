@@ -191,31 +191,60 @@ STAGED_SUFFIX = ".tmp"
 ASIDE_SUFFIX = ".replaced"
 
 
-@contextlib.contextmanager
-def staged_directory(out_dir):
-    """Yield an empty temporary sibling of ``out_dir`` that replaces it once the block succeeds: a reader finds the
-    old artifact or the complete new one (or, for the instant between two renames, none), never a half-written one.
+def _aside(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ASIDE_SUFFIX)
+
+
+def recover_directory(out_dir) -> None:
+    """Undo what a crash in the middle of ``replace_directory`` left behind: an aside copy (``<name>.replaced``)
+    without a folder under the final name is put back; one beside the folder (the crash came after the rename
+    in) is deleted. Safe when several processes recover the same folder at once: a rename or deletion another
+    one did first is not an error."""
+    out_dir = Path(out_dir)
+    aside = _aside(out_dir)
+    if not aside.exists():
+        return
+    if out_dir.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    try:
+        os.replace(aside, out_dir)
+    except FileNotFoundError:  # another process put it back first
+        pass
+
+
+def replace_directory(staged, out_dir) -> None:
+    """Rename the complete folder ``staged`` to ``out_dir`` (same file system), replacing any folder there: a
+    reader finds the old artifact or the complete new one (or, for the instant between two renames, none).
 
     The old folder is renamed aside (``<name>.replaced``), the new one renamed in, and only then is the old one
     deleted: at every instant one complete folder exists under the final name or aside. A crash between the two
-    renames leaves only the aside copy; the next call puts it back before anything else (a crash after the second
-    rename leaves an aside copy beside the new folder, which the next call deletes)."""
+    renames leaves only the aside copy, which ``recover_directory`` (called first here and by
+    ``staged_directory``) puts back; a crash after the second rename leaves an aside copy beside the new folder,
+    which it deletes."""
+    out_dir = Path(out_dir)
+    aside = _aside(out_dir)
+    recover_directory(out_dir)
+    if out_dir.exists():
+        os.replace(out_dir, aside)
+    os.replace(staged, out_dir)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir):
+    """Yield an empty temporary sibling of ``out_dir`` that replaces it once the block succeeds
+    (``replace_directory``): a reader finds the old artifact or the complete new one, never a half-written one.
+    A replacement a crash interrupted is recovered before anything else, so even a block that then fails keeps
+    the old folder."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + STAGED_SUFFIX)
-    aside = out_dir.with_name(out_dir.name + ASIDE_SUFFIX)
-    if aside.exists():
-        if out_dir.exists():
-            shutil.rmtree(aside)
-        else:
-            os.replace(aside, out_dir)
+    recover_directory(out_dir)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     yield tmp
-    if out_dir.exists():
-        os.replace(out_dir, aside)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(aside, ignore_errors=True)
+    replace_directory(tmp, out_dir)
 
 
 def check_inside(folder, relative: str):

@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
 from gift_dist import dist
 from gift_dist.config import ConfigError, RunConfig, add_config_arguments, config_from_args
-from gift_dist.contracts import ContractError, require_writable
+from gift_dist.contracts import ContractError, recover_directory, replace_directory, require_writable
 from gift_dist.contracts import adapter as adapter_contract
 from gift_dist.contracts import merged as merged_contract
 from gift_dist.contracts import model_folder
@@ -33,7 +31,6 @@ from gift_dist.models.pair import SHAPE_KEYS, check_pair
 log = logging.getLogger(__name__)
 
 WORK_SUFFIX = ".merging"
-OLD_SUFFIX = ".replaced"
 # Keys of gift_adapter.json that hold the {"name", "hash"} identity of the model the adapter was trained on.
 
 
@@ -108,18 +105,11 @@ def check_instruct_target(adapter: adapter_contract.Adapter, target_identity: di
 
 
 def install(work_dir: Path, output: Path, overwrite: bool) -> None:
-    """Move a finished work folder to the output path; a replaced output is removed only after the move."""
-    if output.exists():
-        if not overwrite:
-            raise ContractError(f"output directory {output} exists; pass --overwrite (merge.overwrite=true) to replace")
-        old = output.with_name(output.name + OLD_SUFFIX)
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(output, old)
-        os.replace(work_dir, output)
-        shutil.rmtree(old)
-    else:
-        os.replace(work_dir, output)
+    """Move a finished work folder to the output path (``replace_directory``: a replaced output is removed only
+    after the move, and one a crash left aside is put back by the next merge)."""
+    if output.exists() and not overwrite:
+        raise ContractError(f"output directory {output} exists; pass --overwrite (merge.overwrite=true) to replace")
+    replace_directory(work_dir, output)
 
 
 def merge(
@@ -150,6 +140,8 @@ def _merge(cfg: RunConfig, adapter_path: Path, target: Path, output: Path, base:
     for model in (target, base):
         if model is not None and (output.resolve() == model.resolve() or model.resolve() in output.resolve().parents):
             raise ConfigError(f"output directory {output} would replace or sit inside the input model {model}")
+    # A merged model a crash left aside while it was being replaced is the output again before anything is decided.
+    recover_directory(output)
     if output.exists() and not opts.overwrite:
         raise ContractError(f"output directory {output} exists; pass --overwrite (merge.overwrite=true) to replace")
     model_folder.require_model(target, "the merge target")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import warnings
 from dataclasses import asdict, replace
@@ -19,10 +18,13 @@ from typing import Any, Optional
 
 from gift_dist import dist
 from gift_dist.contracts import (
+    ASIDE_SUFFIX,
     ContractError,
     atomic_write_text,
     changed_settings,
     folder_digests,
+    recover_directory,
+    replace_directory,
 )
 from gift_dist.contracts.adapter import AdapterProvenance
 from gift_dist.contracts.checkpoint import (
@@ -60,6 +62,9 @@ class Checkpoints:
             return None
         tag = pointer.read_text().strip()
         folder = self.root / tag
+        # A crash while this tag's folder was being replaced leaves it aside: every run starts here, so here it
+        # is put back.
+        recover_directory(folder)
         record_path = folder / RECORD_NAME
         if not record_path.is_file():
             raise ContractError(f"{pointer} names checkpoint {tag}, but {record_path} is missing")
@@ -105,15 +110,17 @@ class Checkpoints:
         record = replace(record, file_sha256=folder_digests(tmp, skip=(RECORD_NAME,)))
         (tmp / RECORD_NAME).write_text(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
         final = self.root / tag
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        # A step saved again (after a resume from an earlier checkpoint) replaces its folder, which is never
+        # deleted before the new one is in place: a crash here leaves one of them, put back by latest() or by the
+        # next save of this step.
+        replace_directory(tmp, final)
         atomic_write_text(self.root / LATEST_NAME, tag + "\n")
         self._prune(keep_tag=tag)
         return str(final)
 
     def _prune(self, keep_tag: str) -> None:
-        tags = sorted(p.name for p in self.root.glob("step-*") if p.is_dir())
+        # A folder set aside by an interrupted replacement is no checkpoint of its own (replace_directory).
+        tags = sorted(p.name for p in self.root.glob("step-*") if p.is_dir() and not p.name.endswith(ASIDE_SUFFIX))
         old = [t for t in tags if t != keep_tag][: max(0, len(tags) - self.keep)]
         for name in old:
             shutil.rmtree(self.root / name, ignore_errors=True)
