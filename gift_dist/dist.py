@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -52,16 +53,39 @@ def env_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-# Processes on this node, by launcher: torchrun, DeepSpeed's launcher, Open MPI / mpirun, SLURM's srun.
-LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+# Processes on this node, by launcher, in the order read: torchrun, DeepSpeed's launcher, Open MPI / mpirun, MPICH
+# and Intel MPI, then SLURM: the step's layout, one count per node ("4(x2),3": 4 on each of the first two nodes, 3
+# on the third), before --ntasks-per-node's plain number, which a step may inherit from its job.
+SLURM_LAYOUT_VARIABLE = "SLURM_TASKS_PER_NODE"
+LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                        SLURM_LAYOUT_VARIABLE, "SLURM_NTASKS_PER_NODE")
+
+
+def slurm_tasks_on_this_node(layout: str) -> Optional[int]:
+    """This node's count in SLURM's per-node task layout ("4(x2),3"), the node being SLURM_NODEID; None when the
+    layout does not parse, or names no count for this node (SLURM_NODEID unset and the nodes' counts differ)."""
+    counts: list[int] = []
+    for entry in layout.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", entry.strip())  # "4", or "4(x2)": 4 on each of 2 nodes
+        if match is None:
+            return None
+        counts += [int(match[1])] * int(match[2] or 1)
+    node = os.environ.get("SLURM_NODEID", "").strip()
+    if node.isdigit() and int(node) < len(counts):
+        return counts[int(node)]
+    return counts[0] if len(set(counts)) == 1 else None
 
 
 def env_local_world_size() -> Optional[int]:
     """How many ranks run on this node, from whichever launcher started us (None: not launched by one)."""
     for key in LOCAL_SIZE_VARIABLES:
-        value = os.environ.get(key, "").split("(")[0]  # SLURM may write "4(x2)"
-        if value.isdigit() and int(value) > 0:
-            return int(value)
+        value = os.environ.get(key, "").strip()
+        if key == SLURM_LAYOUT_VARIABLE:
+            count = slurm_tasks_on_this_node(value) if value else None
+        else:
+            count = int(value) if value.isdigit() else None
+        if count:
+            return count
     return None
 
 

@@ -59,14 +59,16 @@ def test_the_flag_is_taken_before_or_after_the_command(argv, expected):
     ("LOCAL_WORLD_SIZE", "4", 4),           # torchrun
     ("LOCAL_SIZE", "4", 4),                 # DeepSpeed's launcher
     ("OMPI_COMM_WORLD_LOCAL_SIZE", "4", 4),  # Open MPI
-    ("SLURM_NTASKS_PER_NODE", "4(x2)", 4),  # srun
+    ("MPI_LOCALNRANKS", "4", 4),            # MPICH, Intel MPI
+    ("SLURM_TASKS_PER_NODE", "4(x2)", 4),   # srun: 4 tasks on each of 2 nodes
+    ("SLURM_NTASKS_PER_NODE", "4", 4),      # srun --ntasks-per-node=4
     (None, None, 8),                        # no launcher variable: every rank on this node
 ])
 def test_the_memory_plan_reads_the_node_rank_count_of_any_launcher(monkeypatch, variable, value, expected):
     from gift_dist.dist import LOCAL_SIZE_VARIABLES
     from gift_dist.train import engine
 
-    for key in LOCAL_SIZE_VARIABLES:
+    for key in (*LOCAL_SIZE_VARIABLES, "SLURM_NODEID"):
         monkeypatch.delenv(key, raising=False)
     if variable:
         monkeypatch.setenv(variable, value)
@@ -87,3 +89,32 @@ def test_the_memory_plan_reads_the_node_rank_count_of_any_launcher(monkeypatch, 
 
     assert engine.planned_gpu_gib(Cfg, 8, None, checkpointing=True) == {"replicate": 1.0}
     assert seen == {"local": expected, "nodes": 8 // expected}
+
+
+@pytest.mark.parametrize("layout, node, expected", [
+    ("4(x2),3", "0", 4), ("4(x2),3", "1", 4), ("4(x2),3", "2", 3),  # this node's entry, by SLURM_NODEID
+    ("2,8", None, None),         # nodes that differ, and no SLURM_NODEID to tell which is ours
+    ("8(x3)", None, 8),          # every node alike: SLURM_NODEID not needed
+    ("4(x2", "0", None),         # not SLURM's format
+])
+def test_the_slurm_layout_is_read_for_this_node(monkeypatch, layout, node, expected):
+    from gift_dist import dist
+
+    for key in (*dist.LOCAL_SIZE_VARIABLES, "SLURM_NODEID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", layout)
+    if node is not None:
+        monkeypatch.setenv("SLURM_NODEID", node)
+    assert dist.env_local_world_size() == expected
+
+
+def test_the_slurm_layout_comes_before_ntasks_per_node(monkeypatch):
+    """When they disagree, SLURM_TASKS_PER_NODE is what SLURM started; SLURM_NTASKS_PER_NODE what was asked for,
+    which a step may inherit from its job."""
+    from gift_dist import dist
+
+    for key in (*dist.LOCAL_SIZE_VARIABLES, "SLURM_NODEID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "1(x2)")
+    assert dist.env_local_world_size() == 1

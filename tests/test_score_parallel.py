@@ -284,11 +284,11 @@ def test_a_killed_replica_is_finished_by_another_byte_identically(prepared_tp_ll
 
 @pytest.mark.parametrize("variable,value,ranks", [
     ("LOCAL_WORLD_SIZE", "2", 2), ("LOCAL_SIZE", "4", 4), ("OMPI_COMM_WORLD_LOCAL_SIZE", "8", 8),
-    ("SLURM_NTASKS_PER_NODE", "4(x2)", 4)])
+    ("MPI_LOCALNRANKS", "4", 4), ("SLURM_TASKS_PER_NODE", "4(x2)", 4), ("SLURM_NTASKS_PER_NODE", "4", 4)])
 def test_the_ranks_of_a_node_are_read_from_whichever_launcher_started_us(monkeypatch, variable, value, ranks):
     from gift_dist import dist
 
-    for key in dist.LOCAL_SIZE_VARIABLES:
+    for key in (*dist.LOCAL_SIZE_VARIABLES, "SLURM_NODEID"):
         monkeypatch.delenv(key, raising=False)
     assert dist.env_local_world_size() is None
     monkeypatch.setenv(variable, value)
