@@ -148,6 +148,18 @@ def test_token_view_shows_the_weights_of_the_configured_weighting(scored, tmp_pa
     assert [float(w) for _, w in tips[: logprobs.numel()]] == pytest.approx(expected.tolist(), abs=5e-4)
     assert f"train.weighting: {train['weighting']}</code>" in page
 
+
+def test_token_view_needs_the_train_settings_and_takes_no_gift_parameters_apart():
+    """issue 21: the view shades the weights of train.weighting only; gamma/prob_floor alone (GIFT's weights
+    whatever the run trains with) are no longer accepted."""
+    from gift_dist.score.report import write_token_view
+
+    with pytest.raises(TypeError, match="train"):
+        write_token_view("confidence", None, None, None)
+    with pytest.raises(TypeError, match="gamma"):
+        write_token_view("confidence", None, None, None, gamma=1.0, prob_floor=0.1)
+
+
 def test_rerun_skips_finished_shards(scored):
     cfg, _ = scored
     shard0 = cfg.paths.confidence / contract.shard_filename(0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -140,25 +139,18 @@ _NO_CONFIDENCE_WEIGHTS = {
 }
 
 
-def write_token_view(conf_dir: str | Path, manifest: contract.ConfidenceManifest, prepared, tokenizer,
-                     gamma: Optional[float] = None, prob_floor: Optional[float] = None, num_samples: int = 40, *,
-                     train: Optional[TrainConfig] = None) -> Path:
+def write_token_view(conf_dir: str | Path, manifest: contract.ConfidenceManifest, prepared, tokenizer, *,
+                     train: TrainConfig, num_samples: int = 40) -> Path:
     """``report.html``: the first ``num_samples`` scored samples token by token, each target token shaded by the
     instruct model's probability p and by the training weight ``train.weighting`` gives it (the formulas of
     models/weights.py, the trainer's own, end-of-sequence override included), prompt tokens in grey. What training
     up- and down-weights, at a glance; hover a token for its numbers. ``uniform`` and ``dft`` have no weights made
-    from p: the view says so and shades p alone.
-
-    ``train``: the run's train settings. Without it, ``gamma`` and ``prob_floor`` give GIFT's weight
-    ``max(p, prob_floor) ** gamma`` on every target token (the form callers used before ``train``)."""
+    from p: the view says so and shades p alone. ``train``: the run's train settings (required: a weight shown
+    under any other weighting than the one trained with would mislead)."""
     import html
 
     from gift_dist.contracts.prepared import IGNORE_INDEX
 
-    if train is None:
-        if gamma is None or prob_floor is None:
-            raise TypeError("write_token_view needs train, or gamma and prob_floor")
-        train = TrainConfig(weighting="gift", gamma=gamma, prob_floor=prob_floor, eos_weight="scored")
     weighted = train.weighting in weights.CONFIDENCE_FORMULAS
     eos_ids = torch.tensor(sorted(prepared.manifest.eos_token_ids), dtype=torch.long)
     conf_dir = Path(conf_dir)
