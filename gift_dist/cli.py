@@ -83,20 +83,47 @@ def env_flag(name: str) -> bool:
 
 def configure_logging(level_name: str, log_all_ranks: bool = False) -> int:
     """Log at ``level_name`` on rank 0 (or a single process). Other ranks log only warnings and errors unless
-    ``log_all_ranks`` (or ``GIFT_LOG_ALL_RANKS=1``): a 16-rank run prints each line once, not 16 times. When every
-    rank logs, each line names its rank. Returns the level set for this process."""
+    ``log_all_ranks`` (or ``GIFT_LOG_ALL_RANKS=1``): a 16-rank run prints each line once, not 16 times; DeepSpeed's
+    and transformers' loggers, which have handlers of their own, too. When every rank logs, each line names its
+    rank. Returns the level set for this process."""
+    from gift_dist.dist import env_launcher_rank
+
     level = getattr(logging, str(level_name).upper(), None)
     level = level if isinstance(level, int) else logging.INFO
     log_all_ranks = log_all_ranks or env_flag(LOG_ALL_RANKS_ENV)
     rank_label = ""
-    if os.environ.get("RANK") or os.environ.get("WORLD_SIZE"):  # launched: the variables every launcher sets
-        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    launched = env_launcher_rank()
+    if launched is not None:
+        rank, world = launched
         if rank != 0 and not log_all_ranks:
             level = max(level, logging.WARNING)
+            quiet_library_loggers()
         if log_all_ranks and world > 1:
             rank_label = f"[rank {rank}] "
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {rank_label}%(name)s: %(message)s")
     return level
+
+
+# DeepSpeed logs through this logger with its own handler, not through the root logger that basicConfig sets.
+DEEPSPEED_LOGGER = "DeepSpeed"
+
+
+def warnings_and_errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
+def quiet_library_loggers() -> None:
+    """DeepSpeed and transformers log INFO lines through handlers of their own: on this rank only their warnings
+    and errors. DeepSpeed's is a filter, not a level: DeepSpeed sets its logger's level when imported and again
+    from its config, both after this runs. transformers keeps the verbosity set here, whatever
+    TRANSFORMERS_VERBOSITY says; it is imported here, not with this module, so that ``gift-dist --help`` stays
+    fast."""
+    from transformers.utils import logging as transformers_logging
+
+    deepspeed_logger = logging.getLogger(DEEPSPEED_LOGGER)
+    if warnings_and_errors_only not in deepspeed_logger.filters:
+        deepspeed_logger.addFilter(warnings_and_errors_only)
+    transformers_logging.set_verbosity_warning()
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:

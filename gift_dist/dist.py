@@ -53,6 +53,24 @@ def env_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+# The rank and world size of this process, by launcher, in the order read: torchrun and DeepSpeed's launcher,
+# Open MPI / mpirun, MPICH and Intel MPI, SLURM's srun. For logging, before any process group exists: a process
+# started by mpirun or srun has no RANK until DeepSpeed sets it from these when it builds the group.
+LAUNCHER_RANK_VARIABLES = (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                           ("PMI_RANK", "PMI_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"))
+
+
+def env_launcher_rank() -> Optional[tuple[int, int]]:
+    """(rank, world size) of this process from the first launcher whose variables are set, or None for a process
+    no launcher started."""
+    for rank_key, size_key in LAUNCHER_RANK_VARIABLES:
+        rank_value, size_value = os.environ.get(rank_key, "").strip(), os.environ.get(size_key, "").strip()
+        if rank_value.isdigit() or size_value.isdigit():
+            return (int(rank_value) if rank_value.isdigit() else 0,
+                    int(size_value) if size_value.isdigit() else 1)
+    return None
+
+
 # Processes on this node, by launcher, in the order read: torchrun, DeepSpeed's launcher, Open MPI / mpirun, MPICH
 # and Intel MPI, then SLURM: the step's layout, one count per node ("4(x2),3": 4 on each of the first two nodes, 3
 # on the third), before --ntasks-per-node's plain number, which a step may inherit from its job.

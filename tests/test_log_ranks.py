@@ -22,10 +22,10 @@ logging.getLogger("gift_dist.train.recipe").warning("a warning line")
 """
 
 
-def run_as_rank(rank: int, argv: list[str], **extra_env: str) -> str:
+def run_as_rank(rank: int, argv: list[str], script: str = SCRIPT, **extra_env: str) -> str:
     env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "GIFT_LOG_ALL_RANKS")}
     env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", **extra_env)
-    done = subprocess.run([sys.executable, "-c", SCRIPT, *argv], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stderr
@@ -44,6 +44,66 @@ def test_rank_1_logs_no_info_line_by_default_and_does_with_the_flag():
 
     rank0 = run_as_rank(0, ["config"])
     assert "INFO gift_dist.train.recipe: an info line" in rank0  # rank 0 unchanged: no rank label
+
+
+# As above, then log through DeepSpeed's and transformers' loggers, which have handlers of their own. DeepSpeed's is
+# set up as DeepSpeed does when imported (and again from its config), after gift-dist configured logging: its own
+# level, handler and no propagation (importing DeepSpeed itself would take most of the test's time).
+LIBRARY_SCRIPT = """
+import logging, sys
+from gift_dist.cli import build_parser, configure_logging, parse_command_line
+args = parse_command_line(build_parser("config"), sys.argv[1:])
+configure_logging(args.log_level, args.log_all_ranks)
+deepspeed_logger = logging.getLogger("DeepSpeed")
+deepspeed_logger.setLevel(logging.INFO)
+deepspeed_logger.propagate = False
+deepspeed_logger.addHandler(logging.StreamHandler(sys.stderr))
+deepspeed_logger.info("a deepspeed info line")
+deepspeed_logger.warning("a deepspeed warning line")
+from transformers.utils import logging as transformers_logging
+transformers_logging.get_logger("transformers.modeling_utils").info("a transformers info line")
+transformers_logging.get_logger("transformers.modeling_utils").warning("a transformers warning line")
+"""
+
+
+def test_rank_1_hears_only_warnings_from_deepspeed_and_transformers_too():
+    """TRANSFORMERS_VERBOSITY=info would have every rank print transformers' INFO lines, as DeepSpeed's logger
+    does at level INFO: rank 1 prints only their warnings, unless --log-all-ranks."""
+    quiet = run_as_rank(1, ["config"], script=LIBRARY_SCRIPT, TRANSFORMERS_VERBOSITY="info")
+    assert "info line" not in quiet, quiet
+    assert "a deepspeed warning line" in quiet and "a transformers warning line" in quiet
+
+    loud = run_as_rank(1, ["--log-all-ranks", "config"], script=LIBRARY_SCRIPT, TRANSFORMERS_VERBOSITY="info")
+    assert "a deepspeed info line" in loud and "a transformers info line" in loud, loud
+
+
+@pytest.mark.parametrize("variables, expected", [
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4"}, (1, 4)),  # mpirun (Open MPI)
+    ({"PMI_RANK": "1", "PMI_SIZE": "4"}, (1, 4)),                          # MPICH, Intel MPI
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4"}, (1, 4)),                  # srun
+    # torchrun inside an srun task of node 1: torchrun's RANK is this process's, SLURM's that of the task
+    ({"RANK": "0", "WORLD_SIZE": "8", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, (0, 8)),
+    ({}, None),                                                             # no launcher
+])
+def test_the_rank_to_log_as_comes_from_whichever_launcher_started_us(monkeypatch, variables, expected):
+    import logging
+
+    from gift_dist import cli, dist
+
+    for pair in dist.LAUNCHER_RANK_VARIABLES:
+        for key in pair:
+            monkeypatch.delenv(key, raising=False)
+    for key, value in variables.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("GIFT_LOG_ALL_RANKS", raising=False)
+    quieted = []
+    monkeypatch.setattr(cli, "quiet_library_loggers", lambda: quieted.append(True))
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)
+
+    assert dist.env_launcher_rank() == expected
+    quiet = expected is not None and expected[0] != 0
+    assert cli.configure_logging("INFO") == (logging.WARNING if quiet else logging.INFO)
+    assert quieted == ([True] if quiet else [])
 
 
 @pytest.mark.parametrize("argv, expected", [
