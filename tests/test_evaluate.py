@@ -291,6 +291,16 @@ def test_the_lm_eval_flags_reach_simple_evaluate(monkeypatch):
                                                     "limit": None}
 
 
+@pytest.mark.parametrize("flags, configured, expected", [
+    ((), True, True), ((), False, False),                                   # no flag: the config's value
+    (("--lm-eval-chat-template",), False, True),
+    (("--no-lm-eval-chat-template",), True, False),                         # a config's true turned off
+])
+def test_the_chat_template_flag_turns_the_config_key_on_or_off(flags, configured, expected):
+    args = _eval_args(*flags, f"eval.lm_eval_chat_template={str(configured).lower()}")
+    assert stage.config_with_arguments(args).eval.lm_eval_chat_template is expected
+
+
 @pytest.mark.parametrize("flags", [("--lm-eval-fewshot", "-1"), ("--lm-eval-limit", "0"),
                                    ("--lm-eval-limit", "ten")])
 def test_a_bad_lm_eval_count_is_refused(flags, capsys):

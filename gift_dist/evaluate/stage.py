@@ -474,9 +474,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks to run too "
                         "(eval.lm_eval_tasks); --lm-eval-include DIR adds your own task YAMLs")
     parser.add_argument("--lm-eval-include", metavar="DIR", help="folder of lm-evaluation-harness task YAMLs")
-    parser.add_argument("--lm-eval-chat-template", action="store_true", default=None,
+    parser.add_argument("--lm-eval-chat-template", action=argparse.BooleanOptionalAction, default=None,
                         help="apply each model's chat template to the lm-evaluation-harness requests (its "
-                        "apply_chat_template; eval.lm_eval_chat_template): how instruct models are prompted")
+                        "apply_chat_template; eval.lm_eval_chat_template): how instruct models are prompted; "
+                        "--no-lm-eval-chat-template sends them raw, whatever the config says")
     parser.add_argument("--lm-eval-fewshot", type=_count(0), metavar="N",
                         help="few-shot examples per lm-evaluation-harness request (eval.lm_eval_fewshot; default: "
                         "each task's own)")
@@ -504,8 +505,8 @@ def config_with_arguments(args: argparse.Namespace) -> RunConfig:
         cfg.eval.lm_eval_tasks = [task for task in args.lm_eval.split(",") if task]
     if args.lm_eval_include:
         cfg.eval.lm_eval_include = args.lm_eval_include
-    if args.lm_eval_chat_template:
-        cfg.eval.lm_eval_chat_template = True
+    if args.lm_eval_chat_template is not None:  # either flag given; neither: the config's value
+        cfg.eval.lm_eval_chat_template = args.lm_eval_chat_template
     if args.lm_eval_fewshot is not None:
         cfg.eval.lm_eval_fewshot = args.lm_eval_fewshot
     if args.lm_eval_limit is not None:
