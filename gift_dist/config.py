@@ -432,6 +432,9 @@ class TrainConfig:
             raise ConfigError(f"config key 'train.gamma' must be a finite number > 0, got {self.gamma}")
         if not 0.0 < self.prob_floor < 1.0:
             raise ConfigError(f"config key 'train.prob_floor' must lie in (0, 1), got {self.prob_floor}")
+        if not self.weight_min <= self.weight_max:
+            raise ConfigError(f"config key 'train.weight_min' must be <= 'train.weight_max' (the clamp of the "
+                              f"clipped weighting), got {self.weight_min} and {self.weight_max}")
         if self.eos_weight != "scored" and (isinstance(self.eos_weight, bool) or not (
                 math.isfinite(self.eos_weight) and self.eos_weight >= 0)):
             raise ConfigError(f"config key 'train.eos_weight' must be 'scored' or a finite number >= 0, got "
@@ -525,6 +528,17 @@ class EvalConfig:
     lm_eval_limit: Optional[int] = field(default=None, metadata=doc(
         "The most documents lm-evaluation-harness scores per task; null: all (a smoke test, not a benchmark "
         "number)."))
+
+    def __post_init__(self) -> None:
+        """Ranges, checked when the config is loaded: not after the models are loaded or an hour of evaluation."""
+        for key in ("max_new_tokens", "batch_size", "max_general_samples"):
+            _at_least(f"eval.{key}", getattr(self, key), 1)
+        _at_least("eval.max_generate_samples", self.max_generate_samples, 0)
+        if self.lm_eval_fewshot is not None:
+            _at_least("eval.lm_eval_fewshot", self.lm_eval_fewshot, 0)
+        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
+            raise ConfigError(f"config key 'eval.lm_eval_limit' must be >= 1, or null for all documents, got "
+                              f"{self.lm_eval_limit}")
 
 
 @dataclass

@@ -71,14 +71,18 @@ def test_example_configs_load():
     ("train.prob_floor=1", "'train.prob_floor' must lie in (0, 1), got 1.0"),
     ("train.eos_weight=-1", "'train.eos_weight' must be 'scored' or a finite number >= 0, got -1.0"),
     ("train.eos_weight=.nan", "'train.eos_weight' must be 'scored' or a finite number >= 0, got nan"),
+    # issue 21: the clamp's order was checked only once training started.
+    ("train.weight_max=0.1 train.weight_min=0.9",
+     "'train.weight_min' must be <= 'train.weight_max' (the clamp of the clipped weighting), got 0.9 and 0.1"),
 ])
 def test_train_ranges_are_refused_when_the_config_loads(override, message, capsys):
     """Before any process group, model or data is touched (save_every_steps=0 used to fail after step 1)."""
     from gift_dist.cli import main
 
+    overrides = override.split()
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(None, [override])
-    assert main(["train", override]) == 2
+        load_config(None, overrides)
+    assert main(["train", *overrides]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -94,6 +98,13 @@ def test_train_ranges_are_refused_when_the_config_loads(override, message, capsy
     ("train", "train.lora.dropout=1.5", "'train.lora.dropout' in [0, 1)"),
     ("merge", "merge.threads=0", "'merge.threads' must be >= 1, got 0"),
     ("merge", "merge.scale=nan", "'merge.scale' must be a finite number"),
+    # issue 21: eval's ranges were accepted, some checked only after the models were loaded.
+    ("eval", "eval.batch_size=0", "'eval.batch_size' must be >= 1, got 0"),
+    ("eval", "eval.max_new_tokens=0", "'eval.max_new_tokens' must be >= 1, got 0"),
+    ("eval", "eval.max_generate_samples=-5", "'eval.max_generate_samples' must be >= 0, got -5"),
+    ("eval", "eval.max_general_samples=-1", "'eval.max_general_samples' must be >= 1, got -1"),
+    ("eval", "eval.lm_eval_limit=0", "'eval.lm_eval_limit' must be >= 1, or null for all documents, got 0"),
+    ("eval", "eval.lm_eval_fewshot=-1", "'eval.lm_eval_fewshot' must be >= 0, got -1"),
 ])
 def test_every_sections_ranges_are_refused_when_the_config_loads(command, override, message, capsys):
     """One place per section (its __post_init__), before any file, model or process is touched."""
