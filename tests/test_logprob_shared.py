@@ -13,8 +13,9 @@ import torch
 
 from gift_dist.contracts.prepared import IGNORE_INDEX
 from gift_dist.evaluate.stage import Sample, ce_and_kl, teacher_forced_ce
+from gift_dist.models.batch import collate
 from gift_dist.models.logprob import softcap_of, unsupported_output_transform
-from gift_dist.score.logprobs import collate, score_batch
+from gift_dist.score.logprobs import score_batch
 from gift_dist.train.loss import ChunkedTargetCE, target_positions, target_token_ce
 
 VOCAB = 97

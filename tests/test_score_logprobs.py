@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from gift_dist.contracts.prepared import IGNORE_INDEX
-from gift_dist.score.logprobs import collate, length_batches, reference_logprobs, score_batch
+from gift_dist.models.batch import collate
+from gift_dist.score.logprobs import length_batches, reference_logprobs, score_batch
 
 
 def _load(pair):
@@ -46,6 +47,18 @@ def test_chunked_logprobs_match_reference_on_padded_batches(request, fixture, ch
     batched_reference = torch.cat(reference_logprobs(model, ids, mask, lab))
     torch.testing.assert_close(scores.logprobs, batched_reference, rtol=0, atol=1e-5)
     assert scores.counts == [sum(1 for t in label[1:] if t != IGNORE_INDEX) for label in labels]
+
+
+def test_collate_pads_on_the_right_by_default_and_on_the_left_for_generation():
+    rows, labels = [[5, 6, 7], [8]], [[IGNORE_INDEX, 6, 7], [8]]
+    ids, mask, lab = collate(rows, labels, pad_token_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert lab.tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    ids, mask, lab = collate(rows, labels, pad_token_id=0, padding_side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert lab.tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 8]]
+    with pytest.raises(ValueError, match="padding_side must be 'right' or 'left'"):
+        collate(rows, labels, 0, padding_side="middle")
 
 
 def test_entropy_matches_full_distribution(tiny_llama):

@@ -184,9 +184,9 @@ def greedy_replies(model, tokenizer, prompts: list[list[int]], batch_size: int, 
     replies = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", leave=False, disable=None):
         batch = prompts[start:start + batch_size]
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=model.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
+        # Left-padded, so that every row's new tokens follow its prompt's last; the labels (the prompts) go unused.
+        ids, mask, _ = collate(batch, batch, pad, model.device, padding_side="left")
+        width = ids.shape[1]
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=stop_ids)
         for row in out[:, width:].tolist():
