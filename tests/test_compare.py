@@ -178,13 +178,41 @@ def test_general_exact_match_gets_mean_std_and_its_standard_error_over_prompts()
     json.dumps(summary)
 
 
-def test_points_without_a_measured_kl_are_left_out_of_the_tradeoff_plot_and_named(tmp_path):
-    """Without eval.general_files there is no KL: drawn at 0 it would sit on the instruct model."""
+def test_points_without_a_measured_kl_are_left_out_of_the_tradeoff_plot_and_named(tmp_path, monkeypatch):
+    """Without eval.general_files there is no KL: drawn at 0 it would sit on the instruct model. The plot's note
+    names the points left out, and the labels of the points drawn are staggered (shadow-ft and dft nearly touch)."""
+    import matplotlib.axes
+    import matplotlib.figure
+
     from gift_dist.evaluate.stage import measured_points, tradeoff_plot
 
-    points = [("instruct", 0.0, 0.0), ("gift", 0.2, None), ("direct", 0.3, float("nan")), ("shadow-ft", 0.1, 0.4)]
+    points = [("instruct", 0.0, 0.0), ("gift", 0.2, None), ("direct", 0.3, float("nan")), ("shadow-ft", 0.1, 0.4),
+              ("dft", 0.1, 0.41)]
     shown, left_out = measured_points(points)
-    assert shown == [("instruct", 0.0, 0.0), ("shadow-ft", 0.1, 0.4)]
+    assert shown == [("instruct", 0.0, 0.0), ("shadow-ft", 0.1, 0.4), ("dft", 0.1, 0.41)]
     assert left_out == ["gift", "direct"]
+
+    # What the plot draws, recorded on its way to matplotlib's own methods.
+    notes, labels = [], []
+    figure_text, axes_annotate = matplotlib.figure.Figure.text, matplotlib.axes.Axes.annotate
+
+    def recorded_text(figure, x, y, text, *args, **kwargs):
+        notes.append(text)
+        return figure_text(figure, x, y, text, *args, **kwargs)
+
+    def recorded_annotate(axes, text, xy, *args, **kwargs):
+        labels.append((text, kwargs.get("xytext")))
+        return axes_annotate(axes, text, xy, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "text", recorded_text)
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", recorded_annotate)
     path = tradeoff_plot(points, tmp_path / "tradeoff.png", "gain", "KL")
     assert path.read_bytes().startswith(b"\x89PNG")
+    assert notes == ["not plotted (a value is n/a): gift, direct"]
+    assert [text for text, _ in labels] == ["instruct", "shadow-ft", "dft"]
+    heights = [offset[1] for _, offset in labels]
+    assert len(set(heights)) == 3, heights  # each label at its own height above its point
+
+    notes.clear()
+    tradeoff_plot(shown, tmp_path / "all.png", "gain", "KL")
+    assert notes == []  # every point measured: no note

@@ -156,7 +156,12 @@ def test_lm_eval_runs_a_local_task_on_every_model(held_out_run, tiny_llama, tmp_
     assert [scores.name for scores in results] == ["instruct", "base"]
     for scores in results:
         assert 0.0 <= scores.lm_eval["gift_arith_local"]["acc,none"] <= 1.0
-    assert "lm-evaluation-harness:" in stage.markdown_table(results)
+    table = stage.markdown_table(results)
+    assert "lm-evaluation-harness:" in table
+    # The harness's non-metric numbers and its stderr keys are no columns (the stderr shows as ± in a cell).
+    harness_header = table.split("lm-evaluation-harness:")[1].strip().splitlines()[0]
+    assert "gift_arith_local acc" in harness_header
+    assert not any(word in table for word in ("sample_len", "alias", "_stderr")), table
 
 
 @pytest.mark.slow  # lm-evaluation-harness end to end
@@ -241,6 +246,32 @@ def test_general_exact_match_counts_generations_equal_to_the_reply(held_out_run,
     assert instruct.general_exact_match == pytest.approx(3 / 8) and instruct.general_generated == 8
     assert instruct.task_accuracy == 0.0 and seen[1] == 8
     assert "| instruct | 0.000 |" in stage.markdown_table(results) and "| 0.375 (SE 0.171, n=8) |" in stage.markdown_table(results)
+
+
+def test_task_accuracy_counts_the_generations_with_the_reference_answer(held_out_run, monkeypatch):
+    """Generations stubbed by prompt for the first 6 held-out samples: 3 say "The answer is N" with the reference
+    reply's N, 1 says it as "$N", 1 gives another number, 1 no answer. Hand count: 4 / 6."""
+    tokenizer = AutoTokenizer.from_pretrained(held_out_run.instruct_model)
+    regex = stage.answer_regex(held_out_run.eval.answer_pattern)
+    replies = {}
+    for index, sample in enumerate(stage.task_samples(held_out_run)[:6]):
+        prompt, reference = stage.first_reply(sample)
+        answer = stage.extract_answer(regex, tokenizer.decode(reference, skip_special_tokens=True))
+        assert answer is not None and answer != "-7"
+        replies[tuple(prompt)] = [f"The answer is {answer}.", f"So: {answer}. The answer is {answer}",
+                                  f"The answer is {answer}", f"The answer is ${answer}.", "The answer is -7.",
+                                  "I cannot tell."][index]
+    assert len(replies) == 6  # six different prompts
+
+    def fake_replies(model, tok, prompts, batch_size, max_new_tokens, stop_ids):
+        return [replies[tuple(p)] for p in prompts]
+
+    monkeypatch.setattr(stage, "greedy_replies", fake_replies)
+    monkeypatch.setattr(held_out_run.eval, "max_generate_samples", 6)
+    monkeypatch.setattr(held_out_run.eval, "general_files", [])
+    results = stage.evaluate_models(held_out_run, {"instruct": held_out_run.instruct_model})
+    assert results[0].task_accuracy == pytest.approx(4 / 6)
+    assert "| instruct | 0.667 |" in stage.markdown_table(results)
 
 
 def test_general_exact_match_is_off_with_max_generate_samples_zero(held_out_run, monkeypatch):
