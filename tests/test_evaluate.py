@@ -282,6 +282,35 @@ def test_general_exact_match_is_off_with_max_generate_samples_zero(held_out_run,
     assert instruct.general_ce is not None
 
 
+def test_a_general_file_prepare_did_not_measure_is_named_in_a_warning(held_out_run, tmp_path, monkeypatch, caplog):
+    """prepare measured the bundled general set's overlap with training (prepared.json, by sha256): the same bytes
+    under another name are measured; an edited copy is not, and eval says so before it loads any model."""
+    measured = str(bundled_general_path())
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_bytes(bundled_general_path().read_bytes())
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join(bundled_general_path().read_text(encoding="utf-8").splitlines(True)[1:]),
+                      encoding="utf-8")
+
+    monkeypatch.setattr(held_out_run.eval, "general_files", [measured, str(renamed)])
+    with caplog.at_level("WARNING", logger=stage.log.name):
+        stage.warn_unmeasured_general_files(held_out_run)
+    assert "not measured" not in caplog.text
+
+    class NoModelLoaded(Exception):
+        pass
+
+    def no_model(path, trust_remote_code):
+        raise NoModelLoaded
+
+    monkeypatch.setattr(stage, "_load", no_model)
+    monkeypatch.setattr(held_out_run.eval, "general_files", [measured, str(edited)])
+    with caplog.at_level("WARNING", logger=stage.log.name), pytest.raises(NoModelLoaded):
+        stage.evaluate_models(held_out_run, {"instruct": held_out_run.instruct_model})
+    warnings = [r.getMessage() for r in caplog.records if "not measured" in r.getMessage()]
+    assert len(warnings) == 1 and str(edited) in warnings[0] and "rerun `gift-dist prepare`" in warnings[0]
+
+
 # ------------------------------------------------------------------------ the lm-evaluation-harness bridge, quick
 
 

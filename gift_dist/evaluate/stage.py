@@ -38,8 +38,8 @@ import torch
 
 from gift_dist import dist
 from gift_dist.config import ConfigError, EvalConfig, RunConfig, add_config_arguments, config_from_args
-from gift_dist.contracts import ContractError, atomic_write, atomic_write_text
-from gift_dist.contracts.prepared import IGNORE_INDEX, load_eval_split
+from gift_dist.contracts import ContractError, atomic_write, atomic_write_text, file_sha256
+from gift_dist.contracts.prepared import IGNORE_INDEX, load_eval_split, read_manifest
 from gift_dist.models.batch import collate
 from gift_dist.models.logprob import log_softmax_chunks, softcap_of, target_hidden, target_logprobs
 
@@ -231,6 +231,18 @@ def general_samples(files: list[str], tokenizer, limit: int) -> list[Sample]:
     return samples
 
 
+def warn_unmeasured_general_files(cfg: RunConfig) -> None:
+    """One warning per eval.general_files file whose overlap with the training data prepare did not measure: its
+    sha256 is not among prepared.json's ``prompt_overlap.eval_files`` (added to the list, or edited, after
+    prepare). Its scores may then be those of records the model was trained on."""
+    overlap = read_manifest(cfg.paths.prepared).prompt_overlap
+    measured = {entry.get("sha256") for entry in overlap.get("eval_files", [])}
+    for file in cfg.eval.general_files:
+        if file_sha256(file) not in measured:
+            log.warning("eval: eval.general_files %s: its overlap with the training data was not measured (added "
+                        "or edited after prepare); rerun `gift-dist prepare` with it in eval.general_files", file)
+
+
 # ------------------------------------------------------------------------------------------------ the stage
 
 
@@ -276,6 +288,7 @@ def evaluate_models(cfg: RunConfig, models: dict[str, str]) -> list[ModelScores]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     task = task_samples(cfg)
     general = general_samples(settings.general_files, tokenizer, settings.max_general_samples)
+    warn_unmeasured_general_files(cfg)
     generated = task[: settings.max_generate_samples]
     prompts_refs = [first_reply(s) for s in generated]
     references = [extract_answer(regex, tokenizer.decode(ref, skip_special_tokens=True)) for _, ref in prompts_refs]
