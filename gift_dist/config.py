@@ -553,25 +553,29 @@ class MergeConfig:
         "The merged weights' dtype: `auto` keeps each tensor's dtype of the target model (the delta is computed "
         "in fp32 and cast)."))
     max_shard_size: Optional[str] = field(default=None, metadata=doc(
-        "Largest output shard, a size like 5GB; null: the target model's own shard layout."))
-    threads: int = field(default=2, metadata=doc("Threads that merge tensors in parallel."))
+        "Largest output shard, a size like 5GB; null: the target model's own shard layout (the same weights split "
+        "into other files).", **OPERATIONAL))
+    threads: int = field(default=2, metadata=doc("Threads that merge tensors in parallel.", **OPERATIONAL))
     memory_budget_gb: float = field(default=8.0, metadata=doc(
         "The byte budget (GiB) that admits shards to the parallel merge threads, so parallelism never multiplies "
-        "the peak memory past it."))
+        "the peak memory past it.", **OPERATIONAL))
     verify: bool = field(default=True, metadata=doc(
-        "Verify the merged model after writing it (as `gift-dist verify-merge`)."))
+        "Verify the merged model after writing it (as `gift-dist verify-merge`).", **OPERATIONAL))
     overwrite: bool = field(default=False, metadata=doc(
-        "Replace an existing merged folder (also --overwrite); else a merged folder already there is refused."))
+        "Replace an existing merged folder (also --overwrite); else a merged folder already there is refused.",
+        **OPERATIONAL))
     verify_sample_tensors: int = field(default=8, metadata=doc(
         "Verification: how many merged tensors are recomputed from the inputs for checkpoints up to "
-        "verify_logits_max_gb (bigger ones get every adapted tensor recomputed)."))
+        "verify_logits_max_gb (bigger ones get every adapted tensor recomputed).", **OPERATIONAL))
     verify_logits_max_gb: float = field(default=2.0, metadata=doc(
         "Verification: logits compared with peft only for checkpoints up to this size (both models are loaded "
-        "whole, in fp32)."))
-    progress: bool = field(default=True, metadata=doc("Show a progress bar (bytes written) while merging."))
+        "whole, in fp32).", **OPERATIONAL))
+    progress: bool = field(default=True, metadata=doc("Show a progress bar (bytes written) while merging.",
+                                                      **OPERATIONAL))
     allow_other_instruct: bool = field(default=False, metadata=doc(
         "Merge into an instruct model other than the one the adapter was scored and trained for (its hash differs "
-        "from the one gift_adapter.json records): refused unless true; the merge record then says so."))
+        "from the one gift_adapter.json records): refused unless true; the merge record then says so. A permission: "
+        "the merged weights are the same either way.", **OPERATIONAL))
 
     def __post_init__(self) -> None:
         if not isinstance(self.allow_other_instruct, bool):

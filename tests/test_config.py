@@ -269,6 +269,24 @@ def test_one_list_of_methods_and_of_result_shaping_settings():
     assert {k: v for k, v in recipe_settings(train).items() if k != "data_order"} == shaping
 
 
+def test_the_merge_settings_that_shape_the_merged_weights_are_derived_and_recorded():
+    """issue 21: `run`'s "same merge" check compares config.result_settings(MergeConfig) (every merge setting not
+    marked operational) with gift_merge.json; each one has the record field merge writes it to."""
+    import dataclasses
+
+    from gift_dist.config import MergeConfig, operational_keys, result_settings
+    from gift_dist.contracts.merged import MergeRecord
+    from gift_dist.merge.stage import RECORD_FIELDS, recorded_settings
+
+    assert set(operational_keys(MergeConfig)) == {
+        "max_shard_size", "threads", "memory_budget_gb", "verify", "overwrite", "verify_sample_tensors",
+        "verify_logits_max_gb", "progress", "allow_other_instruct"}
+    assert set(result_settings(MergeConfig, MergeConfig())) == set(RECORD_FIELDS) == {"into", "scale", "dtype"}
+    assert set(RECORD_FIELDS.values()) <= {f.name for f in dataclasses.fields(MergeRecord)}
+    assert recorded_settings(MergeConfig(scale=0.5, dtype="bfloat16", threads=1)) == {
+        "into": "instruct", "strength": 0.5, "dtype": "bfloat16"}
+
+
 def test_trackers_that_are_unknown_or_not_installed_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
     """train.report_to: a name that is no tracker is refused when the config loads; wandb named but not installed
     is one line naming the setting and the fix, exit 2, before the output folders or the model."""

@@ -99,6 +99,11 @@ def test_a_merge_made_with_other_settings_is_not_skipped(tiny_llama, tmp_path, s
     make_adapter(tiny_llama.base, cfg.paths.adapter, target_modules=["q_proj"])
     merge(cfg)
     assert merged_is_complete(cfg)
+    # Operational merge settings (MergeConfig's OPERATIONAL marks) change nothing merged: still the same merge.
+    operated_otherwise = copy.deepcopy(cfg)
+    for key, operational_value in {"threads": 1, "max_shard_size": "1GB", "verify": True, "progress": True}.items():
+        setattr(operated_otherwise.merge, key, operational_value)
+    assert merged_is_complete(operated_otherwise)
     changed = copy.deepcopy(cfg)
     setattr(changed.merge, setting, value)
     with pytest.raises(ConfigError, match=r"holds another merge \(.*" + re.escape(named)):

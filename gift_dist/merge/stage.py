@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Optional
 
 from gift_dist import dist
-from gift_dist.config import ConfigError, RunConfig, add_config_arguments, config_from_args
+from gift_dist.config import (
+    ConfigError,
+    MergeConfig,
+    RunConfig,
+    add_config_arguments,
+    config_from_args,
+    result_settings,
+)
 from gift_dist.contracts import ContractError, recover_directory, replace_directory, require_writable
 from gift_dist.contracts import adapter as adapter_contract
 from gift_dist.contracts import merged as merged_contract
@@ -31,6 +38,15 @@ from gift_dist.models.pair import SHAPE_KEYS, check_pair
 log = logging.getLogger(__name__)
 
 WORK_SUFFIX = ".merging"
+# The gift_merge.json field that holds each merge setting shaping the merged weights (config.result_settings of
+# MergeConfig: every setting not marked operational). Merge writes them, `run` compares them to tell whether
+# merged/ is this config's merge; a new result-shaping setting needs its field here and in MergeRecord.
+RECORD_FIELDS = {"into": "into", "scale": "strength", "dtype": "dtype"}
+
+
+def recorded_settings(settings: MergeConfig) -> dict:
+    """The merge settings that shape the merged weights, by the name of the MergeRecord field that holds each."""
+    return {RECORD_FIELDS[key]: value for key, value in result_settings(MergeConfig, settings).items()}
 # Keys of gift_adapter.json that hold the {"name", "hash"} identity of the model the adapter was trained on.
 
 
@@ -180,9 +196,9 @@ def _merge(cfg: RunConfig, adapter_path: Path, target: Path, output: Path, base:
                                  base_dir=base if opts.into == "instruct" else None, throttle_seconds=throttle_seconds)
     stream.copy_model_files(target, work_dir, opts.dtype)
     record = merged_contract.MergeRecord(
-        base=identity["base"], target=identity["target"], into=opts.into, adapter=identity["adapter"],
-        lora_scaling=adapter.scale, strength=opts.scale, dtype=opts.dtype, merged_tensors=sorted(targets.names()),
-        shards=shards, shard_sha256=merged_contract.shard_checksums(work_dir, shards), other_instruct=other_instruct,
+        base=identity["base"], target=identity["target"], adapter=identity["adapter"], lora_scaling=adapter.scale,
+        **recorded_settings(opts), merged_tensors=sorted(targets.names()), shards=shards,
+        shard_sha256=merged_contract.shard_checksums(work_dir, shards), other_instruct=other_instruct,
         int8_base_weights=int8_base, quantized_base=quantized_base,
     )
     merged_contract.write_record(work_dir, record)

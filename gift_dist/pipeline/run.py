@@ -26,6 +26,7 @@ import torch
 from gift_dist import dist
 from gift_dist.config import (
     ConfigError,
+    MergeConfig,
     RunConfig,
     TrainConfig,
     add_config_arguments,
@@ -107,12 +108,12 @@ def adapter_is_complete(cfg: RunConfig, fingerprint: str) -> bool:
 def merged_is_complete(cfg: RunConfig) -> bool:
     """True when merged/ holds this adapter merged with these settings; another merge there is refused, naming
     what differs. Compared: everything gift_merge.json records that shapes the merged weights (the adapter's
-    weights and LoRA scaling, the target model and which of the pair it is, the base model, the blend strength
-    ``merge.scale`` and ``merge.dtype``). ``merge.max_shard_size`` is not: the record does not hold it, and it
-    only splits the same weights into other files."""
+    weights and LoRA scaling, the target model, the base model, and every merge setting MergeConfig does not mark
+    operational: merge.into, merge.scale, merge.dtype). Operational ones are not: merge.max_shard_size only splits
+    the same weights into other files, threads or verification change nothing written."""
     from gift_dist.contracts import merged as merged_contract
-    from gift_dist.merge.stage import merge_paths
     from gift_dist.contracts.model_folder import model_identity
+    from gift_dist.merge.stage import RECORD_FIELDS, merge_paths
 
     try:
         record = merged_contract.read_merged(cfg.paths.merged).record
@@ -120,23 +121,20 @@ def merged_is_complete(cfg: RunConfig) -> bool:
         return False
     _, target, _, base = merge_paths(cfg, None, None, None, None)
     adapter = adapter_contract.read_adapter(cfg.paths.adapter)
+    settings = result_settings(MergeConfig, cfg.merge)
     now = {
         "adapter": adapter_contract.adapter_hash(cfg.paths.adapter),
         "LoRA scaling": adapter.scale,
-        "merge.into": cfg.merge.into,
+        **{f"merge.{key}": value for key, value in settings.items()},
         "target model": model_identity(str(target))["hash"],
         "base model": model_identity(str(base))["hash"] if base is not None else None,
-        "merge.scale": cfg.merge.scale,
-        "merge.dtype": cfg.merge.dtype,
     }
     then = {
         "adapter": record.adapter.get("hash"),
         "LoRA scaling": record.lora_scaling,
-        "merge.into": record.into,
+        **{f"merge.{key}": getattr(record, RECORD_FIELDS[key]) for key in settings},
         "target model": record.target.get("hash"),
         "base model": record.base.get("hash") if record.base else None,
-        "merge.scale": record.strength,
-        "merge.dtype": record.dtype,
     }
     changed = changed_settings(then, now)
     if not changed or cfg.merge.overwrite:
