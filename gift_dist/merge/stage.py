@@ -47,7 +47,6 @@ RECORD_FIELDS = {"into": "into", "scale": "strength", "dtype": "dtype"}
 def recorded_settings(settings: MergeConfig) -> dict:
     """The merge settings that shape the merged weights, by the name of the MergeRecord field that holds each."""
     return {RECORD_FIELDS[key]: value for key, value in result_settings(MergeConfig, settings).items()}
-# Keys of gift_adapter.json that hold the {"name", "hash"} identity of the model the adapter was trained on.
 
 
 def merge_paths(
