@@ -43,7 +43,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gift_dist.contracts.prepared import IGNORE_INDEX  # noqa: E402
-from gift_dist.score.logprobs import collate, length_batches, reference_logprobs, score_batch  # noqa: E402
+from gift_dist.models.batch import collate  # noqa: E402
+from gift_dist.score.logprobs import length_batches, reference_logprobs, score_batch  # noqa: E402
 
 METHODS = ("forward", "score", "naive")
 

@@ -16,11 +16,12 @@ import torch
 from gift_dist.chat import TemplateError, fold_system_turns, render_conversation
 from gift_dist.config import TrainConfig
 from gift_dist.contracts.prepared import IGNORE_INDEX
+from gift_dist.models.batch import collate
 from gift_dist.models.logprob import softcap_of
 from gift_dist.models.lora_targets import resolve_target_modules
 from gift_dist.models.pair import check_pair
 from gift_dist.models.weights import confidence_weights
-from gift_dist.score.logprobs import collate, reference_logprobs, score_batch
+from gift_dist.score.logprobs import reference_logprobs, score_batch
 from gift_dist.tiny_pairs import FAMILIES, GEMMA_SHAPED
 from tests.merge_helpers import logits, merge_config, peft_merged
 

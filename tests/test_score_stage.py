@@ -19,8 +19,9 @@ from gift_dist.contracts import ContractError
 from gift_dist.contracts import confidence as contract
 from gift_dist.contracts import prepared as prepared_contract
 from gift_dist.contracts.confidence import SUMMARY_NAME
+from gift_dist.models.batch import collate
 from gift_dist.models.pair import PairMismatch
-from gift_dist.score.logprobs import collate, reference_logprobs
+from gift_dist.score.logprobs import reference_logprobs
 from gift_dist.score.pool import ShardPool, lease_path
 from gift_dist.score.report import HISTOGRAM_NAME, TOKEN_VIEW_NAME
 from gift_dist.score.stage import NonFiniteLogprob, score

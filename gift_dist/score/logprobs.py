@@ -14,7 +14,6 @@ from typing import Optional, Sequence
 import torch
 
 from gift_dist.contracts.prepared import IGNORE_INDEX
-from gift_dist.models.batch import collate  # noqa: F401  (re-exported: the scorer's collator)
 from gift_dist.models.logprob import capped, softcap_of, target_hidden
 from gift_dist.models.logprob import target_logprobs as target_logprobs_of_hidden
 from gift_dist.score.parallel import VocabSlice, combine_max, combine_sum
