@@ -86,7 +86,7 @@ def configure_logging(level_name: str, log_all_ranks: bool = False) -> int:
     ``log_all_ranks`` (or ``GIFT_LOG_ALL_RANKS=1``): a 16-rank run prints each line once, not 16 times; DeepSpeed's
     and transformers' loggers, which have handlers of their own, too. When every rank logs, each line names its
     rank. Returns the level set for this process."""
-    from gift_dist.dist import env_launcher_rank
+    from gift_dist.launchers import env_launcher_rank
 
     level = getattr(logging, str(level_name).upper(), None)
     level = level if isinstance(level, int) else logging.INFO

@@ -88,9 +88,9 @@ def test_rank_1_hears_only_warnings_from_deepspeed_and_transformers_too():
 def test_the_rank_to_log_as_comes_from_whichever_launcher_started_us(monkeypatch, variables, expected):
     import logging
 
-    from gift_dist import cli, dist
+    from gift_dist import cli, launchers
 
-    for pair in dist.LAUNCHER_RANK_VARIABLES:
+    for pair in launchers.LAUNCHER_RANK_VARIABLES:
         for key in pair:
             monkeypatch.delenv(key, raising=False)
     for key, value in variables.items():
@@ -100,7 +100,7 @@ def test_the_rank_to_log_as_comes_from_whichever_launcher_started_us(monkeypatch
     monkeypatch.setattr(cli, "quiet_library_loggers", lambda: quieted.append(True))
     monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)
 
-    assert dist.env_launcher_rank() == expected
+    assert launchers.env_launcher_rank() == expected
     quiet = expected is not None and expected[0] != 0
     assert cli.configure_logging("INFO") == (logging.WARNING if quiet else logging.INFO)
     assert quieted == ([True] if quiet else [])
@@ -125,7 +125,7 @@ def test_the_flag_is_taken_before_or_after_the_command(argv, expected):
     (None, None, 8),                        # no launcher variable: every rank on this node
 ])
 def test_the_memory_plan_reads_the_node_rank_count_of_any_launcher(monkeypatch, variable, value, expected):
-    from gift_dist.dist import LOCAL_SIZE_VARIABLES
+    from gift_dist.launchers import LOCAL_SIZE_VARIABLES
     from gift_dist.train import engine
 
     for key in (*LOCAL_SIZE_VARIABLES, "SLURM_NODEID"):
@@ -158,23 +158,23 @@ def test_the_memory_plan_reads_the_node_rank_count_of_any_launcher(monkeypatch, 
     ("4(x2", "0", None),         # not SLURM's format
 ])
 def test_the_slurm_layout_is_read_for_this_node(monkeypatch, layout, node, expected):
-    from gift_dist import dist
+    from gift_dist import launchers
 
-    for key in (*dist.LOCAL_SIZE_VARIABLES, "SLURM_NODEID"):
+    for key in (*launchers.LOCAL_SIZE_VARIABLES, "SLURM_NODEID"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("SLURM_TASKS_PER_NODE", layout)
     if node is not None:
         monkeypatch.setenv("SLURM_NODEID", node)
-    assert dist.env_local_world_size() == expected
+    assert launchers.env_local_world_size() == expected
 
 
 def test_the_slurm_layout_comes_before_ntasks_per_node(monkeypatch):
     """When they disagree, SLURM_TASKS_PER_NODE is what SLURM started; SLURM_NTASKS_PER_NODE what was asked for,
     which a step may inherit from its job."""
-    from gift_dist import dist
+    from gift_dist import launchers
 
-    for key in (*dist.LOCAL_SIZE_VARIABLES, "SLURM_NODEID"):
+    for key in (*launchers.LOCAL_SIZE_VARIABLES, "SLURM_NODEID"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")
     monkeypatch.setenv("SLURM_TASKS_PER_NODE", "1(x2)")
-    assert dist.env_local_world_size() == 1
+    assert launchers.env_local_world_size() == 1

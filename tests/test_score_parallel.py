@@ -286,14 +286,14 @@ def test_a_killed_replica_is_finished_by_another_byte_identically(prepared_tp_ll
     ("LOCAL_WORLD_SIZE", "2", 2), ("LOCAL_SIZE", "4", 4), ("OMPI_COMM_WORLD_LOCAL_SIZE", "8", 8),
     ("MPI_LOCALNRANKS", "4", 4), ("SLURM_TASKS_PER_NODE", "4(x2)", 4), ("SLURM_NTASKS_PER_NODE", "4", 4)])
 def test_the_ranks_of_a_node_are_read_from_whichever_launcher_started_us(monkeypatch, variable, value, ranks):
-    from gift_dist import dist
+    from gift_dist import dist, launchers
 
-    for key in (*dist.LOCAL_SIZE_VARIABLES, "SLURM_NODEID"):
+    for key in (*launchers.LOCAL_SIZE_VARIABLES, "SLURM_NODEID"):
         monkeypatch.delenv(key, raising=False)
-    assert dist.env_local_world_size() is None
+    assert launchers.env_local_world_size() is None
     monkeypatch.setenv(variable, value)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert dist.env_local_world_size() == ranks
+    assert launchers.env_local_world_size() == ranks
     threads = torch.get_num_threads()
     try:
         assert dist.share_cpu_threads() == max(1, (os.cpu_count() or 1) // ranks)

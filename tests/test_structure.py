@@ -6,12 +6,14 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gift_dist"
-FOUNDATION = {"errors", "config", "dist", "bundled"}
+FOUNDATION = {"errors", "launchers", "config", "dist", "bundled"}
 # What each layer may import (besides itself). The pipeline orchestrates the stages; the CLI loads them by name.
 ALLOWED = {
     "errors": set(),
+    # The launcher's environment variables: read by the CLI before torch is imported.
+    "launchers": set(),
     "config": {"errors"},
-    "dist": {"errors"},
+    "dist": {"errors", "launchers"},
     "bundled": {"errors"},
     "contracts": {"errors", "config"},
     # Chat rendering and labels (prepare's core, also what eval and the tiny pairs render with).
@@ -25,7 +27,7 @@ ALLOWED = {
     "tiny_pairs": FOUNDATION | {"contracts", "models", "chat"},
     "pipeline": FOUNDATION | {"contracts", "models", "chat", "memory_plan", "tiny_pairs", "prepare", "score", "train",
                               "merge", "evaluate"},
-    "cli": {"errors"},
+    "cli": {"errors", "launchers"},
     "__main__": {"cli"},
 }
 

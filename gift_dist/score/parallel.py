@@ -34,6 +34,7 @@ import torch.distributed as torch_dist
 from gift_dist import dist
 from gift_dist.config import ScoreConfig
 from gift_dist.errors import ConfigError
+from gift_dist.launchers import env_local_world_size
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def join_replica(score_cfg: ScoreConfig, parallel: str) -> Replica:
         return Replica(index=dist.env_rank())
     k = score_cfg.gpus_per_replica
     world = dist.env_world_size()
-    local = dist.env_local_world_size()
+    local = env_local_world_size()
     if world % k or (local is not None and local % k):
         raise ConfigError(
             f"score.parallel=tensor with score.gpus_per_replica={k} needs a multiple of {k} processes on every "

@@ -32,7 +32,7 @@ from typing import Any, Optional
 import torch
 
 from gift_dist.config import ConfigError, RunConfig, TrainConfig
-from gift_dist.dist import env_local_world_size
+from gift_dist.launchers import env_local_world_size
 from gift_dist.memory_plan import (
     GIB, USABLE_FRACTION, ModelShape, decoder_layer_classes, frozen_weight_bytes, model_shape, training_plan,
     zero3_auto_sizes,
