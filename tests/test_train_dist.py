@@ -340,7 +340,8 @@ def test_metrics_run_config_and_confidence_summary_reach_weights_and_biases_offl
     manifest = conf.init_manifest(conf_dir, confidence_manifest(setup))
     for index in range(manifest.num_shards):
         conf.write_shard(conf_dir, manifest, index, *shard_tensors(setup, index))
-    (conf_dir / conf.SUMMARY_NAME).write_text(json.dumps({"mean_confidence": 0.6180339, "tokens": 4321}))
+    (conf_dir / conf.SUMMARY_NAME).write_text(json.dumps({"mean_confidence": 0.6180339, "low_confidence_share": 0.125,
+                                                          "tokens": 4321, "samples": 12}))
     cfg = run_config(setup, tmp_path / "run", confidence=conf_dir, max_steps=3, report_to="[tensorboard,wandb]",
                      wandb_project="gift-test")
     with caplog.at_level("WARNING", logger="gift_dist.train.metrics"):
