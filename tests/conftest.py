@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -95,3 +96,28 @@ def single_rank(monkeypatch):
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"}.items():
         monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
+def killed_between_renames(monkeypatch):
+    """``with killed_between_renames(dst):`` runs its block with os.replace raising KeyboardInterrupt (a kill) when
+    it renames a folder into ``dst`` (whose source passes ``moving``), checks the block was killed there, and puts
+    os.replace back: the crash between the two renames of a folder swap (``contracts.replace_directory``)."""
+
+    @contextlib.contextmanager
+    def kill(dst, moving=lambda src: True):
+        real_replace = os.replace
+
+        def replace(src, target):
+            if Path(target) == Path(dst) and moving(Path(src)):
+                raise KeyboardInterrupt("killed between the renames")
+            real_replace(src, target)
+
+        monkeypatch.setattr(os, "replace", replace)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                yield
+        finally:
+            monkeypatch.setattr(os, "replace", real_replace)
+
+    return kill

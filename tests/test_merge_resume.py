@@ -89,24 +89,15 @@ def test_leftover_work_dir_of_another_plan_is_discarded(pair_and_adapter, tmp_pa
 
 
 def test_a_merge_killed_while_replacing_its_output_keeps_the_old_one_for_the_next_merge(pair_and_adapter, tmp_path,
-                                                                                     monkeypatch):
+                                                                                     killed_between_renames):
     """issue 21: a crash between renaming the old merged model aside and the new one in loses neither: the next
     merge puts the old one back before deciding anything (here: it refuses to overwrite it)."""
     pair, adapter = pair_and_adapter
     cfg = merge_config(tmp_path, pair, overwrite=True)
     output = merge(cfg, adapter_dir=str(adapter))
     first = read_merged(output).record
-    real_replace = os.replace
-
-    def crash_on_the_rename_in(src, dst):
-        if Path(dst) == output and Path(src).name.endswith(WORK_SUFFIX):
-            raise KeyboardInterrupt("killed between the renames")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", crash_on_the_rename_in)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_between_renames(output, moving=lambda src: src.name.endswith(WORK_SUFFIX)):
         merge(cfg, adapter_dir=str(adapter))
-    monkeypatch.undo()
     assert not output.exists()
     cfg.merge.overwrite = False
     with pytest.raises(ContractError, match="exists; pass --overwrite"):

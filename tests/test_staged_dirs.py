@@ -3,7 +3,6 @@ renames leaves a folder the next run finds (never neither the old nor the new on
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -32,21 +31,12 @@ def fake_adapter_writer(monkeypatch):
     monkeypatch.setattr("gift_dist.contracts.adapter.write_adapter", write_adapter)
 
 
-def test_a_crash_while_a_checkpoint_is_saved_again_leaves_the_old_one_for_the_next_run(tmp_path, monkeypatch,
-                                                                                       fake_adapter_writer):
+def test_a_crash_while_a_checkpoint_is_saved_again_leaves_the_old_one_for_the_next_run(tmp_path, fake_adapter_writer,
+                                                                                       killed_between_renames):
     checkpoints = Checkpoints(tmp_path / "checkpoints", keep=2)
     final = _publish(checkpoints, 4, "first")
-    real_replace = os.replace
-
-    def crash_on_the_rename_in(src, dst):
-        if Path(dst) == final:
-            raise KeyboardInterrupt("killed between the renames")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", crash_on_the_rename_in)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_between_renames(final):
         _publish(checkpoints, 4, "second")
-    monkeypatch.setattr(os, "replace", real_replace)
     assert not final.exists()
     assert final.with_name(final.name + ASIDE_SUFFIX).is_dir()
 

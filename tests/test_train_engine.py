@@ -275,12 +275,11 @@ def test_latest_pointing_at_a_missing_checkpoint_is_an_error(tmp_path):
 
 
 
-def test_a_staged_folder_replacing_another_is_never_lost_by_a_crash(tmp_path, monkeypatch):
+def test_a_staged_folder_replacing_another_is_never_lost_by_a_crash(tmp_path, monkeypatch, killed_between_renames):
     """staged_directory (how an adapter or a prepared dataset is replaced): a crash after the old folder is moved
     aside but before the new one is renamed in loses neither; the next write puts the old one back first (so
     even a write that then fails keeps it), and a crash before the aside copy is deleted leaves nothing once the
     next write finishes."""
-    import os
     import shutil
 
     from gift_dist.contracts import staged_directory
@@ -292,17 +291,8 @@ def test_a_staged_folder_replacing_another_is_never_lost_by_a_crash(tmp_path, mo
             (folder / "weights").write_text(text)
 
     write("v1")
-    real_replace = os.replace
-
-    def crash_on_the_rename_in(src, dst):
-        if Path(dst) == out:
-            raise KeyboardInterrupt("killed between the renames")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", crash_on_the_rename_in)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_between_renames(out):
         write("v2")
-    monkeypatch.setattr(os, "replace", real_replace)
     with pytest.raises(RuntimeError, match="the next write fails"):
         with staged_directory(out):
             raise RuntimeError("the next write fails")
